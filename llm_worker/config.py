@@ -1,0 +1,426 @@
+"""Settings: one typed, read-only structure, filled from env, a TOML file and flags.
+
+Every setting is declared once, below, as an annotated field of a section
+struct: its type and range, its environment variable, its description and its
+default. Everything else is derived from those declarations: the environment
+parsing, the TOML keys (``[section] field = value``), the ``llm-worker run``
+flags, the error messages, the masked print-out of ``check-config`` and the
+settings table in the README (``python -m llm_worker.config``).
+
+Precedence, low to high: defaults, environment, TOML file, flags.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import sys
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import msgspec
+from msgspec import Meta, Struct, field
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+
+def env(name: str, doc: str, *, secret: bool = False, **constraints: Any) -> Meta:
+    """Declare a setting's environment variable, description and constraints."""
+    return Meta(description=doc, extra={"env": name, "secret": secret}, **constraints)
+
+
+QUEUE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._:{}-]{0,127}$"
+WORKER_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+MS = "milliseconds"
+
+
+# --------------------------------------------------------------------------
+# Sections. Field names are the TOML keys; flags are the env names in kebab case.
+# --------------------------------------------------------------------------
+
+
+class WorkerSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    id: Annotated[str, env("WORKER_ID", "This host's name in worker ids, heartbeats and results (default: the hostname). Must differ between hosts.", pattern=WORKER_ID)] = field(default_factory=lambda: _hostname())
+    concurrency: Annotated[int, env("WORKER_CONCURRENCY", "Chat workers when WORKER_POOLS is unset.", ge=1, le=256)] = 5
+    pools: Annotated[dict[str, int], env("WORKER_POOLS", "Worker processes per queue, `queue=count,...` (e.g. `llm-chat=4,llm-embeddings=2`). Unset: the chat queue gets WORKER_CONCURRENCY, every other queue 1.")] = {}
+    timeout: Annotated[int, env("WORKER_TIMEOUT", f"Default and maximum job timeout, in {MS}.", ge=100, le=86_400_000)] = 300_000
+    timeout_grace: Annotated[int, env("WORKER_TIMEOUT_GRACE", f"How long past its job's timeout a worker may run before the supervisor kills it, in {MS}.", ge=0, le=3_600_000)] = 10_000
+    graceful_timeout: Annotated[int, env("WORKER_GRACEFUL_TIMEOUT", f"On TERM, how long workers may finish the jobs in hand, in {MS}; what is still held then goes back to its queue.", ge=0, le=86_400_000)] = 30_000
+    heartbeat_timeout: Annotated[int, env("WORKER_HEARTBEAT_TIMEOUT", f"Expiry of a worker's heartbeat key in Redis (another host recovers its jobs after it) and the longest an idle worker may go without a heartbeat, in {MS}.", ge=1_000, le=600_000)] = 15_000
+    max_crashes: Annotated[int, env("JOB_MAX_CRASHES", "Dead-letter a job (errorType `crashed`) once it has been in hand of this many workers that died.", ge=1, le=100)] = 3
+    max_restarts: Annotated[int, env("WORKER_BOOT_RETRIES", "A worker that fails to boot this many times in a row stops the supervisor.", ge=1, le=100)] = 5
+
+
+class RedisSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    url: Annotated[str, env("REDIS_URL", "Redis to use: redis://, rediss:// (TLS) or unix://. When unset it is built from REDIS_HOST, REDIS_PORT, REDIS_PASSWORD and REDIS_DB.", secret=True)] = ""
+    host: Annotated[str, env("REDIS_HOST", "Redis host, when REDIS_URL is unset.", min_length=1)] = "localhost"
+    port: Annotated[int, env("REDIS_PORT", "Redis port, when REDIS_URL is unset.", ge=1, le=65535)] = 6379
+    username: Annotated[str, env("REDIS_USERNAME", "Redis ACL user, when the URL names none.")] = ""
+    password: Annotated[str, env("REDIS_PASSWORD", "Redis password, when the URL carries none.", secret=True)] = ""
+    db: Annotated[int, env("REDIS_DB", "Redis database number, when REDIS_URL is unset.", ge=0, le=15)] = 0
+    key_prefix: Annotated[str, env("REDIS_KEY_PREFIX", "Prefix of every internal key (results, processing lists, events).", pattern=r"^[A-Za-z0-9._:{}-]{1,32}$")] = "llm:"
+    socket_timeout: Annotated[int, env("REDIS_SOCKET_TIMEOUT", f"Timeout of a Redis call, in {MS}.", ge=100, le=60_000)] = 5_000
+
+
+class OllamaSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    base_url: Annotated[str, env("OLLAMA_BASE_URL", "Ollama's address.", pattern=r"^https?://[^\s/]+(/\S*)?$")] = "http://localhost:11434"
+    timeout: Annotated[int, env("OLLAMA_TIMEOUT", f"Longest wait for Ollama's next byte, in {MS} (a job's own timeout bounds the whole call).", ge=100, le=86_400_000)] = 300_000
+    connect_timeout: Annotated[int, env("OLLAMA_CONNECT_TIMEOUT", f"Timeout of a TCP connect to Ollama, in {MS}.", ge=50, le=60_000)] = 5_000
+    max_connections: Annotated[int, env("OLLAMA_MAX_CONNECTIONS", "Size of each process's HTTP connection pool to Ollama.", ge=1, le=1024)] = 10
+    max_retries: Annotated[int, env("OLLAMA_MAX_RETRIES", "Retries of a call that failed before Ollama saw it (connect errors) or that Ollama answered busy (503), within one attempt.", ge=0, le=20)] = 3
+    retry_delay: Annotated[int, env("OLLAMA_RETRY_DELAY", f"Base delay between those retries, doubling each time, in {MS}.", ge=0, le=60_000)] = 1_000
+
+
+class QueueSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    chat: Annotated[str, env("QUEUE_CHAT_NAME", "Queue of chat and generate jobs.", pattern=QUEUE_NAME)] = "llm-chat"
+    embeddings: Annotated[str, env("QUEUE_EMBEDDINGS_NAME", "Queue of embeddings jobs.", pattern=QUEUE_NAME)] = "llm-embeddings"
+    batch: Annotated[str, env("QUEUE_BATCH_NAME", "Queue of batch jobs.", pattern=QUEUE_NAME)] = "llm-batch"
+    priority: Annotated[str, env("QUEUE_PRIORITY_NAME", "Queue of urgent jobs of any type.", pattern=QUEUE_NAME)] = "llm-priority"
+    dead_letter: Annotated[str, env("DEAD_LETTER_QUEUE_NAME", "List of jobs that failed for good, with the reason.", pattern=QUEUE_NAME)] = "llm-dead-letter"
+    max_attempts: Annotated[int, env("QUEUE_MAX_ATTEMPTS", "Attempts of a job, first included: the default and the cap of a job's `maxRetries` + 1.", ge=1, le=100)] = 3
+    delay: Annotated[int, env("QUEUE_DELAY", f"Base retry delay, in {MS}.", ge=0, le=3_600_000)] = 1_000
+    backoff: Annotated[Literal["exponential", "fixed"], env("QUEUE_BACKOFF_TYPE", "How the retry delay grows: doubling per retry, or fixed. Jitter is added either way.")] = "exponential"
+    max_delay: Annotated[int, env("QUEUE_MAX_DELAY", f"Cap of the retry delay, in {MS}.", ge=0, le=86_400_000)] = 300_000
+    result_ttl: Annotated[int, env("RESULT_TTL", "How long results, done markers and streams are kept, in seconds.", ge=1, le=30 * 86_400)] = 3_600
+    block_timeout: Annotated[int, env("QUEUE_BLOCK_TIMEOUT", f"How long an idle worker blocks on its queue before it looks up, in {MS}.", ge=100, le=10_000)] = 1_000
+
+
+class ModelSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    default_chat: Annotated[str, env("DEFAULT_CHAT_MODEL", "Model of chat and generate jobs that name none.")] = "llama2"
+    default_embedding: Annotated[str, env("DEFAULT_EMBEDDING_MODEL", "Model of embeddings jobs that name none.")] = "llama2"
+    allowed: Annotated[list[str], env("ALLOWED_MODELS", "Models jobs may ask for, comma-separated (`llama3.2` also allows `llama3.2:latest`). Empty: any model.")] = []
+
+
+class LimitSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    max_job_bytes: Annotated[int, env("MAX_JOB_BYTES", "Largest job payload, in bytes, checked before it is decoded.", ge=1_024, le=256 * 1024 * 1024)] = 1024 * 1024
+    max_prompt_length: Annotated[int, env("MAX_PROMPT_LENGTH", "Most characters of prompt text in one request (all messages, or prompt and system, or one embedding input).", ge=1, le=10_000_000)] = 8_192
+    max_messages: Annotated[int, env("MAX_MESSAGES", "Most messages in one chat request.", ge=1, le=100_000)] = 256
+    max_embedding_inputs: Annotated[int, env("MAX_EMBEDDING_INPUTS", "Most inputs in one embeddings request.", ge=1, le=100_000)] = 512
+    max_batch_requests: Annotated[int, env("MAX_BATCH_REQUESTS", "Most requests in one batch job.", ge=1, le=10_000)] = 64
+    max_num_predict: Annotated[int, env("MAX_NUM_PREDICT", "Largest `num_predict` option a job may ask for.", ge=1, le=1_000_000)] = 16_384
+    max_num_ctx: Annotated[int, env("MAX_NUM_CTX", "Largest `num_ctx` option a job may ask for.", ge=1, le=10_000_000)] = 131_072
+
+
+class HttpSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    port: Annotated[int, env("HEALTH_CHECK_PORT", "Port of health, readiness and metrics. 0 turns the HTTP process off.", ge=0, le=65535)] = 3008
+    host: Annotated[str, env("HEALTH_CHECK_HOST", "Address the HTTP process binds.", min_length=1)] = "127.0.0.1"
+    admin_token: Annotated[str, env("ADMIN_TOKEN", "Bearer token of the /admin routes; unset turns them off.", secret=True)] = ""
+    min_ready_workers: Annotated[float, env("READY_MIN_WORKERS", "Fraction of configured workers that must be alive for /health/ready.", ge=0.0, le=1.0)] = 0.5
+
+
+class LogSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    level: Annotated[Literal["debug", "info", "warn", "warning", "error"], env("LOG_LEVEL", "Least severe level logged.")] = "info"
+    format: Annotated[Literal["json", "text", "simple"], env("LOG_FORMAT", "`json` lines, or `text` (`simple`) for a terminal.")] = "json"
+    prompts: Annotated[bool, env("LOG_PROMPTS", "Log prompt and completion text (never do this with user data you may not keep).")] = False
+
+
+class Settings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    worker: WorkerSettings = field(default_factory=WorkerSettings)
+    redis: RedisSettings = field(default_factory=RedisSettings)
+    ollama: OllamaSettings = field(default_factory=OllamaSettings)
+    queue: QueueSettings = field(default_factory=QueueSettings)
+    models: ModelSettings = field(default_factory=ModelSettings)
+    limits: LimitSettings = field(default_factory=LimitSettings)
+    http: HttpSettings = field(default_factory=HttpSettings)
+    log: LogSettings = field(default_factory=LogSettings)
+
+    # ---- derived views, computed from the declarations above -------------
+
+    @property
+    def redis_url(self) -> str:
+        """The URL to connect to, with REDIS_USERNAME/PASSWORD folded in."""
+        return resolve_redis_url(self.redis)
+
+    @property
+    def pools(self) -> dict[str, int]:
+        """Worker processes per queue name, in a stable order."""
+        q = self.queue
+        if self.worker.pools:
+            return dict(self.worker.pools)
+        return {q.chat: self.worker.concurrency, q.embeddings: 1, q.batch: 1, q.priority: 1}
+
+
+def _hostname() -> str:
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname()) or "llm-worker"
+    return name[:64]
+
+
+def resolve_redis_url(r: RedisSettings) -> str:
+    if not r.url:
+        auth = ""
+        if r.password:
+            auth = f"{quote(r.username, safe='')}:{quote(r.password, safe='')}@"
+        return f"redis://{auth}{r.host}:{r.port}/{r.db}"
+    if not (r.password or r.username):
+        return r.url
+    parts = urlsplit(r.url)
+    if parts.password or parts.username or parts.scheme == "unix":
+        return r.url
+    user = quote(r.username, safe="")
+    auth = f"{user}:{quote(r.password, safe='')}@" if r.password else f"{user}@"
+    return urlunsplit(parts._replace(netloc=auth + parts.netloc))
+
+
+# --------------------------------------------------------------------------
+# Declarations, walked.
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Declaration:
+    """One setting, as declared: where it lives and how it is described."""
+
+    section: str
+    name: str
+    env: str
+    type: Any
+    info: msgspec.inspect.Type
+    doc: str
+    secret: bool
+    default: Any
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.env.lower().replace("_", "-")
+
+    @property
+    def toml_key(self) -> str:
+        return f"{self.section}.{self.name}"
+
+
+def declarations() -> Iterator[Declaration]:
+    """Every setting, in declaration order."""
+    for section in msgspec.structs.fields(Settings):
+        for f in msgspec.structs.fields(section.type):
+            meta = msgspec.inspect.type_info(f.type)
+            assert isinstance(meta, msgspec.inspect.Metadata), f.name
+            default = f.default if f.default is not msgspec.NODEFAULT else f.default_factory()
+            yield Declaration(
+                section=section.name,
+                name=f.name,
+                env=meta.extra["env"],
+                type=f.type,
+                info=meta.type,
+                doc=meta.extra_json_schema["description"],
+                secret=meta.extra.get("secret", False),
+                default=default,
+            )
+
+
+def describe(info: msgspec.inspect.Type) -> str:
+    """Say in words which values a setting allows."""
+    t = msgspec.inspect
+    if isinstance(info, t.BoolType):
+        return "true or false"
+    if isinstance(info, (t.IntType, t.FloatType)):
+        noun = "an integer" if isinstance(info, t.IntType) else "a number"
+        lo, hi = info.ge, info.le
+        if lo is not None and hi is not None:
+            return f"{noun} from {lo:g} to {hi:g}"
+        if lo is not None:
+            return f"{noun} >= {lo:g}"
+        return noun
+    if isinstance(info, t.LiteralType):
+        return "one of " + ", ".join(str(v) for v in info.values)
+    if isinstance(info, t.StrType):
+        if info.pattern:
+            return f"text matching {info.pattern}"
+        return "non-empty text" if info.min_length else "text"
+    if isinstance(info, t.ListType):
+        return "a comma-separated list"
+    if isinstance(info, t.DictType):
+        return "comma-separated name=count pairs, each count from 0 to 256"
+    return str(info)
+
+
+# --------------------------------------------------------------------------
+# Loading.
+# --------------------------------------------------------------------------
+
+
+class SettingError(ValueError):
+    """A setting's value is not allowed; the message names where it came from."""
+
+    def __init__(self, source: str, value: Any, allowed: str) -> None:
+        self.source, self.value, self.allowed = source, value, allowed
+        shown = value if isinstance(value, str) else msgspec.json.encode(value).decode()
+        super().__init__(f"{source}={shown!r}: expected {allowed}")
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def _from_text(decl: Declaration, text: str) -> Any:
+    """Turn the text of an env var or flag into the shape its type expects."""
+    info = decl.info
+    t = msgspec.inspect
+    if isinstance(info, t.BoolType):
+        low = text.strip().lower()
+        if low in _TRUE:
+            return True
+        if low in _FALSE:
+            return False
+        raise ValueError
+    if isinstance(info, t.ListType):
+        return [item.strip() for item in text.split(",") if item.strip()]
+    if isinstance(info, t.DictType):
+        pairs: dict[str, str] = {}
+        for item in filter(None, (p.strip() for p in text.split(","))):
+            key, sep, value = item.partition("=")
+            if not sep or not key.strip():
+                raise ValueError
+            pairs[key.strip()] = value.strip()
+        return pairs
+    if isinstance(info, t.LiteralType):
+        return text.strip().lower()
+    return text.strip() if not isinstance(info, t.StrType) else text
+
+
+def _convert(decl: Declaration, value: Any, source: str) -> Any:
+    try:
+        if isinstance(value, str) and not isinstance(decl.info, msgspec.inspect.StrType):
+            value = _from_text(decl, value)
+        result = msgspec.convert(value, decl.type, strict=False)
+    except (ValueError, msgspec.ValidationError):
+        raise SettingError(source, value, describe(decl.info)) from None
+    if isinstance(decl.info, msgspec.inspect.DictType):
+        for key, count in result.items():
+            if not re.match(QUEUE_NAME, key) or not 0 <= count <= 256:
+                raise SettingError(source, value, describe(decl.info) + ", names matching " + QUEUE_NAME)
+    return result
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """Settings and, for each one not at its default, where its value came from."""
+
+    settings: Settings
+    sources: Mapping[str, str]
+
+
+def load(
+    environ: Mapping[str, str] | None = None,
+    config_file: str | None = None,
+    flags: Mapping[str, str] | None = None,
+) -> Loaded:
+    """Build the settings from env, then a TOML file, then flags (env names as keys).
+
+    Raises SettingError naming the variable (or TOML key, or flag), the value
+    and what is allowed.
+    """
+    environ = os.environ if environ is None else environ
+    toml = _read_toml(config_file) if config_file else {}
+    sections: dict[str, dict[str, Any]] = {}
+    sources: dict[str, str] = {}
+    unknown = set(toml) - {s.name for s in msgspec.structs.fields(Settings)}
+    if unknown:
+        raise SettingError(f"{config_file}: [{sorted(unknown)[0]}]", "", "one of the sections " + ", ".join(s.name for s in msgspec.structs.fields(Settings)))
+    known_keys: set[str] = set()
+    for decl in declarations():
+        known_keys.add(decl.toml_key)
+        candidates = [
+            (decl.env, environ.get(decl.env)),
+            (f"{decl.toml_key} in {config_file}", toml.get(decl.section, {}).get(decl.name)),
+            (decl.flag, (flags or {}).get(decl.env)),
+        ]
+        for source, value in candidates:
+            if value is None:
+                continue
+            sections.setdefault(decl.section, {})[decl.name] = _convert(decl, value, source)
+            sources[decl.env] = source
+    for section, table in toml.items():
+        for key in table if isinstance(table, dict) else ():
+            if f"{section}.{key}" not in known_keys:
+                raise SettingError(f"{section}.{key} in {config_file}", table[key], "a known setting (see `llm-worker check-config --table`)")
+    settings = msgspec.convert(sections, Settings)
+    _check_consistency(settings, sources)
+    return Loaded(settings, sources)
+
+
+def _read_toml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except OSError as exc:
+        raise SettingError("--config", path, f"a readable TOML file ({exc.strerror})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingError("--config", path, f"valid TOML ({exc})") from None
+
+
+def _check_consistency(s: Settings, sources: Mapping[str, str]) -> None:
+    """Rules that involve more than one setting."""
+    where = lambda name: sources.get(name, name)  # noqa: E731 - a tiny lookup
+    queues = [s.queue.chat, s.queue.embeddings, s.queue.batch, s.queue.priority]
+    if s.queue.dead_letter in queues:
+        raise SettingError(where("DEAD_LETTER_QUEUE_NAME"), s.queue.dead_letter, "a list other than the job queues")
+    if len(set(queues)) != len(queues):
+        raise SettingError(where("QUEUE_CHAT_NAME"), ",".join(queues), "four different queue names")
+    if s.worker.pools:
+        if s.queue.dead_letter in s.worker.pools:
+            raise SettingError(where("WORKER_POOLS"), s.worker.pools, "pools that do not serve the dead-letter list")
+        if sum(s.worker.pools.values()) < 1:
+            raise SettingError(where("WORKER_POOLS"), s.worker.pools, "at least one worker in all")
+    total = sum(s.pools.values())
+    if total > 1024:
+        raise SettingError(where("WORKER_POOLS"), total, "at most 1024 workers per host")
+    if s.queue.max_delay < s.queue.delay:
+        raise SettingError(where("QUEUE_MAX_DELAY"), s.queue.max_delay, f"at least QUEUE_DELAY ({s.queue.delay})")
+    scheme = urlsplit(s.redis_url).scheme
+    if scheme not in ("redis", "rediss", "unix"):
+        raise SettingError(where("REDIS_URL"), mask_url(s.redis.url), "a redis://, rediss:// or unix:// URL")
+
+
+# --------------------------------------------------------------------------
+# Showing.
+# --------------------------------------------------------------------------
+
+
+def mask_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+def effective(settings: Settings) -> list[tuple[Declaration, str]]:
+    """Every setting with its effective value as text, secrets masked."""
+    rows = []
+    for decl in declarations():
+        value = getattr(getattr(settings, decl.section), decl.name)
+        rows.append((decl, show_value(decl, value)))
+    return rows
+
+
+def show_value(decl: Declaration, value: Any) -> str:
+    if decl.secret and value:
+        return mask_url(value) if decl.env == "REDIS_URL" else "***"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return ",".join(value)
+    if isinstance(value, dict):
+        return ",".join(f"{k}={v}" for k, v in value.items())
+    return str(value)
+
+
+def markdown_table() -> str:
+    """The README's settings table, generated from the declarations."""
+    lines = ["| Variable | Default | Allowed | Description |", "| --- | --- | --- | --- |"]
+    for decl in declarations():
+        default = "hostname" if decl.env == "WORKER_ID" else show_value(decl, decl.default)
+        allowed = describe(decl.info).replace("|", "\\|")
+        lines.append(f"| `{decl.env}` | `{default}` | {allowed} | {decl.doc} |" if default else f"| `{decl.env}` | | {allowed} | {decl.doc} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # pragma: no cover - documentation generator
+    print(markdown_table())

@@ -1,0 +1,109 @@
+"""The provider contract: what a provider object offers the workers.
+
+A provider is returned by a plugin's ``llm_worker_providers()`` hook. It speaks
+to one model server (Ollama, an OpenAI-compatible server, ...) and raises
+``ProviderError`` with an ``ErrorKind`` for every failure, so that retries,
+breakers and fallbacks treat every provider alike.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any, Protocol, runtime_checkable
+
+from msgspec import Struct
+
+from llm_worker.jobs import ChatRequest, ErrorKind, GenerateRequest, JobError
+
+OnChunk = Callable[[str], None]
+
+
+class ProviderError(JobError):
+    """A provider call failed. ``status`` is the HTTP status when there was one."""
+
+    def __init__(self, message: str, kind: ErrorKind, *, status: int | None = None, retryable: bool | None = None) -> None:
+        super().__init__(message, kind, retryable=retryable)
+        self.status = status
+
+
+class Deadline:
+    """An absolute point on the monotonic clock that a call must finish by."""
+
+    __slots__ = ("at",)
+
+    def __init__(self, seconds: float) -> None:
+        self.at = time.monotonic() + seconds
+
+    def left(self) -> float:
+        return self.at - time.monotonic()
+
+    def check(self, what: str) -> float:
+        """Return the seconds left, or raise a timeout error naming what ran out."""
+        left = self.left()
+        if left <= 0:
+            raise ProviderError(f"{what}: job timeout reached", ErrorKind.TIMEOUT)
+        return left
+
+
+class Completion(Struct, kw_only=True):
+    """The answer of a chat or generate call, whole (streamed chunks joined)."""
+
+    model: str
+    text: str
+    done_reason: str | None = None
+    message: dict[str, Any] | None = None  # chat: the assistant message as the provider gave it
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    load_seconds: float | None = None  # time the provider spent loading the model, when it says
+
+
+class Embeddings(Struct, kw_only=True):
+    model: str
+    vectors: list[list[float]]
+    prompt_tokens: int | None = None
+
+
+class ModelInfo(Struct, kw_only=True):
+    name: str
+    size: int = 0
+    loaded: bool = False
+    vram: int = 0  # bytes of GPU memory, when loaded
+    expires_at: str | None = None
+    details: dict[str, Any] = {}
+
+
+class Health(Struct, kw_only=True):
+    ok: bool
+    message: str
+    url: str
+    version: str | None = None
+    error_details: str | None = None
+
+
+@runtime_checkable
+class Provider(Protocol):
+    """What workers call. Every method raises ProviderError on failure."""
+
+    name: str
+
+    def serves(self, model: str) -> bool:
+        """Whether this provider answers for ``model`` (first provider that does wins)."""
+
+    def chat(self, model: str, request: ChatRequest, deadline: Deadline, on_chunk: OnChunk | None) -> Completion:
+        """Run a chat; with ``on_chunk``, stream and call it with each piece of text."""
+
+    def generate(self, model: str, request: GenerateRequest, deadline: Deadline, on_chunk: OnChunk | None) -> Completion:
+        """Run a completion of a prompt, streaming as ``chat`` does."""
+
+    def embed(self, model: str, inputs: list[str], deadline: Deadline, options: dict[str, Any] | None = None) -> Embeddings:
+        """Embed every input, in one call where the server allows."""
+
+    def models(self) -> list[ModelInfo]:
+        """Models the server has, with ``loaded`` set for those in memory."""
+
+    def health(self, timeout: float) -> Health:
+        """Probe the server once; never raises."""
+
+    def close(self) -> None:
+        """Release connections."""
