@@ -284,16 +284,17 @@ def _from_text(decl: Declaration, text: str) -> Any:
 
 
 def _convert(decl: Declaration, value: Any, source: str) -> Any:
+    given = value
     try:
         if isinstance(value, str) and not isinstance(decl.info, msgspec.inspect.StrType):
             value = _from_text(decl, value)
         result = msgspec.convert(value, decl.type, strict=False)
     except (ValueError, msgspec.ValidationError):
-        raise SettingError(source, value, describe(decl.info)) from None
+        raise SettingError(source, given, describe(decl.info)) from None
     if isinstance(decl.info, msgspec.inspect.DictType):
         for key, count in result.items():
             if not re.match(QUEUE_NAME, key) or not 0 <= count <= 256:
-                raise SettingError(source, value, describe(decl.info) + ", names matching " + QUEUE_NAME)
+                raise SettingError(source, given, describe(decl.info) + ", names matching " + QUEUE_NAME)
     return result
 
 

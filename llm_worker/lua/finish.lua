@@ -1,0 +1,48 @@
+-- End a job that a worker holds, fenced: nothing happens unless the job is
+-- still in that worker's own processing list. If the supervisor recovered it
+-- meanwhile (the worker was stopped, or presumed dead), the job belongs to
+-- someone else now and this worker's outcome is dropped: never two results.
+--
+-- KEYS[1] the worker's processing list
+-- KEYS[2] result key              KEYS[3] done key
+-- KEYS[4] events stream           KEYS[5] target key (delayed zset, dead-letter list or queue)
+-- KEYS[6] the job's crash counter     KEYS[7] the job's stream (streaming jobs)
+-- ARGV[1] the payload as it was taken
+-- ARGV[2] result JSON, or "" to write none (a retry)
+-- ARGV[3] done status: ok | failed
+-- ARGV[4] ttl of result and done marker, seconds
+-- ARGV[5] target operation: "" | zadd | lpush | rpush
+-- ARGV[6] target member       ARGV[7] target score (zadd)
+-- ARGV[8] events stream approximate maximum length
+-- ARGV[9] last stream entry: "" | done | error     ARGV[10] its error text
+-- ARGV[11] stream approximate maximum length
+-- ARGV[12], ARGV[13], ... event type and data, in pairs
+if redis.call('LREM', KEYS[1], -1, ARGV[1]) == 0 then
+  return 0
+end
+if ARGV[2] ~= '' then
+  redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[4])
+  redis.call('DEL', KEYS[3])
+  redis.call('LPUSH', KEYS[3], ARGV[3])
+  redis.call('EXPIRE', KEYS[3], ARGV[4])
+  redis.call('DEL', KEYS[6])
+end
+local op = ARGV[5]
+if op == 'zadd' then
+  redis.call('ZADD', KEYS[5], ARGV[7], ARGV[6])
+elseif op == 'lpush' then
+  redis.call('LPUSH', KEYS[5], ARGV[6])
+elseif op == 'rpush' then
+  redis.call('RPUSH', KEYS[5], ARGV[6])
+end
+if ARGV[9] == 'done' then
+  redis.call('XADD', KEYS[7], 'MAXLEN', '~', ARGV[11], '*', 'event', 'done')
+  redis.call('EXPIRE', KEYS[7], ARGV[4])
+elseif ARGV[9] == 'error' then
+  redis.call('XADD', KEYS[7], 'MAXLEN', '~', ARGV[11], '*', 'event', 'error', 'error', ARGV[10])
+  redis.call('EXPIRE', KEYS[7], ARGV[4])
+end
+for i = 12, #ARGV, 2 do
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[8], '*', 'type', ARGV[i], 'data', ARGV[i + 1])
+end
+return 1

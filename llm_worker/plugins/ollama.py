@@ -1,0 +1,221 @@
+"""The Ollama provider: chat, generate, embeddings and model listing over Ollama's HTTP API.
+
+Ollama's failures are mapped to error kinds from what it really answers:
+404 ``model "x" not found, try pulling it first`` and ``model 'x' not found``
+(model); 400 (validation, or model when the model cannot do the task); 503
+``server busy`` (retried, then provider); 500 out of memory or a terminated
+runner (memory); an ``{"error": ...}`` line inside a 200 stream; a stream that
+ends without ``done``; refused connections (network); read timeouts (timeout).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from llm_worker.config import Settings
+from llm_worker.hookspecs import hookimpl
+from llm_worker.jobs import ChatRequest, ErrorKind, GenerateRequest
+from llm_worker.plugins.httpclient import JsonHttp
+from llm_worker.providers import Completion, Deadline, Embeddings, Health, ModelInfo, OnChunk, ProviderError
+
+_MEMORY_SIGNS = (
+    "requires more system memory", "out of memory", "insufficient memory", "cuda error",
+    "unable to allocate", "runner process has terminated", "runner has unexpectedly stopped",
+    "failed to allocate",
+)
+
+
+def classify(status: int, message: str) -> ErrorKind:
+    """Map an Ollama error answer to an error kind."""
+    low = message.lower()
+    if status == 404:
+        return ErrorKind.MODEL
+    if status == 400:
+        return ErrorKind.MODEL if "does not support" in low else ErrorKind.VALIDATION
+    if any(sign in low for sign in _MEMORY_SIGNS):
+        return ErrorKind.MEMORY
+    if status == 408:
+        return ErrorKind.TIMEOUT
+    return ErrorKind.PROVIDER
+
+
+class _Message(msgspec.Struct):
+    role: str = "assistant"
+    content: str = ""
+    thinking: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+
+
+class _Line(msgspec.Struct):
+    """One object of a chat or generate answer (a stream line, or the whole answer)."""
+
+    model: str = ""
+    message: _Message | None = None
+    response: str | None = None
+    thinking: str | None = None
+    done: bool = False
+    done_reason: str | None = None
+    prompt_eval_count: int | None = None
+    eval_count: int | None = None
+    load_duration: int | None = None
+    error: str | None = None
+
+
+class _Embed(msgspec.Struct):
+    model: str = ""
+    embeddings: list[list[float]] = []
+    prompt_eval_count: int | None = None
+
+
+class _Tag(msgspec.Struct):
+    name: str
+    size: int = 0
+    details: dict[str, Any] = {}
+    size_vram: int = 0
+    expires_at: str | None = None
+
+
+class _Tags(msgspec.Struct):
+    models: list[_Tag] = []
+
+
+_decode_line = msgspec.json.Decoder(_Line).decode
+
+
+class OllamaProvider:
+    """Ollama at OLLAMA_BASE_URL; serves every model, so it is the catch-all."""
+
+    name = "ollama"
+
+    def __init__(self, settings: Settings) -> None:
+        o = settings.ollama
+        self.url = o.base_url.rstrip("/")
+        self.http = JsonHttp(
+            self.url, max_connections=o.max_connections, connect_timeout=o.connect_timeout / 1000,
+            read_timeout=o.timeout / 1000, max_retries=o.max_retries, retry_delay=o.retry_delay / 1000,
+            classify=classify,
+        )
+
+    def serves(self, model: str) -> bool:
+        return True
+
+    # ---- jobs --------------------------------------------------------------
+
+    def chat(self, model: str, request: ChatRequest, deadline: Deadline, on_chunk: OnChunk | None) -> Completion:
+        body = _common(model, request, on_chunk)
+        body["messages"] = request.messages
+        if request.tools is not None:
+            body["tools"] = request.tools
+        return self._complete("/api/chat", body, deadline, on_chunk)
+
+    def generate(self, model: str, request: GenerateRequest, deadline: Deadline, on_chunk: OnChunk | None) -> Completion:
+        body = _common(model, request, on_chunk)
+        body["prompt"] = request.prompt
+        if request.system is not None:
+            body["system"] = request.system
+        if request.images is not None:
+            body["images"] = request.images
+        return self._complete("/api/generate", body, deadline, on_chunk)
+
+    def embed(self, model: str, inputs: list[str], deadline: Deadline, options: dict[str, Any] | None = None) -> Embeddings:
+        body: dict[str, Any] = {"model": model, "input": inputs}
+        body.update(options or {})
+        answer = self.http.json("POST", "/api/embed", body, deadline, _Embed)
+        if len(answer.embeddings) != len(inputs):
+            raise ProviderError(f"/api/embed returned {len(answer.embeddings)} vectors for {len(inputs)} inputs", ErrorKind.PROVIDER)
+        return Embeddings(model=answer.model or model, vectors=answer.embeddings, prompt_tokens=answer.prompt_eval_count)
+
+    def _complete(self, path: str, body: dict[str, Any], deadline: Deadline, on_chunk: OnChunk | None) -> Completion:
+        what = f"POST {path}"
+        if on_chunk is None:
+            line = self.http.json("POST", path, body, deadline, _Line)
+            _raise_if_error(line, what)
+            return _completion(line, _text(line), line.message)
+        resp = self.http.request("POST", path, body, deadline, stream=True)
+        parts: list[str] = []
+        tool_calls: list[dict[str, Any]] = []
+        for raw in self.http.lines(resp, deadline, what):
+            try:
+                line = _decode_line(raw)
+            except msgspec.MsgspecError as exc:
+                raise ProviderError(f"{what}: unreadable stream line: {exc}", ErrorKind.PROVIDER) from None
+            _raise_if_error(line, what)
+            piece = _text(line)
+            if piece:
+                parts.append(piece)
+                on_chunk(piece)
+            if line.message is not None and line.message.tool_calls:
+                tool_calls.extend(line.message.tool_calls)
+            if line.done:
+                message = _Message(content="".join(parts), tool_calls=tool_calls or None) if path == "/api/chat" else None
+                return _completion(line, "".join(parts), message)
+        raise ProviderError(f"{what}: stream ended before done", ErrorKind.PROVIDER)
+
+    # ---- models and health -------------------------------------------------
+
+    def models(self) -> list[ModelInfo]:
+        deadline = Deadline(self.http.connect_timeout + 10)
+        tags = self.http.json("GET", "/api/tags", None, deadline, _Tags)
+        loaded = {m.name: m for m in self.http.json("GET", "/api/ps", None, deadline, _Tags).models}
+        out = []
+        for tag in tags.models:
+            ps = loaded.get(tag.name)
+            out.append(ModelInfo(name=tag.name, size=tag.size, details=tag.details, loaded=ps is not None,
+                                 vram=ps.size_vram if ps else 0, expires_at=ps.expires_at if ps else None))
+        return out
+
+    def health(self, timeout: float) -> Health:
+        try:
+            version = self.http.json("GET", "/api/version", None, Deadline(timeout), dict[str, Any])
+        except ProviderError as exc:
+            return Health(ok=False, message="Ollama is not reachable", url=self.url, error_details=exc.message)
+        return Health(ok=True, message="Ollama is running", url=self.url, version=str(version.get("version", "")))
+
+    def close(self) -> None:
+        self.http.close()
+
+
+def _common(model: str, request: ChatRequest | GenerateRequest, on_chunk: OnChunk | None) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": model, "stream": on_chunk is not None}
+    if request.options is not None:
+        body["options"] = request.options
+    if request.format is not None:
+        body["format"] = request.format
+    if request.keep_alive is not None:
+        body["keep_alive"] = request.keep_alive
+    if request.think is not None:
+        body["think"] = request.think
+    return body
+
+
+def _text(line: _Line) -> str:
+    if line.message is not None:
+        return line.message.content
+    return line.response or ""
+
+
+def _raise_if_error(line: _Line, what: str) -> None:
+    if line.error is not None:
+        raise ProviderError(f"{what}: {line.error}", classify(500, line.error))
+
+
+def _completion(line: _Line, text: str, message: _Message | None) -> Completion:
+    msg = None
+    if message is not None:
+        msg = {"role": message.role, "content": text}
+        if message.tool_calls:
+            msg["tool_calls"] = message.tool_calls
+        if message.thinking:
+            msg["thinking"] = message.thinking
+    return Completion(
+        model=line.model, text=text, done_reason=line.done_reason, message=msg,
+        prompt_tokens=line.prompt_eval_count, completion_tokens=line.eval_count,
+        load_seconds=line.load_duration / 1e9 if line.load_duration else None,
+    )
+
+
+@hookimpl
+def llm_worker_providers(settings: Settings) -> list[OllamaProvider]:
+    return [OllamaProvider(settings)]

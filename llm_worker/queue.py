@@ -1,0 +1,241 @@
+"""The Redis reliable queue: take, finish (ack, retry, dead-letter), recover, promote.
+
+A worker takes a job with BLMOVE from its queue into its own processing list;
+everything that ends the job is one Lua script that first removes the job from
+that list (the fence), so a job recovered from a presumed-dead worker is never
+answered twice. Key names follow PROTOCOL.md; internal keys share a prefix.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import msgspec
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from llm_worker.config import Settings
+from llm_worker.jobs import DeadLetter, Result, iso
+
+EVENTS_MAXLEN = 100_000
+STREAM_MAXLEN = 10_000
+CRASH_COUNTER_TTL = 7 * 86_400  # long enough to outlive any queue backlog
+_encode = msgspec.json.Encoder().encode
+
+
+def connect(settings: Settings, *, timeout: float | None = None) -> redis.Redis:
+    """A Redis client that never retries behind our back: callers own retry policy.
+
+    redis-py's own retries would re-run a BLMOVE or a finish script whose reply
+    was lost; our loops reconnect with backoff and reconcile instead.
+    """
+    socket_timeout = timeout if timeout is not None else settings.redis.socket_timeout / 1000.0
+    return redis.Redis.from_url(
+        settings.redis_url,
+        socket_timeout=socket_timeout,
+        socket_connect_timeout=min(socket_timeout, 5.0),
+        socket_keepalive=True,
+        retry=Retry(NoBackoff(), 0),
+        client_name="llm-worker",
+    )
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Every Redis key name, built from the configurable prefix."""
+
+    prefix: str
+    dead_letter: str
+
+    @property
+    def delayed(self) -> str:
+        return self.prefix + "delayed"
+
+    @property
+    def events(self) -> str:
+        return self.prefix + "events"
+
+    @property
+    def registry(self) -> str:
+        return self.prefix + "workers"
+
+    def processing(self, worker_id: str) -> str:
+        return f"{self.prefix}processing:{worker_id}"
+
+    def heartbeat(self, worker_id: str) -> str:
+        return f"{self.prefix}worker:{worker_id}"
+
+    def result(self, job_id: str) -> str:
+        return f"{self.prefix}result:{job_id}"
+
+    def done(self, job_id: str) -> str:
+        return f"{self.prefix}done:{job_id}"
+
+    def stream(self, job_id: str) -> str:
+        return f"{self.prefix}stream:{job_id}"
+
+    def crashes(self, job_id: str) -> str:
+        return f"{self.prefix}crashes:{job_id}"
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a finished job's payload goes besides its result: a list or the delayed set."""
+
+    op: str = ""  # "" | zadd | lpush | rpush
+    key: str = ""
+    member: bytes | str = b""
+    score: int = 0
+
+
+@dataclass(frozen=True)
+class Event:
+    """One entry of the events stream: a type and its JSON data (no prompt text)."""
+
+    type: str
+    data: dict[str, Any]
+
+
+class WorkerInfo(msgspec.Struct, kw_only=True):
+    """What the registry and a heartbeat key say of one worker process."""
+
+    queue: str
+    host: str
+    hostname: str
+    pid: int
+    since: str
+
+
+def _script(name: str) -> str:
+    return resources.files("llm_worker").joinpath(f"lua/{name}.lua").read_text()
+
+
+class ReliableQueue:
+    """Queue operations over one Redis connection, for one process."""
+
+    def __init__(self, client: redis.Redis, settings: Settings) -> None:
+        self.redis = client
+        self.settings = settings
+        self.keys = Keys(settings.redis.key_prefix, settings.queue.dead_letter)
+        self.ttl = settings.queue.result_ttl
+        self._finish = client.register_script(_script("finish"))
+        self._recover = client.register_script(_script("recover"))
+        self._promote = client.register_script(_script("promote"))
+
+    # ---- a worker's side -------------------------------------------------
+
+    def take(self, queue: str, worker_id: str, timeout: float) -> bytes | None:
+        """Block up to ``timeout`` seconds for a job; it lands in our processing list."""
+        return self.redis.blmove(queue, self.keys.processing(worker_id), timeout, "RIGHT", "LEFT")
+
+    def held(self, worker_id: str) -> list[bytes]:
+        return self.redis.lrange(self.keys.processing(worker_id), 0, -1)
+
+    def complete(self, worker_id: str, raw: bytes, result: Result, events: Sequence[Event] = (), *, stream: str = "") -> bool:
+        """Write the result and done marker and ack the job, fenced. False: it was not ours.
+
+        ``stream`` ("done" or "error") also ends the job's chunk stream, in the
+        same transaction, so the stream's last entry and the result agree.
+        """
+        status = "ok" if result.success else "failed"
+        return self._run_finish(worker_id, raw, result, status, Target(), events, stream)
+
+    def retry_later(self, worker_id: str, raw: bytes, queue: str, payload: bytes, due: float, events: Sequence[Event] = ()) -> bool:
+        """Park the job (``payload``, its retry count raised) in the delayed set until ``due``."""
+        member = queue.encode() + b"\n" + payload
+        return self._run_finish(worker_id, raw, None, "", Target("zadd", self.keys.delayed, member, int(due * 1000)), events)
+
+    def dead_letter(self, worker_id: str, raw: bytes, entry: DeadLetter, result: Result | None,
+                    events: Sequence[Event] = (), *, stream: str = "") -> bool:
+        """Dead-letter the job with its reason and, when it has an id, its failure result."""
+        target = Target("lpush", self.keys.dead_letter, _encode(entry))
+        return self._run_finish(worker_id, raw, result, "failed", target, events, stream)
+
+    def hand_back(self, worker_id: str, raw: bytes, queue: str) -> bool:
+        """Give an untouched job back to the serving end of its queue."""
+        return self._run_finish(worker_id, raw, None, "", Target("rpush", queue, raw), ())
+
+    def forget(self, worker_id: str, raw: bytes) -> bool:
+        """Drop a job from our processing list that is already answered."""
+        return self._run_finish(worker_id, raw, None, "", Target(), ())
+
+    def _run_finish(self, worker_id: str, raw: bytes, result: Result | None, status: str, target: Target,
+                    events: Sequence[Event], stream: str = "") -> bool:
+        k = self.keys
+        processing = k.processing(worker_id)
+        job_id = result.job_id if result is not None else "-"
+        error = result.error or "" if result is not None else ""
+        args: list[Any] = [raw, _encode(result) if result is not None else "", status, self.ttl,
+                           target.op, target.member, target.score, EVENTS_MAXLEN, stream, error, STREAM_MAXLEN]
+        for event in events:
+            args += [event.type, _encode(event.data)]
+        keys = [processing, k.result(job_id), k.done(job_id), k.events, target.key or processing,
+                k.crashes(job_id), k.stream(job_id)]
+        return self._finish(keys=keys, args=args) == 1
+
+    def publish(self, events: Iterable[Event]) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        for event in events:
+            pipe.xadd(self.keys.events, {"type": event.type, "data": _encode(event.data)}, maxlen=EVENTS_MAXLEN, approximate=True)
+        pipe.execute()
+
+    # ---- a supervisor's side ---------------------------------------------
+
+    def register(self, worker_id: str, info: WorkerInfo, ttl_ms: int) -> None:
+        """Announce a worker before it takes a job, so its list can always be found."""
+        blob = _encode(info)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hset(self.keys.registry, worker_id, blob)
+        pipe.set(self.keys.heartbeat(worker_id), blob, px=ttl_ms)
+        pipe.execute()
+
+    def refresh_heartbeats(self, workers: dict[str, WorkerInfo], ttl_ms: int) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        for worker_id, info in workers.items():
+            blob = _encode(info)
+            # The registry entry is rewritten too: another host may have removed
+            # it while our heartbeats could not reach Redis.
+            pipe.hset(self.keys.registry, worker_id, blob)
+            pipe.set(self.keys.heartbeat(worker_id), blob, px=ttl_ms)
+        pipe.execute()
+
+    def registered(self) -> dict[str, WorkerInfo]:
+        out = {}
+        for worker_id, blob in self.redis.hgetall(self.keys.registry).items():
+            try:
+                out[worker_id.decode()] = msgspec.json.decode(blob, type=WorkerInfo)
+            except msgspec.MsgspecError:
+                continue
+        return out
+
+    def recover(self, worker_id: str, queue: str, *, crashed: bool, only_if_expired: bool = False) -> tuple[int, int]:
+        """Hand back a gone worker's jobs. Returns (requeued, dead-lettered); (-1, 0) if alive."""
+        k = self.keys
+        s = self.settings
+        keys = [k.processing(worker_id), queue, k.dead_letter, k.events, k.heartbeat(worker_id), k.registry]
+        args = [1 if crashed else 0, s.worker.max_crashes, k.prefix, iso(), worker_id, self.ttl,
+                EVENTS_MAXLEN, 1 if only_if_expired else 0, CRASH_COUNTER_TTL]
+        requeued, dead = self._recover(keys=keys, args=args)
+        return int(requeued), int(dead)
+
+    def promote_due(self, now: float | None = None, limit: int = 500) -> int:
+        now = time.time() if now is None else now
+        return int(self._promote(keys=[self.keys.delayed, self.keys.dead_letter], args=[int(now * 1000), limit, iso(now)]))
+
+
+def retry_delay(settings: Settings, retry_count: int) -> float:
+    """Seconds to wait before attempt ``retry_count`` + 1: backoff with equal jitter.
+
+    Half the delay is fixed and half random, so that jobs failed together by
+    one outage do not all return in the same instant.
+    """
+    q = settings.queue
+    base = q.delay if q.backoff == "fixed" else q.delay * (2 ** min(retry_count, 30))
+    delay = min(base, q.max_delay) / 1000.0
+    return delay / 2 + random.uniform(0, delay / 2)

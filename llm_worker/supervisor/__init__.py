@@ -1,0 +1,29 @@
+"""The supervisor: the single-threaded process that forks and watches everything else."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+from llm_worker.config import Settings
+from llm_worker.supervisor.arbiter import Arbiter
+from llm_worker.supervisor.children import Child
+
+__all__ = ["Arbiter", "run"]
+
+
+def run(settings: Settings, reload: Callable[[], Settings]) -> int:
+    """Supervise until drained or stopped; return the process exit code."""
+    return Arbiter(settings, reload, spawn_http).run()
+
+
+def spawn_http(arbiter: Arbiter) -> Child | None:
+    """Fork the HTTP process (none when HEALTH_CHECK_PORT is 0)."""
+    from llm_worker import http
+
+    settings = arbiter.settings
+    if settings.http.port == 0:
+        return None
+    parent = os.getpid()
+    child = Child(pid=0, kind="http")
+    return arbiter.children.fork(child, lambda: arbiter.in_child(lambda: http.serve(settings, arbiter.state, parent)))

@@ -1,0 +1,351 @@
+"""The arbiter: fork the pools, watch them, respawn, recover, drain. Single-threaded.
+
+``run()`` is the table of contents: wait for a signal or the next chore,
+dispatch signals, reap, murder, manage, housekeep. Signal handlers only queue
+(see signals.py); all work happens here, in the loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+
+import redis
+
+from llm_worker import exitcodes
+from llm_worker.config import SettingError, Settings, mask_url
+from llm_worker.jobs import iso
+from llm_worker.queue import ReliableQueue, WorkerInfo, connect
+from llm_worker.shm import Phase, SharedState, SlotState
+from llm_worker.supervisor.children import Child, Children, Exit, Handback
+from llm_worker.supervisor.housekeeping import Housekeeping, warn_if_jobs_can_be_lost
+from llm_worker.supervisor.recovery import Gone, Recovery
+from llm_worker.supervisor.signals import SignalQueue
+
+log = logging.getLogger("llm_worker.supervisor")
+
+KILL_GRACE = 2.0  # seconds between SIGTERM and SIGKILL for a hung worker
+QUIT_GRACE = 1.0
+LIVED_LONG = 10.0  # a worker that lived this long was not crash-looping
+BACKOFF_CAP = 30.0
+REDIS_TIMEOUT = 1.0  # the supervisor never waits on Redis longer than this
+
+
+class Arbiter:
+    def __init__(self, settings: Settings, reload: Callable[[], Settings], spawn_http: Callable[[Arbiter], Child | None]) -> None:
+        self.settings = settings
+        self.reload_settings = reload
+        self.spawn_http = spawn_http
+        self.generation = 0
+        self.targets = dict(settings.pools)
+        self.pool_names = list(self.targets)
+        total = sum(self.targets.values())
+        self.state = SharedState(max(64, 2 * total))
+        self.signals = SignalQueue()
+        self.children = Children()
+        self.exit_code = exitcodes.OK
+        self.boot_failures = 0
+        self.crash_streak: dict[str, int] = {}
+        self.respawn_at: dict[str, float] = {}
+        self.drain_deadline = 0.0
+        self.worker_since: dict[int, str] = {}
+        self.hostname = os.uname().nodename
+        self.http: Child | None = None
+        self.http_streak = 0
+        self.http_respawn_at = 0.0
+
+    @property
+    def phase(self) -> Phase:
+        return Phase(self.state.header.phase)
+
+    @phase.setter
+    def phase(self, value: Phase) -> None:
+        self.state.header.phase = value
+
+    # ---- the table of contents ------------------------------------------------
+
+    def run(self) -> int:
+        self.start()
+        while not self.finished():
+            for signum in self.signals.wait(self.sleep_time()):
+                self.dispatch(signum)
+            self.reap_workers()
+            self.murder_workers()
+            self.manage_workers()
+            self.manage_http()
+            self.housekeeping.tick()
+            self.state.header.loop_beat = time.monotonic()
+        self.shut_down()
+        return self.exit_code
+
+    def start(self) -> None:
+        header = self.state.header
+        header.supervisor_pid = os.getpid()
+        header.loop_beat = time.monotonic()
+        self.phase = Phase.STARTING
+        self.signals.install()
+        self._connect()
+        try:
+            warn_if_jobs_can_be_lost(self.rq.redis)
+            self.recovery.previous_incarnation(self.hostname)
+        except redis.RedisError as exc:
+            log.error("Redis unreachable at start; workers will wait for it", extra={"error": str(exc)})
+        log.info("supervisor starting", extra={"pools": self.targets, "redis": mask_url(self.settings.redis_url),
+                                                "ollama": self.settings.ollama.base_url})
+        self.manage_workers()
+        self.phase = Phase.RUNNING
+        self.manage_http()
+
+    def _connect(self) -> None:
+        self.rq = ReliableQueue(connect(self.settings, timeout=REDIS_TIMEOUT), self.settings)
+        self.recovery = Recovery(self.rq, self.settings.worker.id)
+        self.housekeeping = Housekeeping(self.rq, self.settings, self.state, self.recovery, self.live_workers)
+
+    def sleep_time(self) -> float:
+        return min(0.25, max(0.0, self.housekeeping.next_due() - time.monotonic()))
+
+    def finished(self) -> bool:
+        return self.phase in (Phase.DRAINING, Phase.STOPPING) and not self.children.workers()
+
+    # ---- signals ----------------------------------------------------------------
+
+    def dispatch(self, signum: int) -> None:
+        handler = {
+            signal.SIGTERM: self.handle_term, signal.SIGINT: self.handle_int, signal.SIGQUIT: self.handle_quit,
+            signal.SIGHUP: self.handle_hup, signal.SIGTTIN: self.handle_ttin, signal.SIGTTOU: self.handle_ttou,
+        }.get(signum)
+        if handler is not None:
+            handler()
+
+    def handle_term(self) -> None:
+        if self.phase in (Phase.DRAINING, Phase.STOPPING):
+            return
+        log.warning("draining: jobs in hand finish, no new ones are taken",
+                    extra={"gracefulTimeoutMs": self.settings.worker.graceful_timeout})
+        self.phase = Phase.DRAINING
+        grace = self.settings.worker.graceful_timeout / 1000
+        self.drain_deadline = time.monotonic() + grace
+        for child in self.children.workers():
+            self.children.stop(child, signal.SIGTERM, grace=grace, handback=Handback.UNCOUNTED, reason="drain")
+
+    def handle_int(self) -> None:
+        if self.phase == Phase.DRAINING:  # a second Ctrl-C: stop at once
+            self.handle_quit()
+        else:
+            self.handle_term()
+
+    def handle_quit(self) -> None:
+        if self.phase == Phase.STOPPING:
+            return
+        log.warning("stopping now: jobs in hand go back to their queues")
+        self.phase = Phase.STOPPING
+        for child in self.children.workers():
+            self.children.stop(child, signal.SIGQUIT, grace=QUIT_GRACE, handback=Handback.UNCOUNTED, reason="quit")
+
+    def handle_hup(self) -> None:
+        if self.phase != Phase.RUNNING:
+            return
+        try:
+            settings = self.reload_settings()
+        except SettingError as exc:
+            log.error(f"reload refused, keeping the running settings: {exc}")
+            return
+        fixed = [("WORKER_ID", settings.worker.id, self.settings.worker.id),
+                 ("REDIS_KEY_PREFIX", settings.redis.key_prefix, self.settings.redis.key_prefix)]
+        for name, new, old in fixed:
+            if new != old:
+                log.error(f"reload refused: {name} cannot change while running ({old!r} -> {new!r}); restart instead")
+                return
+        log.warning("reloading: replacing workers one at a time", extra={"pools": settings.pools})
+        old_redis = self.settings.redis_url
+        self.settings = settings
+        self.generation += 1
+        self.targets = dict(settings.pools)
+        for name in self.targets:
+            if name not in self.pool_names:
+                self.pool_names.append(name)
+        if settings.redis_url != old_redis:
+            self._connect()
+        if self.http is not None:
+            self.children.stop(self.http, signal.SIGTERM, grace=KILL_GRACE, handback=Handback.UNCOUNTED, reason="reload")
+
+    def handle_ttin(self) -> None:
+        chat = self.settings.queue.chat
+        if sum(self.targets.values()) + 1 > len(self.state) // 2:
+            log.warning("TTIN ignored: no room for another worker slot")
+            return
+        self.targets[chat] = self.targets.get(chat, 0) + 1
+        if chat not in self.pool_names:
+            self.pool_names.append(chat)
+        log.info("one more chat worker", extra={"pool": chat, "workers": self.targets[chat]})
+
+    def handle_ttou(self) -> None:
+        chat = self.settings.queue.chat
+        if self.targets.get(chat, 0) > 0:
+            self.targets[chat] -= 1
+            log.info("one chat worker fewer", extra={"pool": chat, "workers": self.targets[chat]})
+
+    # ---- children -------------------------------------------------------------------
+
+    def reap_workers(self) -> None:
+        for ex in self.children.reap():
+            if ex.child.kind == "http":
+                self._http_exited(ex)
+            else:
+                self._worker_exited(ex)
+
+    def _worker_exited(self, ex: Exit) -> None:
+        child = ex.child
+        slot = self.state.slots[child.slot]
+        worker_id = f"{self.settings.worker.id}:{child.pid}"
+        if child.term_sent:
+            crashed = child.handback is Handback.CRASH
+        else:
+            crashed = ex.code not in (exitcodes.OK, exitcodes.WORKER_QUIT, exitcodes.WORKER_BOOT_ERROR)
+        self.recovery.worker_gone(Gone(worker_id, child.pool, crashed=crashed))
+        boot_error = slot.boot_error.decode(errors="replace")
+        slot.release()
+        self.worker_since.pop(child.pid, None)
+        if ex.code == exitcodes.WORKER_BOOT_ERROR:
+            self._boot_failed(worker_id, boot_error)
+            return
+        lived = time.monotonic() - child.spawned
+        if child.term_sent and not crashed:
+            log.info("worker stopped", extra={"deadWorker": worker_id, "reason": child.reason, "exit": ex.describe()})
+            return
+        streak = 1 if lived > LIVED_LONG else self.crash_streak.get(child.pool, 0) + 1
+        self.crash_streak[child.pool] = streak
+        delay = 0.0 if streak <= 1 else min(0.25 * 2 ** (streak - 2), BACKOFF_CAP)
+        self.respawn_at[child.pool] = time.monotonic() + delay
+        log.error("worker died", extra={"deadWorker": worker_id, "exit": ex.describe(), "reason": child.reason or "unexpected",
+                                        "livedSeconds": round(lived, 1), "respawnInSeconds": delay})
+
+    def _boot_failed(self, worker_id: str, why: str) -> None:
+        self.boot_failures += 1
+        limit = self.settings.worker.max_restarts
+        if self.boot_failures >= limit:
+            log.critical(f"workers cannot boot ({self.boot_failures} times in a row): {why or 'see the worker log above'}; stopping")
+            self.exit_code = exitcodes.WORKER_BOOT_ERROR
+            self.handle_quit()
+            return
+        delay = min(0.5 * 2 ** (self.boot_failures - 1), BACKOFF_CAP)
+        for pool in self.targets:
+            self.respawn_at[pool] = max(self.respawn_at.get(pool, 0.0), time.monotonic() + delay)
+        log.error(f"worker failed to boot: {why}", extra={"deadWorker": worker_id, "retryInSeconds": delay})
+
+    def _http_exited(self, ex: Exit) -> None:
+        self.http = None
+        if ex.child.term_sent:
+            self.http_respawn_at = 0.0
+            return
+        lived = time.monotonic() - ex.child.spawned
+        self.http_streak = 1 if lived > LIVED_LONG else self.http_streak + 1
+        delay = min(0.1 * 2 ** (self.http_streak - 1), BACKOFF_CAP)
+        self.http_respawn_at = time.monotonic() + delay
+        log.error("HTTP process died; starting another", extra={"exit": ex.describe(), "respawnInSeconds": delay})
+
+    def manage_http(self) -> None:
+        if self.http is None and self.phase == Phase.RUNNING and time.monotonic() >= self.http_respawn_at:
+            self.http_respawn_at = float("inf")  # spawn_http returning None (port 0) means never
+            self.http = self.spawn_http(self)
+            if self.http is not None:
+                self.http_respawn_at = 0.0
+
+    def murder_workers(self) -> None:
+        """Stop workers that hang: a job past its timeout and grace, or a stale heartbeat."""
+        now = time.monotonic()
+        grace = self.settings.worker.timeout_grace / 1000
+        stale = self.settings.worker.heartbeat_timeout / 1000
+        for child in self.children.workers():
+            if child.term_sent and child.handback is Handback.CRASH:
+                continue
+            slot = self.state.slots[child.slot]
+            if slot.state == SlotState.BUSY and slot.job_deadline and now > slot.job_deadline + grace:
+                reason = f"job {slot.job_id.decode(errors='replace')} ran past its timeout"
+            elif slot.state != SlotState.BUSY and now - slot.heartbeat > stale:
+                reason = "heartbeat stale"
+            else:
+                continue
+            log.error(f"killing worker: {reason}", extra={"deadWorker": f"{self.settings.worker.id}:{child.pid}"})
+            self.children.stop(child, signal.SIGTERM, grace=KILL_GRACE, handback=Handback.CRASH, reason=reason)
+        self.children.kill_overdue()
+
+    def manage_workers(self) -> None:
+        """Bring every pool to its target: spawn, retire extras, roll a reload."""
+        self.state.header.workers_wanted = sum(self.targets.values())
+        if self.phase not in (Phase.STARTING, Phase.RUNNING):
+            return
+        for pool in self.pool_names:
+            target = self.targets.get(pool, 0)
+            live = [c for c in self.children.workers(pool) if not c.term_sent]
+            old = [c for c in live if c.generation < self.generation]
+            new = [c for c in live if c.generation == self.generation]
+            booted = all(self.state.slots[c.slot].state in (SlotState.IDLE, SlotState.BUSY) for c in new)
+            if any(self.state.slots[c.slot].state in (SlotState.IDLE, SlotState.BUSY) for c in new):
+                self.boot_failures = 0
+            if old and booted:
+                # Rolling reload: one new worker up before one old worker goes.
+                if len(new) < target and self.state.free_slot() is not None and len(live) <= target:
+                    self.spawn_worker(pool)
+                else:
+                    self.children.stop(old[0], signal.SIGTERM, grace=self.settings.worker.graceful_timeout / 1000,
+                                       handback=Handback.UNCOUNTED, reason="reload")
+            elif not old and len(new) < target and time.monotonic() >= self.respawn_at.get(pool, 0.0):
+                for _ in range(target - len(new)):
+                    if self.spawn_worker(pool) is None:
+                        break
+            elif not old and len(new) > target:
+                for child in sorted(new, key=lambda c: c.spawned)[target:]:
+                    self.children.stop(child, signal.SIGTERM, grace=self.settings.worker.graceful_timeout / 1000,
+                                       handback=Handback.UNCOUNTED, reason="scaled down")
+
+    def spawn_worker(self, pool: str) -> Child | None:
+        from llm_worker.workerproc import WorkerSpec, run_worker
+
+        index = self.state.free_slot()
+        if index is None:
+            log.error("no free worker slot", extra={"pool": pool})
+            return None
+        spec = WorkerSpec(self.settings, pool, index, os.getpid(), self.state)
+        child = Child(pid=0, kind="worker", slot=index, pool=pool, generation=self.generation)
+        slot = self.state.slots[index]
+        slot.claim(-1, self.pool_names.index(pool))
+        self.children.fork(child, lambda: self.in_child(lambda: run_worker(spec)))
+        slot.pid = child.pid
+        self.worker_since[child.pid] = iso()
+        return child
+
+    def in_child(self, body: Callable[[], object]) -> None:
+        self.signals.reset_in_child()
+        body()
+
+    def live_workers(self) -> dict[str, WorkerInfo]:
+        host = self.settings.worker.id
+        return {
+            f"{host}:{c.pid}": WorkerInfo(queue=c.pool, host=host, hostname=self.hostname, pid=c.pid,
+                                          since=self.worker_since.get(c.pid, ""))
+            for c in self.children.workers()
+        }
+
+    # ---- the end --------------------------------------------------------------------
+
+    def shut_down(self) -> None:
+        """Every worker is gone: hand back what Redis could not take yet, stop HTTP."""
+        self.recovery.retry_pending()
+        if self.recovery.pending:
+            log.error("Redis unreachable: jobs of stopped workers stay in their processing lists; "
+                      "any supervisor recovers them once their heartbeats expire",
+                      extra={"workers": sorted(self.recovery.pending)})
+        for child in self.children:
+            self.children.stop(child, signal.SIGTERM, grace=KILL_GRACE, handback=Handback.UNCOUNTED, reason="shutdown")
+        deadline = time.monotonic() + KILL_GRACE + 1
+        while len(self.children) and time.monotonic() < deadline:
+            self.signals.wait(0.05)
+            self.children.reap()
+            self.children.kill_overdue()
+        log.info("supervisor stopped", extra={"exitCode": self.exit_code})
+
+

@@ -1,0 +1,231 @@
+"""One worker process: boot, then take a job, run it, finish it; until told to stop.
+
+The loop has rq's shape: a blocking take with a short timeout (so that a stop
+is noticed within a second), Redis errors waited out with capped exponential
+backoff, and the heartbeat kept in shared memory where the supervisor reads it.
+
+Signals (the supervisor sends them): TERM finishes the job in hand and exits;
+QUIT exits at once (the supervisor hands the job back, uncounted); INT is
+ignored, because a terminal's Ctrl-C reaches every process of the group and
+the supervisor turns it into an orderly drain.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NoReturn, TypeVar
+
+import msgspec
+import redis
+
+from llm_worker import exitcodes, logs
+from llm_worker.config import Settings
+from llm_worker.jobs import Invalid, JobError, Malformed, decode, iso
+from llm_worker.pluginmanager import PluginManager
+from llm_worker.providers import Deadline
+from llm_worker.queue import ReliableQueue, WorkerInfo, connect
+from llm_worker.shm import SharedState, SlotState
+from llm_worker.workerproc.execute import Executor, StreamSink
+from llm_worker.workerproc.finish import Finisher
+
+log = logging.getLogger("llm_worker.worker")
+T = TypeVar("T")
+BACKOFF_CAP = 5.0
+
+
+class BootError(Exception):
+    """The worker cannot start with these settings; respawning will not help."""
+
+
+class Quit(Exception):
+    """Raised inside the loop when a stop must not wait for Redis to come back."""
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What the supervisor hands a worker at fork."""
+
+    settings: Settings
+    queue: str
+    slot: int
+    supervisor_pid: int
+    state: SharedState
+
+
+def run_worker(spec: WorkerSpec) -> NoReturn:
+    """The child's whole life after fork; never returns."""
+    code = exitcodes.SUPERVISOR_ERROR
+    try:
+        code = WorkerProcess(spec).run()
+    except BaseException:  # the last resort: a child must never return into the supervisor's code
+        log.exception("worker failed")
+    finally:
+        logging.shutdown()
+        os._exit(code)
+
+
+class WorkerProcess:
+    def __init__(self, spec: WorkerSpec) -> None:
+        self.spec = spec
+        self.settings = spec.settings
+        self.queue_name = spec.queue
+        self.slot = spec.state.slots[spec.slot]
+        self.id = f"{self.settings.worker.id}:{os.getpid()}"
+        self.stopping = False
+        self.redis_lost = False
+
+    # ---- life ---------------------------------------------------------------
+
+    def run(self) -> int:
+        self._install_signals()
+        logs.setup(self.settings.log, role="worker", workerId=self.id, queue=self.queue_name)
+        try:
+            self._boot()
+        except BootError as exc:
+            log.error(f"worker cannot boot: {exc}")
+            self.slot.boot_error = str(exc).encode()[:255]
+            return exitcodes.WORKER_BOOT_ERROR
+        except Quit:
+            return exitcodes.WORKER_QUIT
+        block = self.settings.queue.block_timeout / 1000
+        try:
+            while not self.stopping and os.getppid() == self.spec.supervisor_pid:
+                self.slot.beat()
+                raw = self._guard(self.rq.take, self.queue_name, self.id, block)
+                if raw is not None:
+                    self._handle(raw)
+        except Quit:
+            return exitcodes.WORKER_QUIT
+        finally:
+            for provider in self.executor.providers:
+                provider.close()
+        return exitcodes.OK
+
+    def _install_signals(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_term)
+        # QUIT: stop now. The supervisor hands our job back; nothing to flush.
+        signal.signal(signal.SIGQUIT, lambda *_: os._exit(exitcodes.WORKER_QUIT))
+        for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1, signal.SIGUSR2):
+            signal.signal(sig, signal.SIG_IGN)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+
+    def _on_term(self, signum: int, frame: Any) -> None:
+        self.stopping = True
+
+    def _boot(self) -> None:
+        try:
+            manager = PluginManager().load()
+            providers = manager.providers(self.settings)
+        except Exception as exc:  # a plugin that fails to load stops the host, loudly
+            raise BootError(f"plugins failed to load: {exc!r}") from exc
+        if not providers:
+            raise BootError("no provider plugin is registered (is LLM_WORKER_DISABLE_PLUGINS blocking ollama?)")
+        self.executor = Executor(providers)
+        self.client = connect(self.settings)
+        self.rq = ReliableQueue(self.client, self.settings)
+        info = WorkerInfo(queue=self.queue_name, host=self.settings.worker.id, hostname=os.uname().nodename,
+                          pid=os.getpid(), since=iso())
+        self._guard(self.rq.register, self.id, info, self.settings.worker.heartbeat_timeout)
+        self.finisher = Finisher(self.rq, self.settings, self.id, self.queue_name, self._guard)
+        self.slot.state = SlotState.IDLE
+        self.slot.beat()
+        log.debug("worker ready")
+
+    # ---- one job --------------------------------------------------------------
+
+    def _handle(self, raw: bytes) -> None:
+        taken = time.time()
+        try:
+            decoded = decode(raw, self.settings)
+        except Malformed as exc:
+            self.finisher.malformed(raw, exc)
+            return
+        except Invalid as exc:
+            self.finisher.invalid(raw, exc)
+            return
+        self.slot.begin(decoded.job.id, decoded.timeout)
+        sink = None
+        try:
+            self.finisher.started(decoded, taken)
+            if decoded.stream:
+                sink = StreamSink(self.client, self.rq.keys.stream(decoded.job.id), self.settings.queue.result_ttl)
+                self._guard(sink.open)
+            try:
+                answer = self.executor.run(decoded, Deadline(decoded.timeout), sink)
+            except JobError as exc:
+                self.finisher.failed(decoded, taken, exc, streamed=sink.published if sink else 0)
+                return
+            except Exception as exc:  # a bug in us or a plugin: fail the job, keep the worker
+                log.exception("job failed with an unexpected error", extra={"jobId": decoded.job.id})
+                self.finisher.failed(decoded, taken, JobError(f"unexpected error: {exc!r}"), streamed=sink.published if sink else 0)
+                return
+            self.finisher.succeeded(decoded, taken, answer, stream=sink is not None)
+        finally:
+            self.slot.end(SlotState.DRAINING if self.stopping else SlotState.IDLE)
+
+    # ---- Redis, lost and found -----------------------------------------------
+
+    def _guard(self, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run a Redis call, waiting out a lost Redis with capped, jittered backoff.
+
+        A job in hand is finished once Redis is back; an idle worker told to
+        stop while Redis is away stops (it holds nothing). After a loss, our
+        processing list is reconciled before the call is retried.
+        """
+        delay = 0.05
+        while True:
+            try:
+                if self.redis_lost:
+                    self._reconcile()
+                return call(*args, **kwargs)
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                if not self.redis_lost:
+                    log.warning("Redis unreachable; waiting for it", extra={"error": str(exc)})
+                self.redis_lost = True
+            except redis.AuthenticationError as exc:
+                raise BootError(f"Redis refused our credentials: {exc}") from exc
+            except redis.ResponseError as exc:
+                text = str(exc)
+                if "NOAUTH" in text or "WRONGPASS" in text or "NOPERM" in text:
+                    raise BootError(f"Redis refused us: {text}") from exc
+                raise
+            if self.stopping and self.slot.state != SlotState.BUSY:
+                raise Quit
+            self.slot.beat()
+            time.sleep(delay * random.uniform(0.5, 1.0))
+            delay = min(delay * 2, BACKOFF_CAP)
+
+    def _reconcile(self) -> None:
+        """Clear our processing list of what we do not hold, after Redis came back.
+
+        A take whose reply was lost, or an ack that Redis lost in a restart,
+        leaves a payload in our list that we are not running: one already
+        answered is dropped, any other goes back to its queue.
+        """
+        held = self.slot.job_id.decode() if self.slot.state == SlotState.BUSY else None
+        for raw in self.rq.held(self.id):
+            job_id = _job_id(raw)
+            if held is not None and job_id == held:
+                continue
+            if job_id is not None and self.client.exists(self.rq.keys.result(job_id)):
+                self.rq.forget(self.id, raw)
+            else:
+                self.rq.hand_back(self.id, raw, self.queue_name)
+                log.warning("handed back a job found in our processing list after Redis returned", extra={"jobId": job_id})
+        self.redis_lost = False
+        log.info("Redis reachable again")
+
+
+def _job_id(raw: bytes) -> str | None:
+    try:
+        value = msgspec.json.decode(raw)
+    except msgspec.DecodeError:
+        return None
+    job_id = value.get("id") if isinstance(value, dict) else None
+    return job_id if isinstance(job_id, str) else None
