@@ -256,9 +256,7 @@ def decode(raw: bytes, settings: Settings) -> Decoded:
         )
     try:
         job = msgspec.json.decode(raw, type=Job)
-    except msgspec.DecodeError as exc:
-        raise Malformed(f"not JSON: {exc}") from None
-    except msgspec.ValidationError as exc:
+    except msgspec.ValidationError as exc:  # a subclass of DecodeError: catch it first
         loose = _loose_object(raw)
         if loose is None:
             raise Malformed(f"not a job object: {exc}") from None
@@ -266,6 +264,8 @@ def decode(raw: bytes, settings: Settings) -> Decoded:
         if not isinstance(job_id, str) or not _JOB_ID.match(job_id):
             raise Malformed(f"not a job: {exc}") from None
         raise Invalid(str(exc), loose) from None
+    except msgspec.DecodeError as exc:
+        raise Malformed(f"not JSON: {exc}") from None
     try:
         return _validate(job, raw, settings)
     except (msgspec.ValidationError, JobError) as exc:

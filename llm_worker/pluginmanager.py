@@ -20,6 +20,7 @@ from llm_worker.providers import Provider
 
 BUILTINS = ("ollama",)
 DISABLE_ENV = "LLM_WORKER_DISABLE_PLUGINS"
+EXTRA_ENV = "LLM_WORKER_PLUGINS"  # modules to load without an entry point, like pytest's -p
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,9 @@ class PluginManager:
         for name in BUILTINS:
             if name not in found and name not in self.disabled:
                 self.register(importlib.import_module(f"llm_worker.plugins.{name}"), name, "llm-worker (source tree)")
+        for module in filter(None, (m.strip() for m in os.environ.get(EXTRA_ENV, "").split(","))):
+            if module not in self.disabled and not self._pm.has_plugin(module):
+                self.register(importlib.import_module(module), module, f"{EXTRA_ENV}")
         self._pm.check_pending()
         return self
 

@@ -11,9 +11,11 @@ for _, member in ipairs(due) do
   if nl and nl > 1 then
     redis.call('RPUSH', string.sub(member, 1, nl - 1), string.sub(member, nl + 1))
   else
-    redis.call('LPUSH', KEYS[2], cjson.encode({raw = string.sub(member, 1, 65536),
+    -- Escape high bytes: the member may not be UTF-8, the entry must stay valid JSON.
+    local entry = string.gsub(cjson.encode({raw = string.sub(member, 1, 65536),
       error = 'delayed entry names no queue', errorType = 'validation', queue = KEYS[1],
-      failedAt = ARGV[3]}))
+      failedAt = ARGV[3]}), '[\128-\255]', function(c) return string.format('\\u%04x', string.byte(c)) end)
+    redis.call('LPUSH', KEYS[2], entry)
   end
   redis.call('ZREM', KEYS[1], member)
 end

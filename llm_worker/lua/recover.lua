@@ -36,7 +36,10 @@ while true do
     if job then
       entry = '{"job":' .. raw .. ',' .. string.sub(entry, 2)
     else
-      entry = '{"raw":' .. cjson.encode(string.sub(raw, 1, 65536)) .. ',' .. string.sub(entry, 2)
+      -- Not JSON, so maybe not UTF-8 either: escape high bytes so the entry stays valid JSON.
+      local text = string.gsub(cjson.encode(string.sub(raw, 1, 65536)), '[\128-\255]',
+        function(c) return string.format('\\u%04x', string.byte(c)) end)
+      entry = '{"raw":' .. text .. ',' .. string.sub(entry, 2)
     end
     redis.call('LPUSH', KEYS[3], entry)
     local str = function(v) if type(v) == 'string' then return v end return cjson.null end
@@ -54,9 +57,10 @@ while true do
       redis.call('LPUSH', done, 'failed')
       redis.call('EXPIRE', done, ARGV[6])
     end
-    redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[7], '*', 'type', 'llm.request.dead_lettered',
-      'data', cjson.encode({jobId = id or cjson.null, workerId = ARGV[5], timestamp = ARGV[4],
-        queue = KEYS[2], errorType = 'crashed', attempts = crashes}))
+    local data = cjson.encode({jobId = id or cjson.null, workerId = ARGV[5], timestamp = ARGV[4],
+      queue = KEYS[2], error = reason, errorType = 'crashed', attempts = crashes})
+    redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[7], '*', 'type', 'llm.request.failed', 'data', data)
+    redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[7], '*', 'type', 'llm.request.dead_lettered', 'data', data)
     dead = dead + 1
   else
     redis.call('RPUSH', KEYS[2], raw)

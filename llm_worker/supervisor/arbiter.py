@@ -270,7 +270,7 @@ class Arbiter:
             else:
                 continue
             log.error(f"killing worker: {reason}", extra={"deadWorker": f"{self.settings.worker.id}:{child.pid}"})
-            self.children.stop(child, signal.SIGTERM, grace=KILL_GRACE, handback=Handback.CRASH, reason=reason)
+            self.children.stop(child, signal.SIGTERM, grace=KILL_GRACE, handback=Handback.CRASH, reason=reason, wake=False)
         self.children.kill_overdue()
 
     def manage_workers(self) -> None:

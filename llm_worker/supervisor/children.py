@@ -109,8 +109,12 @@ class Children:
         except ProcessLookupError:
             pass
 
-    def stop(self, child: Child, sig: int, *, grace: float, handback: Handback, reason: str) -> None:
-        """Ask a child to stop with ``sig``; SIGKILL it if it is still there after ``grace``."""
+    def stop(self, child: Child, sig: int, *, grace: float, handback: Handback, reason: str, wake: bool = True) -> None:
+        """Ask a child to stop with ``sig``; SIGKILL it if it is still there after ``grace``.
+
+        ``wake`` also sends SIGCONT, so that a stopped process acts on ``sig``
+        (a drain); a hung worker is not woken, it is killed and recovered.
+        """
         if child.term_sent and child.handback is Handback.CRASH:
             handback = Handback.CRASH  # a hang stays a hang, whatever stops it later
         now = time.monotonic()
@@ -119,8 +123,8 @@ class Children:
         child.handback = handback
         child.reason = child.reason or reason
         self.send(child, sig)
-        if sig != signal.SIGKILL:
-            self.send(child, signal.SIGCONT)  # a stopped process must run to act on the signal
+        if wake and sig != signal.SIGKILL:
+            self.send(child, signal.SIGCONT)
 
     def kill_overdue(self) -> list[Child]:
         """SIGKILL every child whose grace has run out; return them."""

@@ -96,7 +96,10 @@ class Finisher:
                             worker_id=self.worker_id, completed_at=now)
         data = {"jobId": exc.job_id, "workerId": self.worker_id, "timestamp": now, "queue": self.queue,
                 "error": exc.reason, "errorType": "validation"}
-        self.guard(self.rq.dead_letter, self.worker_id, raw, entry, result, [Event("llm.request.dead_lettered", data)])
+        events = [Event("llm.request.dead_lettered", data)]
+        if result is not None:
+            events.insert(0, Event("llm.request.failed", data))
+        self.guard(self.rq.dead_letter, self.worker_id, raw, entry, result, events)
         log.warning("malformed payload dead-lettered", extra={"jobId": exc.job_id, "queue": self.queue, "error": exc.reason, "bytes": len(raw)})
 
     def invalid(self, raw: bytes, exc: Invalid) -> None:
@@ -136,7 +139,7 @@ class Finisher:
 
     def _data(self, d: Decoded, taken: float, **more: Any) -> dict[str, Any]:
         job = d.job
-        data = {"jobId": job.id, "workerId": self.worker_id, "timestamp": iso(), "type": job.type,
+        data = {"jobId": job.id, "workerId": self.worker_id, "timestamp": iso(), "jobType": job.type,
                 "model": d.model, "queue": self.queue, "userId": job.user_id, "correlationId": job.correlation_id,
                 "retryCount": job.retry_count}
         data.update(more)

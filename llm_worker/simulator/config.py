@@ -1,0 +1,104 @@
+"""The simulator's settings and its fault description, both msgspec Structs."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+from msgspec import Struct, field
+
+FaultKind = Literal["status", "stream_error", "cut", "hang"]
+Reason = Literal["oom", "runner", "busy", "bad_request", "not_found", "internal"]
+
+# Endpoints a fault may name; a fault that names none hits the inference ones.
+INFERENCE_ENDPOINTS = ("chat", "generate", "embed", "embeddings")
+ENDPOINTS = INFERENCE_ENDPOINTS + ("pull", "show", "delete", "tags", "ps", "version", "root")
+
+DEFAULT_MODELS = ("llama3.2:latest", "nomic-embed-text:latest")
+
+
+class Fault(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One misbehaviour, matched against each request in turn (see the package docstring)."""
+
+    kind: FaultKind = "status"
+    status: int | None = None  # kind=status: HTTP status; default from `reason`, else 500
+    reason: Reason | None = None  # which Ollama message to send; default from `status`
+    message: str | None = None  # the error text itself, instead of the reason's
+    model: str | None = None  # only requests for this model (`x` and `x:latest` alike)
+    endpoints: tuple[str, ...] = ()  # only these endpoints; empty: chat, generate, embed, embeddings
+    count: int | None = None  # fire this many times, then retire; None: forever
+    probability: float = 1.0  # chance that a matching request is hit
+    after_chunks: int = 0  # stream_error, cut: lines sent before the fault
+    seconds: float | None = None  # hang: answer normally after this long; None: never
+
+    def __post_init__(self) -> None:
+        if self.status is not None and not 100 <= self.status <= 599:
+            raise ValueError(f"status must be 100..599, not {self.status}")
+        if not 0.0 <= self.probability <= 1.0:
+            raise ValueError(f"probability must be 0..1, not {self.probability}")
+        if (self.count is not None and self.count < 0) or self.after_chunks < 0:
+            raise ValueError("count and after_chunks must not be negative")
+        if self.seconds is not None and self.seconds < 0:
+            raise ValueError("seconds must not be negative")
+        unknown = set(self.endpoints) - set(ENDPOINTS)
+        if unknown:
+            raise ValueError(f"unknown endpoints {sorted(unknown)}; known: {', '.join(ENDPOINTS)}")
+
+
+class FaultList(Struct, kw_only=True, forbid_unknown_fields=True):
+    """The body of ``POST /_sim/faults`` and of ``GET /_sim/faults``."""
+
+    faults: list[Fault] = []
+
+
+class SimulatorConfig(Struct, kw_only=True, forbid_unknown_fields=True):
+    """Everything the simulator can be told at start; times are in milliseconds."""
+
+    host: str = "127.0.0.1"
+    port: int = 0  # 0: a free port, read it back from Simulator.url
+    models: list[str] = field(default_factory=lambda: list(DEFAULT_MODELS))
+    registry: list[str] | None = None  # pullable models; None: any without "missing" in its name
+    dims: int = 16  # embedding dimension
+    reply_tokens: int = 12  # tokens of a reply that num_predict does not cut short
+    num_ctx: int = 4096  # context length a model loads with when a request names none
+    keep_alive: str = "5m"  # how long an idle model stays loaded (Go duration; negative: forever)
+    latency_ms: float = 0.0  # chat/generate: before the first byte
+    token_ms: float = 0.0  # chat/generate: per token
+    embed_call_ms: float = 0.0
+    embed_input_ms: float = 0.0
+    load_ms: float = 0.0  # loading a model that is not loaded
+    model_load_ms: dict[str, float] = {}  # per-model load time, over load_ms
+    pull_ms: float = 0.0  # a whole pull
+    slots: int = 4  # requests processed at once (OLLAMA_NUM_PARALLEL)
+    max_queue: int = 512  # requests that may wait for a slot before 503 (OLLAMA_MAX_QUEUE)
+    max_loaded: int = 0  # models loaded at once before the idlest is evicted; 0: no limit
+    not_found_style: Literal["old", "new"] = "new"
+    faults: list[Fault] = []
+    seed: int = 0  # of the dice that probabilistic faults roll
+
+    def __post_init__(self) -> None:
+        if self.slots < 1 or self.max_queue < 0 or self.max_loaded < 0:
+            raise ValueError("slots must be >= 1; max_queue and max_loaded >= 0")
+        if self.dims < 1 or self.reply_tokens < 0 or self.num_ctx < 1:
+            raise ValueError("dims and num_ctx must be >= 1; reply_tokens >= 0")
+        times = (self.latency_ms, self.token_ms, self.embed_call_ms, self.embed_input_ms,
+                 self.load_ms, self.pull_ms, *self.model_load_ms.values())
+        if min(times) < 0:
+            raise ValueError("latencies and load times must not be negative")
+        if self.not_found_style not in ("old", "new"):
+            raise ValueError("not_found_style must be 'old' or 'new'")
+
+
+def parse_fault(spec: str) -> Fault:
+    """Read a fault from JSON or from ``key=value,...`` (endpoints joined with ``+``)."""
+    spec = spec.strip()
+    if spec.startswith("{"):
+        return msgspec.json.decode(spec, type=Fault)
+    fields: dict[str, object] = {}
+    for pair in filter(None, (p.strip() for p in spec.split(","))):
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ValueError(f"fault item {pair!r} is not key=value")
+        key = key.strip()
+        fields[key] = tuple(value.split("+")) if key == "endpoints" else value.strip()
+    return msgspec.convert(fields, Fault, strict=False)

@@ -1,0 +1,330 @@
+"""HTTP on top of the engine: a keep-alive ThreadingHTTPServer, and the Simulator that runs it."""
+
+from __future__ import annotations
+
+import select
+import socket
+import socketserver
+import sys
+import threading
+import time
+from collections.abc import Iterable
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import TracebackType
+from typing import Any
+
+import msgspec
+
+from llm_worker.simulator.config import Fault, SimulatorConfig
+from llm_worker.simulator.engine import Engine
+from llm_worker.simulator.faults import fault_message, fault_status
+from llm_worker.simulator.models import normalize_name
+from llm_worker.simulator.protocol import NDJSON, TEXT, ApiError, Reply, StreamReply, error_reply, line
+from llm_worker.simulator.routes import ROUTES, Route
+from llm_worker.simulator.stats import SimStats, Stopping
+
+# Response heads are assembled from bytes made once: this path bounds every benchmark.
+_STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in HTTPStatus}
+_STREAM_HEAD = _STATUS_LINES[200] + b"Content-Type: " + NDJSON + b"\r\nTransfer-Encoding: chunked\r\n\r\n"
+_STREAM_END = b"0\r\n\r\n"
+_NOT_FOUND = Reply(404, b"404 page not found", TEXT)  # what Go's router says
+_DECODERS = {route.body: msgspec.json.Decoder(route.body) for route in ROUTES.values() if route.body}
+HANG_POLL_SECONDS = 0.5  # how often a hung request checks whether its client has left
+
+
+class ClientGone(Exception):
+    """The client closed its connection while its request was held."""
+
+
+class SimRequestHandler(BaseHTTPRequestHandler):
+    """Answer one keep-alive connection's requests from the route table."""
+
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # else each response waits ~40 ms on delayed ACKs
+    server: SimHTTPServer
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # per-request logging would cost more than the request
+
+    def setup(self) -> None:
+        super().setup()
+        self.server.track(self.connection, True)
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            self.server.track(self.connection, False)
+
+    def do_GET(self) -> None:
+        self._dispatch("GET")
+
+    def do_HEAD(self) -> None:
+        self._dispatch("HEAD")
+
+    def do_POST(self) -> None:
+        self._dispatch("POST")
+
+    def do_DELETE(self) -> None:
+        self._dispatch("DELETE")
+
+    def _dispatch(self, method: str) -> None:
+        route = ROUTES.get((method, self.path.partition("?")[0]))
+        self._counted = route is None or route.name != "_sim"  # stats tell of Ollama traffic only
+        body = self._read_body()
+        if body is None:
+            return
+        fault = None
+        if route is None:
+            reply: Reply | StreamReply = _NOT_FOUND
+        else:
+            try:
+                request = _decode(route, body)
+                fault = self._apply_fault(route, request)
+                reply = route.handler(self.server.engine, request)
+            except ApiError as exc:
+                reply = exc.reply()
+            except (Stopping, ClientGone):
+                self.close_connection = True
+                return
+        try:
+            if isinstance(reply, StreamReply):
+                self._send_stream(reply, fault)
+            else:
+                self._send_whole(reply, fault, head_only=method == "HEAD")
+        except (Stopping, OSError):
+            self.close_connection = True
+
+    def _read_body(self) -> bytes | None:
+        """Return the request body, or None after refusing the request."""
+        length = self.headers.get("Content-Length")
+        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+            self.close_connection = True
+            self._send(error_reply(411, "send the body with a Content-Length"))
+            return None
+        try:
+            return self.rfile.read(int(length)) if length else b""
+        except ValueError:
+            self.close_connection = True
+            self._send(error_reply(400, f"bad Content-Length {length!r}"))
+            return None
+
+    def _apply_fault(self, route: Route, request: Any) -> Fault | None:
+        """Count the request, then answer its fault: raise a status, hold a hang, return a stream fault."""
+        if route.name == "_sim":
+            return None
+        engine = self.server.engine
+        asked = getattr(request, "model", "") or None
+        model = normalize_name(asked) if asked else None
+        engine.counters.request(route.name, model)
+        fault = engine.faults.pick(route.name, model)
+        if fault is None:
+            return None
+        if fault.kind == "status":
+            raise ApiError(fault_status(fault), fault_message(fault, asked, engine.config.not_found_style))
+        if fault.kind == "hang":
+            self._hang(fault.seconds)
+            return None
+        return fault
+
+    def _hang(self, seconds: float | None) -> None:
+        """Hold the request unanswered; give up when the client leaves or the simulator stops."""
+        deadline = None if seconds is None else time.monotonic() + seconds
+        while True:
+            wait = HANG_POLL_SECONDS if deadline is None else min(HANG_POLL_SECONDS, deadline - time.monotonic())
+            if wait <= 0:
+                return
+            if self.server.engine.stopping.wait(wait):
+                raise Stopping
+            if self._client_left():
+                raise ClientGone
+
+    def _client_left(self) -> bool:
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
+
+    def _send_whole(self, reply: Reply, fault: Fault | None, head_only: bool) -> None:
+        if fault is not None and reply.status == 200:
+            if fault.kind == "cut":
+                self.close_connection = True  # the client sees the connection close, no answer
+                return
+            reply = error_reply(500, self._fault_text(fault))
+        self._send(reply, head_only)
+
+    def _send(self, reply: Reply, head_only: bool = False) -> None:
+        if self._counted:
+            self.server.engine.counters.response(reply.status)
+        head = b"%sContent-Type: %s\r\nContent-Length: %d\r\n%s\r\n" % (
+            _status_line(reply.status), reply.content_type, len(reply.body),
+            b"Connection: close\r\n" if self.close_connection else b"")
+        self.wfile.write(head if head_only else head + reply.body)
+
+    def _send_stream(self, reply: StreamReply, fault: Fault | None) -> None:
+        """Send each line as its own chunk as soon as it is produced."""
+        self.server.engine.counters.response(200)
+        self._head = _STREAM_HEAD  # goes out with the first chunk, after the first-byte latency
+        try:
+            if fault is None:
+                for chunk in reply.lines:
+                    self._send_chunk(chunk)
+            elif not self._send_until_fault(reply, fault):
+                return
+            self.wfile.write(self._head + _STREAM_END)
+        finally:
+            reply.close()
+
+    def _send_until_fault(self, reply: StreamReply, fault: Fault) -> bool:
+        """Send lines until the fault's turn; return False if the connection was cut."""
+        lines = iter(reply.lines)
+        ahead = next(lines, None)
+        sent = 0
+        while ahead is not None:
+            # Look one line ahead, so that the fault lands before the final line at the latest.
+            current, ahead = ahead, next(lines, None)
+            if sent == fault.after_chunks or ahead is None:
+                break
+            self._send_chunk(current)
+            sent += 1
+        if fault.kind == "cut":
+            self.wfile.write(self._head)
+            self.close_connection = True
+            return False
+        self._send_chunk(line({"error": self._fault_text(fault)}))
+        return True
+
+    def _send_chunk(self, chunk: bytes) -> None:
+        self.wfile.write(b"%s%x\r\n%s\r\n" % (self._head, len(chunk), chunk))
+        self._head = b""
+
+    def _fault_text(self, fault: Fault) -> str:
+        return fault_message(fault, None, self.server.engine.config.not_found_style)
+
+
+def _status_line(status: int) -> bytes:
+    return _STATUS_LINES.get(status) or b"HTTP/1.1 %d Status %d\r\n" % (status, status)
+
+
+def _decode(route: Route, body: bytes) -> Any:
+    if route.body is None:
+        return None
+    if not body:
+        raise ApiError(400, "missing request body")
+    try:
+        return _DECODERS[route.body].decode(body)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        raise ApiError(400, f"invalid options: {text}" if "$.options" in text else text) from None
+    except msgspec.DecodeError as exc:
+        raise ApiError(400, str(exc)) from None
+
+
+class SimHTTPServer(ThreadingHTTPServer):
+    """A thread per connection; stop() may still find some of them blocked, so it closes their sockets."""
+
+    daemon_threads = True
+    request_queue_size = 1024
+
+    def __init__(self, address: tuple[str, int], engine: Engine) -> None:
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        self.engine = engine
+        self._connections: set[socket.socket] = set()
+        self._connections_lock = threading.Lock()
+        super().__init__(address, SimRequestHandler)
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind looks up the host's FQDN, which can stall for seconds without DNS.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = str(self.server_address[0]), int(self.server_address[1])
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if not isinstance(sys.exc_info()[1], OSError):  # clients that vanish are business as usual
+            super().handle_error(request, client_address)
+
+    def track(self, connection: socket.socket, open_: bool) -> None:
+        with self._connections_lock:
+            (self._connections.add if open_ else self._connections.discard)(connection)
+
+    def close_connections(self) -> None:
+        with self._connections_lock:
+            connections = list(self._connections)
+        for connection in connections:
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+class Simulator:
+    """An Ollama look-alike served from a background thread.
+
+    ``with Simulator(SimulatorConfig(...)) as sim:`` starts it; ``sim.url`` is
+    its address. A stopped simulator cannot start again; make a new one
+    (with the old port, to come back where it was).
+    """
+
+    def __init__(self, config: SimulatorConfig | None = None) -> None:
+        self.config = config or SimulatorConfig()
+        self._engine = Engine(self.config)
+        self._server: SimHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self._port: int | None = None
+
+    def start(self) -> Simulator:
+        if self._engine.stopping.is_set():
+            raise RuntimeError("a stopped simulator cannot start again; make a new one")
+        if self._server is None:
+            self._server = SimHTTPServer((self.config.host, self.config.port), self._engine)
+            self._port = self._server.server_port
+            self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
+                                            name=f"ollama-simulator:{self.port}", daemon=True)
+            self._thread.start()
+        return self
+
+    @property
+    def port(self) -> int:
+        if self._port is None:
+            raise RuntimeError("the simulator is not started")
+        return self._port
+
+    @property
+    def url(self) -> str:
+        host = self.config.host
+        return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
+
+    def set_faults(self, faults: Iterable[Fault]) -> None:
+        """Replace the faults in force."""
+        self._engine.faults.replace(faults)
+
+    def clear_faults(self) -> None:
+        self._engine.faults.clear()
+
+    def stats(self) -> SimStats:
+        return self._engine.stats()
+
+    def reset(self) -> None:
+        """Forget the stats and unload every model; faults stay."""
+        self._engine.reset()
+
+    def stop(self) -> None:
+        """Stop serving at once: held and waiting requests are dropped, connections closed."""
+        self._engine.stop()
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.shutdown()
+        server.server_close()
+        server.close_connections()
+        if self._thread is not None:
+            self._thread.join()
+
+    def __enter__(self) -> Simulator:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()

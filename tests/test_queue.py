@@ -1,0 +1,166 @@
+"""The reliable queue's scripts against a real Redis: fencing, retries, dead letters, recovery."""
+
+from __future__ import annotations
+
+import time
+
+import msgspec
+import pytest
+import redis
+
+from conftest import settings_for
+from llm_worker.jobs import DeadLetter, Result
+from llm_worker.queue import Event, ReliableQueue, WorkerInfo, retry_delay
+
+WID = "host-a:100"
+
+
+def job(job_id: str, **more: object) -> bytes:
+    return msgspec.json.encode({"id": job_id, "type": "chat", "userId": "u", "model": "m", "correlationId": "c-" + job_id,
+                                "request": {"messages": [{"role": "user", "content": "hi"}]}, **more})
+
+
+@pytest.fixture
+def rq(redis_url: str, r: redis.Redis) -> ReliableQueue:
+    return ReliableQueue(r, settings_for({"REDIS_URL": redis_url, "JOB_MAX_CRASHES": "2"}))
+
+
+def ok(job_id: str) -> Result:
+    return Result(job_id=job_id, success=True, response={"message": {"role": "assistant", "content": "x"}}, completed_at="t")
+
+
+def test_take_moves_the_oldest_job_into_the_workers_processing_list(rq: ReliableQueue, r: redis.Redis) -> None:
+    r.lpush("llm-chat", job("a"), job("b"))
+    assert rq.take("llm-chat", WID, 0.1) == job("a")
+    assert r.lrange("llm:processing:" + WID, 0, -1) == [job("a")]
+    assert r.lrange("llm-chat", 0, -1) == [job("b")]
+
+
+def test_complete_writes_result_done_marker_and_event_then_acks(rq: ReliableQueue, r: redis.Redis) -> None:
+    r.lpush("llm-chat", job("a"))
+    raw = rq.take("llm-chat", WID, 0.1)
+    assert rq.complete(WID, raw, ok("a"), [Event("llm.request.completed", {"jobId": "a"})])
+    assert r.llen("llm:processing:" + WID) == 0
+    assert msgspec.json.decode(r.get("llm:result:a"))["success"] is True
+    assert r.lrange("llm:done:a", 0, -1) == [b"ok"]
+    assert 0 < r.ttl("llm:result:a") <= 3600 and 0 < r.ttl("llm:done:a") <= 3600
+    (entry,) = r.xrange("llm:events")
+    assert entry[1][b"type"] == b"llm.request.completed"
+
+
+def test_a_job_recovered_from_its_worker_is_never_answered_by_it(rq: ReliableQueue, r: redis.Redis) -> None:
+    # Given a worker holding a job that the supervisor then recovers (presumed dead)
+    r.lpush("llm-chat", job("a"))
+    raw = rq.take("llm-chat", WID, 0.1)
+    assert rq.recover(WID, "llm-chat", crashed=False) == (1, 0)
+    # When the stopped worker wakes and finishes it
+    assert rq.complete(WID, raw, ok("a")) is False
+    # Then nothing is written: the job is back in its queue for another worker
+    assert r.get("llm:result:a") is None and r.llen("llm:done:a") == 0
+    assert r.lrange("llm-chat", 0, -1) == [raw]
+
+
+def test_the_done_marker_holds_one_status_even_if_the_key_had_one(rq: ReliableQueue, r: redis.Redis) -> None:
+    r.lpush("llm:done:a", "stale")
+    r.lpush("llm-chat", job("a"))
+    rq.complete(WID, rq.take("llm-chat", WID, 0.1), ok("a"))
+    assert r.lrange("llm:done:a", 0, -1) == [b"ok"]
+
+
+def test_retry_parks_the_new_payload_until_due_then_promote_serves_it_next(rq: ReliableQueue, r: redis.Redis) -> None:
+    r.lpush("llm-chat", job("a"))
+    raw = rq.take("llm-chat", WID, 0.1)
+    r.lpush("llm-chat", job("queued"))
+    retried = job("a", retryCount=1)
+    assert rq.retry_later(WID, raw, "llm-chat", retried, time.time() + 60)
+    assert r.llen("llm:processing:" + WID) == 0 and r.zcard("llm:delayed") == 1
+    assert r.get("llm:result:a") is None  # a retry is not an outcome
+    assert rq.promote_due() == 0
+    assert rq.promote_due(now=time.time() + 61) == 1
+    assert r.zcard("llm:delayed") == 0
+    assert r.rpop("llm-chat") == retried  # at the serving end, before the job that waited
+
+
+def test_a_delayed_entry_without_a_queue_is_dead_lettered_not_lost(rq: ReliableQueue, r: redis.Redis) -> None:
+    r.zadd("llm:delayed", {"no-queue-here": 1})
+    assert rq.promote_due() == 1
+    entry = msgspec.json.decode(r.lindex("llm-dead-letter", 0))
+    assert entry["raw"] == "no-queue-here" and "names no queue" in entry["error"]
+
+
+def test_dead_letter_keeps_the_job_and_writes_its_failure_result(rq: ReliableQueue, r: redis.Redis) -> None:
+    r.lpush("llm-chat", job("a"))
+    raw = rq.take("llm-chat", WID, 0.1)
+    entry = DeadLetter(job=msgspec.Raw(raw), queue="llm-chat", error="boom", error_type="provider", failed_at="t", worker_id=WID, attempts=3)
+    failure = Result(job_id="a", success=False, error="boom", error_type="provider", completed_at="t")
+    assert rq.dead_letter(WID, raw, entry, failure, stream="error")
+    stored = msgspec.json.decode(r.lindex("llm-dead-letter", 0))
+    assert stored["job"]["id"] == "a" and stored["errorType"] == "provider" and stored["attempts"] == 3
+    assert r.lrange("llm:done:a", 0, -1) == [b"failed"]
+    (last,) = r.xrange("llm:stream:a")
+    assert last[1] == {b"event": b"error", b"error": b"boom"}
+
+
+def test_recovery_counts_crashes_and_dead_letters_at_the_limit(rq: ReliableQueue, r: redis.Redis) -> None:
+    # JOB_MAX_CRASHES is 2 here: the first crash requeues, the second dead-letters.
+    for expected in [(1, 0), (0, 1)]:
+        r.rpush("llm-chat", job("a"))
+        rq.take("llm-chat", WID, 0.1)
+        assert rq.recover(WID, "llm-chat", crashed=True) == expected
+        r.delete("llm-chat")
+    entry = msgspec.json.decode(r.lindex("llm-dead-letter", 0))
+    assert entry["job"]["id"] == "a" and entry["errorType"] == "crashed" and entry["attempts"] == 2
+    result = msgspec.json.decode(r.get("llm:result:a"))
+    assert result["errorType"] == "crashed" and result["success"] is False and result["correlationId"] == "c-a"
+    assert r.lrange("llm:done:a", 0, -1) == [b"failed"]
+
+
+def test_handing_back_uncounted_never_dead_letters(rq: ReliableQueue, r: redis.Redis) -> None:
+    for _ in range(5):
+        r.rpush("llm-chat", job("a"))
+        rq.take("llm-chat", WID, 0.1)
+        assert rq.recover(WID, "llm-chat", crashed=False) == (1, 0)
+        r.delete("llm-chat")
+    assert r.llen("llm-dead-letter") == 0 and not r.exists("llm:crashes:a")
+
+
+def test_recovery_keeps_order_oldest_served_first(rq: ReliableQueue, r: redis.Redis) -> None:
+    r.lpush("llm:processing:" + WID, job("old"), job("new"))  # the list's head is the newest
+    rq.recover(WID, "llm-chat", crashed=False)
+    assert [msgspec.json.decode(r.rpop("llm-chat"))["id"] for _ in range(2)] == ["old", "new"]
+
+
+def test_a_payload_that_is_not_json_crashing_workers_is_dead_lettered_raw(rq: ReliableQueue, r: redis.Redis) -> None:
+    for _ in range(2):
+        r.lpush("llm:processing:" + WID, b"\xff not json")
+        rq.recover(WID, "llm-chat", crashed=True)
+    entry = msgspec.json.decode(r.lindex("llm-dead-letter", 0))
+    assert entry["raw"].endswith("not json") and entry["errorType"] == "crashed"
+
+
+def test_another_hosts_worker_is_recovered_only_once_its_heartbeat_expired(rq: ReliableQueue, r: redis.Redis) -> None:
+    info = WorkerInfo(queue="llm-chat", host="host-a", hostname="h", pid=100, since="t")
+    rq.register(WID, info, ttl_ms=60_000)
+    r.lpush("llm:processing:" + WID, job("a"))
+    assert rq.recover(WID, "llm-chat", crashed=True, only_if_expired=True) == (-1, 0)
+    assert r.llen("llm:processing:" + WID) == 1
+    r.delete("llm:worker:" + WID)
+    assert rq.recover(WID, "llm-chat", crashed=True, only_if_expired=True) == (1, 0)
+    assert rq.registered() == {}
+
+
+def test_reconcile_primitives_forget_and_hand_back(rq: ReliableQueue, r: redis.Redis) -> None:
+    r.lpush("llm:processing:" + WID, job("answered"), job("lost"))
+    assert rq.forget(WID, job("answered"))
+    assert rq.hand_back(WID, job("lost"), "llm-chat")
+    assert r.llen("llm:processing:" + WID) == 0 and r.lrange("llm-chat", 0, -1) == [job("lost")]
+
+
+def test_retry_delay_grows_exponentially_with_equal_jitter_and_is_capped() -> None:
+    s = settings_for({"QUEUE_DELAY": "1000", "QUEUE_MAX_DELAY": "5000"})
+    for retry, full in [(0, 1.0), (1, 2.0), (2, 4.0), (3, 5.0), (10, 5.0)]:
+        delays = [retry_delay(s, retry) for _ in range(200)]
+        assert all(full / 2 <= d <= full for d in delays)
+        assert max(delays) - min(delays) > full / 10  # jittered, not constant
+    fixed = settings_for({"QUEUE_DELAY": "1000", "QUEUE_BACKOFF_TYPE": "fixed"})
+    assert all(0.5 <= retry_delay(fixed, n) <= 1.0 for n in range(6))

@@ -1,0 +1,41 @@
+"""Plugins that only tests load (through LLM_WORKER_PLUGINS=testplugins).
+
+``crash-*`` models kill the worker that runs them with SIGKILL: a job that
+kills its worker every time, as a segfaulting native library would.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+from llm_worker import hookimpl
+
+
+class CrashingProvider:
+    name = "crasher"
+
+    def serves(self, model: str) -> bool:
+        return model.startswith("crash-")
+
+    def chat(self, model, request, deadline, on_chunk):  # type: ignore[no-untyped-def]
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    generate = chat
+
+    def embed(self, model, inputs, deadline, options=None):  # type: ignore[no-untyped-def]
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def models(self):  # type: ignore[no-untyped-def]
+        return []
+
+    def health(self, timeout):  # type: ignore[no-untyped-def]
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+@hookimpl
+def llm_worker_providers(settings):  # type: ignore[no-untyped-def]
+    return [CrashingProvider()]
