@@ -67,13 +67,22 @@ def _settings_or_exit(args: argparse.Namespace) -> config.Settings:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from llm_worker import logs, supervisor
+    from llm_worker.pluginmanager import PluginManager, discover
 
     try:
         settings = _load(args).settings
     except config.SettingError as exc:
         return _explain(exc)
     logs.setup(settings.log, role="supervisor", workerId=settings.worker.id)
-    return supervisor.run(settings, lambda: _load(args).settings)
+    try:
+        # Import and check every plugin before anything forks: a broken or
+        # misspelled plugin stops start-up here, with its name.
+        plugins = discover()
+        PluginManager().load(plugins)
+    except Exception as exc:
+        print(f"llm-worker: a plugin failed to load: {exc!r}", file=sys.stderr)
+        return exitcodes.USAGE
+    return supervisor.run(settings, lambda: _load(args).settings, plugins)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

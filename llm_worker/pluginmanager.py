@@ -30,6 +30,49 @@ class PluginInfo:
     hooks: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class Found:
+    """A plugin found and imported, not yet registered anywhere."""
+
+    name: str
+    plugin: object
+    source: str
+
+
+def discover(disabled: set[str] | None = None) -> list[Found]:
+    """Find and import every plugin: the entry-point group, then LLM_WORKER_PLUGINS.
+
+    The supervisor calls this once before it forks, so workers inherit the
+    imported modules and boot fast; each worker then registers them in a
+    plugin manager of its own and calls their hooks after fork.
+    """
+    disabled = _disabled() if disabled is None else disabled
+    out: list[Found] = []
+    names: set[str] = set()
+    for ep in entry_points(group=hookspecs.PROJECT):
+        if ep.name in disabled or ep.name in names:
+            continue
+        dist = ep.dist
+        source = f"{dist.name} {dist.version}" if dist is not None else "unknown distribution"
+        out.append(Found(ep.name, ep.load(), source))
+        names.add(ep.name)
+    # Running from a source tree that was never installed: the built-ins
+    # still register, under the same names, so behaviour does not change.
+    for name in BUILTINS:
+        if name not in names and name not in disabled:
+            out.append(Found(name, importlib.import_module(f"llm_worker.plugins.{name}"), "llm-worker (source tree)"))
+            names.add(name)
+    for module in filter(None, (m.strip() for m in os.environ.get(EXTRA_ENV, "").split(","))):
+        if module not in disabled and module not in names:
+            out.append(Found(module, importlib.import_module(module), EXTRA_ENV))
+            names.add(module)
+    return out
+
+
+def _disabled() -> set[str]:
+    return {n.strip() for n in os.environ.get(DISABLE_ENV, "").split(",") if n.strip()}
+
+
 class PluginManager:
     """The plugins of one process; build a new one per process (and per test)."""
 
@@ -37,30 +80,15 @@ class PluginManager:
         self._pm = pluggy.PluginManager(hookspecs.PROJECT)
         self._pm.add_hookspecs(hookspecs)
         self._sources: dict[str, str] = {}
-        if disabled is None:
-            disabled = {n.strip() for n in os.environ.get(DISABLE_ENV, "").split(",") if n.strip()}
-        self.disabled = disabled
-        for name in disabled:
+        self.disabled = _disabled() if disabled is None else disabled
+        for name in self.disabled:
             self._pm.set_blocked(name)
 
-    def load(self) -> PluginManager:
-        """Register every plugin of the entry-point group, then check the hooks."""
-        found = set()
-        for ep in entry_points(group=hookspecs.PROJECT):
-            found.add(ep.name)
-            if ep.name in self.disabled or self._pm.has_plugin(ep.name):
-                continue
-            dist = ep.dist
-            source = f"{dist.name} {dist.version}" if dist is not None else "unknown distribution"
-            self.register(ep.load(), ep.name, source)
-        # Running from a source tree that was never installed: the built-ins
-        # still register, under the same names, so behaviour does not change.
-        for name in BUILTINS:
-            if name not in found and name not in self.disabled:
-                self.register(importlib.import_module(f"llm_worker.plugins.{name}"), name, "llm-worker (source tree)")
-        for module in filter(None, (m.strip() for m in os.environ.get(EXTRA_ENV, "").split(","))):
-            if module not in self.disabled and not self._pm.has_plugin(module):
-                self.register(importlib.import_module(module), module, f"{EXTRA_ENV}")
+    def load(self, found: list[Found] | None = None) -> PluginManager:
+        """Register plugins (``discover()``'s, unless given), then check every hook name."""
+        for plugin in found if found is not None else discover(self.disabled):
+            if plugin.name not in self.disabled and not self._pm.has_plugin(plugin.name):
+                self.register(plugin.plugin, plugin.name, plugin.source)
         self._pm.check_pending()
         return self
 

@@ -6,15 +6,16 @@ import os
 from collections.abc import Callable
 
 from llm_worker.config import Settings
+from llm_worker.pluginmanager import Found
 from llm_worker.supervisor.arbiter import Arbiter
 from llm_worker.supervisor.children import Child
 
 __all__ = ["Arbiter", "run"]
 
 
-def run(settings: Settings, reload: Callable[[], Settings]) -> int:
+def run(settings: Settings, reload: Callable[[], Settings], plugins: list[Found]) -> int:
     """Supervise until drained or stopped; return the process exit code."""
-    return Arbiter(settings, reload, spawn_http).run()
+    return Arbiter(settings, reload, spawn_http, plugins).run()
 
 
 def spawn_http(arbiter: Arbiter) -> Child | None:

@@ -18,6 +18,7 @@ import redis
 from llm_worker import exitcodes
 from llm_worker.config import SettingError, Settings, mask_url
 from llm_worker.jobs import iso
+from llm_worker.pluginmanager import Found
 from llm_worker.queue import ReliableQueue, WorkerInfo, connect
 from llm_worker.shm import Phase, SharedState, SlotState
 from llm_worker.supervisor.children import Child, Children, Exit, Handback
@@ -29,14 +30,16 @@ log = logging.getLogger("llm_worker.supervisor")
 
 KILL_GRACE = 2.0  # seconds between SIGTERM and SIGKILL for a hung worker
 QUIT_GRACE = 1.0
-LIVED_LONG = 10.0  # a worker that lived this long was not crash-looping
+LIVED_LONG = 10.0  # an HTTP process that lived this long was not crash-looping
 BACKOFF_CAP = 30.0
 REDIS_TIMEOUT = 1.0  # the supervisor never waits on Redis longer than this
 
 
 class Arbiter:
-    def __init__(self, settings: Settings, reload: Callable[[], Settings], spawn_http: Callable[[Arbiter], Child | None]) -> None:
+    def __init__(self, settings: Settings, reload: Callable[[], Settings], spawn_http: Callable[[Arbiter], Child | None],
+                 plugins: list[Found]) -> None:
         self.settings = settings
+        self.plugins = plugins
         self.reload_settings = reload
         self.spawn_http = spawn_http
         self.generation = 0
@@ -207,6 +210,7 @@ class Arbiter:
             crashed = ex.code not in (exitcodes.OK, exitcodes.WORKER_QUIT, exitcodes.WORKER_BOOT_ERROR)
         self.recovery.worker_gone(Gone(worker_id, child.pool, crashed=crashed))
         boot_error = slot.boot_error.decode(errors="replace")
+        no_progress = slot.state == SlotState.BOOTING or (slot.state == SlotState.IDLE and slot.jobs_done == 0)
         slot.release()
         self.worker_since.pop(child.pid, None)
         if ex.code == exitcodes.WORKER_BOOT_ERROR:
@@ -216,7 +220,11 @@ class Arbiter:
         if child.term_sent and not crashed:
             log.info("worker stopped", extra={"deadWorker": worker_id, "reason": child.reason, "exit": ex.describe()})
             return
-        streak = 1 if lived > LIVED_LONG else self.crash_streak.get(child.pool, 0) + 1
+        # Only deaths that show no progress build up the backoff: dying while
+        # booting, or idle before a single job. A worker that died holding a
+        # job is replaced at once, so its job runs again within a second; a
+        # job that kills every worker is bounded by JOB_MAX_CRASHES instead.
+        streak = self.crash_streak.get(child.pool, 0) + 1 if no_progress else 0
         self.crash_streak[child.pool] = streak
         delay = 0.0 if streak <= 1 else min(0.25 * 2 ** (streak - 2), BACKOFF_CAP)
         self.respawn_at[child.pool] = time.monotonic() + delay
@@ -309,7 +317,7 @@ class Arbiter:
         if index is None:
             log.error("no free worker slot", extra={"pool": pool})
             return None
-        spec = WorkerSpec(self.settings, pool, index, os.getpid(), self.state)
+        spec = WorkerSpec(self.settings, pool, index, os.getpid(), self.state, self.plugins)
         child = Child(pid=0, kind="worker", slot=index, pool=pool, generation=self.generation)
         slot = self.state.slots[index]
         slot.claim(-1, self.pool_names.index(pool))

@@ -89,7 +89,10 @@ class Housekeeping:
         self.state.header.redis_checked = time.monotonic()
         if self.redis_down_since is None:
             self.redis_down_since = time.monotonic()
-            log.error("Redis unreachable; workers wait for it and jobs in hand are kept", extra={"error": str(exc)})
+            if isinstance(exc, redis.AuthenticationError):
+                log.error("Redis refused our credentials (REDIS_URL, REDIS_USERNAME, REDIS_PASSWORD)", extra={"error": str(exc)})
+            else:
+                log.error("Redis unreachable; workers wait for it and jobs in hand are kept", extra={"error": str(exc)})
 
 
 def warn_if_jobs_can_be_lost(client: redis.Redis) -> None:

@@ -27,7 +27,7 @@ import redis
 from llm_worker import exitcodes, logs
 from llm_worker.config import Settings
 from llm_worker.jobs import Invalid, JobError, Malformed, decode, iso
-from llm_worker.pluginmanager import PluginManager
+from llm_worker.pluginmanager import Found, PluginManager
 from llm_worker.providers import Deadline
 from llm_worker.queue import ReliableQueue, WorkerInfo, connect
 from llm_worker.shm import SharedState, SlotState
@@ -56,6 +56,7 @@ class WorkerSpec:
     slot: int
     supervisor_pid: int
     state: SharedState
+    plugins: list[Found]  # discovered and imported by the supervisor before fork
 
 
 def run_worker(spec: WorkerSpec) -> NoReturn:
@@ -120,7 +121,7 @@ class WorkerProcess:
 
     def _boot(self) -> None:
         try:
-            manager = PluginManager().load()
+            manager = PluginManager().load(self.spec.plugins)
             providers = manager.providers(self.settings)
         except Exception as exc:  # a plugin that fails to load stops the host, loudly
             raise BootError(f"plugins failed to load: {exc!r}") from exc
@@ -184,17 +185,13 @@ class WorkerProcess:
                 if self.redis_lost:
                     self._reconcile()
                 return call(*args, **kwargs)
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
+            except (redis.AuthenticationError, redis.exceptions.NoPermissionError) as exc:
+                # Before ConnectionError: AuthenticationError is one, but waiting cannot fix it.
+                raise BootError(f"Redis refused us: {exc}") from exc
+            except (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ReadOnlyError) as exc:
                 if not self.redis_lost:
                     log.warning("Redis unreachable; waiting for it", extra={"error": str(exc)})
                 self.redis_lost = True
-            except redis.AuthenticationError as exc:
-                raise BootError(f"Redis refused our credentials: {exc}") from exc
-            except redis.ResponseError as exc:
-                text = str(exc)
-                if "NOAUTH" in text or "WRONGPASS" in text or "NOPERM" in text:
-                    raise BootError(f"Redis refused us: {text}") from exc
-                raise
             if self.stopping and self.slot.state != SlotState.BUSY:
                 raise Quit
             self.slot.beat()
