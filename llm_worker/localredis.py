@@ -37,18 +37,20 @@ def free_port() -> int:
 
 class LocalRedis:
     def __init__(self, directory: str | Path, *, port: int | None = None, appendonly: bool = True,
-                 appendfsync: str = "everysec", extra: tuple[str, ...] = ()) -> None:
+                 appendfsync: str = "everysec", password: str | None = None, extra: tuple[str, ...] = ()) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.appendonly = appendonly
         self.appendfsync = appendfsync
-        self.extra = extra
+        self.password = password
+        self.extra = extra + (("--requirepass", password) if password else ())
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def client(self) -> redis.Redis:
         return redis.Redis.from_url(self.url, socket_timeout=5)

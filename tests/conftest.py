@@ -65,7 +65,7 @@ def service(redis_url: str, sim: Simulator, tmp_path: Path, request: pytest.Fixt
     """
     started: list[Service] = []
 
-    def start(ready: bool = True, **env: str) -> Service:
+    def start(ready: bool = True, args: tuple[str, ...] = (), **env: str) -> Service:
         base = {
             "REDIS_URL": redis_url, "OLLAMA_BASE_URL": sim.url, "WORKER_ID": f"t{uuid.uuid4().hex[:8]}",
             "WORKER_POOLS": "llm-chat=2,llm-embeddings=1,llm-batch=1,llm-priority=1", "LOG_LEVEL": "info",
@@ -73,7 +73,7 @@ def service(redis_url: str, sim: Simulator, tmp_path: Path, request: pytest.Fixt
             "WORKER_HEARTBEAT_TIMEOUT": "5000", "OLLAMA_RETRY_DELAY": "50",
         }
         base.update(env)
-        svc = Service(base, log_path=tmp_path / f"service-{len(started)}.log")
+        svc = Service(base, log_path=tmp_path / f"service-{len(started)}.log", args=args)
         started.append(svc)
         return svc.start(ready=ready)
 

@@ -1,0 +1,126 @@
+"""Signals to the supervisor, as an operator or systemd sends them."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import redis
+
+from llm_worker.localredis import LocalRedis
+from llm_worker.simulator import Simulator
+from support import chat, client_for, eventually, held_by, nothing_held, wait_all
+
+
+def _held_ids(svc, r: redis.Redis) -> set[str]:
+    host = svc.env["WORKER_ID"]
+    return {job for pid in svc.worker_pids(r) for job in held_by(r, f"{host}:{pid}")}
+
+
+def test_term_drains_jobs_in_hand_takes_no_new_ones_and_exits_zero(service, sim: Simulator, redis_url: str, r: redis.Redis) -> None:
+    sim.config.latency_ms = 1500
+    svc = service(WORKER_POOLS="llm-chat=2")
+    client = client_for(redis_url)
+    ids = [chat(client, f"job {n}") for n in range(4)]
+    in_hand = eventually(lambda: _held_ids(svc, r) if len(_held_ids(svc, r)) == 2 else None, what="two jobs in hand")
+    svc.send(signal.SIGTERM)
+    assert svc.wait(15) == 0
+    for job_id in ids:
+        result = client.result(job_id)
+        assert (result is not None and result["success"]) == (job_id in in_hand)
+    assert r.llen("llm-chat") == 2  # the waiting ones stay for other hosts
+    assert nothing_held(r)
+
+
+def test_a_drain_that_runs_out_of_time_hands_jobs_back_uncounted(service, sim: Simulator, redis_url: str, r: redis.Redis) -> None:
+    sim.config.latency_ms = 20_000
+    svc = service(WORKER_POOLS="llm-chat=2", WORKER_GRACEFUL_TIMEOUT="500")
+    client = client_for(redis_url)
+    ids = [chat(client, f"job {n}") for n in range(2)]
+    eventually(lambda: len(_held_ids(svc, r)) == 2, what="two jobs in hand")
+    started = time.monotonic()
+    svc.send(signal.SIGTERM)
+    assert svc.wait(15) == 0
+    assert time.monotonic() - started < 8
+    assert r.llen("llm-chat") == 2 and nothing_held(r)
+    assert all(r.get(f"llm:crashes:{job_id}") is None for job_id in ids)  # not the jobs' fault
+
+
+def test_quit_stops_at_once_and_hands_jobs_back(service, sim: Simulator, redis_url: str, r: redis.Redis) -> None:
+    sim.config.latency_ms = 20_000
+    svc = service(WORKER_POOLS="llm-chat=2")
+    client = client_for(redis_url)
+    ids = [chat(client, f"job {n}") for n in range(2)]
+    eventually(lambda: len(_held_ids(svc, r)) == 2, what="two jobs in hand")
+    started = time.monotonic()
+    svc.send(signal.SIGQUIT)
+    assert svc.wait(10) == 0
+    assert time.monotonic() - started < 5
+    assert r.llen("llm-chat") == 2 and nothing_held(r)
+    assert all(r.get(f"llm:crashes:{job_id}") is None for job_id in ids)
+
+
+def test_ctrl_c_drains_and_a_second_ctrl_c_stops_at_once(service, sim: Simulator, redis_url: str, r: redis.Redis) -> None:
+    sim.config.latency_ms = 20_000
+    svc = service(WORKER_POOLS="llm-chat=1")
+    chat(client_for(redis_url))
+    eventually(lambda: len(_held_ids(svc, r)) == 1, what="a job in hand")
+    svc.send(signal.SIGINT)
+    time.sleep(0.3)
+    assert svc.process.poll() is None  # draining: the job in hand may finish
+    svc.send(signal.SIGINT)
+    assert svc.wait(10) == 0
+    assert r.llen("llm-chat") == 1 and nothing_held(r)
+
+
+def test_hup_rereads_the_config_file_and_replaces_workers_one_by_one(service, redis_url: str, r: redis.Redis, tmp_path: Path) -> None:
+    config = tmp_path / "llm-worker.toml"
+    config.write_text('[worker]\npools = { "llm-chat" = 2 }\n')
+    svc = service(args=("--config", str(config)))  # the file wins over the test's WORKER_POOLS
+    old = set(svc.worker_pids(r))
+    assert len(old) == 2
+    client = client_for(redis_url)
+    config.write_text('[worker]\npools = { "llm-chat" = 3 }\n')
+    svc.send(signal.SIGHUP)
+    ids = [chat(client, f"during reload {n}") for n in range(20)]
+
+    def replaced() -> set[int] | None:
+        pids = set(svc.worker_pids(r))
+        return pids if len(pids) == 3 and not pids & old else None
+
+    eventually(replaced, timeout=30, what="three new workers and none of the old")
+    assert all(res["success"] for res in wait_all(client, ids, timeout=30).values())
+    assert nothing_held(r)
+
+
+def test_a_reload_with_a_bad_setting_keeps_the_running_settings(service, redis_url: str, r: redis.Redis, tmp_path: Path) -> None:
+    config = tmp_path / "llm-worker.toml"
+    config.write_text('[worker]\npools = { "llm-chat" = 1 }\n')
+    svc = service(args=("--config", str(config)))
+    pids = svc.worker_pids(r)
+    config.write_text('[worker]\nconcurrency = "lots"\n')
+    svc.send(signal.SIGHUP)
+    eventually(lambda: "reload refused" in svc.tail(50), what="the refusal logged")
+    assert "worker.concurrency" in svc.tail(50)
+    assert svc.worker_pids(r) == pids and svc.process.poll() is None
+
+
+def test_ttin_adds_and_ttou_removes_a_chat_worker(service, redis_url: str, r: redis.Redis) -> None:
+    svc = service(WORKER_POOLS="llm-chat=1")
+    assert len(svc.worker_pids(r)) == 1
+    svc.send(signal.SIGTTIN)
+    eventually(lambda: len(svc.worker_pids(r)) == 2, what="two chat workers")
+    svc.send(signal.SIGTTOU)
+    eventually(lambda: len(svc.worker_pids(r)) == 1, what="one chat worker")
+    job = chat(client_for(redis_url))
+    assert wait_all(client_for(redis_url), [job])[job]["success"]
+
+
+def test_workers_that_redis_refuses_stop_the_supervisor_with_the_reason(service, tmp_path: Path) -> None:
+    with LocalRedis(tmp_path / "locked", appendonly=False, password="right") as locked:
+        svc = service(ready=False, REDIS_URL=locked.url.replace(":right@", ":wrong@"), WORKER_BOOT_RETRIES="3")
+        assert svc.wait(60) == 3
+        log = svc.tail(200)
+        assert "workers cannot boot" in log and "Redis refused us" in log
+        assert "Traceback" not in log
