@@ -152,18 +152,21 @@ def _hostname() -> str:
 
 
 def resolve_redis_url(r: RedisSettings) -> str:
+    """The URL to connect to: REDIS_URL, or one built from the parts; credentials folded in."""
+    user = quote(r.username, safe="")
+    auth = f"{user}:{quote(r.password, safe='')}@" if r.password else (f"{user}@" if user else "")
     if not r.url:
-        auth = ""
-        if r.password:
-            auth = f"{quote(r.username, safe='')}:{quote(r.password, safe='')}@"
         return f"redis://{auth}{r.host}:{r.port}/{r.db}"
-    if not (r.password or r.username):
+    if not auth:
         return r.url
     parts = urlsplit(r.url)
-    if parts.password or parts.username or parts.scheme == "unix":
-        return r.url
-    user = quote(r.username, safe="")
-    auth = f"{user}:{quote(r.password, safe='')}@" if r.password else f"{user}@"
+    if parts.password or parts.username:
+        return r.url  # the URL's own credentials win
+    if parts.scheme == "unix":  # redis-py reads a socket URL's credentials from its query
+        extra = [f"password={quote(r.password, safe='')}"] if r.password else []
+        extra += [f"username={user}"] if user else []
+        query = "&".join(filter(None, [parts.query, *extra]))
+        return urlunsplit(parts._replace(query=query))
     return urlunsplit(parts._replace(netloc=auth + parts.netloc))
 
 
@@ -221,10 +224,11 @@ def describe(info: msgspec.inspect.Type) -> str:
     if isinstance(info, (t.IntType, t.FloatType)):
         noun = "an integer" if isinstance(info, t.IntType) else "a number"
         lo, hi = info.ge, info.le
+        show = str if isinstance(info, t.IntType) else "{:g}".format  # exact integers, short floats
         if lo is not None and hi is not None:
-            return f"{noun} from {lo:g} to {hi:g}"
+            return f"{noun} from {show(lo)} to {show(hi)}"
         if lo is not None:
-            return f"{noun} >= {lo:g}"
+            return f"{noun} >= {show(lo)}"
         return noun
     if isinstance(info, t.LiteralType):
         return "one of " + ", ".join(str(v) for v in info.values)
@@ -274,7 +278,7 @@ def _from_text(decl: Declaration, text: str) -> Any:
         pairs: dict[str, str] = {}
         for item in filter(None, (p.strip() for p in text.split(","))):
             key, sep, value = item.partition("=")
-            if not sep or not key.strip():
+            if not sep or not key.strip() or key.strip() in pairs:
                 raise ValueError
             pairs[key.strip()] = value.strip()
         return pairs
@@ -320,9 +324,12 @@ def load(
     toml = _read_toml(config_file) if config_file else {}
     sections: dict[str, dict[str, Any]] = {}
     sources: dict[str, str] = {}
-    unknown = set(toml) - {s.name for s in msgspec.structs.fields(Settings)}
-    if unknown:
-        raise SettingError(f"{config_file}: [{sorted(unknown)[0]}]", "", "one of the sections " + ", ".join(s.name for s in msgspec.structs.fields(Settings)))
+    section_names = [s.name for s in msgspec.structs.fields(Settings)]
+    for section, table in toml.items():
+        if section not in section_names:
+            raise SettingError(f"[{section}] in {config_file}", "", "one of the sections " + ", ".join(section_names))
+        if not isinstance(table, dict):
+            raise SettingError(f"{section} in {config_file}", table, f"a table: [{section}] with settings under it")
     known_keys: set[str] = set()
     for decl in declarations():
         known_keys.add(decl.toml_key)
@@ -331,13 +338,14 @@ def load(
             (f"{decl.toml_key} in {config_file}", toml.get(decl.section, {}).get(decl.name)),
             (decl.flag, (flags or {}).get(decl.env)),
         ]
-        for source, value in candidates:
-            if value is None:
-                continue
-            sections.setdefault(decl.section, {})[decl.name] = _convert(decl, value, source)
-            sources[decl.env] = source
+        # Only the value that wins is read: a flag may override a bad env value.
+        for source, value in reversed(candidates):
+            if value is not None:
+                sections.setdefault(decl.section, {})[decl.name] = _convert(decl, value, source)
+                sources[decl.env] = source
+                break
     for section, table in toml.items():
-        for key in table if isinstance(table, dict) else ():
+        for key in table:
             if f"{section}.{key}" not in known_keys:
                 raise SettingError(f"{section}.{key} in {config_file}", table[key], "a known setting (see `llm-worker check-config --table`)")
     settings = msgspec.convert(sections, Settings)
@@ -373,9 +381,17 @@ def _check_consistency(s: Settings, sources: Mapping[str, str]) -> None:
         raise SettingError(where("WORKER_POOLS"), total, "at most 1024 workers per host")
     if s.queue.max_delay < s.queue.delay:
         raise SettingError(where("QUEUE_MAX_DELAY"), s.queue.max_delay, f"at least QUEUE_DELAY ({s.queue.delay})")
-    scheme = urlsplit(s.redis_url).scheme
-    if scheme not in ("redis", "rediss", "unix"):
-        raise SettingError(where("REDIS_URL"), mask_url(s.redis.url), "a redis://, rediss:// or unix:// URL")
+    url = s.redis.url
+    credentials = url.partition("://")[2].rpartition("@")[0]
+    if any(c in credentials for c in "/?#"):
+        raise SettingError(where("REDIS_URL"), mask_url(url), "credentials with '/', '?' and '#' percent-encoded (%2F, %3F, %23)")
+    try:
+        parts = urlsplit(s.redis_url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError:  # its text may quote the password: say nothing of it
+        raise SettingError(where("REDIS_URL"), mask_url(url), "a valid URL, as redis://[user:password@]host:port/db") from None
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise SettingError(where("REDIS_URL"), mask_url(url), "a redis://, rediss:// or unix:// URL")
 
 
 # --------------------------------------------------------------------------
@@ -384,12 +400,15 @@ def _check_consistency(s: Settings, sources: Mapping[str, str]) -> None:
 
 
 def mask_url(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
+    """Hide a URL's password, even one with characters that confuse URL parsers."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
         return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+    credentials, _, location = rest.rpartition("@")
+    user = credentials.split(":", 1)[0] if ":" in credentials else credentials
+    if ":" not in credentials:
+        return url  # a user name alone is no secret
+    return f"{scheme}://{user}:***@{location}"
 
 
 def effective(settings: Settings) -> list[tuple[Declaration, str]]:

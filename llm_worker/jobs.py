@@ -256,6 +256,8 @@ def decode(raw: bytes, settings: Settings) -> Decoded:
         )
     try:
         job = msgspec.json.decode(raw, type=Job)
+    except (RecursionError, UnicodeDecodeError) as exc:
+        raise Malformed(_undecodable(exc)) from None
     except msgspec.ValidationError as exc:  # a subclass of DecodeError: catch it first
         loose = _loose_object(raw)
         if loose is None:
@@ -275,9 +277,15 @@ def decode(raw: bytes, settings: Settings) -> Decoded:
 def _loose_object(raw: bytes) -> dict[str, Any] | None:
     try:
         value = msgspec.json.decode(raw)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
         return None
     return value if isinstance(value, dict) else None
+
+
+def _undecodable(exc: Exception) -> str:
+    if isinstance(exc, RecursionError):
+        return "JSON nested too deeply"
+    return f"not valid UTF-8: {exc}"
 
 
 def _validate(job: Job, raw: bytes, settings: Settings) -> Decoded:
@@ -287,7 +295,8 @@ def _validate(job: Job, raw: bytes, settings: Settings) -> Decoded:
         if len(batch.requests) > settings.limits.max_batch_requests:
             raise JobError(f"batch of {len(batch.requests)} requests is over MAX_BATCH_REQUESTS ({settings.limits.max_batch_requests}) - at `$.request.requests`")
         tasks = tuple(
-            _task(item.type, item.model or job.model, item.request, settings, f"$.request.requests[{i}]")
+            _task(item.type, item.model or job.model, item.request, settings, f"$.request.requests[{i}].request",
+                  f"$.request.requests[{i}].model" if item.model else "$.model")
             for i, item in enumerate(batch.requests)
         )
     else:
@@ -303,6 +312,8 @@ def _validate(job: Job, raw: bytes, settings: Settings) -> Decoded:
 def _decode_request(kind: str, raw: Raw, path: str) -> Request:
     try:
         return msgspec.json.decode(raw, type=REQUEST_TYPES[kind])  # type: ignore[return-value]
+    except (RecursionError, UnicodeDecodeError) as exc:
+        raise JobError(f"{_undecodable(exc)} - at `{path}`") from None
     except msgspec.ValidationError as exc:
         text = str(exc).replace("`$", f"`{path}", 1)
         if " - at " not in text:
@@ -310,16 +321,16 @@ def _decode_request(kind: str, raw: Raw, path: str) -> Request:
         raise JobError(text) from None
 
 
-def _task(kind: str, model: str | None, raw: Raw, settings: Settings, path: str) -> Task:
+def _task(kind: str, model: str | None, raw: Raw, settings: Settings, path: str, model_path: str = "$.model") -> Task:
     request = _decode_request(kind, raw, path)
     assert not isinstance(request, BatchRequest)
     limits = settings.limits
     if model is None:
         model = settings.models.default_embedding if kind == "embeddings" else settings.models.default_chat
     elif not re.match(MODEL_NAME, model):
-        raise JobError(f"model name {model[:80]!r} is not valid - at `{path}`")
+        raise JobError(f"model name {model[:80]!r} is not valid - at `{model_path}`")
     if not model_allowed(model, settings.models.allowed):
-        raise JobError(f"model {model!r} is not in ALLOWED_MODELS")
+        raise JobError(f"model {model!r} is not in ALLOWED_MODELS - at `{model_path}`")
     if isinstance(request, EmbeddingsRequest):
         inputs = request.inputs()
         if not inputs:

@@ -150,6 +150,10 @@ class WorkerProcess:
         except Invalid as exc:
             self.finisher.invalid(raw, exc)
             return
+        except Exception as exc:  # whatever the decoder trips on, the payload must not kill us
+            log.exception("payload could not be decoded")
+            self.finisher.malformed(raw, Malformed(f"unreadable payload: {exc!r}"))
+            return
         self.slot.begin(decoded.job.id, decoded.timeout)
         sink = None
         try:
