@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import re
 from typing import Literal
 
 import msgspec
@@ -15,6 +17,10 @@ INFERENCE_ENDPOINTS = ("chat", "generate", "embed", "embeddings")
 ENDPOINTS = INFERENCE_ENDPOINTS + ("pull", "show", "delete", "tags", "ps", "version", "root")
 
 DEFAULT_MODELS = ("llama3.2:latest", "nomic-embed-text:latest")
+
+FOREVER = math.inf
+_GO_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
 class Fault(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -87,6 +93,35 @@ class SimulatorConfig(Struct, kw_only=True, forbid_unknown_fields=True):
             raise ValueError("latencies and load times must not be negative")
         if self.not_found_style not in ("old", "new"):
             raise ValueError("not_found_style must be 'old' or 'new'")
+        parse_duration(self.keep_alive, 0.0)
+
+
+def parse_duration(value: float | str | None, default: float) -> float:
+    """Return a keep_alive in seconds as Ollama reads it: numbers are seconds, < 0 is forever."""
+    if value is None:
+        return default
+    if isinstance(value, str):
+        try:
+            seconds = float(value)
+        except ValueError:
+            seconds = _go_duration(value.strip())
+    else:
+        seconds = float(value)
+    return FOREVER if seconds < 0 else seconds
+
+
+def _go_duration(text: str) -> float:
+    sign = -1.0 if text.startswith("-") else 1.0
+    body = text.lstrip("+-")
+    total, end = 0.0, 0
+    for match in _GO_DURATION.finditer(body):
+        if match.start() != end:
+            break
+        total += float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+        end = match.end()
+    if not body or end != len(body):
+        raise ValueError(f'time: invalid duration "{text}"')
+    return sign * total
 
 
 def parse_fault(spec: str) -> Fault:

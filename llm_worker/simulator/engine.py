@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import threading
 
-from llm_worker.simulator.config import SimulatorConfig
+from llm_worker.simulator.config import SimulatorConfig, parse_duration
 from llm_worker.simulator.faults import MESSAGES, FaultBook
 from llm_worker.simulator.models import (
-    LOAD_DEFAULTS, LOAD_OPTIONS, LoadKey, ModelCatalog, ModelInfo, normalize_name, not_found_message, parse_duration,
+    LOAD_DEFAULTS, LOAD_OPTIONS, LoadKey, ModelCatalog, ModelInfo, normalize_name, not_found_message,
 )
 from llm_worker.simulator.protocol import ApiError, Options
 from llm_worker.simulator.stats import Counters, ServerBusy, SimStats, SlotPool, Stopping
@@ -26,6 +26,7 @@ class Engine:
                                     config.max_loaded)
         self._load_times = {normalize_name(k): v / 1000 for k, v in config.model_load_ms.items()}
         self.default_keep_alive = parse_duration(config.keep_alive, 300.0)
+        self._load_defaults = tuple({**LOAD_DEFAULTS, "num_ctx": config.num_ctx}[n] for n in LOAD_OPTIONS)
 
     def pause(self, seconds: float) -> None:
         """Spend simulated time; raise Stopping if the simulator stops meanwhile."""
@@ -56,8 +57,8 @@ class Engine:
 
     def load_key(self, options: Options) -> LoadKey:
         """Return the options a loaded instance is bound to, defaults filled in."""
-        defaults = {**LOAD_DEFAULTS, "num_ctx": self.config.num_ctx}
-        return tuple(defaults[n] if getattr(options, n) is None else getattr(options, n) for n in LOAD_OPTIONS)
+        values = [getattr(options, name) for name in LOAD_OPTIONS]
+        return tuple(d if v is None else v for v, d in zip(values, self._load_defaults))
 
     def begin(self, info: ModelInfo, options: Options, keep_alive: float) -> Run:
         """Take a slot, in line if need be, and the model, loading it if need be."""
@@ -66,7 +67,7 @@ class Engine:
         except ServerBusy:
             raise ApiError(503, MESSAGES["busy"]) from None
         try:
-            load_ns = self.catalog.acquire(info, self.load_key(options))
+            load_ns = self.catalog.acquire(info, self.load_key(options), keep_alive)
         except BaseException:
             self.slots.release(taken_at)
             raise
@@ -82,7 +83,7 @@ class Engine:
         self.catalog.reset()
         self.counters.reset()
         self.slots.reset()
-        self.faults.fired = 0
+        self.faults.reset_fired()
 
 
 class Run:

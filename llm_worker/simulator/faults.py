@@ -35,10 +35,8 @@ def fault_message(fault: Fault, model: str | None, style: str) -> str:
     """Return the error text a fault sends, in Ollama's words where it has some."""
     if fault.message is not None:
         return fault.message
-    if fault.kind == "stream_error":
-        reason = fault.reason or "internal"
-    else:
-        reason = fault.reason or STATUS_REASON.get(fault_status(fault), "")
+    reason: str = fault.reason or ("internal" if fault.kind == "stream_error" else
+                                   STATUS_REASON.get(fault_status(fault), ""))
     if reason == "not_found":
         return not_found_message(model or "", style)
     if reason:
@@ -72,6 +70,10 @@ class FaultBook:
 
     def clear(self) -> None:
         self.replace(())
+
+    def reset_fired(self) -> None:
+        with self._lock:
+            self.fired = 0
 
     def active(self) -> list[Fault]:
         """Return the faults still armed, each with its remaining count."""

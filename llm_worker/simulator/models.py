@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+from llm_worker.simulator.config import FOREVER
 from llm_worker.simulator.stats import Counters
 
 # Options whose change makes Ollama reload a model, in LoadKey order, with Ollama's
@@ -20,10 +21,7 @@ LOAD_OPTIONS = ("num_ctx", "num_gpu", "num_batch", "num_thread", "use_mmap")
 LOAD_DEFAULTS: dict[str, Any] = {"num_gpu": -1, "num_batch": 512, "num_thread": 0, "use_mmap": None}
 LoadKey = tuple[Any, ...]
 
-FOREVER = math.inf
 FOREVER_AT = "2318-01-01T00:00:00Z"  # what /api/ps shows for keep_alive < 0
-_GO_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
-_UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
 def normalize_name(name: str) -> str:
@@ -42,34 +40,6 @@ def rfc3339(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def parse_duration(value: float | str | None, default: float) -> float:
-    """Return a keep_alive in seconds as Ollama reads it: numbers are seconds, < 0 is forever."""
-    if value is None:
-        return default
-    if isinstance(value, str):
-        try:
-            seconds = float(value)
-        except ValueError:
-            seconds = _go_duration(value.strip())
-    else:
-        seconds = float(value)
-    return FOREVER if seconds < 0 else seconds
-
-
-def _go_duration(text: str) -> float:
-    sign = -1.0 if text.startswith("-") else 1.0
-    body = text.lstrip("+-")
-    total, end = 0.0, 0
-    for match in _GO_DURATION.finditer(body):
-        if match.start() != end:
-            break
-        total += float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
-        end = match.end()
-    if not body or end != len(body):
-        raise ValueError(f'time: invalid duration "{text}"')
-    return sign * total
-
-
 @dataclass(frozen=True)
 class ModelInfo:
     """A model on the simulated disk; sizes and digests are made up but stable."""
@@ -79,6 +49,7 @@ class ModelInfo:
     digest: str
     modified_at: str
     details: dict[str, Any]
+    embedding: bool
 
     @classmethod
     def describe(cls, name: str) -> ModelInfo:
@@ -93,11 +64,7 @@ class ModelInfo:
         }
         return cls(name=name, size=274_302_450 if embedding else 2_019_393_189,
                    digest=hashlib.sha256(name.encode()).hexdigest(),
-                   modified_at=rfc3339(time.time()), details=details)
-
-    @property
-    def embedding(self) -> bool:
-        return self.details["family"] == "nomic-bert"
+                   modified_at=rfc3339(time.time()), details=details, embedding=embedding)
 
     def listing(self) -> dict[str, Any]:
         """Return the model as /api/tags lists it."""
@@ -153,12 +120,12 @@ class ModelCatalog:
             self._drop(name)
             return self._available.pop(name, None) is not None
 
-    def acquire(self, info: ModelInfo, key: LoadKey) -> int:
+    def acquire(self, info: ModelInfo, key: LoadKey, keep_alive: float) -> int:
         """Use a model, first loading it unless loaded with these options; return the load time in ns."""
-        if self._use_loaded(info.name, key):
+        if self._use_loaded(info.name, key, keep_alive):
             return 0
         with self._load_lock:
-            if self._use_loaded(info.name, key):
+            if self._use_loaded(info.name, key, keep_alive):
                 return 0
             started = time.perf_counter_ns()
             self._sleep(self._load_seconds(info.name))
@@ -168,17 +135,18 @@ class ModelCatalog:
                 self._evict_for(info.name)
                 # Requests still running on a replaced instance release into the new one.
                 refs = (old.refs if old else 0) + 1
-                self._loaded[info.name] = LoadedModel(info, key, refs=refs)
+                self._loaded[info.name] = LoadedModel(info, key, refs=refs, keep_alive=keep_alive)
             self._counters.event(self._counters.loads, info.name)
             return max(1, time.perf_counter_ns() - started)
 
-    def _use_loaded(self, name: str, key: LoadKey) -> bool:
+    def _use_loaded(self, name: str, key: LoadKey, keep_alive: float) -> bool:
         with self._lock:
             self._expire()
             loaded = self._loaded.get(name)
             if loaded is None or loaded.key != key:
                 return False
             loaded.refs += 1
+            loaded.keep_alive = keep_alive
             return True
 
     def release(self, name: str, keep_alive: float) -> None:

@@ -29,7 +29,7 @@ _STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in
 _STREAM_HEAD = _STATUS_LINES[200] + b"Content-Type: " + NDJSON + b"\r\nTransfer-Encoding: chunked\r\n\r\n"
 _STREAM_END = b"0\r\n\r\n"
 _NOT_FOUND = Reply(404, b"404 page not found", TEXT)  # what Go's router says
-_DECODERS = {route.body: msgspec.json.Decoder(route.body) for route in ROUTES.values() if route.body}
+_DECODERS: dict[type, msgspec.json.Decoder[Any]] = {route.body: msgspec.json.Decoder(route.body) for route in ROUTES.values() if route.body}
 HANG_POLL_SECONDS = 0.5  # how often a hung request checks whether its client has left
 
 
@@ -80,8 +80,7 @@ class SimRequestHandler(BaseHTTPRequestHandler):
             reply: Reply | StreamReply = _NOT_FOUND
         else:
             try:
-                request = _decode(route, body)
-                fault = self._apply_fault(route, request)
+                request, fault = self._admit(route, body)
                 reply = route.handler(self.server.engine, request)
             except ApiError as exc:
                 reply = exc.reply()
@@ -99,7 +98,7 @@ class SimRequestHandler(BaseHTTPRequestHandler):
     def _read_body(self) -> bytes | None:
         """Return the request body, or None after refusing the request."""
         length = self.headers.get("Content-Length")
-        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+        if length is None and "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
             self.close_connection = True
             self._send(error_reply(411, "send the body with a Content-Length"))
             return None
@@ -110,23 +109,30 @@ class SimRequestHandler(BaseHTTPRequestHandler):
             self._send(error_reply(400, f"bad Content-Length {length!r}"))
             return None
 
-    def _apply_fault(self, route: Route, request: Any) -> Fault | None:
-        """Count the request, then answer its fault: raise a status, hold a hang, return a stream fault."""
+    def _admit(self, route: Route, body: bytes) -> tuple[Any, Fault | None]:
+        """Decode and count the request, then act on its fault.
+
+        A status fault raises its ApiError, a hang holds the request here;
+        a stream fault is returned for the sender to act on.
+        """
         if route.name == "_sim":
-            return None
+            return _decode(route, body), None
         engine = self.server.engine
+        try:
+            request = _decode(route, body)
+        except ApiError:
+            engine.counters.request(route.name, None)
+            raise
         asked = getattr(request, "model", "") or None
         model = normalize_name(asked) if asked else None
         engine.counters.request(route.name, model)
         fault = engine.faults.pick(route.name, model)
-        if fault is None:
-            return None
+        if fault is None or fault.kind in ("stream_error", "cut"):
+            return request, fault
         if fault.kind == "status":
             raise ApiError(fault_status(fault), fault_message(fault, asked, engine.config.not_found_style))
-        if fault.kind == "hang":
-            self._hang(fault.seconds)
-            return None
-        return fault
+        self._hang(fault.seconds)
+        return request, None
 
     def _hang(self, seconds: float | None) -> None:
         """Hold the request unanswered; give up when the client leaves or the simulator stops."""
