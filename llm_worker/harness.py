@@ -47,7 +47,11 @@ class Service:
         self.process = subprocess.Popen([sys.executable, "-m", "llm_worker.cli", "run", *self.args], env=self.env,
                                         stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
         if ready:
-            self.wait_ready(timeout)
+            try:
+                self.wait_ready(timeout)
+            except BaseException:
+                self.stop(timeout=5)  # never leave a half-started service behind
+                raise
         return self
 
     def get(self, path: str) -> tuple[int, dict[str, object]]:

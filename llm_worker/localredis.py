@@ -71,6 +71,7 @@ class LocalRedis:
             except redis.RedisError:
                 pass
             if self.process.poll() is not None or time.monotonic() > deadline:
+                self.kill()
                 log = (self.directory / "redis.log").read_text(errors="replace")[-2000:] if (self.directory / "redis.log").exists() else ""
                 raise RuntimeError(f"redis-server did not start on port {self.port}: {log}")
             time.sleep(0.02)

@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 import redis
@@ -94,6 +94,11 @@ class Target:
     score: int = 0
 
 
+class Finished(NamedTuple):
+    ours: bool  # False: the job had been recovered from us, and nothing was written
+    next: bytes | None  # the next job, when the finish was asked to take one
+
+
 @dataclass(frozen=True)
 class Event:
     """One entry of the events stream: a type and its JSON data (no prompt text)."""
@@ -110,6 +115,45 @@ class WorkerInfo(msgspec.Struct, kw_only=True):
     hostname: str
     pid: int
     since: str
+
+
+class DeferredEvents:
+    """Events sent without waiting for Redis's reply; the replies are read later.
+
+    A worker announces ``llm.request.started`` this way so that the round
+    trip overlaps the provider call instead of delaying it. Events are
+    telemetry: if the connection breaks, pending ones may be lost, never a job.
+    """
+
+    def __init__(self, client: redis.Redis, key: str) -> None:
+        self.pool = client.connection_pool
+        self.key = key
+        self.conn: Any = None
+        self.pending = 0
+
+    def send(self, event: Event) -> None:
+        try:
+            if self.conn is None:
+                self.conn = self.pool.make_connection()
+            self.conn.send_command("XADD", self.key, "MAXLEN", "~", EVENTS_MAXLEN, "*", "type", event.type, "data", _encode(event.data))
+            self.pending += 1
+        except redis.RedisError:
+            self._reset()
+
+    def settle(self) -> None:
+        """Read the replies of what was sent."""
+        try:
+            while self.pending:
+                self.conn.read_response()
+                self.pending -= 1
+        except redis.RedisError:
+            self._reset()
+
+    def _reset(self) -> None:
+        if self.conn is not None:
+            self.conn.disconnect()
+        self.conn = None
+        self.pending = 0
 
 
 def _script(name: str) -> str:
@@ -137,47 +181,53 @@ class ReliableQueue:
     def held(self, worker_id: str) -> list[bytes]:
         return self.redis.lrange(self.keys.processing(worker_id), 0, -1)
 
-    def complete(self, worker_id: str, raw: bytes, result: Result, events: Sequence[Event] = (), *, stream: str = "") -> bool:
-        """Write the result and done marker and ack the job, fenced. False: it was not ours.
+    def complete(self, worker_id: str, raw: bytes, result: Result, events: Sequence[Event] = (), *,
+                 stream: str = "", take_from: str | None = None) -> Finished:
+        """Write the result and done marker and ack the job, fenced.
 
         ``stream`` ("done" or "error") also ends the job's chunk stream, in the
         same transaction, so the stream's last entry and the result agree.
+        ``take_from`` also takes the next job of that queue, saving a round trip.
         """
         status = "ok" if result.success else "failed"
-        return self._run_finish(worker_id, raw, result, status, Target(), events, stream)
+        return self._run_finish(worker_id, raw, result, status, Target(), events, stream, take_from)
 
-    def retry_later(self, worker_id: str, raw: bytes, queue: str, payload: bytes, due: float, events: Sequence[Event] = ()) -> bool:
+    def retry_later(self, worker_id: str, raw: bytes, queue: str, payload: bytes, due: float,
+                    events: Sequence[Event] = (), *, take_from: str | None = None) -> Finished:
         """Park the job (``payload``, its retry count raised) in the delayed set until ``due``."""
         member = queue.encode() + b"\n" + payload
-        return self._run_finish(worker_id, raw, None, "", Target("zadd", self.keys.delayed, member, int(due * 1000)), events)
+        target = Target("zadd", self.keys.delayed, member, int(due * 1000))
+        return self._run_finish(worker_id, raw, None, "", target, events, "", take_from)
 
     def dead_letter(self, worker_id: str, raw: bytes, entry: DeadLetter, result: Result | None,
-                    events: Sequence[Event] = (), *, stream: str = "") -> bool:
+                    events: Sequence[Event] = (), *, stream: str = "", take_from: str | None = None) -> Finished:
         """Dead-letter the job with its reason and, when it has an id, its failure result."""
         target = Target("lpush", self.keys.dead_letter, _encode(entry))
-        return self._run_finish(worker_id, raw, result, "failed", target, events, stream)
+        return self._run_finish(worker_id, raw, result, "failed", target, events, stream, take_from)
 
     def hand_back(self, worker_id: str, raw: bytes, queue: str) -> bool:
         """Give an untouched job back to the serving end of its queue."""
-        return self._run_finish(worker_id, raw, None, "", Target("rpush", queue, raw), ())
+        return self._run_finish(worker_id, raw, None, "", Target("rpush", queue, raw), ()).ours
 
     def forget(self, worker_id: str, raw: bytes) -> bool:
         """Drop a job from our processing list that is already answered."""
-        return self._run_finish(worker_id, raw, None, "", Target(), ())
+        return self._run_finish(worker_id, raw, None, "", Target(), ()).ours
 
     def _run_finish(self, worker_id: str, raw: bytes, result: Result | None, status: str, target: Target,
-                    events: Sequence[Event], stream: str = "") -> bool:
+                    events: Sequence[Event], stream: str = "", take_from: str | None = None) -> Finished:
         k = self.keys
         processing = k.processing(worker_id)
         job_id = result.job_id if result is not None else "-"
         error = result.error or "" if result is not None else ""
-        args: list[Any] = [raw, _encode(result) if result is not None else "", status, self.ttl,
-                           target.op, target.member, target.score, EVENTS_MAXLEN, stream, error, STREAM_MAXLEN]
+        args: list[Any] = [raw, _encode(result) if result is not None else "", status, self.ttl, target.op,
+                           target.member, target.score, EVENTS_MAXLEN, stream, error, STREAM_MAXLEN,
+                           "1" if take_from else "0"]
         for event in events:
             args += [event.type, _encode(event.data)]
         keys = [processing, k.result(job_id), k.done(job_id), k.events, target.key or processing,
-                k.crashes(job_id), k.stream(job_id)]
-        return self._finish(keys=keys, args=args) == 1
+                k.crashes(job_id), k.stream(job_id), take_from or processing]
+        reply = self._finish(keys=keys, args=args)
+        return Finished(reply[0] == 1, reply[1] if len(reply) > 1 else None)
 
     def publish(self, events: Iterable[Event]) -> None:
         pipe = self.redis.pipeline(transaction=False)

@@ -39,7 +39,7 @@ def test_take_moves_the_oldest_job_into_the_workers_processing_list(rq: Reliable
 def test_complete_writes_result_done_marker_and_event_then_acks(rq: ReliableQueue, r: redis.Redis) -> None:
     r.lpush("llm-chat", job("a"))
     raw = rq.take("llm-chat", WID, 0.1)
-    assert rq.complete(WID, raw, ok("a"), [Event("llm.request.completed", {"jobId": "a"})])
+    assert rq.complete(WID, raw, ok("a"), [Event("llm.request.completed", {"jobId": "a"})]).ours
     assert r.llen("llm:processing:" + WID) == 0
     assert msgspec.json.decode(r.get("llm:result:a"))["success"] is True
     assert r.lrange("llm:done:a", 0, -1) == [b"ok"]
@@ -54,10 +54,22 @@ def test_a_job_recovered_from_its_worker_is_never_answered_by_it(rq: ReliableQue
     raw = rq.take("llm-chat", WID, 0.1)
     assert rq.recover(WID, "llm-chat", crashed=False) == (1, 0)
     # When the stopped worker wakes and finishes it
-    assert rq.complete(WID, raw, ok("a")) is False
+    assert rq.complete(WID, raw, ok("a")).ours is False
     # Then nothing is written: the job is back in its queue for another worker
     assert r.get("llm:result:a") is None and r.llen("llm:done:a") == 0
     assert r.lrange("llm-chat", 0, -1) == [raw]
+
+
+def test_finishing_a_job_can_take_the_next_one_in_the_same_round_trip(rq: ReliableQueue, r: redis.Redis) -> None:
+    r.lpush("llm-chat", job("a"), job("b"))
+    raw = rq.take("llm-chat", WID, 0.1)
+    done = rq.complete(WID, raw, ok("a"), take_from="llm-chat")
+    assert done == (True, job("b"))
+    assert r.lrange("llm:processing:" + WID, 0, -1) == [job("b")]  # held reliably, like a BLMOVE
+    assert rq.complete(WID, job("b"), ok("b"), take_from="llm-chat") == (True, None)  # empty queue
+    # A fenced-out finish still takes work: the worker is alive and idle.
+    r.lpush("llm-chat", job("c"))
+    assert rq.complete(WID, job("a"), ok("a"), take_from="llm-chat") == (False, job("c"))
 
 
 def test_the_done_marker_holds_one_status_even_if_the_key_had_one(rq: ReliableQueue, r: redis.Redis) -> None:
@@ -72,7 +84,7 @@ def test_retry_parks_the_new_payload_until_due_then_promote_serves_it_next(rq: R
     raw = rq.take("llm-chat", WID, 0.1)
     r.lpush("llm-chat", job("queued"))
     retried = job("a", retryCount=1)
-    assert rq.retry_later(WID, raw, "llm-chat", retried, time.time() + 60)
+    assert rq.retry_later(WID, raw, "llm-chat", retried, time.time() + 60).ours
     assert r.llen("llm:processing:" + WID) == 0 and r.zcard("llm:delayed") == 1
     assert r.get("llm:result:a") is None  # a retry is not an outcome
     assert rq.promote_due() == 0
@@ -93,7 +105,7 @@ def test_dead_letter_keeps_the_job_and_writes_its_failure_result(rq: ReliableQue
     raw = rq.take("llm-chat", WID, 0.1)
     entry = DeadLetter(job=msgspec.Raw(raw), queue="llm-chat", error="boom", error_type="provider", failed_at="t", worker_id=WID, attempts=3)
     failure = Result(job_id="a", success=False, error="boom", error_type="provider", completed_at="t")
-    assert rq.dead_letter(WID, raw, entry, failure, stream="error")
+    assert rq.dead_letter(WID, raw, entry, failure, stream="error").ours
     stored = msgspec.json.decode(r.lindex("llm-dead-letter", 0))
     assert stored["job"]["id"] == "a" and stored["errorType"] == "provider" and stored["attempts"] == 3
     assert r.lrange("llm:done:a", 0, -1) == [b"failed"]

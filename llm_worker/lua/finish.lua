@@ -7,6 +7,7 @@
 -- KEYS[2] result key              KEYS[3] done key
 -- KEYS[4] events stream           KEYS[5] target key (delayed zset, dead-letter list or queue)
 -- KEYS[6] the job's crash counter     KEYS[7] the job's stream (streaming jobs)
+-- KEYS[8] the worker's queue, to take its next job from in the same round trip
 -- ARGV[1] the payload as it was taken
 -- ARGV[2] result JSON, or "" to write none (a retry)
 -- ARGV[3] done status: ok | failed
@@ -16,9 +17,17 @@
 -- ARGV[8] events stream approximate maximum length
 -- ARGV[9] last stream entry: "" | done | error     ARGV[10] its error text
 -- ARGV[11] stream approximate maximum length
--- ARGV[12], ARGV[13], ... event type and data, in pairs
+-- ARGV[12] "1": then take the next job of KEYS[8] into KEYS[1], as BLMOVE would
+-- ARGV[13], ARGV[14], ... event type and data, in pairs
+-- Returns {1 if the job was ours else 0, the next job or nil}.
+local function take_next()
+  if ARGV[12] == '1' then
+    return redis.call('LMOVE', KEYS[8], KEYS[1], 'RIGHT', 'LEFT')
+  end
+  return false
+end
 if redis.call('LREM', KEYS[1], -1, ARGV[1]) == 0 then
-  return 0
+  return {0, take_next()}
 end
 if ARGV[2] ~= '' then
   redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[4])
@@ -42,7 +51,7 @@ elseif ARGV[9] == 'error' then
   redis.call('XADD', KEYS[7], 'MAXLEN', '~', ARGV[11], '*', 'event', 'error', 'error', ARGV[10])
   redis.call('EXPIRE', KEYS[7], ARGV[4])
 end
-for i = 12, #ARGV, 2 do
+for i = 13, #ARGV, 2 do
   redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[8], '*', 'type', ARGV[i], 'data', ARGV[i + 1])
 end
-return 1
+return {1, take_next()}

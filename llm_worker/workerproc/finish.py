@@ -11,82 +11,98 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import msgspec
 
 from llm_worker.config import Settings
 from llm_worker.jobs import RAW_KEEP, DeadLetter, Decoded, ErrorKind, Invalid, JobError, Malformed, Result, iso
-from llm_worker.queue import Event, ReliableQueue, retry_delay
+from llm_worker.queue import DeferredEvents, Event, ReliableQueue, retry_delay
 from llm_worker.workerproc.execute import Answer
 
 log = logging.getLogger("llm_worker.worker")
-T = TypeVar("T")
 Guard = Callable[..., Any]
 
 
 class Finisher:
-    """Writes outcomes for one worker process (``worker_id``) serving ``queue``."""
+    """Writes outcomes for one worker process (``worker_id``) serving ``queue``.
 
-    def __init__(self, rq: ReliableQueue, settings: Settings, worker_id: str, queue: str, guard: Guard) -> None:
+    Each outcome may also take the worker's next job in the same round trip
+    (``take_next``); the methods return that job's payload, or None.
+    """
+
+    def __init__(self, rq: ReliableQueue, settings: Settings, worker_id: str, queue: str, guard: Guard,
+                 take_next: Callable[[], bool]) -> None:
         self.rq = rq
         self.settings = settings
         self.worker_id = worker_id
         self.queue = queue
         self.guard = guard
+        self.take_next = take_next
+        self.events = DeferredEvents(rq.redis, rq.keys.events)
+
+    @property
+    def _take(self) -> str | None:
+        return self.queue if self.take_next() else None
 
     # ---- jobs that were run ------------------------------------------------
 
     def started(self, d: Decoded, taken: float) -> None:
-        self.guard(self.rq.publish, [Event("llm.request.started", self._data(d, taken))])
+        """Announce the job; the reply is read after the provider call (see DeferredEvents)."""
+        self.events.send(Event("llm.request.started", self._data(d, taken)))
 
-    def succeeded(self, d: Decoded, taken: float, answer: Answer, stream: bool) -> None:
+    def succeeded(self, d: Decoded, taken: float, answer: Answer, stream: bool) -> bytes | None:
+        self.events.settle()
         result = self._result(d, taken, success=True, answer=answer)
         data = self._data(d, taken, processingTime=result.processing_time, tokensUsed=result.tokens_used,
                           model=result.model, fallbackUsed=answer.fallback_used)
-        ok = self.guard(self.rq.complete, self.worker_id, d.raw, result, [Event("llm.request.completed", data)],
-                        stream="done" if stream else "")
-        self._report(ok, d, "completed", result.processing_time)
+        done = self.guard(self.rq.complete, self.worker_id, d.raw, result, [Event("llm.request.completed", data)],
+                          stream="done" if stream else "", take_from=self._take)
+        self._report(done.ours, d, "completed", result.processing_time)
+        return done.next
 
-    def failed(self, d: Decoded, taken: float, error: JobError, *, streamed: int = 0) -> None:
+    def failed(self, d: Decoded, taken: float, error: JobError, *, streamed: int = 0) -> bytes | None:
         """Retry the job later if the error and its attempts allow, else fail it for good.
 
         A streaming job that has already sent chunks is not retried: a reader
         cannot take back text it has shown.
         """
+        self.events.settle()
         attempt = d.job.retry_count + 1
         if error.retryable and attempt < d.max_attempts and not streamed:
-            self._retry(d, taken, error)
-            return
+            return self._retry(d, taken, error)
         reason = error.message
         if error.retryable and attempt >= d.max_attempts:
             reason = f"{reason} (gave up after {attempt} attempts)"
-        self._dead(d, taken, reason, error.kind, attempt, stream="error" if d.stream else "")
+        return self._dead(d, taken, reason, error.kind, attempt, stream="error" if d.stream else "")
 
-    def _retry(self, d: Decoded, taken: float, error: JobError) -> None:
+    def _retry(self, d: Decoded, taken: float, error: JobError) -> bytes | None:
         delay = retry_delay(self.settings, d.job.retry_count)
         loose = msgspec.json.decode(d.raw)
         loose["retryCount"] = d.job.retry_count + 1
         payload = msgspec.json.encode(loose)
         data = self._data(d, taken, error=error.message, errorType=error.kind.value,
                           retryCount=d.job.retry_count + 1, delayMs=int(delay * 1000))
-        ok = self.guard(self.rq.retry_later, self.worker_id, d.raw, self.queue, payload, time.time() + delay,
-                        [Event("llm.request.retried", data)])
-        self._report(ok, d, "retried", None, errorType=error.kind.value, delayMs=int(delay * 1000))
+        done = self.guard(self.rq.retry_later, self.worker_id, d.raw, self.queue, payload, time.time() + delay,
+                          [Event("llm.request.retried", data)], take_from=self._take)
+        self._report(done.ours, d, "retried", None, errorType=error.kind.value, delayMs=int(delay * 1000))
+        return done.next
 
-    def _dead(self, d: Decoded, taken: float, reason: str, kind: ErrorKind, attempts: int, stream: str = "") -> None:
+    def _dead(self, d: Decoded, taken: float, reason: str, kind: ErrorKind, attempts: int, stream: str = "") -> bytes | None:
         result = self._result(d, taken, success=False, error=reason, kind=kind)
         entry = DeadLetter(job=msgspec.Raw(d.raw), queue=self.queue, error=reason, error_type=kind.value,
                            failed_at=result.completed_at, attempts=attempts, worker_id=self.worker_id)
         data = self._data(d, taken, error=reason, errorType=kind.value, attempts=attempts,
                           processingTime=result.processing_time)
         events = [Event("llm.request.failed", data), Event("llm.request.dead_lettered", data)]
-        ok = self.guard(self.rq.dead_letter, self.worker_id, d.raw, entry, result, events, stream=stream)
-        self._report(ok, d, "dead-lettered", result.processing_time, errorType=kind.value, error=reason)
+        done = self.guard(self.rq.dead_letter, self.worker_id, d.raw, entry, result, events, stream=stream,
+                          take_from=self._take)
+        self._report(done.ours, d, "dead-lettered", result.processing_time, errorType=kind.value, error=reason)
+        return done.next
 
     # ---- payloads that are not runnable jobs -------------------------------
 
-    def malformed(self, raw: bytes, exc: Malformed) -> None:
+    def malformed(self, raw: bytes, exc: Malformed) -> bytes | None:
         now = iso()
         entry = DeadLetter(raw=raw[:RAW_KEEP].decode(errors="replace"), queue=self.queue, error=exc.reason,
                            error_type=ErrorKind.VALIDATION.value, failed_at=now, worker_id=self.worker_id, attempts=1)
@@ -99,10 +115,11 @@ class Finisher:
         events = [Event("llm.request.dead_lettered", data)]
         if result is not None:
             events.insert(0, Event("llm.request.failed", data))
-        self.guard(self.rq.dead_letter, self.worker_id, raw, entry, result, events)
+        done = self.guard(self.rq.dead_letter, self.worker_id, raw, entry, result, events, take_from=self._take)
         log.warning("malformed payload dead-lettered", extra={"jobId": exc.job_id, "queue": self.queue, "error": exc.reason, "bytes": len(raw)})
+        return done.next
 
-    def invalid(self, raw: bytes, exc: Invalid) -> None:
+    def invalid(self, raw: bytes, exc: Invalid) -> bytes | None:
         now = iso()
         job = exc.job
         job_id = str(job.get("id"))
@@ -115,8 +132,9 @@ class Finisher:
         data = {"jobId": job_id, "workerId": self.worker_id, "timestamp": now, "queue": self.queue,
                 "correlationId": correlation, "error": exc.reason, "errorType": "validation"}
         events = [Event("llm.request.failed", data), Event("llm.request.dead_lettered", data)]
-        self.guard(self.rq.dead_letter, self.worker_id, raw, entry, result, events)
+        done = self.guard(self.rq.dead_letter, self.worker_id, raw, entry, result, events, take_from=self._take)
         log.warning("invalid job dead-lettered", extra={"jobId": job_id, "correlationId": correlation, "error": exc.reason})
+        return done.next
 
     # ---- shapes ------------------------------------------------------------
 

@@ -95,12 +95,18 @@ class WorkerProcess:
         except Quit:
             return exitcodes.WORKER_QUIT
         block = self.settings.queue.block_timeout / 1000
+        raw: bytes | None = None
         try:
             while not self.stopping and os.getppid() == self.spec.supervisor_pid:
                 self.slot.beat()
-                raw = self._guard(self.rq.take, self.queue_name, self.id, block)
+                if raw is None:
+                    raw = self._guard(self.rq.take, self.queue_name, self.id, block)
                 if raw is not None:
-                    self._handle(raw)
+                    # Finishing a job takes the next one in the same round trip
+                    # while the queue has work, so a busy worker blocks only when idle.
+                    raw = self._handle(raw)
+            if raw is not None:  # taken with the last finish, then told to stop: give it back
+                self._guard(self.rq.hand_back, self.id, raw, self.queue_name)
         except Quit:
             return exitcodes.WORKER_QUIT
         finally:
@@ -119,6 +125,9 @@ class WorkerProcess:
     def _on_term(self, signum: int, frame: Any) -> None:
         self.stopping = True
 
+    def _wants_more(self) -> bool:
+        return not self.stopping and os.getppid() == self.spec.supervisor_pid
+
     def _boot(self) -> None:
         try:
             manager = PluginManager().load(self.spec.plugins)
@@ -133,27 +142,25 @@ class WorkerProcess:
         info = WorkerInfo(queue=self.queue_name, host=self.settings.worker.id, hostname=os.uname().nodename,
                           pid=os.getpid(), since=iso())
         self._guard(self.rq.register, self.id, info, self.settings.worker.heartbeat_timeout)
-        self.finisher = Finisher(self.rq, self.settings, self.id, self.queue_name, self._guard)
+        self.finisher = Finisher(self.rq, self.settings, self.id, self.queue_name, self._guard, self._wants_more)
         self.slot.state = SlotState.IDLE
         self.slot.beat()
         log.debug("worker ready")
 
     # ---- one job --------------------------------------------------------------
 
-    def _handle(self, raw: bytes) -> None:
+    def _handle(self, raw: bytes) -> bytes | None:
+        """Run one job to its outcome; return the next job if finishing took one."""
         taken = time.time()
         try:
             decoded = decode(raw, self.settings)
         except Malformed as exc:
-            self.finisher.malformed(raw, exc)
-            return
+            return self.finisher.malformed(raw, exc)
         except Invalid as exc:
-            self.finisher.invalid(raw, exc)
-            return
+            return self.finisher.invalid(raw, exc)
         except Exception as exc:  # whatever the decoder trips on, the payload must not kill us
             log.exception("payload could not be decoded")
-            self.finisher.malformed(raw, Malformed(f"unreadable payload: {exc!r}"))
-            return
+            return self.finisher.malformed(raw, Malformed(f"unreadable payload: {exc!r}"))
         self.slot.begin(decoded.job.id, decoded.timeout)
         sink = None
         try:
@@ -164,13 +171,11 @@ class WorkerProcess:
             try:
                 answer = self.executor.run(decoded, Deadline(decoded.timeout), sink)
             except JobError as exc:
-                self.finisher.failed(decoded, taken, exc, streamed=sink.published if sink else 0)
-                return
+                return self.finisher.failed(decoded, taken, exc, streamed=sink.published if sink else 0)
             except Exception as exc:  # a bug in us or a plugin: fail the job, keep the worker
                 log.exception("job failed with an unexpected error", extra={"jobId": decoded.job.id})
-                self.finisher.failed(decoded, taken, JobError(f"unexpected error: {exc!r}"), streamed=sink.published if sink else 0)
-                return
-            self.finisher.succeeded(decoded, taken, answer, stream=sink is not None)
+                return self.finisher.failed(decoded, taken, JobError(f"unexpected error: {exc!r}"), streamed=sink.published if sink else 0)
+            return self.finisher.succeeded(decoded, taken, answer, stream=sink is not None)
         finally:
             self.slot.end(SlotState.DRAINING if self.stopping else SlotState.IDLE)
 
