@@ -5,7 +5,7 @@ struct: its type and range, its environment variable, its description and its
 default. Everything else is derived from those declarations: the environment
 parsing, the TOML keys (``[section] field = value``), the ``llm-worker run``
 flags, the error messages, the masked print-out of ``check-config`` and the
-settings table in the README (``python -m llm_worker.config``).
+settings table in the README (``llm-worker check-config --table``).
 
 Precedence, low to high: defaults, environment, TOML file, flags.
 """
@@ -234,7 +234,7 @@ def describe(info: msgspec.inspect.Type) -> str:
         return "one of " + ", ".join(str(v) for v in info.values)
     if isinstance(info, t.StrType):
         if info.pattern:
-            return f"text matching {info.pattern}"
+            return f"text matching `{info.pattern}`"
         return "non-empty text" if info.min_length else "text"
     if isinstance(info, t.ListType):
         return "a comma-separated list"
@@ -440,7 +440,3 @@ def markdown_table() -> str:
         allowed = describe(decl.info).replace("|", "\\|")
         lines.append(f"| `{decl.env}` | `{default}` | {allowed} | {decl.doc} |" if default else f"| `{decl.env}` | | {allowed} | {decl.doc} |")
     return "\n".join(lines)
-
-
-if __name__ == "__main__":  # pragma: no cover - documentation generator
-    print(markdown_table())

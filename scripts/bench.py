@@ -1,0 +1,199 @@
+"""Benchmark the real service against the simulator, on this machine.
+
+Measures, each against a fresh private Redis and simulator process:
+- the simulator's own ceiling: requests/s from one plain keep-alive client, and from two;
+- throughput: jobs/s through 2 chat workers with a zero-latency provider;
+- pickup latency: enqueue to the worker's take (result.startedAt), p50/p99, on an idle service;
+- provider utilization: 4 workers against 4 slots of 50 ms each, jobs/s over capacity.
+
+Run it with ``scripts/bench`` (``--quick`` for a short run, ``--json FILE`` to keep figures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Iterator
+
+import msgspec
+import urllib3
+
+from llm_worker.harness import Service
+from llm_worker.localredis import LocalRedis
+
+CHAT = {"messages": [{"role": "user", "content": "hi"}]}
+
+
+@contextmanager
+def simulator(*args: str) -> Iterator[str]:
+    """The simulator as its own process, as operators run it; yields its URL."""
+    proc = subprocess.Popen([sys.executable, "-m", "llm_worker.cli", "simulate", "--port", "0", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    try:
+        yield line.rsplit(" ", 1)[-1].strip()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@contextmanager
+def service(redis_url: str, sim_url: str, pools: str, logdir: Path) -> Iterator[Service]:
+    env = {"REDIS_URL": redis_url, "OLLAMA_BASE_URL": sim_url, "WORKER_POOLS": pools, "WORKER_ID": "bench",
+           "LOG_LEVEL": "warning"}
+    svc = Service(env, log_path=logdir / f"service-{uuid.uuid4().hex[:6]}.log").start()
+    try:
+        yield svc
+    finally:
+        svc.stop()
+
+
+def sim_ceiling(requests_per_client: int) -> dict[str, float]:
+    """Requests/s the simulator serves to plain clients: one, then two at once."""
+    with simulator() as url:
+        return {f"{n}_client": _plain_clients(url, n, requests_per_client) for n in (1, 2)}
+
+
+def _job() -> bytes:
+    job: dict[str, Any] = {"id": uuid.uuid4().hex, "type": "chat", "userId": "bench", "model": "llama3.2", "request": CHAT}
+    return msgspec.json.encode(job)
+
+
+def throughput(n: int, workdir: Path) -> float:
+    """Jobs/s through 2 chat workers, provider latency 0, from a full queue to the last result."""
+    with LocalRedis(workdir / "redis-tp") as store, simulator() as url, service(store.url, url, "llm-chat=2", workdir):
+        r = store.client()
+        # Warm up: the first jobs pay for connections and imports.
+        _push_and_wait(r, 200)
+        return n / _push_and_wait(r, n)
+
+
+def _push_and_wait(r: Any, n: int) -> float:
+    r.delete("llm:events")
+    payloads = [_job() for _ in range(n)]
+    start = time.perf_counter()
+    pipe = r.pipeline(transaction=False)
+    for i in range(0, n, 1000):
+        pipe.lpush("llm-chat", *payloads[i:i + 1000])
+    pipe.execute()
+    while r.xlen("llm:events") < 2 * n:  # started + completed per job
+        time.sleep(0.002)
+    return time.perf_counter() - start
+
+
+def pickup(samples: int, workdir: Path) -> dict[str, float]:
+    """Enqueue-to-take latency on an idle service: one job at a time."""
+    with LocalRedis(workdir / "redis-pu") as store, simulator() as url, service(store.url, url, "llm-chat=2", workdir):
+        r = store.client()
+        latencies = []
+        for i in range(samples + 20):
+            job_id = uuid.uuid4().hex
+            payload = msgspec.json.encode({"id": job_id, "type": "chat", "userId": "bench", "model": "llama3.2", "request": CHAT})
+            time.sleep(0.005)  # let the workers block on their queue again: an idle service
+            sent = time.time()
+            r.lpush("llm-chat", payload)
+            r.blpop([f"llm:done:{job_id}"], timeout=10)
+            result = msgspec.json.decode(r.get(f"llm:result:{job_id}"))
+            taken = datetime.fromisoformat(result["startedAt"].replace("Z", "+00:00")).timestamp()
+            if i >= 20:
+                latencies.append((taken - sent) * 1000)
+        latencies.sort()
+        return {"p50_ms": statistics.median(latencies), "p99_ms": latencies[int(len(latencies) * 0.99) - 1],
+                "max_ms": latencies[-1], "samples": len(latencies)}
+
+
+def _plain_clients(url: str, clients: int, per_client: int) -> float:
+    """Jobs/s that ``clients`` plain keep-alive loops, each its own process, get from the provider."""
+    queue: Any = multiprocessing.Queue()
+    procs = [multiprocessing.Process(target=_count_loop, args=(url, per_client, queue)) for _ in range(clients)]
+    start = time.perf_counter()
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    return clients * per_client / (time.perf_counter() - start)
+
+
+def _count_loop(url: str, n: int, out: Any) -> None:
+    pool = urllib3.connection_from_url(url, maxsize=1)
+    body = msgspec.json.encode({"model": "llama3.2", "stream": False, **CHAT})
+    for _ in range(n):
+        pool.urlopen("POST", "/api/chat", body=body, headers={"Content-Type": "application/json"}).data
+    out.put(n)
+
+
+def utilization(seconds: float, workdir: Path) -> dict[str, float]:
+    """4 workers against a provider of 4 slots at 50 ms: the share of its capacity they use.
+
+    Reported three ways: against the nominal 80 jobs/s; against what four
+    plain client processes get from the same simulator in the same run (its
+    real capacity, since the simulator's own HTTP handling adds to each
+    request); and as the fraction of time the provider's slots were busy.
+    """
+    slots, latency = 4, 0.050
+    with LocalRedis(workdir / "redis-ut") as store, \
+            simulator("--slots", str(slots), "--latency-ms", str(latency * 1000)) as url, \
+            service(store.url, url, "llm-chat=4", workdir):
+        r = store.client()
+        _push_and_wait(r, 40)  # warm up
+        n = int(seconds * slots / latency)
+        plain = _plain_clients(url, slots, n // slots)
+        busy_before = _sim_stats(url)["busy_slot_seconds"]
+        elapsed = _push_and_wait(r, n)
+        busy = _sim_stats(url)["busy_slot_seconds"] - busy_before
+        nominal = slots / latency
+        return {"jobs_per_s": n / elapsed, "nominal_per_s": nominal, "of_nominal": n / elapsed / nominal,
+                "plain_clients_per_s": plain, "of_measured_capacity": n / elapsed / plain,
+                "slot_busy_fraction": busy / (slots * elapsed)}
+
+
+def _sim_stats(url: str) -> dict[str, Any]:
+    return msgspec.json.decode(urllib3.request("GET", url + "/_sim/stats").data)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="shorter runs (for a smoke check, not for figures)")
+    parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    args = parser.parse_args(argv)
+    scale = 0.25 if args.quick else 1.0
+    with tempfile.TemporaryDirectory(prefix="llm-worker-bench-") as tmp:
+        workdir = Path(tmp)
+        figures: dict[str, Any] = {
+            "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        }
+        figures["simulator_ceiling_rps"] = sim_ceiling(int(6000 * scale))
+        print(f"simulator ceiling: {figures['simulator_ceiling_rps']['1_client']:.0f} req/s from one client, "
+              f"{figures['simulator_ceiling_rps']['2_client']:.0f} req/s from two", flush=True)
+        runs = [throughput(int(8000 * scale), workdir) for _ in range(3)]
+        figures["throughput_jobs_per_s"] = {"median": statistics.median(runs), "runs": runs}
+        print(f"throughput: {statistics.median(runs):.0f} jobs/s median of {', '.join(f'{x:.0f}' for x in runs)} "
+              f"(2 workers, provider latency 0)", flush=True)
+        figures["pickup"] = pickup(int(1000 * scale), workdir)
+        p = figures["pickup"]
+        print(f"pickup latency (idle): p50 {p['p50_ms']:.3f} ms, p99 {p['p99_ms']:.3f} ms, max {p['max_ms']:.3f} ms", flush=True)
+        figures["utilization"] = utilization(10 * scale, workdir)
+        u = figures["utilization"]
+        print(f"provider utilization (4 workers, 4 slots x 50 ms): {u['jobs_per_s']:.1f} jobs/s = "
+              f"{u['of_measured_capacity']:.1%} of the {u['plain_clients_per_s']:.1f} jobs/s four plain clients get, "
+              f"{u['of_nominal']:.1%} of the nominal {u['nominal_per_s']:.0f}; slots busy {u['slot_busy_fraction']:.1%} of the time",
+              flush=True)
+    if args.json:
+        Path(args.json).write_text(msgspec.json.format(msgspec.json.encode(figures), indent=2).decode())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
