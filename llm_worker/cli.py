@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgspec
+import redis
 
 from llm_worker import __version__, config, exitcodes
 
@@ -30,6 +31,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.command(args)
     except KeyboardInterrupt:
         return 130
+    except redis.ConnectionError as exc:  # submit, queues: say so in a line, not a traceback
+        settings = getattr(args, "_settings", None)
+        where = config.mask_url(settings.redis_url) if settings else "Redis"
+        print(f"llm-worker: cannot reach {where}: {exc}", file=sys.stderr)
+        return 1
 
 
 # ---- settings from the command line ------------------------------------------------
@@ -57,9 +63,10 @@ def _explain(exc: config.SettingError) -> int:
 
 def _settings_or_exit(args: argparse.Namespace) -> config.Settings:
     try:
-        return _load(args).settings
+        args._settings = _load(args).settings
     except config.SettingError as exc:
         raise SystemExit(_explain(exc)) from None
+    return args._settings
 
 
 # ---- commands ------------------------------------------------------------------------
@@ -133,10 +140,13 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def _request_of(args: argparse.Namespace) -> dict[str, Any]:
-    options = {}
+    options: dict[str, Any] = {}
     for item in args.option or ():
         key, _, value = item.partition("=")
-        options[key] = msgspec.json.decode(value) if value[:1] in "-0123456789[{tfn\"" and value else value
+        try:  # numbers, true/false, lists: as JSON; anything else is text
+            options[key] = msgspec.json.decode(value)
+        except msgspec.DecodeError:
+            options[key] = value
     if args.type == "embeddings":
         request: dict[str, Any] = {"input": args.input or [args.prompt or ""]}
     elif args.type == "generate":
@@ -193,7 +203,10 @@ def cmd_queues(args: argparse.Namespace) -> int:
             return exitcodes.USAGE
         name = args.job_id
         if not args.yes:
-            answer = input(f"Delete every job in {name!r}? Type its name to confirm: ")
+            try:
+                answer = input(f"Delete every job in {name!r}? Type its name to confirm: ")
+            except EOFError:  # no one to ask (a script): do nothing
+                answer = ""
             if answer.strip() != name:
                 print("not purged")
                 return 1
@@ -205,7 +218,11 @@ def cmd_queues(args: argparse.Namespace) -> int:
 def cmd_plugins(args: argparse.Namespace) -> int:
     from llm_worker.pluginmanager import PluginManager
 
-    manager = PluginManager().load()
+    try:
+        manager = PluginManager().load()
+    except Exception as exc:
+        print(f"llm-worker: a plugin failed to load: {exc!r}", file=sys.stderr)
+        return exitcodes.USAGE
     for info in manager.plugins():
         print(f"{info.name:<20} {info.source:<32} {', '.join(info.hooks)}")
     for name in sorted(manager.disabled):

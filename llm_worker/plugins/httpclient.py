@@ -66,10 +66,14 @@ class JsonHttp:
                                           preload_content=not stream, retries=False, redirect=False)
             except ReadTimeoutError:
                 raise ProviderError(f"{method} {path}: no answer within {min(self.read_timeout, left):.1f}s", ErrorKind.TIMEOUT) from None
-            except (NewConnectionError, Urllib3Timeout, ProtocolError) as exc:
-                # Refused connects, connect timeouts and a kept-alive connection
-                # the server had closed: the server did not act on the request.
+            except (NewConnectionError, Urllib3Timeout) as exc:
+                # Refused connects and connect timeouts: the server never saw the request.
                 error = ProviderError(f"{method} {path}: cannot reach {self.base_url}: {_reason(exc)}", ErrorKind.NETWORK)
+            except ProtocolError as exc:
+                # The connection broke after the request went out: the server may have
+                # run it, so it is not repeated here (the job-level retry decides).
+                # urllib3 already drops pooled connections the server closed while idle.
+                raise ProviderError(f"{method} {path}: connection broken: {_reason(exc)}", ErrorKind.PROVIDER) from None
             except HTTPError as exc:
                 raise ProviderError(f"{method} {path}: {_reason(exc)}", ErrorKind.NETWORK) from None
             else:
@@ -100,7 +104,12 @@ class JsonHttp:
             raise ProviderError(f"{method} {path}: unexpected answer: {exc}", ErrorKind.PROVIDER, status=resp.status) from None
 
     def lines(self, resp: urllib3.BaseHTTPResponse, deadline: Deadline, what: str) -> Iterator[bytes]:
-        """Yield the non-empty lines of a streamed answer, minding the deadline."""
+        """Yield the non-empty lines of a streamed answer, minding the deadline.
+
+        A caller that stops at its last line calls ``finish(resp)``, so the
+        connection goes back to the pool; one that stops for an error leaves
+        it, and it is closed rather than reused half-read.
+        """
         try:
             for line in resp:
                 if line.strip():
@@ -111,7 +120,15 @@ class JsonHttp:
         except (ProtocolError, HTTPError) as exc:
             raise ProviderError(f"{what}: stream cut: {_reason(exc)}", ErrorKind.PROVIDER) from None
         finally:
-            resp.release_conn()
+            resp.close()  # a no-op once finish() has given the connection back
+
+    @staticmethod
+    def finish(resp: urllib3.BaseHTTPResponse) -> None:
+        """Read what is left of a finished stream (its last chunk) and pool the connection."""
+        try:
+            resp.drain_conn()
+        except HTTPError:
+            resp.close()
 
 
 def _message(data: bytes) -> str:

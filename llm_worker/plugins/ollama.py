@@ -149,6 +149,7 @@ class OllamaProvider:
             if line.message is not None and line.message.tool_calls:
                 tool_calls.extend(line.message.tool_calls)
             if line.done:
+                self.http.finish(resp)
                 message = _Message(content="".join(parts), tool_calls=tool_calls or None) if path == "/api/chat" else None
                 return _completion(line, "".join(parts), message)
         raise ProviderError(f"{what}: stream ended before done", ErrorKind.PROVIDER)
