@@ -64,6 +64,35 @@ class QueueAdmin:
                 processing[key.decode()[len(self.keys.processing("")):]] = length
         return Depths(dict(zip(names, waiting)), processing, delayed, dead)
 
+    def stats(self) -> dict[str, Any]:
+        """Per queue, across every host: waiting, active (in a worker's hands), completed, failed.
+
+        The shape of the gateway's /admin/queue/stats, plus the delayed and
+        dead-letter totals.
+        """
+        names = self.queues()
+        registry = self.redis.hgetall(self.keys.registry)
+        holders = [(worker.decode(), msgspec.json.decode(info).get("queue")) for worker, info in registry.items()]
+        pipe = self.redis.pipeline(transaction=False)
+        for name in names:
+            pipe.llen(name)
+            pipe.hgetall(self.keys.stats(name))
+        for worker, _ in holders:
+            pipe.llen(self.keys.processing(worker))
+        pipe.zcard(self.keys.delayed)
+        pipe.llen(self.keys.dead_letter)
+        replies = pipe.execute()
+        out: dict[str, Any] = {}
+        for i, name in enumerate(names):
+            counts = replies[2 * i + 1]
+            out[name] = {"waiting": replies[2 * i], "active": 0, "completed": int(counts.get(b"completed", 0)),
+                         "failed": int(counts.get(b"failed", 0))}
+        for (_, queue), held in zip(holders, replies[2 * len(names):]):
+            if queue in out:
+                out[queue]["active"] += held
+        out["delayed"], out["deadLetter"] = replies[-2], replies[-1]
+        return out
+
     def dead_letters(self, limit: int = 20) -> list[dict[str, Any]]:
         """The newest dead letters first."""
         return [msgspec.json.decode(raw) for raw in self.redis.lrange(self.keys.dead_letter, 0, max(0, limit - 1))]

@@ -75,6 +75,7 @@ class OllamaSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     max_connections: Annotated[int, env("OLLAMA_MAX_CONNECTIONS", "Size of each process's HTTP connection pool to Ollama.", ge=1, le=1024)] = 10
     max_retries: Annotated[int, env("OLLAMA_MAX_RETRIES", "Retries of a call that failed before Ollama saw it (connect errors) or that Ollama answered busy (503), within one attempt.", ge=0, le=20)] = 3
     retry_delay: Annotated[int, env("OLLAMA_RETRY_DELAY", f"Base delay between those retries, doubling each time, in {MS}.", ge=0, le=60_000)] = 1_000
+    health_check_interval: Annotated[int, env("OLLAMA_HEALTH_CHECK_INTERVAL", f"How often the HTTP process probes Ollama (health, loaded models), in {MS}.", ge=500, le=3_600_000)] = 30_000
 
 
 class QueueSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -112,6 +113,7 @@ class HttpSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True
     host: Annotated[str, env("HEALTH_CHECK_HOST", "Address the HTTP process binds.", min_length=1)] = "127.0.0.1"
     admin_token: Annotated[str, env("ADMIN_TOKEN", "Bearer token of the /admin routes; unset turns them off.", secret=True)] = ""
     min_ready_workers: Annotated[float, env("READY_MIN_WORKERS", "Fraction of configured workers that must be alive for /health/ready.", ge=0.0, le=1.0)] = 0.5
+    sample_interval: Annotated[int, env("HOST_SAMPLE_INTERVAL", f"How often the HTTP process reads queue depths, GPUs, the host and each worker's memory, in {MS}.", ge=200, le=600_000)] = 5_000
 
 
 class LogSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

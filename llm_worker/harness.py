@@ -135,7 +135,9 @@ class Service:
 
 
 def _child_of(pid: int, parent: int) -> bool:
+    """A live child of ``parent``: a dead one not yet reaped (a zombie) does not count."""
     try:
-        return psutil.Process(pid).ppid() == parent
+        proc = psutil.Process(pid)
+        return proc.ppid() == parent and proc.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False

@@ -1,12 +1,14 @@
-"""The WSGI app of the HTTP process: health, readiness and metrics, read from shared memory.
+"""The WSGI app of the HTTP process: health, readiness, status, metrics and admin routes.
 
 It runs in its own child of the supervisor under waitress, so the supervisor
-stays single-threaded; every answer comes from the shared tables, never from
-Redis or Ollama on the request path.
+stays single-threaded. Health, readiness, status and metrics answer from
+shared memory, never from Redis or Ollama on the request path; the admin
+routes, which operators call by hand, read Redis.
 """
 
 from __future__ import annotations
 
+import hmac
 import logging
 import math
 import os
@@ -16,13 +18,16 @@ from collections.abc import Callable, Iterable
 from typing import Any, NoReturn
 
 import msgspec
+import redis
 from prometheus_client import CollectorRegistry, make_wsgi_app
-from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
-from prometheus_client.registry import Collector
 
 from llm_worker import __version__, logs
+from llm_worker.admin import QueueAdmin
 from llm_worker.config import Settings
 from llm_worker.jobs import iso
+from llm_worker.metrics import ShmCollector
+from llm_worker.pluginmanager import Found
+from llm_worker.queue import connect
 from llm_worker.shm import Phase, SharedState, SlotState
 
 log = logging.getLogger("llm_worker.http")
@@ -30,6 +35,7 @@ LIVE_STALE = 10.0  # seconds without a supervisor loop turn before liveness fail
 REDIS_STALE = 5.0  # seconds without a Redis check before readiness stops trusting it
 
 StartResponse = Callable[..., Any]
+Route = Callable[[dict[str, Any]], tuple[int, Any]]
 _encode = msgspec.json.Encoder().encode
 
 
@@ -62,62 +68,63 @@ class Health:
         if not header.redis_up or time.monotonic() - header.redis_checked > REDIS_STALE:
             return "Redis unreachable"
         wanted = header.workers_wanted
-        needed = math.ceil(wanted * self.settings.http.min_ready_workers)
-        if self.workers_up() < max(1, needed) and wanted > 0:
+        needed = max(1, math.ceil(wanted * self.settings.http.min_ready_workers))
+        if wanted > 0 and self.workers_up() < needed:
             return f"{self.workers_up()} of {wanted} workers up, {needed} needed"
         return None
 
 
-class ShmCollector(Collector):
-    """Prometheus metrics computed at scrape time from the shared tables."""
-
-    def __init__(self, health: Health) -> None:
-        self.health = health
-
-    def collect(self) -> Iterable[Any]:
-        state = self.health.state
-        info = InfoMetricFamily("llm_worker_build", "Version of llm-worker running")
-        info.add_metric([], {"version": __version__})
-        yield info
-        up = GaugeMetricFamily("llm_worker_redis_up", "Whether Redis answered the supervisor's last ping")
-        up.add_metric([], float(state.header.redis_up))
-        yield up
-        workers = GaugeMetricFamily("llm_worker_workers", "Worker processes by state", labels=["state"])
-        counts = {s.name.lower(): 0 for s in SlotState if s != SlotState.EMPTY}
-        for slot in state.slots:
-            if slot.pid > 0 and slot.state != SlotState.EMPTY:
-                counts[SlotState(slot.state).name.lower()] += 1
-        for name, count in counts.items():
-            workers.add_metric([name], count)
-        yield workers
-
-
 class App:
-    """The WSGI callable: a small route table over Health."""
+    """The WSGI callable: a route table over Health and the shared tables."""
 
     def __init__(self, settings: Settings, state: SharedState) -> None:
+        self.settings = settings
+        self.state = state
         self.health = Health(settings, state)
-        registry = CollectorRegistry(auto_describe=True)
-        registry.register(ShmCollector(self.health))
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(ShmCollector(settings, state))
         self.metrics = make_wsgi_app(registry)
-        self.routes: dict[str, Callable[[dict[str, Any]], tuple[int, Any]]] = {
+        self._admin: QueueAdmin | None = None
+        self.routes: dict[str, Route] = {
             "/": self.basic, "/health": self.basic, "/health/live": self.liveness, "/health/ready": self.readiness,
+            "/health/ollama": self.ollama, "/status": self.status,
         }
+        self.admin_routes: dict[str, Route] = {"/admin/queue/stats": self.queue_stats}
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
-        path = environ.get("PATH_INFO", "/")
-        if path == "/metrics":
-            return self.metrics(environ, start_response)
-        route = self.routes.get(path.rstrip("/") or "/")
-        if route is None:
-            return _json(start_response, 404, {"error": "Not found"})
+        path = environ.get("PATH_INFO", "/").rstrip("/") or "/"
         if environ.get("REQUEST_METHOD", "GET") not in ("GET", "HEAD"):
             return _json(start_response, 405, {"error": "Method not allowed"})
-        status, body = route(environ)
+        if path == "/metrics":
+            return self.metrics(environ, start_response)
+        route = self.routes.get(path)
+        if route is None and path in self.admin_routes:
+            denied = self._denied(environ)
+            if denied is not None:
+                return _json(start_response, *denied)
+            route = self.admin_routes[path]
+        if route is None:
+            return _json(start_response, 404, {"error": "Not found"})
+        try:
+            status, body = route(environ)
+        except redis.RedisError as exc:
+            status, body = 503, {"error": f"Redis unreachable: {exc}"}
         return _json(start_response, status, body)
 
+    def _denied(self, environ: dict[str, Any]) -> tuple[int, Any] | None:
+        token = self.settings.http.admin_token
+        if not token:  # admin routes are off unless a token is set
+            return 404, {"error": "Not found"}
+        given = environ.get("HTTP_AUTHORIZATION", "")
+        scheme, _, credential = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(credential.strip().encode(), token.encode()):
+            return 401, {"error": "a bearer token is required (Authorization: Bearer <ADMIN_TOKEN>)"}
+        return None
+
+    # ---- health ---------------------------------------------------------------
+
     def _base(self) -> dict[str, Any]:
-        return {"timestamp": iso(), "uptime": round(self.health.uptime(), 3), "workerId": self.health.settings.worker.id}
+        return {"timestamp": iso(), "uptime": round(self.health.uptime(), 3), "workerId": self.settings.worker.id}
 
     def basic(self, environ: dict[str, Any]) -> tuple[int, Any]:
         reason = self.health.not_ready()
@@ -139,28 +146,59 @@ class App:
             return 200, {"status": "ready", **base}
         return 503, {"status": "not ready", "reason": reason, **base}
 
+    def ollama(self, environ: dict[str, Any]) -> tuple[int, Any]:
+        r = self.state.readings
+        url = self.settings.ollama.base_url
+        if r.provider_checked == 0:
+            return 503, {"status": "unknown", "message": "not probed yet", "url": url, "error_details": None}
+        age = round(time.monotonic() - r.provider_checked, 1)
+        if r.provider_up:
+            return 200, {"status": "healthy", "message": "Ollama is running", "url": url, "error_details": None,
+                         "version": r.provider_version.decode(errors="replace"), "checkedSecondsAgo": age}
+        return 503, {"status": "unhealthy", "message": "Ollama is not reachable", "url": url,
+                     "error_details": r.provider_error.decode(errors="replace"), "checkedSecondsAgo": age}
+
+    # ---- status and admin -----------------------------------------------------------
+
+    def status(self, environ: dict[str, Any]) -> tuple[int, Any]:
+        from llm_worker.status import snapshot
+
+        return 200, snapshot(self.settings, self.state, self.health.not_ready())
+
+    def queue_stats(self, environ: dict[str, Any]) -> tuple[int, Any]:
+        if self._admin is None:
+            self._admin = QueueAdmin(connect(self.settings, timeout=2.0), self.settings)
+        return 200, self._admin.stats()
+
 
 _REASONS = {200: "200 OK", 401: "401 Unauthorized", 404: "404 Not Found", 405: "405 Method Not Allowed", 503: "503 Service Unavailable"}
 
 
 def _json(start_response: StartResponse, status: int, body: Any) -> list[bytes]:
     data = _encode(body)
-    start_response(_REASONS.get(status, f"{status} Status"), [("Content-Type", "application/json"), ("Content-Length", str(len(data))), ("Cache-Control", "no-store")])
+    headers = [("Content-Type", "application/json"), ("Content-Length", str(len(data))), ("Cache-Control", "no-store")]
+    if status == 401:
+        headers.append(("WWW-Authenticate", 'Bearer realm="llm-worker"'))
+    start_response(_REASONS.get(status, f"{status} Status"), headers)
     return [data]
 
 
-def serve(settings: Settings, state: SharedState, supervisor_pid: int) -> NoReturn:
-    """The HTTP child's life: serve until the supervisor says stop, or dies."""
+def serve(settings: Settings, state: SharedState, supervisor_pid: int, plugins: list[Found]) -> NoReturn:
+    """The HTTP child's life: sample and serve until the supervisor says stop, or dies."""
     import waitress
+
+    from llm_worker.sampler import Sampler
 
     logs.setup(settings.log, role="http", workerId=settings.worker.id)
     threading.Thread(target=_exit_with_parent, args=(supervisor_pid,), daemon=True, name="parent-watch").start()
     try:
         server = waitress.create_server(App(settings, state), host=settings.http.host, port=settings.http.port,
-                                        threads=4, ident="llm-worker")
+                                        threads=4, ident="llm-worker", channel_timeout=30)
     except OSError as exc:
         log.error(f"cannot listen on {settings.http.host}:{settings.http.port}: {exc.strerror}")
         os._exit(1)
+    Sampler(settings, state, plugins).start()
+    state.header.http_bound = 1
     log.info("HTTP listening", extra={"host": settings.http.host, "port": settings.http.port})
     try:
         server.run()

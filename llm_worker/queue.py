@@ -83,6 +83,10 @@ class Keys:
     def crashes(self, job_id: str) -> str:
         return f"{self.prefix}crashes:{job_id}"
 
+    def stats(self, queue: str) -> str:
+        """Completed and failed counts of a queue, across hosts (for /admin/queue/stats)."""
+        return f"{self.prefix}stats:{queue}"
+
 
 @dataclass(frozen=True)
 class Target:
@@ -182,7 +186,7 @@ class ReliableQueue:
         return self.redis.lrange(self.keys.processing(worker_id), 0, -1)
 
     def complete(self, worker_id: str, raw: bytes, result: Result, events: Sequence[Event] = (), *,
-                 stream: str = "", take_from: str | None = None) -> Finished:
+                 stream: str = "", take_from: str | None = None, queue: str = "") -> Finished:
         """Write the result and done marker and ack the job, fenced.
 
         ``stream`` ("done" or "error") also ends the job's chunk stream, in the
@@ -190,7 +194,7 @@ class ReliableQueue:
         ``take_from`` also takes the next job of that queue, saving a round trip.
         """
         status = "ok" if result.success else "failed"
-        return self._run_finish(worker_id, raw, result, status, Target(), events, stream, take_from)
+        return self._run_finish(worker_id, raw, result, status, Target(), events, stream, take_from, queue)
 
     def retry_later(self, worker_id: str, raw: bytes, queue: str, payload: bytes, due: float,
                     events: Sequence[Event] = (), *, take_from: str | None = None) -> Finished:
@@ -203,7 +207,7 @@ class ReliableQueue:
                     events: Sequence[Event] = (), *, stream: str = "", take_from: str | None = None) -> Finished:
         """Dead-letter the job with its reason and, when it has an id, its failure result."""
         target = Target("lpush", self.keys.dead_letter, _encode(entry))
-        return self._run_finish(worker_id, raw, result, "failed", target, events, stream, take_from)
+        return self._run_finish(worker_id, raw, result, "failed", target, events, stream, take_from, entry.queue)
 
     def hand_back(self, worker_id: str, raw: bytes, queue: str) -> bool:
         """Give an untouched job back to the serving end of its queue."""
@@ -214,18 +218,19 @@ class ReliableQueue:
         return self._run_finish(worker_id, raw, None, "", Target(), ()).ours
 
     def _run_finish(self, worker_id: str, raw: bytes, result: Result | None, status: str, target: Target,
-                    events: Sequence[Event], stream: str = "", take_from: str | None = None) -> Finished:
+                    events: Sequence[Event], stream: str = "", take_from: str | None = None, queue: str = "") -> Finished:
         k = self.keys
         processing = k.processing(worker_id)
         job_id = result.job_id if result is not None else "-"
         error = result.error or "" if result is not None else ""
+        counted = "" if result is None else ("completed" if result.success else "failed")
         args: list[Any] = [raw, _encode(result) if result is not None else "", status, self.ttl, target.op,
                            target.member, target.score, EVENTS_MAXLEN, stream, error, STREAM_MAXLEN,
-                           "1" if take_from else "0"]
+                           "1" if take_from else "0", counted]
         for event in events:
             args += [event.type, _encode(event.data)]
         keys = [processing, k.result(job_id), k.done(job_id), k.events, target.key or processing,
-                k.crashes(job_id), k.stream(job_id), take_from or processing]
+                k.crashes(job_id), k.stream(job_id), take_from or processing, k.stats(queue)]
         reply = self._finish(keys=keys, args=args)
         return Finished(reply[0] == 1, reply[1] if len(reply) > 1 else None)
 

@@ -8,6 +8,7 @@
 -- KEYS[4] events stream           KEYS[5] target key (delayed zset, dead-letter list or queue)
 -- KEYS[6] the job's crash counter     KEYS[7] the job's stream (streaming jobs)
 -- KEYS[8] the worker's queue, to take its next job from in the same round trip
+-- KEYS[9] the queue's statistics hash (completed and failed, across hosts)
 -- ARGV[1] the payload as it was taken
 -- ARGV[2] result JSON, or "" to write none (a retry)
 -- ARGV[3] done status: ok | failed
@@ -18,7 +19,8 @@
 -- ARGV[9] last stream entry: "" | done | error     ARGV[10] its error text
 -- ARGV[11] stream approximate maximum length
 -- ARGV[12] "1": then take the next job of KEYS[8] into KEYS[1], as BLMOVE would
--- ARGV[13], ARGV[14], ... event type and data, in pairs
+-- ARGV[13] the statistics field to count the job under: "" | completed | failed
+-- ARGV[14], ARGV[15], ... event type and data, in pairs
 -- Returns {1 if the job was ours else 0, the next job or nil}.
 local function take_next()
   if ARGV[12] == '1' then
@@ -44,6 +46,9 @@ elseif op == 'lpush' then
 elseif op == 'rpush' then
   redis.call('RPUSH', KEYS[5], ARGV[6])
 end
+if ARGV[13] ~= '' then
+  redis.call('HINCRBY', KEYS[9], ARGV[13], 1)
+end
 if ARGV[9] == 'done' then
   redis.call('XADD', KEYS[7], 'MAXLEN', '~', ARGV[11], '*', 'event', 'done')
   redis.call('EXPIRE', KEYS[7], ARGV[4])
@@ -51,7 +56,7 @@ elseif ARGV[9] == 'error' then
   redis.call('XADD', KEYS[7], 'MAXLEN', '~', ARGV[11], '*', 'event', 'error', 'error', ARGV[10])
   redis.call('EXPIRE', KEYS[7], ARGV[4])
 end
-for i = 13, #ARGV, 2 do
+for i = 14, #ARGV, 2 do
   redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[8], '*', 'type', ARGV[i], 'data', ARGV[i + 1])
 end
 return {1, take_next()}

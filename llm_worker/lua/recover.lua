@@ -42,6 +42,7 @@ while true do
       entry = '{"raw":' .. text .. ',' .. string.sub(entry, 2)
     end
     redis.call('LPUSH', KEYS[3], entry)
+    redis.call('HINCRBY', ARGV[3] .. 'stats:' .. KEYS[2], 'failed', 1)
     local str = function(v) if type(v) == 'string' then return v end return cjson.null end
     if id then
       local model = job and str(job['model'])

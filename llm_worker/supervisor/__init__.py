@@ -27,4 +27,5 @@ def spawn_http(arbiter: Arbiter) -> Child | None:
         return None
     parent = os.getpid()
     child = Child(pid=0, kind="http")
-    return arbiter.children.fork(child, lambda: arbiter.in_child(lambda: http.serve(settings, arbiter.state, parent)))
+    return arbiter.children.fork(child, lambda: arbiter.in_child(
+        lambda: http.serve(settings, arbiter.state, parent, arbiter.plugins)))

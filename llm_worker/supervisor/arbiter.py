@@ -21,10 +21,13 @@ from llm_worker.jobs import iso
 from llm_worker.pluginmanager import Found
 from llm_worker.queue import ReliableQueue, WorkerInfo, connect
 from llm_worker.shm import Phase, SharedState, SlotState
+from llm_worker.stats import model_label
 from llm_worker.supervisor.children import Child, Children, Exit, Handback
 from llm_worker.supervisor.housekeeping import Housekeeping, warn_if_jobs_can_be_lost
 from llm_worker.supervisor.recovery import Gone, Recovery
+from llm_worker.sdnotify import Notifier
 from llm_worker.supervisor.signals import SignalQueue
+from llm_worker.supervisor.systemd import SystemdLink
 
 log = logging.getLogger("llm_worker.supervisor")
 
@@ -44,9 +47,9 @@ class Arbiter:
         self.spawn_http = spawn_http
         self.generation = 0
         self.targets = dict(settings.pools)
-        self.pool_names = list(self.targets)
         total = sum(self.targets.values())
         self.state = SharedState(max(64, 2 * total))
+        self._register_labels(settings)
         self.signals = SignalQueue()
         self.children = Children()
         self.exit_code = exitcodes.OK
@@ -59,6 +62,19 @@ class Arbiter:
         self.http: Child | None = None
         self.http_streak = 0
         self.http_respawn_at = 0.0
+        self.systemd = SystemdLink(Notifier.from_env(), self.state, lambda: self.settings.http.port != 0)
+
+    def _register_labels(self, settings: Settings) -> None:
+        """Put pools and model labels in the shared tables before anyone reads them."""
+        for pool in settings.pools:
+            self.state.pool_index(pool)
+        models = settings.models
+        for model in [*models.allowed, models.default_chat, models.default_embedding]:
+            self.state.model_index(model_label(model), add=True)
+
+    @property
+    def pool_names(self) -> list[str]:
+        return self.state.pool_names()
 
     @property
     def phase(self) -> Phase:
@@ -81,6 +97,7 @@ class Arbiter:
             self.manage_http()
             self.housekeeping.tick()
             self.state.header.loop_beat = time.monotonic()
+            self.systemd.turn(old_workers_left=any(c.generation < self.generation for c in self.children.workers()))
         self.shut_down()
         return self.exit_code
 
@@ -104,7 +121,7 @@ class Arbiter:
 
     def _connect(self) -> None:
         self.rq = ReliableQueue(connect(self.settings, timeout=REDIS_TIMEOUT), self.settings)
-        self.recovery = Recovery(self.rq, self.settings.worker.id)
+        self.recovery = Recovery(self.rq, self.settings.worker.id, self.state)
         self.housekeeping = Housekeeping(self.rq, self.settings, self.state, self.recovery, self.live_workers)
 
     def sleep_time(self) -> float:
@@ -129,6 +146,7 @@ class Arbiter:
         log.warning("draining: jobs in hand finish, no new ones are taken",
                     extra={"gracefulTimeoutMs": self.settings.worker.graceful_timeout})
         self.phase = Phase.DRAINING
+        self.systemd.stopping()
         grace = self.settings.worker.graceful_timeout / 1000
         self.drain_deadline = time.monotonic() + grace
         for child in self.children.workers():
@@ -145,31 +163,33 @@ class Arbiter:
             return
         log.warning("stopping now: jobs in hand go back to their queues")
         self.phase = Phase.STOPPING
+        self.systemd.stopping()
         for child in self.children.workers():
             self.children.stop(child, signal.SIGQUIT, grace=QUIT_GRACE, handback=Handback.UNCOUNTED, reason="quit")
 
     def handle_hup(self) -> None:
         if self.phase != Phase.RUNNING:
             return
+        self.systemd.reload_started()
         try:
             settings = self.reload_settings()
         except SettingError as exc:
             log.error(f"reload refused, keeping the running settings: {exc}")
+            self.systemd.reload_refused()
             return
         fixed = [("WORKER_ID", settings.worker.id, self.settings.worker.id),
                  ("REDIS_KEY_PREFIX", settings.redis.key_prefix, self.settings.redis.key_prefix)]
         for name, new, old in fixed:
             if new != old:
                 log.error(f"reload refused: {name} cannot change while running ({old!r} -> {new!r}); restart instead")
+                self.systemd.reload_refused()
                 return
         log.warning("reloading: replacing workers one at a time", extra={"pools": settings.pools})
         old_redis = self.settings.redis_url
         self.settings = settings
         self.generation += 1
         self.targets = dict(settings.pools)
-        for name in self.targets:
-            if name not in self.pool_names:
-                self.pool_names.append(name)
+        self._register_labels(settings)
         if settings.redis_url != old_redis:
             self._connect()
         if self.http is not None:
@@ -181,8 +201,7 @@ class Arbiter:
             log.warning("TTIN ignored: no room for another worker slot")
             return
         self.targets[chat] = self.targets.get(chat, 0) + 1
-        if chat not in self.pool_names:
-            self.pool_names.append(chat)
+        self.state.pool_index(chat)
         log.info("one more chat worker", extra={"pool": chat, "workers": self.targets[chat]})
 
     def handle_ttou(self) -> None:
@@ -211,6 +230,9 @@ class Arbiter:
         self.recovery.worker_gone(Gone(worker_id, child.pool, crashed=crashed))
         boot_error = slot.boot_error.decode(errors="replace")
         no_progress = slot.state == SlotState.BOOTING or (slot.state == SlotState.IDLE and slot.jobs_done == 0)
+        self.state.retire(slot)
+        if crashed:
+            self.state.header.worker_exits[slot.pool] += 1
         slot.release()
         self.worker_since.pop(child.pid, None)
         if ex.code == exitcodes.WORKER_BOOT_ERROR:
@@ -246,6 +268,7 @@ class Arbiter:
 
     def _http_exited(self, ex: Exit) -> None:
         self.http = None
+        self.state.header.http_bound = 0
         if ex.child.term_sent:
             self.http_respawn_at = 0.0
             return
@@ -284,6 +307,8 @@ class Arbiter:
     def manage_workers(self) -> None:
         """Bring every pool to its target: spawn, retire extras, roll a reload."""
         self.state.header.workers_wanted = sum(self.targets.values())
+        for pool in self.pool_names:
+            self.state.header.pool_wanted[self.state.pool_index(pool)] = self.targets.get(pool, 0)
         if self.phase not in (Phase.STARTING, Phase.RUNNING):
             return
         for pool in self.pool_names:
@@ -320,7 +345,7 @@ class Arbiter:
         spec = WorkerSpec(self.settings, pool, index, os.getpid(), self.state, self.plugins)
         child = Child(pid=0, kind="worker", slot=index, pool=pool, generation=self.generation)
         slot = self.state.slots[index]
-        slot.claim(-1, self.pool_names.index(pool))
+        slot.claim(-1, self.state.pool_index(pool))
         self.children.fork(child, lambda: self.in_child(lambda: run_worker(spec)))
         slot.pid = child.pid
         self.worker_since[child.pid] = iso()
@@ -328,6 +353,7 @@ class Arbiter:
 
     def in_child(self, body: Callable[[], object]) -> None:
         self.signals.reset_in_child()
+        self.systemd.notifier.forget_in_child()
         body()
 
     def live_workers(self) -> dict[str, WorkerInfo]:

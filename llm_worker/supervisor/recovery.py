@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import redis
 
 from llm_worker.queue import ReliableQueue
+from llm_worker.shm import SharedState
 
 log = logging.getLogger("llm_worker.supervisor")
 
@@ -26,12 +27,11 @@ class Gone:
 class Recovery:
     """Recovers processing lists, remembering those Redis could not take yet."""
 
-    def __init__(self, rq: ReliableQueue, host_id: str) -> None:
+    def __init__(self, rq: ReliableQueue, host_id: str, state: SharedState) -> None:
         self.rq = rq
         self.host_id = host_id
+        self.state = state  # counts what was recovered, for /metrics
         self.pending: dict[str, Gone] = {}
-        self.requeued = 0
-        self.dead_lettered = 0
 
     def worker_gone(self, gone: Gone) -> None:
         """Recover now if Redis answers, else as soon as it does."""
@@ -48,8 +48,8 @@ class Recovery:
             del self.pending[worker_id]
             if requeued < 0:
                 continue  # its heartbeat came back: alive after all
-            self.requeued += requeued
-            self.dead_lettered += dead
+            self.state.header.jobs_requeued += requeued
+            self.state.header.jobs_crash_dead_lettered += dead
             if requeued or dead:
                 log.warning("recovered jobs of a dead worker", extra={
                     "deadWorker": worker_id, "queue": gone.queue, "requeued": requeued, "deadLettered": dead,

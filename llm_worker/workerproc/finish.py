@@ -18,6 +18,7 @@ import msgspec
 from llm_worker.config import Settings
 from llm_worker.jobs import RAW_KEEP, DeadLetter, Decoded, ErrorKind, Invalid, JobError, Malformed, Result, iso
 from llm_worker.queue import DeferredEvents, Event, ReliableQueue, retry_delay
+from llm_worker.stats import Counters
 from llm_worker.workerproc.execute import Answer
 
 log = logging.getLogger("llm_worker.worker")
@@ -32,13 +33,15 @@ class Finisher:
     """
 
     def __init__(self, rq: ReliableQueue, settings: Settings, worker_id: str, queue: str, guard: Guard,
-                 take_next: Callable[[], bool]) -> None:
+                 take_next: Callable[[], bool], counters: Counters, label: Callable[[str], int]) -> None:
         self.rq = rq
         self.settings = settings
         self.worker_id = worker_id
         self.queue = queue
         self.guard = guard
         self.take_next = take_next
+        self.counters = counters  # this worker's block in shared memory; it is the only writer
+        self.label = label  # model name -> its index in the shared model table
         self.events = DeferredEvents(rq.redis, rq.keys.events)
 
     @property
@@ -57,7 +60,9 @@ class Finisher:
         data = self._data(d, taken, processingTime=result.processing_time, tokensUsed=result.tokens_used,
                           model=result.model, fallbackUsed=answer.fallback_used)
         done = self.guard(self.rq.complete, self.worker_id, d.raw, result, [Event("llm.request.completed", data)],
-                          stream="done" if stream else "", take_from=self._take)
+                          stream="done" if stream else "", take_from=self._take, queue=self.queue)
+        if done.ours:
+            self._count(d, taken, "completed", answer.model, answer)
         self._report(done.ours, d, "completed", result.processing_time)
         return done.next
 
@@ -85,6 +90,8 @@ class Finisher:
                           retryCount=d.job.retry_count + 1, delayMs=int(delay * 1000))
         done = self.guard(self.rq.retry_later, self.worker_id, d.raw, self.queue, payload, time.time() + delay,
                           [Event("llm.request.retried", data)], take_from=self._take)
+        if done.ours:
+            self._count(d, taken, "retried", d.model, None)
         self._report(done.ours, d, "retried", None, errorType=error.kind.value, delayMs=int(delay * 1000))
         return done.next
 
@@ -97,6 +104,8 @@ class Finisher:
         events = [Event("llm.request.failed", data), Event("llm.request.dead_lettered", data)]
         done = self.guard(self.rq.dead_letter, self.worker_id, d.raw, entry, result, events, stream=stream,
                           take_from=self._take)
+        if done.ours:
+            self._count(d, taken, "failed", d.model, None)
         self._report(done.ours, d, "dead-lettered", result.processing_time, errorType=kind.value, error=reason)
         return done.next
 
@@ -116,6 +125,8 @@ class Finisher:
         if result is not None:
             events.insert(0, Event("llm.request.failed", data))
         done = self.guard(self.rq.dead_letter, self.worker_id, raw, entry, result, events, take_from=self._take)
+        if done.ours:
+            self.counters.rejected += 1
         log.warning("malformed payload dead-lettered", extra={"jobId": exc.job_id, "queue": self.queue, "error": exc.reason, "bytes": len(raw)})
         return done.next
 
@@ -133,10 +144,20 @@ class Finisher:
                 "correlationId": correlation, "error": exc.reason, "errorType": "validation"}
         events = [Event("llm.request.failed", data), Event("llm.request.dead_lettered", data)]
         done = self.guard(self.rq.dead_letter, self.worker_id, raw, entry, result, events, take_from=self._take)
+        if done.ours:
+            self.counters.rejected += 1
         log.warning("invalid job dead-lettered", extra={"jobId": job_id, "correlationId": correlation, "error": exc.reason})
         return done.next
 
     # ---- shapes ------------------------------------------------------------
+
+    def _count(self, d: Decoded, taken: float, outcome: str, model: str, answer: Answer | None) -> None:
+        wait = max(0.0, taken - d.created) if d.created is not None else None
+        self.counters.record(
+            d.job.type, self.label(model), outcome, time.time() - taken, wait,
+            answer.prompt_tokens if answer else None, answer.completion_tokens if answer else None,
+            answer.fallback_used if answer else False, answer.cache_hit if answer else False,
+        )
 
     def _result(self, d: Decoded, taken: float, *, success: bool, answer: Answer | None = None,
                 error: str | None = None, kind: ErrorKind | None = None) -> Result:

@@ -31,6 +31,7 @@ from llm_worker.pluginmanager import Found, PluginManager
 from llm_worker.providers import Deadline
 from llm_worker.queue import ReliableQueue, WorkerInfo, connect
 from llm_worker.shm import SharedState, SlotState
+from llm_worker.stats import model_label
 from llm_worker.workerproc.execute import Executor, StreamSink
 from llm_worker.workerproc.finish import Finisher
 
@@ -125,6 +126,11 @@ class WorkerProcess:
     def _on_term(self, signum: int, frame: Any) -> None:
         self.stopping = True
 
+    def _label(self, model: str) -> int:
+        # With ALLOWED_MODELS set, the supervisor registered every label in
+        # advance and anything else is "other"; without it, first come first served.
+        return self.spec.state.model_index(model_label(model), add=not self.settings.models.allowed)
+
     def _wants_more(self) -> bool:
         return not self.stopping and os.getppid() == self.spec.supervisor_pid
 
@@ -142,7 +148,8 @@ class WorkerProcess:
         info = WorkerInfo(queue=self.queue_name, host=self.settings.worker.id, hostname=os.uname().nodename,
                           pid=os.getpid(), since=iso())
         self._guard(self.rq.register, self.id, info, self.settings.worker.heartbeat_timeout)
-        self.finisher = Finisher(self.rq, self.settings, self.id, self.queue_name, self._guard, self._wants_more)
+        self.finisher = Finisher(self.rq, self.settings, self.id, self.queue_name, self._guard, self._wants_more,
+                                 self.slot.counters, self._label)
         self.slot.state = SlotState.IDLE
         self.slot.beat()
         log.debug("worker ready")

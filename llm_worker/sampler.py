@@ -1,0 +1,167 @@
+"""The sampler: a thread of the HTTP process that probes slow things and writes shared memory.
+
+Probing Ollama, Redis queue depths, NVML and psutil can each take from
+microseconds to seconds; here they stall nothing that matters (the supervisor
+never waits on them, and HTTP answers from what was last written). NVML is
+initialised in this process, after fork, on its first sample.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from llm_worker.config import Settings
+from llm_worker.gpu import GpuReading, GpuSampler, ollama_memory
+from llm_worker.hoststats import OLLAMA_NAMES, ProcessWatcher, find_processes, host_reading
+from llm_worker.pluginmanager import Found, PluginManager
+from llm_worker.providers import Provider
+from llm_worker.queue import Keys, connect
+from llm_worker.shm import MAX_GPUS, MAX_LOADED, NAME, SharedState
+
+log = logging.getLogger("llm_worker.sampler")
+NVML_MODULE_ENV = "LLM_WORKER_NVML_MODULE"  # tests point this at a fake NVML module
+
+
+@dataclass
+class Chore:
+    name: str
+    period: float
+    run: Callable[[], None]
+    due: float = 0.0
+    failing: bool = False
+
+
+class Sampler(threading.Thread):
+    def __init__(self, settings: Settings, state: SharedState, plugins: list[Found]) -> None:
+        super().__init__(name="sampler", daemon=True)
+        self.settings = settings
+        self.state = state
+        self.plugins = plugins
+        self.redis = connect(settings, timeout=2.0)
+        self.keys = Keys(settings.redis.key_prefix, settings.queue.dead_letter)
+        self.gpus = GpuSampler(os.environ.get(NVML_MODULE_ENV, "pynvml"))
+        self.processes = ProcessWatcher()
+        self.provider: Provider | None = None
+        every = settings.http.sample_interval / 1000
+        self.chores = [
+            Chore("provider", settings.ollama.health_check_interval / 1000, self.probe_provider),
+            Chore("queues", every, self.read_queues),
+            Chore("host", every, self.read_host),
+            Chore("gpus", every, self.read_gpus),
+        ]
+
+    def run(self) -> None:
+        while True:
+            now = time.monotonic()
+            for chore in self.chores:
+                if now >= chore.due:
+                    self._run(chore)
+                    chore.due = time.monotonic() + chore.period
+            self.state.readings.sampled = time.monotonic()
+            time.sleep(max(0.05, min(c.due for c in self.chores) - time.monotonic()))
+
+    def _run(self, chore: Chore) -> None:
+        try:
+            chore.run()
+        except Exception as exc:  # a probe that fails must not end the sampler
+            if not chore.failing:
+                log.warning(f"{chore.name} sampling failed", extra={"error": repr(exc)})
+            chore.failing = True
+        else:
+            chore.failing = False
+
+    # ---- chores ------------------------------------------------------------------
+
+    def probe_provider(self) -> None:
+        r = self.state.readings
+        provider = self._provider()
+        health = provider.health(timeout=min(5.0, self.settings.ollama.health_check_interval / 1000))
+        r.provider_up = int(health.ok)
+        r.provider_version = (health.version or "").encode()[:63]
+        r.provider_error = (health.error_details or "").encode()[:255]
+        if health.ok:
+            loaded = [m for m in provider.models() if m.loaded][:MAX_LOADED]
+            for i, model in enumerate(loaded):
+                r.loaded_names[i].value = model.name.encode()[: NAME - 1]
+                r.loaded_vram[i] = float(model.vram)
+            r.loaded_count = len(loaded)
+        r.provider_checked = time.monotonic()
+
+    def _provider(self) -> Provider:
+        if self.provider is None:
+            providers = PluginManager().load(self.plugins).providers(self.settings)
+            self.provider = next((p for p in providers if p.name == "ollama"), providers[0])
+        return self.provider
+
+    def read_queues(self) -> None:
+        r = self.state.readings
+        pools = self.state.pool_names()
+        host = self.settings.worker.id
+        held = [(slot.pool, self.keys.processing(f"{host}:{slot.pid}")) for slot in self.state.slots if slot.pid > 0]
+        pipe = self.redis.pipeline(transaction=False)
+        for pool in pools:
+            pipe.llen(pool)
+        for _, key in held:
+            pipe.llen(key)
+        pipe.zcard(self.keys.delayed)
+        pipe.llen(self.keys.dead_letter)
+        replies = pipe.execute()
+        processing = [0] * len(pools)
+        for (pool, _), count in zip(held, replies[len(pools):]):
+            if pool < len(pools):
+                processing[pool] += count
+        for i in range(len(pools)):
+            r.waiting[i] = replies[i]
+            r.processing[i] = processing[i]
+        r.delayed, r.dead_letter = replies[-2], replies[-1]
+        r.depths_checked = time.monotonic()
+
+    def read_host(self) -> None:
+        r = self.state.readings
+        host = host_reading()
+        r.cpu_ratio = _num(host.cpu_ratio)
+        r.cpu_count = host.cpu_count or 0
+        r.load1 = _num(host.load_1m)
+        r.memory_used_bytes = _num(host.memory_used_bytes)
+        r.memory_total_bytes = _num(host.memory_total_bytes)
+        r.disk_used_bytes = _num(host.disk_used_bytes)
+        r.disk_total_bytes = _num(host.disk_total_bytes)
+        r.network_sent_bytes = _num(host.net_sent_bytes)
+        r.network_received_bytes = _num(host.net_recv_bytes)
+        slots = {slot.pid: slot for slot in self.state.slots if slot.pid > 0}
+        for pid, reading in self.processes.read(slots).items():
+            slot = slots[pid]
+            slot.rss_bytes = float(reading.rss_bytes)
+            slot.cpu_seconds = reading.cpu_seconds
+
+    def read_gpus(self) -> None:
+        self.write_gpus(self.gpus.sample(), find_processes(OLLAMA_NAMES))
+
+    def write_gpus(self, reading: GpuReading, ollama_pids: list[int]) -> None:
+        r = self.state.readings
+        r.gpu_collector_up = int(reading.collector_up)
+        r.gpu_error = (reading.error or "").encode()[:255]
+        held = ollama_memory(reading, ollama_pids, OLLAMA_NAMES)
+        gpus = reading.gpus[:MAX_GPUS]
+        for row, gpu in zip(r.gpus, gpus):
+            row.index = gpu.index
+            row.uuid = (gpu.uuid or "").encode()[: NAME - 1]
+            row.name = (gpu.name or "").encode()[: NAME - 1]
+            row.utilization_ratio = _num(gpu.utilization_ratio)
+            row.memory_used_bytes = _num(gpu.memory_used_bytes)
+            row.memory_total_bytes = _num(gpu.memory_total_bytes)
+            row.temperature_celsius = _num(gpu.temperature_celsius)
+            row.power_watts = _num(gpu.power_watts)
+            row.energy_joules = _num(gpu.energy_joules)
+            row.ollama_memory_bytes = float(held[gpu.index]) if gpu.index in held else (0.0 if gpu.processes is not None else math.nan)
+        r.gpu_count = len(gpus)
+
+
+def _num(value: float | None) -> float:
+    return math.nan if value is None else float(value)

@@ -1,0 +1,235 @@
+"""The HTTP process as Kubernetes, Docker, Prometheus and an operator use it."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import signal
+import subprocess
+
+import pytest
+import redis
+import urllib3
+from prometheus_client.parser import text_string_to_metric_families
+
+from llm_worker.simulator import Simulator
+from support import chat, client_for, eventually, wait_all
+
+FAST = {"HOST_SAMPLE_INTERVAL": "200", "OLLAMA_HEALTH_CHECK_INTERVAL": "500"}
+
+
+def scrape(svc, accept: str | None = None) -> dict[tuple[str, tuple], float]:
+    headers = {"Accept": accept} if accept else {}
+    text = urllib3.request("GET", svc.url + "/metrics", headers=headers).data.decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value for f in text_string_to_metric_families(text) for s in f.samples}
+
+
+def value(samples: dict, name: str, **labels: str) -> float:
+    return samples[(name, tuple(sorted(labels.items())))]
+
+
+def test_health_liveness_readiness_answer_with_the_services_shapes(service) -> None:
+    svc = service()
+    status, body = svc.get("/health")
+    assert status == 200 and body["status"] == "healthy" and body["workerId"] == svc.env["WORKER_ID"]
+    assert {"timestamp", "uptime", "version"} <= set(body)
+    assert svc.get("/")[1]["status"] == "healthy"
+    status, body = svc.get("/health/live")
+    assert status == 200 and body["status"] == "alive"
+    status, body = svc.get("/health/ready")
+    assert status == 200 and body["status"] == "ready"
+    assert svc.get("/nope")[0] == 404
+    assert urllib3.request("POST", svc.url + "/health").status == 405
+
+
+def test_metrics_exist_at_zero_before_the_first_job(service) -> None:
+    svc = service(WORKER_POOLS="llm-chat=2,llm-embeddings=1", DEFAULT_CHAT_MODEL="llama3.2",
+                  DEFAULT_EMBEDDING_MODEL="nomic-embed-text", **FAST)
+    samples = scrape(svc)
+    for job_type in ("chat", "generate"):
+        for outcome in ("completed", "failed", "retried"):
+            assert value(samples, "llm_worker_jobs_total", queue="llm-chat", type=job_type, model="llama3.2", outcome=outcome) == 0
+        assert value(samples, "llm_worker_job_duration_seconds_count", queue="llm-chat", type=job_type) == 0
+    assert value(samples, "llm_worker_jobs_total", queue="llm-embeddings", type="embeddings", model="nomic-embed-text",
+                 outcome="completed") == 0
+    assert value(samples, "llm_worker_tokens_total", model="llama3.2", kind="prompt") == 0
+    assert value(samples, "llm_worker_model_job_duration_seconds_count", model="nomic-embed-text") == 0
+    assert value(samples, "llm_worker_workers", pool="llm-chat", state="idle") == 2
+    assert value(samples, "llm_worker_workers_wanted", pool="llm-embeddings") == 1
+    assert value(samples, "llm_worker_queue_wait_seconds_count", queue="llm-chat") == 0
+    assert value(samples, "llm_worker_worker_crashes_total", pool="llm-chat") == 0
+    assert value(samples, "llm_worker_fallbacks_total", queue="llm-chat") == 0
+    assert value(samples, "llm_worker_cache_hits_total", queue="llm-chat") == 0
+    assert value(samples, "llm_worker_jobs_reclaimed_total") == 0
+    assert value(samples, "llm_worker_redis_up") == 1
+    assert value(samples, "llm_worker_build_info", version=__import__("llm_worker").__version__,
+                 python=__import__("platform").python_version()) == 1
+    slots = [dict(labels) for name, labels in samples if name == "llm_worker_worker_resident_memory_bytes"]
+    assert sorted(s["pool"] for s in slots) == ["llm-chat", "llm-chat", "llm-embeddings"]
+    assert all(name.startswith("llm_worker_") for name, _ in samples)
+
+
+def test_counters_count_jobs_and_stay_monotonic_across_a_sigkilled_worker(service, sim: Simulator, redis_url: str, r: redis.Redis) -> None:
+    svc = service(WORKER_POOLS="llm-chat=2", **FAST)
+    client = client_for(redis_url)
+    wait_all(client, [chat(client, f"one {n}") for n in range(6)])
+    eventually(lambda: value(scrape(svc), "llm_worker_jobs_total", queue="llm-chat", type="chat", model="llama3.2",
+                             outcome="completed") == 6, what="six jobs counted")
+    before = scrape(svc)
+    done = value(before, "llm_worker_jobs_total", queue="llm-chat", type="chat", model="llama3.2", outcome="completed")
+    assert done == 6
+    assert value(before, "llm_worker_tokens_total", model="llama3.2", kind="completion") > 0
+    assert value(before, "llm_worker_job_duration_seconds_count", queue="llm-chat", type="chat") == 6
+    assert value(before, "llm_worker_model_job_duration_seconds_count", model="llama3.2") == 6
+    assert value(before, "llm_worker_queue_wait_seconds_count", queue="llm-chat") == 6
+    killed = svc.worker_pids(r)
+    for pid in killed:
+        os.kill(pid, signal.SIGKILL)
+    eventually(lambda: (lambda now: len(now) == 2 and not set(now) & set(killed))(svc.worker_pids(r)), what="respawned workers")
+    after = scrape(svc)
+    for key, count in before.items():
+        if key[0].endswith(("_total", "_count", "_sum", "_bucket")) and "cpu_seconds" not in key[0]:
+            assert after.get(key, 0) >= count, key  # counts of dead workers are kept
+    assert value(after, "llm_worker_worker_crashes_total", pool="llm-chat") == 2
+    wait_all(client, [chat(client, "after")])
+    # The worker counts a job just after its result is written: look again if need be.
+    eventually(lambda: value(scrape(svc), "llm_worker_jobs_total", queue="llm-chat", type="chat", model="llama3.2",
+                             outcome="completed") == 7, what="the seventh job counted")
+
+
+def test_failures_retries_and_rejections_are_counted(service, sim: Simulator, redis_url: str, r: redis.Redis) -> None:
+    from llm_worker.simulator import Fault
+
+    svc = service(WORKER_POOLS="llm-chat=1", QUEUE_DELAY="10", QUEUE_MAX_ATTEMPTS="2", OLLAMA_MAX_RETRIES="0", **FAST)
+    sim.set_faults([Fault(status=500, reason="oom")])
+    client = client_for(redis_url)
+    wait_all(client, [chat(client)])
+    r.lpush("llm-chat", b"not a job")
+    eventually(lambda: r.llen("llm-dead-letter") == 2, what="two dead letters")
+    samples = eventually(lambda: (lambda s: s if value(s, "llm_worker_payloads_rejected_total", queue="llm-chat") else None)(scrape(svc)),
+                         what="the rejection counted")
+    assert value(samples, "llm_worker_jobs_total", queue="llm-chat", type="chat", model="llama3.2", outcome="retried") == 1
+    assert value(samples, "llm_worker_jobs_total", queue="llm-chat", type="chat", model="llama3.2", outcome="failed") == 1
+    assert value(samples, "llm_worker_payloads_rejected_total", queue="llm-chat") == 1
+    eventually(lambda: value(scrape(svc), "llm_worker_dead_letter_jobs") == 2, what="dead letters sampled")
+
+
+def test_model_labels_are_bounded_and_the_rest_count_as_other(service, redis_url: str) -> None:
+    from llm_worker.stats import MAX_MODELS
+
+    svc = service(WORKER_POOLS="llm-chat=2", **FAST)
+    client = client_for(redis_url)
+    # Thirty models the provider does not have: each job fails, each under its model's label while there is room.
+    first = chat(client, model="llama3.2:latest")
+    wait_all(client, [first])
+    ids = [chat(client, model=f"unknown-{n}") for n in range(30)]
+    wait_all(client, ids)
+
+    def counted() -> dict | None:
+        samples = scrape(svc)
+        failed = {dict(labels)["model"]: v for (name, labels), v in samples.items()
+                  if name == "llm_worker_jobs_total" and dict(labels)["outcome"] == "failed" and v}
+        return samples if sum(failed.values()) == 30 else None
+
+    samples = eventually(counted, what="thirty failures counted")
+    models = {dict(labels)["model"] for name, labels in samples if name == "llm_worker_jobs_total"}
+    assert len(models) <= MAX_MODELS and "other" in models
+    assert value(samples, "llm_worker_jobs_total", queue="llm-chat", type="chat", model="other", outcome="failed") > 0
+    assert value(samples, "llm_worker_jobs_total", queue="llm-chat", type="chat", model="llama3.2", outcome="completed") == 1
+
+
+def test_models_outside_allowed_models_are_refused_not_labelled(service, redis_url: str) -> None:
+    svc = service(WORKER_POOLS="llm-chat=1", ALLOWED_MODELS="llama3.2,mistral", **FAST)
+    client = client_for(redis_url)
+    results = wait_all(client, [chat(client, model="llama3.2:latest"), chat(client, model="gemma")])
+    assert [r["success"] for r in results.values()] == [True, False]
+    samples = eventually(lambda: (lambda s: s if value(s, "llm_worker_payloads_rejected_total", queue="llm-chat") else None)(scrape(svc)),
+                         what="the refusal counted")
+    assert value(samples, "llm_worker_jobs_total", queue="llm-chat", type="chat", model="llama3.2", outcome="completed") == 1
+    assert not any(dict(labels).get("model") == "gemma" for _, labels in samples)
+
+
+def test_exposition_negotiates_openmetrics_and_gzip(service) -> None:
+    svc = service()
+    plain = urllib3.request("GET", svc.url + "/metrics")
+    assert plain.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    om = urllib3.request("GET", svc.url + "/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"})
+    assert om.headers["Content-Type"].startswith("application/openmetrics-text") and om.data.decode().endswith("# EOF\n")
+    zipped = urllib3.request("GET", svc.url + "/metrics", headers={"Accept-Encoding": "gzip"}, decode_content=False)
+    assert zipped.headers["Content-Encoding"] == "gzip" and b"llm_worker_workers" in gzip.decompress(zipped.data)
+
+
+def test_promtool_accepts_the_exposition(service, redis_url: str) -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("promtool is not installed, and CI must check the exposition with it")
+        pytest.skip("promtool is not installed (Debian's prometheus package has it)")
+    svc = service(**FAST)
+    client = client_for(redis_url)
+    wait_all(client, [chat(client)])
+    text = urllib3.request("GET", svc.url + "/metrics").data
+    checked = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, timeout=30)
+    assert checked.returncode == 0, checked.stdout.decode() + checked.stderr.decode()
+
+
+def test_readiness_follows_redis_and_drain_while_liveness_holds(service, sim: Simulator, tmp_path) -> None:
+    from llm_worker.localredis import LocalRedis
+
+    with LocalRedis(tmp_path / "own", appendonly=False) as own:
+        svc = service(REDIS_URL=own.url, WORKER_POOLS="llm-chat=1", **FAST)
+        assert svc.get("/health/ready")[0] == 200
+        own.kill()
+        eventually(lambda: svc.get("/health/ready")[0] == 503, timeout=15, what="not ready without Redis")
+        assert svc.get("/health/ready")[1]["reason"] == "Redis unreachable"
+        assert svc.get("/health/live")[0] == 200
+        own.start()
+        eventually(lambda: svc.get("/health/ready")[0] == 200, timeout=15, what="ready again")
+        sim.config.latency_ms = 3000
+        chat(client_for(own.url))
+        eventually(lambda: svc.get("/status")[1]["workers"][0]["state"] == "busy", what="a job in hand")
+        svc.send(signal.SIGTERM)
+        eventually(lambda: svc.get("/health/ready")[1].get("reason") == "draining", what="not ready while draining")
+        assert svc.get("/health/live")[0] == 200
+        assert svc.wait(20) == 0
+
+
+def test_ollama_down_shows_in_its_health_route_not_in_liveness(service, sim: Simulator) -> None:
+    svc = service(**FAST)
+    eventually(lambda: svc.get("/health/ollama")[0] == 200, what="Ollama probed")
+    status, body = svc.get("/health/ollama")
+    assert body["status"] == "healthy" and body["url"] == sim.url and body["error_details"] is None
+    sim.stop()
+    eventually(lambda: svc.get("/health/ollama")[0] == 503, timeout=15, what="Ollama seen down")
+    body = svc.get("/health/ollama")[1]
+    assert set(body) >= {"status", "message", "url", "error_details"} and body["error_details"]
+    assert svc.get("/health/live")[0] == 200
+    assert value(scrape(svc), "llm_worker_provider_up", provider="ollama") == 0
+
+
+def test_status_shows_pools_workers_and_the_job_in_hand(service, sim: Simulator, redis_url: str) -> None:
+    sim.config.latency_ms = 2000
+    svc = service(WORKER_POOLS="llm-chat=1,llm-embeddings=1", **FAST)
+    job = chat(client_for(redis_url))
+    body = eventually(lambda: (lambda b: b if any(w["jobId"] == job for w in b["workers"]) else None)(svc.get("/status")[1]),
+                      what="the job in /status")
+    assert body["pools"] == {"llm-chat": {"wanted": 1, "workers": 1}, "llm-embeddings": {"wanted": 1, "workers": 1}}
+    busy = next(w for w in body["workers"] if w["jobId"] == job)
+    assert busy["state"] == "busy" and busy["pool"] == "llm-chat" and busy["jobSeconds"] >= 0
+    assert set(body) >= {"queues", "breakers", "models", "gpu", "provider", "redis", "phase", "ready"}
+
+
+def test_admin_routes_need_the_token_and_are_off_without_one(service, redis_url: str) -> None:
+    svc = service(ADMIN_TOKEN="s3cret-token", WORKER_POOLS="llm-chat=1")
+    wait_all(client_for(redis_url), [chat(client_for(redis_url))])
+    assert urllib3.request("GET", svc.url + "/admin/queue/stats").status == 401
+    wrong = urllib3.request("GET", svc.url + "/admin/queue/stats", headers={"Authorization": "Bearer nope"})
+    assert wrong.status == 401 and wrong.headers["WWW-Authenticate"].startswith("Bearer")
+    ok = urllib3.request("GET", svc.url + "/admin/queue/stats", headers={"Authorization": "Bearer s3cret-token"})
+    stats = ok.json()
+    assert ok.status == 200 and stats["llm-chat"] == {"waiting": 0, "active": 0, "completed": 1, "failed": 0}
+    for path in ("/health", "/status", "/metrics"):
+        assert b"s3cret-token" not in urllib3.request("GET", svc.url + path).data
+    off = service(WORKER_POOLS="llm-chat=1")
+    assert urllib3.request("GET", off.url + "/admin/queue/stats", headers={"Authorization": "Bearer x"}).status == 404
