@@ -236,6 +236,19 @@ class Decoded:
     def model(self) -> str:
         return self.tasks[0].model
 
+    def prompt_text(self) -> str:
+        """The prompt text of the job, for logs that LOG_PROMPTS allows (never for events)."""
+        parts = []
+        for task in self.tasks:
+            request = task.request
+            if isinstance(request, ChatRequest):
+                parts += [m.content for m in request.messages]
+            elif isinstance(request, GenerateRequest):
+                parts += [request.system or "", request.prompt]
+            else:
+                parts += request.inputs()
+        return "\n".join(p for p in parts if p)
+
     @property
     def stream(self) -> bool:
         return self.job.type in ("chat", "generate") and bool(getattr(self.tasks[0].request, "stream", False))

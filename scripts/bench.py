@@ -52,8 +52,8 @@ def simulator(*args: str) -> Iterator[str]:
 @contextmanager
 def service(redis_url: str, sim_url: str, pools: str, logdir: Path) -> Iterator[Service]:
     env = {"REDIS_URL": redis_url, "OLLAMA_BASE_URL": sim_url, "WORKER_POOLS": pools, "WORKER_ID": "bench",
-           "LOG_LEVEL": "warning"}
-    svc = Service(env, log_path=logdir / f"service-{uuid.uuid4().hex[:6]}.log").start()
+           "LOG_LEVEL": "warning", "HOST_SAMPLE_INTERVAL": "1000"}
+    svc = Service(env, log_path=logdir / f"service-{uuid.uuid4().hex[:6]}.log").start(timeout=120)
     try:
         yield svc
     finally:
@@ -159,6 +159,67 @@ def utilization(seconds: float, workdir: Path) -> dict[str, float]:
                 "slot_busy_fraction": busy / (slots * elapsed)}
 
 
+def _timed_gets(url: str, n: int) -> list[float]:
+    """Milliseconds for each of ``n`` GETs over one keep-alive connection, sorted."""
+    pool = urllib3.connection_from_url(url, maxsize=1)
+    path = urllib3.util.parse_url(url).path
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        resp = pool.urlopen("GET", path, preload_content=True)
+        times.append((time.perf_counter() - start) * 1000)
+        assert resp.status == 200, resp.status
+    return sorted(times)
+
+
+def _percentiles(times: list[float]) -> dict[str, float]:
+    return {"p50_ms": statistics.median(times), "p99_ms": times[max(0, int(len(times) * 0.99) - 1)], "max_ms": times[-1],
+            "samples": len(times)}
+
+
+def liveness_while_busy(samples: int, workdir: Path) -> dict[str, float]:
+    """/health/live latency while every worker holds a job (4 workers, slow provider)."""
+    with LocalRedis(workdir / "redis-lv") as store, simulator("--latency-ms", "2000", "--slots", "4") as url, \
+            service(store.url, url, "llm-chat=4", workdir) as svc:
+        r = store.client()
+        r.lpush("llm-chat", *[_job() for _ in range(200)])
+        while sum(1 for w in svc.get("/status")[1]["workers"] if w["state"] == "busy") < 4:
+            time.sleep(0.01)
+        return _percentiles(_timed_gets(svc.url + "/health/live", samples))
+
+
+def metrics_render(samples: int, workdir: Path) -> dict[str, float]:
+    """/metrics response time with 64 worker slots and 16 models (12 chat, 4 embedding) in use."""
+    chat_models = [f"chat-{n}" for n in range(12)]
+    embed_models = [f"embed-{n}" for n in range(4)]
+    pools = "llm-chat=40,llm-embeddings=16,llm-batch=4,llm-priority=4"
+    with LocalRedis(workdir / "redis-mr") as store, \
+            simulator("--models", ",".join(chat_models + embed_models)) as url, \
+            service(store.url, url, pools, workdir) as svc:
+        r = store.client()
+        jobs = []
+        for n in range(640):
+            model = chat_models[n % 12]
+            kind, queue, request = [("chat", "llm-chat", CHAT), ("generate", "llm-chat", {"prompt": "hi"}),
+                                    ("embeddings", "llm-embeddings", {"input": "hi"}),
+                                    ("batch", "llm-batch", {"requests": [{"type": "chat", "request": CHAT}]}),
+                                    ("chat", "llm-priority", CHAT)][n % 5]
+            if kind == "embeddings":
+                model = embed_models[n % 4]
+            job = {"id": uuid.uuid4().hex, "type": kind, "userId": "bench", "model": model, "request": request}
+            jobs.append((queue, msgspec.json.encode(job)))
+        r.delete("llm:events")
+        for queue, payload in jobs:
+            r.lpush(queue, payload)
+        while r.xlen("llm:events") < 2 * len(jobs):
+            time.sleep(0.05)
+        while len(svc.get("/status")[1]["workers"]) < 64:
+            time.sleep(0.05)
+        time.sleep(1)  # the worker counts land just after the results
+        series = urllib3.request("GET", svc.url + "/metrics").data.count(b"\n")
+        return {**_percentiles(_timed_gets(svc.url + "/metrics", samples)), "lines": series}
+
+
 def _sim_stats(url: str) -> dict[str, Any]:
     return msgspec.json.decode(urllib3.request("GET", url + "/_sim/stats").data)
 
@@ -190,6 +251,14 @@ def main(argv: list[str] | None = None) -> int:
               f"{u['of_measured_capacity']:.1%} of the {u['plain_clients_per_s']:.1f} jobs/s four plain clients get, "
               f"{u['of_nominal']:.1%} of the nominal {u['nominal_per_s']:.0f}; slots busy {u['slot_busy_fraction']:.1%} of the time",
               flush=True)
+        figures["liveness_while_busy"] = liveness_while_busy(int(2000 * scale), workdir)
+        lv = figures["liveness_while_busy"]
+        print(f"/health/live while every worker is busy: p50 {lv['p50_ms']:.2f} ms, p99 {lv['p99_ms']:.2f} ms, "
+              f"max {lv['max_ms']:.2f} ms", flush=True)
+        figures["metrics_render"] = metrics_render(int(100 * scale), workdir)
+        mr = figures["metrics_render"]
+        print(f"/metrics with 64 worker slots and 16 models: p50 {mr['p50_ms']:.1f} ms, p99 {mr['p99_ms']:.1f} ms "
+              f"({mr['lines']} lines)", flush=True)
     if args.json:
         Path(args.json).write_text(msgspec.json.format(msgspec.json.encode(figures), indent=2).decode())
     return 0

@@ -15,6 +15,7 @@ from typing import Any
 
 import msgspec
 
+from llm_worker import logs
 from llm_worker.config import Settings
 from llm_worker.jobs import RAW_KEEP, DeadLetter, Decoded, ErrorKind, Invalid, JobError, Malformed, Result, iso
 from llm_worker.queue import DeferredEvents, Event, ReliableQueue, retry_delay
@@ -63,7 +64,8 @@ class Finisher:
                           stream="done" if stream else "", take_from=self._take, queue=self.queue)
         if done.ours:
             self._count(d, taken, "completed", answer.model, answer)
-        self._report(done.ours, d, "completed", result.processing_time)
+        self._report(done.ours, d, "completed", result.processing_time,
+                     **logs.prompt_fields(prompt=d.prompt_text(), completion=_completion_text(answer)))
         return done.next
 
     def failed(self, d: Decoded, taken: float, error: JobError, *, streamed: int = 0) -> bytes | None:
@@ -194,3 +196,11 @@ class Finisher:
             log.info("job completed", extra=fields)
         else:
             log.warning(f"job {what}", extra=fields)
+
+
+def _completion_text(answer: Answer) -> str:
+    response = answer.response
+    message = response.get("message")
+    if isinstance(message, dict):
+        return str(message.get("content", ""))
+    return str(response.get("response", ""))
