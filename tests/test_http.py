@@ -43,6 +43,23 @@ def test_health_liveness_readiness_answer_with_the_services_shapes(service) -> N
     assert urllib3.request("POST", svc.url + "/health").status == 405
 
 
+def test_not_ready_while_workers_boot_but_live_and_healthy(service) -> None:
+    svc = service(ready=False, LLM_WORKER_PLUGINS="testplugins", TESTPLUGINS_BOOT_SECONDS="3", WORKER_POOLS="llm-chat=2")
+    status, body = eventually(lambda: (lambda got: got if got[0] in (200, 503) else None)(_get_or_none(svc, "/health/ready")),
+                              timeout=20, what="the HTTP process up")
+    assert status == 503 and body["reason"] == "0 of 2 workers up, 1 needed"
+    assert svc.get("/health/live")[0] == 200
+    assert svc.get("/status")[1]["workers"][0]["state"] == "booting"
+    eventually(lambda: svc.get("/health/ready")[0] == 200, timeout=20, what="ready once booted")
+
+
+def _get_or_none(svc, path: str):  # type: ignore[no-untyped-def]
+    try:
+        return svc.get(path)
+    except urllib3.exceptions.HTTPError:
+        return (None, None)
+
+
 def test_metrics_exist_at_zero_before_the_first_job(service) -> None:
     svc = service(WORKER_POOLS="llm-chat=2,llm-embeddings=1", DEFAULT_CHAT_MODEL="llama3.2",
                   DEFAULT_EMBEDDING_MODEL="nomic-embed-text", **FAST)

@@ -2,12 +2,14 @@
 
 ``crash-*`` models kill the worker that runs them with SIGKILL: a job that
 kills its worker every time, as a segfaulting native library would.
+TESTPLUGINS_BOOT_SECONDS slows every worker's boot by that much.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import time
 
 from llm_worker import hookimpl
 
@@ -38,4 +40,7 @@ class CrashingProvider:
 
 @hookimpl
 def llm_worker_providers(settings):  # type: ignore[no-untyped-def]
+    # TESTPLUGINS_BOOT_SECONDS makes every worker slow to boot, as a provider
+    # that opens connections or loads a client library can be.
+    time.sleep(float(os.environ.get("TESTPLUGINS_BOOT_SECONDS", "0")))
     return [CrashingProvider()]
