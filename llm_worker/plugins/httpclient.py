@@ -1,36 +1,45 @@
-"""JSON over HTTP for providers: a pooled urllib3 client with deadlines and error kinds.
+"""JSON over HTTP for providers: one kept-alive connection per thread, deadlines, error kinds.
 
-urllib3 rather than a requests Session on the job path: on the 2-core hosts we
-measured, a requests call cost ~0.6 ms of CPU more than the same urllib3 call,
-which is most of the per-job budget the throughput target allows. urllib3 is
-what requests pools with anyway; we use its pool directly.
+A worker process runs one job at a time, so it needs one connection to its
+provider, not a pool. We keep it with the standard library's http.client:
+measured on the 2-core hosts this project targets, a call through it cost
+~0.2 ms of CPU, through urllib3's pool ~0.45 ms and through a requests
+Session ~1 ms, against a per-job budget of about 1 ms for everything. What a
+pool would add is done here explicitly: a kept-alive connection the server
+closed while idle is noticed before it is reused (as urllib3 does), and
+OLLAMA_MAX_CONNECTIONS bounds the connections one process (its threads) uses.
 """
 
 from __future__ import annotations
 
+import http.client
+import select
+import socket
+import ssl
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import msgspec
-import urllib3
-from urllib3.exceptions import HTTPError, NewConnectionError, ProtocolError, ReadTimeoutError
-from urllib3.exceptions import TimeoutError as Urllib3Timeout
 
 from llm_worker import __version__
 from llm_worker.jobs import ErrorKind
 from llm_worker.providers import Deadline, ProviderError
 
 Classify = Callable[[int, str], ErrorKind]
+Response = http.client.HTTPResponse
 _encode = msgspec.json.Encoder().encode
 _decode_error = msgspec.json.Decoder(dict[str, Any]).decode
+_BROKEN = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError, http.client.BadStatusLine)
 
 
 class JsonHttp:
-    """One base URL, one connection pool per process.
+    """One base URL; one connection per calling thread.
 
     Retries within a call only what the server never saw or refused for load:
-    failed connects, a pooled connection found dead before the reply began,
+    failed connects, a kept-alive connection that died before the reply began,
     and the statuses ``retry_statuses`` (503 busy). Everything else is raised
     at once as a ProviderError, for the job-level retry, breaker and fallback.
     """
@@ -39,11 +48,15 @@ class JsonHttp:
                  max_retries: int, retry_delay: float, classify: Classify, headers: dict[str, str] | None = None,
                  retry_statuses: frozenset[int] = frozenset({503})) -> None:
         self.base_url = base_url.rstrip("/")
-        self._path = urllib3.util.parse_url(self.base_url).path or ""
-        all_headers = {"Content-Type": "application/json", "User-Agent": f"llm-worker/{__version__}"}
-        all_headers.update(headers or {})
-        self._pool = urllib3.connection_from_url(self.base_url, maxsize=max_connections, block=False,
-                                                 headers=all_headers, retries=False)
+        parts = urlsplit(self.base_url)
+        self._https = parts.scheme == "https"
+        self._host = parts.hostname or "localhost"
+        self._port = parts.port or (443 if self._https else 80)
+        self._path = parts.path.rstrip("/")
+        self._headers = {"Content-Type": "application/json", "User-Agent": f"llm-worker/{__version__}", **(headers or {})}
+        self._local = threading.local()
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._open: set[http.client.HTTPConnection] = set()
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.max_retries = max_retries
@@ -52,34 +65,32 @@ class JsonHttp:
         self.retry_statuses = retry_statuses
 
     def close(self) -> None:
-        self._pool.close()
+        for conn in list(self._open):
+            conn.close()
+        self._open.clear()
+        self._local.__dict__.clear()
 
-    def request(self, method: str, path: str, body: Any, deadline: Deadline, *, stream: bool = False) -> urllib3.BaseHTTPResponse:
-        """Send one request; return a 2xx response (unread when ``stream``)."""
+    def request(self, method: str, path: str, body: Any, deadline: Deadline) -> Response:
+        """Send one request; return its 2xx response, unread."""
         payload = _encode(body) if body is not None else None
+        what = f"{method} {path}"
         attempt = 0
         while True:
-            left = deadline.check(f"{method} {path}")
-            timeout = urllib3.Timeout(connect=min(self.connect_timeout, left), read=min(self.read_timeout, left))
+            left = deadline.check(what)
             try:
-                resp = self._pool.urlopen(method, self._path + path, body=payload, timeout=timeout,
-                                          preload_content=not stream, retries=False, redirect=False)
-            except ReadTimeoutError:
-                raise ProviderError(f"{method} {path}: no answer within {min(self.read_timeout, left):.1f}s", ErrorKind.TIMEOUT) from None
-            except (NewConnectionError, Urllib3Timeout) as exc:
-                # Refused connects and connect timeouts: the server never saw the request.
-                error = ProviderError(f"{method} {path}: cannot reach {self.base_url}: {_reason(exc)}", ErrorKind.NETWORK)
-            except ProtocolError as exc:
-                # The connection broke after the request went out: the server may have
-                # run it, so it is not repeated here (the job-level retry decides).
-                # urllib3 already drops pooled connections the server closed while idle.
-                raise ProviderError(f"{method} {path}: connection broken: {_reason(exc)}", ErrorKind.PROVIDER) from None
-            except HTTPError as exc:
-                raise ProviderError(f"{method} {path}: {_reason(exc)}", ErrorKind.NETWORK) from None
+                resp = self._send(method, path, payload, left)
+            except _Retryable as exc:
+                error = ProviderError(f"{what}: {exc}", ErrorKind.NETWORK)
+            except socket.timeout:
+                raise ProviderError(f"{what}: no answer within {min(self.read_timeout, left):.1f}s", ErrorKind.TIMEOUT) from None
+            except (OSError, http.client.HTTPException) as exc:
+                # The connection broke after the request went out: the server may
+                # have run it, so it is not repeated here (the job-level retry decides).
+                raise ProviderError(f"{what}: connection broken: {_reason(exc)}", ErrorKind.PROVIDER) from None
             else:
                 if 200 <= resp.status < 300:
-                    return resp
-                error = self.error_of(resp, f"{method} {path}")
+                    return resp  # unread: the caller reads it whole (json) or line by line (lines)
+                error = self.error_of(resp, what)
                 if resp.status not in self.retry_statuses:
                     raise error
             attempt += 1
@@ -90,45 +101,131 @@ class JsonHttp:
                 raise error
             time.sleep(pause)
 
-    def error_of(self, resp: urllib3.BaseHTTPResponse, what: str) -> ProviderError:
-        data = resp.data if resp.data is not None else b""
+    def _send(self, method: str, path: str, payload: bytes | None, left: float) -> Response:
+        conn, fresh = self._connection(left)
+        timeout = min(self.read_timeout, left)
+        try:
+            conn.sock.settimeout(timeout)
+            conn.request(method, self._path + path, body=payload, headers=self._headers)
+            return conn.getresponse()
+        except _BROKEN as exc:
+            self._drop(conn)
+            if not fresh:
+                # A kept-alive connection the server closed between our check and
+                # our request: it never read this one. Once more, on a new one.
+                conn, _ = self._connection(left)
+                conn.sock.settimeout(timeout)
+                conn.request(method, self._path + path, body=payload, headers=self._headers)
+                return conn.getresponse()
+            raise exc from None
+        except BaseException:
+            self._drop(conn)
+            raise
+
+    def _connection(self, left: float) -> tuple[http.client.HTTPConnection, bool]:
+        """This thread's connection, opened or reopened as needed; and whether it is new."""
+        conn = getattr(self._local, "conn", None)
+        if conn is not None and conn.sock is not None and not _idle_and_open(conn.sock):
+            self._drop(conn)
+            conn = None
+        if conn is not None and conn.sock is not None:
+            return conn, False
+        if conn is None:
+            if not self._slots.acquire(timeout=max(0.0, left)):
+                raise _Retryable(f"all {len(self._open)} connections to {self.base_url} are in use")
+            kind = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
+            extra = {"context": ssl.create_default_context()} if self._https else {}
+            conn = kind(self._host, self._port, timeout=min(self.connect_timeout, left), **extra)
+            self._local.conn = conn
+            self._open.add(conn)
+        try:
+            conn.connect()
+            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError as exc:
+            self._drop(conn)
+            raise _Retryable(f"cannot reach {self.base_url}: {_reason(exc)}") from None
+        return conn, True
+
+    def _drop(self, conn: http.client.HTTPConnection) -> None:
+        conn.close()
+        if conn in self._open:
+            self._open.discard(conn)
+            self._slots.release()
+        if getattr(self._local, "conn", None) is conn:
+            del self._local.conn
+
+    def error_of(self, resp: Response, what: str) -> ProviderError:
+        try:
+            data = resp.read()
+        except (OSError, http.client.HTTPException):
+            data = b""
         message = _message(data) or f"HTTP {resp.status}"
-        resp.release_conn()
         return ProviderError(f"{what}: {message}", self.classify(resp.status, message), status=resp.status)
 
     def json(self, method: str, path: str, body: Any, deadline: Deadline, type: Any = Any) -> Any:
         resp = self.request(method, path, body, deadline)
         try:
-            return msgspec.json.decode(resp.data, type=type)
+            data = resp.read()
+        except socket.timeout:
+            raise ProviderError(f"{method} {path}: answer stalled", ErrorKind.TIMEOUT) from None
+        except (OSError, http.client.HTTPException) as exc:
+            raise ProviderError(f"{method} {path}: answer cut: {_reason(exc)}", ErrorKind.PROVIDER) from None
+        try:
+            return msgspec.json.decode(data, type=type)
         except msgspec.MsgspecError as exc:
             raise ProviderError(f"{method} {path}: unexpected answer: {exc}", ErrorKind.PROVIDER, status=resp.status) from None
 
-    def lines(self, resp: urllib3.BaseHTTPResponse, deadline: Deadline, what: str) -> Iterator[bytes]:
+    def lines(self, resp: Response, deadline: Deadline, what: str) -> Iterator[bytes]:
         """Yield the non-empty lines of a streamed answer, minding the deadline.
 
-        A caller that stops at its last line calls ``finish(resp)``, so the
-        connection goes back to the pool; one that stops for an error leaves
-        it, and it is closed rather than reused half-read.
+        A caller that stops at its last line calls ``finish(resp)`` so the
+        connection can be reused; one that stops for an error leaves it, and
+        the half-read connection is closed.
         """
+        conn = getattr(self._local, "conn", None)
+        sock = conn.sock if conn is not None else None
         try:
-            for line in resp:
+            while True:
+                if sock is not None:
+                    sock.settimeout(max(0.001, min(self.read_timeout, deadline.check(what))))
+                line = resp.readline()
+                if not line:
+                    return
                 if line.strip():
                     yield line
                 deadline.check(what)
-        except ReadTimeoutError:
+        except socket.timeout:
             raise ProviderError(f"{what}: stream stalled", ErrorKind.TIMEOUT) from None
-        except (ProtocolError, HTTPError) as exc:
+        except (OSError, http.client.HTTPException) as exc:
             raise ProviderError(f"{what}: stream cut: {_reason(exc)}", ErrorKind.PROVIDER) from None
         finally:
-            resp.close()  # a no-op once finish() has given the connection back
+            if not resp.isclosed():
+                self._drop_current()
 
-    @staticmethod
-    def finish(resp: urllib3.BaseHTTPResponse) -> None:
-        """Read what is left of a finished stream (its last chunk) and pool the connection."""
+    def finish(self, resp: Response) -> None:
+        """Read what is left of a finished stream (its last chunk), so the connection is reused."""
         try:
-            resp.drain_conn()
-        except HTTPError:
-            resp.close()
+            resp.read()
+        except (OSError, http.client.HTTPException):
+            self._drop_current()
+
+    def _drop_current(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            self._drop(conn)
+
+
+class _Retryable(Exception):
+    """The request never reached the server: safe to send again."""
+
+
+def _idle_and_open(sock: socket.socket) -> bool:
+    """Whether a kept-alive socket is still open: readable now means EOF (or garbage)."""
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return False
+    return not readable
 
 
 def _message(data: bytes) -> str:
@@ -143,5 +240,5 @@ def _message(data: bytes) -> str:
 
 
 def _reason(exc: BaseException) -> str:
-    inner = exc.args[-1] if isinstance(exc, ProtocolError) and exc.args else exc
-    return str(getattr(inner, "reason", None) or inner).split(": ", 1)[-1][:200]
+    text = str(exc) or type(exc).__name__
+    return text.split(": ", 1)[-1][:200] if "Errno" in text else text[:200]

@@ -133,7 +133,7 @@ class OllamaProvider:
             line = self.http.json("POST", path, body, deadline, _Line)
             _raise_if_error(line, what)
             return _completion(line, _text(line), line.message)
-        resp = self.http.request("POST", path, body, deadline, stream=True)
+        resp = self.http.request("POST", path, body, deadline)
         parts: list[str] = []
         tool_calls: list[dict[str, Any]] = []
         for raw in self.http.lines(resp, deadline, what):
