@@ -13,9 +13,8 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 
+from llm_worker.chores import Chore
 from llm_worker.config import Settings
 from llm_worker.gpu import GpuReading, GpuSampler, ollama_memory
 from llm_worker.hoststats import OLLAMA_NAMES, ProcessWatcher, find_processes, host_reading
@@ -28,13 +27,6 @@ log = logging.getLogger("llm_worker.sampler")
 NVML_MODULE_ENV = "LLM_WORKER_NVML_MODULE"  # tests point this at a fake NVML module
 
 
-@dataclass
-class Chore:
-    name: str
-    period: float
-    run: Callable[[], None]
-    due: float = 0.0
-    failing: bool = False
 
 
 class Sampler(threading.Thread):

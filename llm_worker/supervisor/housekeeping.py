@@ -10,10 +10,10 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import redis
 
+from llm_worker.chores import Chore
 from llm_worker.config import Settings
 from llm_worker.queue import ReliableQueue, WorkerInfo
 from llm_worker.shm import SharedState
@@ -22,12 +22,6 @@ from llm_worker.supervisor.recovery import Recovery
 log = logging.getLogger("llm_worker.supervisor")
 
 
-@dataclass
-class Chore:
-    name: str
-    period: float
-    run: Callable[[], None]
-    due: float = 0.0
 
 
 class Housekeeping:
