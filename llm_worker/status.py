@@ -28,7 +28,7 @@ def snapshot(settings: Settings, state: SharedState, not_ready: str | None) -> d
             "jobId": slot.job_id.decode(errors="replace") if busy else None,
             "jobSeconds": round(now - slot.job_started, 3) if busy else None,
             "heartbeatSecondsAgo": round(now - slot.heartbeat, 3),
-            "rssBytes": _value(slot.rss_bytes),
+            "rssBytes": _value(slot.rss_bytes), "cpuSeconds": slot.cpu_seconds,
         })
     return {
         "workerId": settings.worker.id, "version": __version__, "timestamp": iso(),

@@ -82,7 +82,8 @@ def main() -> int:
         say("llm-worker run: a supervisor, its worker pools and the HTTP process")
         env = {"REDIS_URL": store.url, "OLLAMA_BASE_URL": ollama, "WORKER_ID": "demo-host",
                "WORKER_POOLS": "llm-chat=2,llm-embeddings=1,llm-batch=1,llm-priority=1",
-               "DEFAULT_CHAT_MODEL": chat_model, "DEFAULT_EMBEDDING_MODEL": embed_model, "LOG_LEVEL": "info"}
+               "DEFAULT_CHAT_MODEL": chat_model, "DEFAULT_EMBEDDING_MODEL": embed_model, "LOG_LEVEL": "info",
+               "OLLAMA_HEALTH_CHECK_INTERVAL": "1000", "HOST_SAMPLE_INTERVAL": "500"}
         svc = Service(env, log_path=workdir / "llm-worker.log").start()
         stack.callback(svc.stop)
         r = store.client()
@@ -139,10 +140,15 @@ def main() -> int:
         for path in ("/health", "/health/ready"):
             status, body = svc.get(path)
             print(f"  GET {path} -> {status} {msgspec.json.encode(body).decode()}")
+        time.sleep(1.5)  # one more turn of the sampler: queue depths, loaded models
         metrics = urllib3.request("GET", svc.url + "/metrics").data.decode()
+        shown = ("llm_worker_jobs_total", "llm_worker_workers{", "llm_worker_jobs_reclaimed", "llm_worker_worker_crashes",
+                 "llm_worker_dead_letter_jobs", "llm_worker_redis_up", "llm_worker_provider_up", "llm_worker_models_loaded",
+                 "llm_worker_gpu_collector_up")
         for line in metrics.splitlines():
-            if line.startswith("llm_worker_") and not line.startswith("llm_worker_build"):
+            if line.startswith(shown) and not line.endswith(" 0.0") or line.startswith(shown[5:]):
                 print(f"  {line}")
+        print(f"  ... and {len(metrics.splitlines())} lines in all at {svc.url}/metrics")
 
         say("llm-worker queues")
         subprocess.run([sys.executable, "-m", "llm_worker.cli", "queues"], env={**os.environ, **env}, check=False)
