@@ -37,7 +37,15 @@ def env(name: str, doc: str, *, secret: bool = False, **constraints: Any) -> Met
 
 QUEUE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._:{}-]{0,127}$"
 WORKER_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+MODEL_NAME = r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,254}$"  # a model's name, in settings and in jobs
+HTTP_URL = r"^https?://[^\s/]+(/\S*)?$"
 MS = "milliseconds"
+
+# Keys and values of dict settings; the title names them in messages ("name=count pairs").
+PoolCount = Annotated[int, Meta(ge=0, le=256, title="count")]
+QueueKey = Annotated[str, Meta(pattern=QUEUE_NAME, title="name")]
+LocalModel = Annotated[str, Meta(pattern=MODEL_NAME, title="model")]
+RemoteModel = Annotated[str, Meta(pattern=r"^\S{1,256}$", title="remote")]
 
 
 # --------------------------------------------------------------------------
@@ -48,7 +56,7 @@ MS = "milliseconds"
 class WorkerSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     id: Annotated[str, env("WORKER_ID", "This host's name in worker ids, heartbeats and results (default: the hostname). Must differ between hosts.", pattern=WORKER_ID)] = field(default_factory=lambda: _hostname())
     concurrency: Annotated[int, env("WORKER_CONCURRENCY", "Chat workers when WORKER_POOLS is unset.", ge=1, le=256)] = 5
-    pools: Annotated[dict[str, int], env("WORKER_POOLS", "Worker processes per queue, `queue=count,...` (e.g. `llm-chat=4,llm-embeddings=2`). Unset: the chat queue gets WORKER_CONCURRENCY, every other queue 1.")] = {}
+    pools: Annotated[dict[QueueKey, PoolCount], env("WORKER_POOLS", "Worker processes per queue, `queue=count,...` (e.g. `llm-chat=4,llm-embeddings=2`). Unset: the chat queue gets WORKER_CONCURRENCY, every other queue 1.")] = {}
     timeout: Annotated[int, env("WORKER_TIMEOUT", f"Default and maximum job timeout, in {MS}.", ge=100, le=86_400_000)] = 300_000
     timeout_grace: Annotated[int, env("WORKER_TIMEOUT_GRACE", f"How long past its job's timeout a worker may run before the supervisor kills it, in {MS}.", ge=0, le=3_600_000)] = 10_000
     graceful_timeout: Annotated[int, env("WORKER_GRACEFUL_TIMEOUT", f"On TERM, how long workers may finish the jobs in hand, in {MS}; what is still held then goes back to its queue.", ge=0, le=86_400_000)] = 30_000
@@ -69,13 +77,24 @@ class RedisSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
 
 
 class OllamaSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    base_url: Annotated[str, env("OLLAMA_BASE_URL", "Ollama's address.", pattern=r"^https?://[^\s/]+(/\S*)?$")] = "http://localhost:11434"
+    base_url: Annotated[str, env("OLLAMA_BASE_URL", "Ollama's address.", pattern=HTTP_URL)] = "http://localhost:11434"
     timeout: Annotated[int, env("OLLAMA_TIMEOUT", f"Longest wait for Ollama's next byte, in {MS} (a job's own timeout bounds the whole call).", ge=100, le=86_400_000)] = 300_000
     connect_timeout: Annotated[int, env("OLLAMA_CONNECT_TIMEOUT", f"Timeout of a TCP connect to Ollama, in {MS}.", ge=50, le=60_000)] = 5_000
     max_connections: Annotated[int, env("OLLAMA_MAX_CONNECTIONS", "Size of each process's HTTP connection pool to Ollama.", ge=1, le=1024)] = 10
     max_retries: Annotated[int, env("OLLAMA_MAX_RETRIES", "Retries of a call that failed before Ollama saw it (connect errors) or that Ollama answered busy (503), within one attempt.", ge=0, le=20)] = 3
     retry_delay: Annotated[int, env("OLLAMA_RETRY_DELAY", f"Base delay between those retries, doubling each time, in {MS}.", ge=0, le=60_000)] = 1_000
     health_check_interval: Annotated[int, env("OLLAMA_HEALTH_CHECK_INTERVAL", f"How often the HTTP process probes Ollama (health, loaded models), in {MS}.", ge=500, le=3_600_000)] = 30_000
+
+
+class OpenAISettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    base_url: Annotated[str, env("OPENAI_BASE_URL", "An OpenAI-compatible API, with its version path: `https://api.openai.com/v1`, vLLM's `http://localhost:8000/v1`, Ollama's own `http://localhost:11434/v1`. Empty: the OpenAI provider is off.", pattern=r"^(https?://[^\s/]+(/\S*)?)?$")] = ""
+    api_key: Annotated[str, env("OPENAI_API_KEY", "Sent as `Authorization: Bearer <key>`; empty: no header.", secret=True)] = ""
+    model_prefix: Annotated[str, env("OPENAI_MODEL_PREFIX", "Job models starting with this go to the OpenAI provider, without it (`openai:gpt-4o-mini` asks for `gpt-4o-mini`). Empty: every model does.", pattern=r"^([A-Za-z0-9][A-Za-z0-9._:/@+-]{0,63})?$")] = "openai:"
+    model_map: Annotated[dict[LocalModel, RemoteModel], env("OPENAI_MODEL_MAP", "Job models that go to the OpenAI provider under another name, `model=remote,...` (e.g. `llama3.2=gpt-4o-mini`), prefixed or not.")] = {}
+    timeout: Annotated[int, env("OPENAI_TIMEOUT", f"Longest wait for the API's next byte, in {MS} (a job's own timeout bounds the whole call).", ge=100, le=86_400_000)] = 120_000
+    max_retries: Annotated[int, env("OPENAI_MAX_RETRIES", "Retries of a call that failed before the API saw it (connect errors) or that it refused for load (429, 503), within one attempt.", ge=0, le=20)] = 2
+    retry_delay: Annotated[int, env("OPENAI_RETRY_DELAY", f"Base delay between those retries, doubling each time, in {MS}.", ge=0, le=60_000)] = 500
+    organization: Annotated[str, env("OPENAI_ORGANIZATION", "Sent as the `OpenAI-Organization` header; empty: no header.")] = ""
 
 
 class QueueSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -122,15 +141,41 @@ class LogSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True)
     prompts: Annotated[bool, env("LOG_PROMPTS", "Log prompt and completion text (never do this with user data you may not keep).")] = False
 
 
+class BreakerSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    enabled: Annotated[bool, env("ENABLE_CIRCUIT_BREAKER", "One circuit breaker per provider and model, shared by the host's processes.")] = True
+    threshold: Annotated[int, env("CIRCUIT_BREAKER_THRESHOLD", "Failures in a row that open a breaker.", ge=1, le=1_000)] = 5
+    window: Annotated[int, env("CIRCUIT_BREAKER_TIMEOUT", f"The sliding window, in one-second buckets, over which the failure rate is counted, in {MS} (at most 120 s).", ge=1_000, le=120_000)] = 60_000
+    failure_rate: Annotated[float, env("CIRCUIT_BREAKER_FAILURE_RATE", "Share of failed calls in the window that opens a breaker.", ge=0.01, le=1.0)] = 0.5
+    min_calls: Annotated[int, env("CIRCUIT_BREAKER_MIN_CALLS", "Calls in the window before the failure rate can open a breaker.", ge=1, le=100_000)] = 20
+    reset_timeout: Annotated[int, env("CIRCUIT_BREAKER_RESET_TIMEOUT", f"How long a breaker stays open before one probe is let through, in {MS}; doubled (with jitter) on each re-open.", ge=100, le=86_400_000)] = 300_000
+    max_reset_timeout: Annotated[int, env("CIRCUIT_BREAKER_MAX_RESET_TIMEOUT", f"Cap of that doubling, in {MS}.", ge=100, le=86_400_000)] = 1_800_000
+
+
+class FallbackSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    enabled: Annotated[bool, env("ENABLE_MODEL_FALLBACK", "Answer from FALLBACK_MODELS when a job's model fails or its breaker is open.")] = True
+    models: Annotated[list[str], env("FALLBACK_MODELS", "Models to fall back to, in order, comma-separated (the service this replaces named llama2,mistral,phi; empty here, since a model the host lacks only wastes an attempt).")] = []
+
+
+class FilterSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    content_filtering: Annotated[bool, env("ENABLE_CONTENT_FILTERING", "Refuse jobs whose prompt matches one of BLOCKED_PATTERNS.")] = False
+    blocked_patterns: Annotated[list[str], env("BLOCKED_PATTERNS", "Regular expressions (Python syntax) a prompt must not match; comma-separated, or a JSON list when a pattern holds a comma.")] = []
+    max_response_length: Annotated[int, env("MAX_RESPONSE_LENGTH", "Most characters of generated text in a result; longer answers are cut, with doneReason `length`.", ge=1, le=100_000_000)] = 16_384
+    audit_log_path: Annotated[str, env("AUDIT_LOG_PATH", "File to append an audit line (JSON) to for every job outcome; empty: no audit log.")] = ""
+
+
 class Settings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     worker: WorkerSettings = field(default_factory=WorkerSettings)
     redis: RedisSettings = field(default_factory=RedisSettings)
     ollama: OllamaSettings = field(default_factory=OllamaSettings)
+    openai: OpenAISettings = field(default_factory=OpenAISettings)
     queue: QueueSettings = field(default_factory=QueueSettings)
     models: ModelSettings = field(default_factory=ModelSettings)
     limits: LimitSettings = field(default_factory=LimitSettings)
     http: HttpSettings = field(default_factory=HttpSettings)
     log: LogSettings = field(default_factory=LogSettings)
+    breaker: BreakerSettings = field(default_factory=BreakerSettings)
+    fallback: FallbackSettings = field(default_factory=FallbackSettings)
+    filters: FilterSettings = field(default_factory=FilterSettings)
 
     # ---- derived views, computed from the declarations above -------------
 
@@ -225,13 +270,7 @@ def describe(info: msgspec.inspect.Type) -> str:
         return "true or false"
     if isinstance(info, (t.IntType, t.FloatType)):
         noun = "an integer" if isinstance(info, t.IntType) else "a number"
-        lo, hi = info.ge, info.le
-        show = str if isinstance(info, t.IntType) else "{:g}".format  # exact integers, short floats
-        if lo is not None and hi is not None:
-            return f"{noun} from {show(lo)} to {show(hi)}"
-        if lo is not None:
-            return f"{noun} >= {show(lo)}"
-        return noun
+        return f"{noun} {_bounds(info)}".rstrip()
     if isinstance(info, t.LiteralType):
         return "one of " + ", ".join(str(v) for v in info.values)
     if isinstance(info, t.StrType):
@@ -241,8 +280,31 @@ def describe(info: msgspec.inspect.Type) -> str:
     if isinstance(info, t.ListType):
         return "a comma-separated list"
     if isinstance(info, t.DictType):
-        return "comma-separated name=count pairs, each count from 0 to 256"
+        return _describe_pairs(info.key_type, info.value_type)
     return str(info)
+
+
+def _bounds(info: msgspec.inspect.IntType | msgspec.inspect.FloatType) -> str:
+    lo, hi = info.ge, info.le
+    show = str if isinstance(info, msgspec.inspect.IntType) else "{:g}".format  # exact integers, short floats
+    if lo is not None and hi is not None:
+        return f"from {show(lo)} to {show(hi)}"
+    return f">= {show(lo)}" if lo is not None else ""
+
+
+def _describe_pairs(key: msgspec.inspect.Type, value: msgspec.inspect.Type) -> str:
+    """Say which `key=value` pairs a dict setting allows, naming each side by its title."""
+    t = msgspec.inspect
+    names = [part.extra_json_schema.get("title", default) if isinstance(part, t.Metadata) else default
+             for part, default in ((key, "name"), (value, "value"))]
+    key, value = (part.type if isinstance(part, t.Metadata) else part for part in (key, value))
+    text = f"comma-separated {names[0]}={names[1]} pairs"
+    if isinstance(value, (t.IntType, t.FloatType)) and _bounds(value):
+        text += f", each {names[1]} {_bounds(value)}"
+    for name, part in zip(names, (key, value)):
+        if isinstance(part, t.StrType) and part.pattern:
+            text += f", {name}s matching {part.pattern}"
+    return text
 
 
 # --------------------------------------------------------------------------
@@ -275,6 +337,8 @@ def _from_text(decl: Declaration, text: str) -> Any:
             return False
         raise ValueError
     if isinstance(info, t.ListType):
+        if text.lstrip().startswith("["):  # a JSON list, for items that hold commas
+            return msgspec.json.decode(text.encode())
         return [item.strip() for item in text.split(",") if item.strip()]
     if isinstance(info, t.DictType):
         pairs: dict[str, str] = {}
@@ -295,12 +359,8 @@ def _convert(decl: Declaration, value: Any, source: str) -> Any:
         if isinstance(value, str) and not isinstance(decl.info, msgspec.inspect.StrType):
             value = _from_text(decl, value)
         result = msgspec.convert(value, decl.type, strict=False)
-    except (ValueError, msgspec.ValidationError):
+    except (ValueError, msgspec.ValidationError, msgspec.DecodeError):
         raise SettingError(source, given, describe(decl.info)) from None
-    if isinstance(decl.info, msgspec.inspect.DictType):
-        for key, count in result.items():
-            if not re.match(QUEUE_NAME, key) or not 0 <= count <= 256:
-                raise SettingError(source, given, describe(decl.info) + ", names matching " + QUEUE_NAME)
     return result
 
 
@@ -368,6 +428,14 @@ def _read_toml(path: str) -> dict[str, Any]:
 def _check_consistency(s: Settings, sources: Mapping[str, str]) -> None:
     """Rules that involve more than one setting."""
     where = lambda name: sources.get(name, name)  # noqa: E731 - a tiny lookup
+    for pattern in s.filters.blocked_patterns:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise SettingError(where("BLOCKED_PATTERNS"), pattern, f"a valid regular expression ({exc})") from None
+    if s.breaker.max_reset_timeout < s.breaker.reset_timeout:
+        raise SettingError(where("CIRCUIT_BREAKER_MAX_RESET_TIMEOUT"), s.breaker.max_reset_timeout,
+                           f"at least CIRCUIT_BREAKER_RESET_TIMEOUT ({s.breaker.reset_timeout})")
     queues = [s.queue.chat, s.queue.embeddings, s.queue.batch, s.queue.priority]
     if s.queue.dead_letter in queues:
         raise SettingError(where("DEAD_LETTER_QUEUE_NAME"), s.queue.dead_letter, "a list other than the job queues")

@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import Any, NoReturn
+from urllib.parse import parse_qs
 
 import msgspec
 import redis
@@ -23,12 +24,14 @@ from prometheus_client import CollectorRegistry, make_wsgi_app
 
 from llm_worker import __version__, logs
 from llm_worker.admin import QueueAdmin
+from llm_worker.breaker import Breakers, breaker_record
 from llm_worker.config import Settings
 from llm_worker.jobs import iso
 from llm_worker.metrics import ShmCollector
-from llm_worker.pluginmanager import Found
+from llm_worker.pluginmanager import Found, PluginManager
 from llm_worker.queue import connect
 from llm_worker.shm import Phase, SharedState, SlotState
+from llm_worker.workerproc.context import WorkerContext
 
 log = logging.getLogger("llm_worker.http")
 LIVE_STALE = 10.0  # seconds without a supervisor loop turn before liveness fails
@@ -89,22 +92,33 @@ class App:
             "/": self.basic, "/health": self.basic, "/health/live": self.liveness, "/health/ready": self.readiness,
             "/health/ollama": self.ollama, "/status": self.status,
         }
-        self.admin_routes: dict[str, Route] = {"/admin/queue/stats": self.queue_stats}
+        self.admin_routes: dict[str, Route] = {"/admin/queue/stats": self.queue_stats, "/admin/breakers": self.breakers_list}
+        self.admin_actions: dict[str, Route] = {f"/admin/breakers/{action}": self._breaker_action(action)
+                                                for action in ("force-open", "force-close", "reset")}
+        self.breakers = Breakers(state.breakers, state.lock, settings)
+        self.plugins: PluginManager | None = None  # set by serve(): breaker events go to the sinks
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "/").rstrip("/") or "/"
-        if environ.get("REQUEST_METHOD", "GET") not in ("GET", "HEAD"):
+        method = environ.get("REQUEST_METHOD", "GET")
+        if path in self.admin_actions or path in self.admin_routes:
+            denied = self._denied(environ)
+            if denied is not None:
+                return _json(start_response, *denied)
+            route = (self.admin_actions if method == "POST" else self.admin_routes).get(path)
+            if route is None:
+                return _json(start_response, 405, {"error": "Method not allowed"})
+            return self._answer(start_response, route, environ)
+        if method not in ("GET", "HEAD"):
             return _json(start_response, 405, {"error": "Method not allowed"})
         if path == "/metrics":
             return self.metrics(environ, start_response)
         route = self.routes.get(path)
-        if route is None and path in self.admin_routes:
-            denied = self._denied(environ)
-            if denied is not None:
-                return _json(start_response, *denied)
-            route = self.admin_routes[path]
         if route is None:
             return _json(start_response, 404, {"error": "Not found"})
+        return self._answer(start_response, route, environ)
+
+    def _answer(self, start_response: StartResponse, route: Route, environ: dict[str, Any]) -> list[bytes]:
         try:
             status, body = route(environ)
         except redis.RedisError as exc:
@@ -165,13 +179,33 @@ class App:
 
         return 200, snapshot(self.settings, self.state, self.health.not_ready())
 
+    def breakers_list(self, environ: dict[str, Any]) -> tuple[int, Any]:
+        return 200, {"enabled": self.breakers.enabled, "breakers": self.breakers.rows()}
+
+    def _breaker_action(self, action: str) -> Route:
+        def act(environ: dict[str, Any]) -> tuple[int, Any]:
+            key = parse_qs(environ.get("QUERY_STRING", "")).get("key", [""])[0]
+            if not key:
+                return 400, {"error": f"say which breaker: POST /admin/breakers/{action}?key=<provider>:<model>"}
+            if not self.breakers.force(key, action):
+                return 404, {"error": f"no breaker {key!r}"}
+            for t in self.breakers.transitions:
+                log.warning(f"circuit breaker {t.to}: {t.key}: {t.reason}")
+                if self.plugins is not None:
+                    self.plugins.record(breaker_record(t, f"{self.settings.worker.id}:{os.getpid()}"))
+            self.breakers.transitions.clear()
+            row = next(r for r in self.breakers.rows() if r["key"] == key)
+            return 200, row
+        return act
+
     def queue_stats(self, environ: dict[str, Any]) -> tuple[int, Any]:
         if self._admin is None:
             self._admin = QueueAdmin(connect(self.settings, timeout=2.0), self.settings)
         return 200, self._admin.stats()
 
 
-_REASONS = {200: "200 OK", 401: "401 Unauthorized", 404: "404 Not Found", 405: "405 Method Not Allowed", 503: "503 Service Unavailable"}
+_REASONS = {200: "200 OK", 400: "400 Bad Request", 401: "401 Unauthorized", 404: "404 Not Found",
+            405: "405 Method Not Allowed", 503: "503 Service Unavailable"}
 
 
 def _json(start_response: StartResponse, status: int, body: Any) -> list[bytes]:
@@ -191,12 +225,18 @@ def serve(settings: Settings, state: SharedState, supervisor_pid: int, plugins: 
 
     logs.setup(settings.log, role="http", workerId=settings.worker.id)
     threading.Thread(target=_exit_with_parent, args=(supervisor_pid,), daemon=True, name="parent-watch").start()
+    app = App(settings, state)
     try:
-        server = waitress.create_server(App(settings, state), host=settings.http.host, port=settings.http.port,
+        server = waitress.create_server(app, host=settings.http.host, port=settings.http.port,
                                         threads=4, ident="llm-worker", channel_timeout=30)
     except OSError as exc:
         log.error(f"cannot listen on {settings.http.host}:{settings.http.port}: {exc.strerror}")
         os._exit(1)
+    app.plugins = PluginManager().load(plugins)
+    try:
+        app.plugins.worker_started(WorkerContext(settings, f"{settings.worker.id}:{os.getpid()}", "http", None, state, None))
+    except Exception:
+        log.exception("a plugin failed to start in the HTTP process; its sink may be silent here")
     Sampler(settings, state, plugins).start()
     state.header.http_bound = 1
     log.info("HTTP listening", extra={"host": settings.http.host, "port": settings.http.port})

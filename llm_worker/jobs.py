@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal, Union
 import msgspec
 from msgspec import Meta, Raw, Struct
 
-from llm_worker.config import Settings
+from llm_worker.config import MODEL_NAME, Settings
 
 # --------------------------------------------------------------------------
 # Error kinds
@@ -191,7 +191,6 @@ REQUEST_TYPES: dict[str, type[Struct]] = {
 # --------------------------------------------------------------------------
 
 JOB_ID = r"^[A-Za-z0-9._:-]{1,128}$"
-MODEL_NAME = r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,254}$"
 _JOB_ID = re.compile(JOB_ID)
 # Only a leading "id" is trusted when a payload is too large to decode: a nested
 # "id" (a tool call's, say) must never receive another job's failure result.
@@ -212,13 +211,45 @@ class Job(Struct, rename="camel", kw_only=True):
     max_retries: Annotated[int, Meta(ge=0)] | None = None
 
 
-@dataclass(frozen=True)
+@dataclass
 class Task:
-    """One model call: a job, or one request of a batch job."""
+    """One model call: a job, or one request of a batch job.
+
+    Request filters may change ``model`` and ``request`` (its fields or the
+    whole object); the call is made with what they leave.
+    """
 
     type: str  # chat | generate | embeddings
     model: str
     request: ChatRequest | GenerateRequest | EmbeddingsRequest
+    path: str = "$.request"  # where the request sits in the job, for error messages
+    model_path: str = "$.model"
+
+
+@dataclass
+class Answer:
+    """What a job produced, before it becomes a Result; response filters may change it."""
+
+    response: dict[str, Any]  # chat: {"message", "doneReason"}; generate: {"response", "doneReason"}; embeddings: {"embeddings"}
+    model: str  # the model that answered
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    fallback_used: bool = False
+    cache_hit: bool = False
+
+    @property
+    def tokens(self) -> int | None:
+        if self.prompt_tokens is None and self.completion_tokens is None:
+            return None
+        return (self.prompt_tokens or 0) + (self.completion_tokens or 0)
+
+    @property
+    def text(self) -> str:
+        """The generated text (chat or generate); empty for embeddings."""
+        message = self.response.get("message")
+        if isinstance(message, dict):
+            return str(message.get("content", ""))
+        return str(self.response.get("response", ""))
 
 
 @dataclass(frozen=True)
@@ -305,8 +336,6 @@ def _validate(job: Job, raw: bytes, settings: Settings) -> Decoded:
     if job.type == "batch":
         batch = _decode_request("batch", job.request, "$.request")
         assert isinstance(batch, BatchRequest)
-        if len(batch.requests) > settings.limits.max_batch_requests:
-            raise JobError(f"batch of {len(batch.requests)} requests is over MAX_BATCH_REQUESTS ({settings.limits.max_batch_requests}) - at `$.request.requests`")
         tasks = tuple(
             _task(item.type, item.model or job.model, item.request, settings, f"$.request.requests[{i}].request",
                   f"$.request.requests[{i}].model" if item.model else "$.model")
@@ -335,37 +364,16 @@ def _decode_request(kind: str, raw: Raw, path: str) -> Request:
 
 
 def _task(kind: str, model: str | None, raw: Raw, settings: Settings, path: str, model_path: str = "$.model") -> Task:
+    """Decode one call's request; its limits are a filter's business (plugins/limits.py)."""
     request = _decode_request(kind, raw, path)
     assert not isinstance(request, BatchRequest)
-    limits = settings.limits
     if model is None:
         model = settings.models.default_embedding if kind == "embeddings" else settings.models.default_chat
     elif not re.match(MODEL_NAME, model):
         raise JobError(f"model name {model[:80]!r} is not valid - at `{model_path}`")
-    if not model_allowed(model, settings.models.allowed):
-        raise JobError(f"model {model!r} is not in ALLOWED_MODELS - at `{model_path}`")
-    if isinstance(request, EmbeddingsRequest):
-        inputs = request.inputs()
-        if not inputs:
-            raise JobError(f"embeddings request has no input - at `{path}.input`")
-        if len(inputs) > limits.max_embedding_inputs:
-            raise JobError(f"{len(inputs)} inputs is over MAX_EMBEDDING_INPUTS ({limits.max_embedding_inputs}) - at `{path}.input`")
-        longest = max(len(text) for text in inputs)
-        if longest > limits.max_prompt_length:
-            raise JobError(f"an input of {longest} characters is over MAX_PROMPT_LENGTH ({limits.max_prompt_length}) - at `{path}.input`")
-    else:
-        if isinstance(request, ChatRequest) and len(request.messages) > limits.max_messages:
-            raise JobError(f"{len(request.messages)} messages is over MAX_MESSAGES ({limits.max_messages}) - at `{path}.messages`")
-        chars = request.prompt_chars()
-        if chars > limits.max_prompt_length:
-            raise JobError(f"prompt of {chars} characters is over MAX_PROMPT_LENGTH ({limits.max_prompt_length}) - at `{path}`")
-    options = request.options
-    if options is not None:
-        if options.num_predict is not None and options.num_predict > limits.max_num_predict:
-            raise JobError(f"num_predict {options.num_predict} is over MAX_NUM_PREDICT ({limits.max_num_predict}) - at `{path}.options.num_predict`")
-        if options.num_ctx is not None and options.num_ctx > limits.max_num_ctx:
-            raise JobError(f"num_ctx {options.num_ctx} is over MAX_NUM_CTX ({limits.max_num_ctx}) - at `{path}.options.num_ctx`")
-    return Task(kind, model, request)
+    if isinstance(request, EmbeddingsRequest) and not request.inputs():
+        raise JobError(f"embeddings request has no input - at `{path}.input`")
+    return Task(kind, model, request, path, model_path)
 
 
 def model_allowed(model: str, allowed: list[str]) -> bool:

@@ -204,7 +204,15 @@ class ShmCollector(Collector):
         provider.add(("ollama",), float(r.provider_up))
         loaded = Family("llm_worker_models_loaded", "Models the provider has in memory", "gauge")
         loaded.add((), r.loaded_count)
-        return [redis_up, provider, loaded]
+        state = Family("llm_worker_breaker_state", "Circuit breaker per provider and model: 0 closed, 1 open, 2 half-open",
+                       "gauge", ("provider", "model"))
+        opened = Family("llm_worker_breaker_opened", "Times each circuit breaker opened", "counter", ("provider", "model"))
+        table = self.state.breakers
+        for row in table.rows[: table.count]:
+            labels = tuple(row.key.decode(errors="replace").partition(":")[::2])
+            state.add(labels, row.state)
+            opened.add(labels, row.opened_total)
+        return [redis_up, provider, loaded, state, opened]
 
     def _host(self) -> list[Family]:
         r = self.state.readings

@@ -8,17 +8,31 @@ blocked and ordered the same way.
 from __future__ import annotations
 
 import importlib
+import logging
+import math
 import os
+import time
 from dataclasses import dataclass
 from importlib.metadata import entry_points
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
 from llm_worker import hookspecs
 from llm_worker.config import Settings
+from llm_worker.jobs import Answer, Decoded, ErrorKind, JobError, RequestRejected
 from llm_worker.providers import Provider
 
-BUILTINS = ("ollama",)
+if TYPE_CHECKING:
+    from llm_worker.attempts import Attempt, Plan
+    from llm_worker.records import Record
+    from llm_worker.workerproc.context import WorkerContext
+
+log = logging.getLogger("llm_worker.plugins")
+
+# Built-ins, in the order they register: the Ollama provider first, so that
+# every other provider (asked in reverse order) claims its models before it.
+BUILTINS = ("ollama", "openai", "limits", "content", "fallback_timeout", "fallback_memory", "fallback_model", "stats", "events", "audit")
 DISABLE_ENV = "LLM_WORKER_DISABLE_PLUGINS"
 EXTRA_ENV = "LLM_WORKER_PLUGINS"  # modules to load without an entry point, like pytest's -p
 
@@ -42,31 +56,38 @@ class Found:
 def discover(disabled: set[str] | None = None) -> list[Found]:
     """Find and import every plugin: the entry-point group, then LLM_WORKER_PLUGINS.
 
+    Built-ins come first, in BUILTINS order, then third-party plugins by name:
+    registration order is what pluggy reverses to call providers, so a
+    third-party provider is asked before the built-in catch-all.
+
     The supervisor calls this once before it forks, so workers inherit the
     imported modules and boot fast; each worker then registers them in a
     plugin manager of its own and calls their hooks after fork.
     """
     disabled = _disabled() if disabled is None else disabled
+    points = {ep.name: ep for ep in entry_points(group=hookspecs.PROJECT) if ep.name not in disabled}
     out: list[Found] = []
-    names: set[str] = set()
-    for ep in entry_points(group=hookspecs.PROJECT):
-        if ep.name in disabled or ep.name in names:
-            continue
-        dist = ep.dist
-        source = f"{dist.name} {dist.version}" if dist is not None else "unknown distribution"
-        out.append(Found(ep.name, ep.load(), source))
-        names.add(ep.name)
-    # Running from a source tree that was never installed: the built-ins
-    # still register, under the same names, so behaviour does not change.
     for name in BUILTINS:
-        if name not in names and name not in disabled:
+        if name in disabled:
+            continue
+        ep = points.pop(name, None)
+        if ep is not None:
+            out.append(Found(name, ep.load(), _source(ep)))
+        else:  # a source tree that was never installed: the same built-in, imported directly
             out.append(Found(name, importlib.import_module(f"llm_worker.plugins.{name}"), "llm-worker (source tree)"))
-            names.add(name)
+    for name, ep in sorted(points.items()):
+        out.append(Found(name, ep.load(), _source(ep)))
+    names = {found.name for found in out}
     for module in filter(None, (m.strip() for m in os.environ.get(EXTRA_ENV, "").split(","))):
         if module not in disabled and module not in names:
             out.append(Found(module, importlib.import_module(module), EXTRA_ENV))
             names.add(module)
     return out
+
+
+def _source(ep: Any) -> str:
+    dist = ep.dist
+    return f"{dist.name} {dist.version}" if dist is not None else "unknown distribution"
 
 
 def _disabled() -> set[str]:
@@ -80,6 +101,7 @@ class PluginManager:
         self._pm = pluggy.PluginManager(hookspecs.PROJECT)
         self._pm.add_hookspecs(hookspecs)
         self._sources: dict[str, str] = {}
+        self._complained: dict[str, float] = {}
         self.disabled = _disabled() if disabled is None else disabled
         for name in self.disabled:
             self._pm.set_blocked(name)
@@ -111,8 +133,65 @@ class PluginManager:
 
     # ---- one typed method per hook ---------------------------------------
 
+    def worker_started(self, worker: WorkerContext) -> None:
+        self._pm.hook.llm_worker_worker_started(worker=worker)
+
     def providers(self, settings: Settings) -> list[Provider]:
         # pluggy calls the most recently registered plugin first, so a
         # third-party provider is asked before the built-in catch-all.
         results = self._pm.hook.llm_worker_providers(settings=settings)
         return [provider for batch in results for provider in batch]
+
+    def fallback(self, job: Decoded, error: JobError, attempt: Attempt) -> Plan | None:
+        """The first strategy's plan; a strategy that raises is logged and passed over."""
+        for impl in self._in_call_order("llm_worker_fallback"):
+            try:
+                plan = impl.function(**_args(impl, job=job, error=error, attempt=attempt))
+            except Exception:
+                self._complain(impl.plugin_name, "fallback strategy")
+                continue
+            if plan is not None:
+                return plan
+        return None
+
+    def filter_request(self, job: Decoded) -> None:
+        self._filter("llm_worker_filter_request", "request filter", job=job)
+
+    def filter_response(self, job: Decoded, result: Answer) -> None:
+        self._filter("llm_worker_filter_response", "response filter", job=job, result=result)
+
+    def record(self, event: Record) -> None:
+        """Give an event to every sink; a sink that raises never fails the job."""
+        for impl in self._in_call_order("llm_worker_record"):
+            try:
+                impl.function(**_args(impl, event=event))
+            except Exception:
+                self._complain(impl.plugin_name, "metric sink")
+
+    # ---- calling plugins one by one, so a failure names its plugin --------
+
+    def _filter(self, hook: str, role: str, **kwargs: Any) -> None:
+        for impl in self._in_call_order(hook):
+            try:
+                impl.function(**_args(impl, **kwargs))
+            except RequestRejected:
+                raise
+            except Exception as exc:
+                log.warning(f"{role} {impl.plugin_name} failed", exc_info=True)
+                raise JobError(f"{role} plugin {impl.plugin_name!r} failed: {exc!r}", ErrorKind.UNKNOWN) from exc
+
+    def _in_call_order(self, hook: str) -> list[Any]:
+        # pluggy keeps implementations in reverse call order (tryfirst last).
+        return list(reversed(getattr(self._pm.hook, hook).get_hookimpls()))
+
+    def _complain(self, plugin: str, role: str) -> None:
+        """Log a failing plugin at most once a minute: a broken sink must not flood the log."""
+        now = time.monotonic()
+        if now - self._complained.get(plugin, -math.inf) >= 60:
+            self._complained[plugin] = now
+            log.error(f"{role} {plugin} raised; carrying on (logged at most once a minute)", exc_info=True)
+
+
+def _args(impl: Any, **available: Any) -> dict[str, Any]:
+    """The arguments an implementation asked for: a hookimpl may take any subset."""
+    return {name: available[name] for name in impl.argnames}

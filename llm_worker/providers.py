@@ -105,5 +105,9 @@ class Provider(Protocol):
     def health(self, timeout: float) -> Health:
         """Probe the server once; never raises."""
 
+    # Optional: a provider that manages models in memory may also offer
+    # ``unload_idle(keep: str, deadline: Deadline) -> list[str]``, which the
+    # out-of-memory fallback calls to free memory before trying again.
+
     def close(self) -> None:
         """Release connections."""

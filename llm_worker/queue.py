@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, NamedTuple
@@ -124,9 +123,10 @@ class WorkerInfo(msgspec.Struct, kw_only=True):
 class DeferredEvents:
     """Events sent without waiting for Redis's reply; the replies are read later.
 
-    A worker announces ``llm.request.started`` this way so that the round
-    trip overlaps the provider call instead of delaying it. Events are
-    telemetry: if the connection breaks, pending ones may be lost, never a job.
+    The events sink writes every event this way: a job's ``started`` costs no
+    round trip before its provider call, and the others none after its
+    outcome. Events are telemetry: if the connection breaks, pending ones may
+    be lost, never a job.
     """
 
     def __init__(self, client: redis.Redis, key: str) -> None:
@@ -136,6 +136,7 @@ class DeferredEvents:
         self.pending = 0
 
     def send(self, event: Event) -> None:
+        self.settle()  # the replies of earlier sends have long arrived; read them first
         try:
             if self.conn is None:
                 self.conn = self.pool.make_connection()
@@ -185,8 +186,8 @@ class ReliableQueue:
     def held(self, worker_id: str) -> list[bytes]:
         return self.redis.lrange(self.keys.processing(worker_id), 0, -1)
 
-    def complete(self, worker_id: str, raw: bytes, result: Result, events: Sequence[Event] = (), *,
-                 stream: str = "", take_from: str | None = None, queue: str = "") -> Finished:
+    def complete(self, worker_id: str, raw: bytes, result: Result, *, stream: str = "",
+                 take_from: str | None = None, queue: str = "") -> Finished:
         """Write the result and done marker and ack the job, fenced.
 
         ``stream`` ("done" or "error") also ends the job's chunk stream, in the
@@ -194,51 +195,41 @@ class ReliableQueue:
         ``take_from`` also takes the next job of that queue, saving a round trip.
         """
         status = "ok" if result.success else "failed"
-        return self._run_finish(worker_id, raw, result, status, Target(), events, stream, take_from, queue)
+        return self._run_finish(worker_id, raw, result, status, Target(), stream, take_from, queue)
 
-    def retry_later(self, worker_id: str, raw: bytes, queue: str, payload: bytes, due: float,
-                    events: Sequence[Event] = (), *, take_from: str | None = None) -> Finished:
+    def retry_later(self, worker_id: str, raw: bytes, queue: str, payload: bytes, due: float, *,
+                    take_from: str | None = None) -> Finished:
         """Park the job (``payload``, its retry count raised) in the delayed set until ``due``."""
         member = queue.encode() + b"\n" + payload
-        target = Target("zadd", self.keys.delayed, member, int(due * 1000))
-        return self._run_finish(worker_id, raw, None, "", target, events, "", take_from)
+        return self._run_finish(worker_id, raw, None, "", Target("zadd", self.keys.delayed, member, int(due * 1000)), "", take_from)
 
-    def dead_letter(self, worker_id: str, raw: bytes, entry: DeadLetter, result: Result | None,
-                    events: Sequence[Event] = (), *, stream: str = "", take_from: str | None = None) -> Finished:
+    def dead_letter(self, worker_id: str, raw: bytes, entry: DeadLetter, result: Result | None, *,
+                    stream: str = "", take_from: str | None = None) -> Finished:
         """Dead-letter the job with its reason and, when it has an id, its failure result."""
         target = Target("lpush", self.keys.dead_letter, _encode(entry))
-        return self._run_finish(worker_id, raw, result, "failed", target, events, stream, take_from, entry.queue)
+        return self._run_finish(worker_id, raw, result, "failed", target, stream, take_from, entry.queue)
 
     def hand_back(self, worker_id: str, raw: bytes, queue: str) -> bool:
         """Give an untouched job back to the serving end of its queue."""
-        return self._run_finish(worker_id, raw, None, "", Target("rpush", queue, raw), ()).ours
+        return self._run_finish(worker_id, raw, None, "", Target("rpush", queue, raw)).ours
 
     def forget(self, worker_id: str, raw: bytes) -> bool:
         """Drop a job from our processing list that is already answered."""
-        return self._run_finish(worker_id, raw, None, "", Target(), ()).ours
+        return self._run_finish(worker_id, raw, None, "", Target()).ours
 
     def _run_finish(self, worker_id: str, raw: bytes, result: Result | None, status: str, target: Target,
-                    events: Sequence[Event], stream: str = "", take_from: str | None = None, queue: str = "") -> Finished:
+                    stream: str = "", take_from: str | None = None, queue: str = "") -> Finished:
         k = self.keys
         processing = k.processing(worker_id)
         job_id = result.job_id if result is not None else "-"
         error = result.error or "" if result is not None else ""
         counted = "" if result is None else ("completed" if result.success else "failed")
-        args: list[Any] = [raw, _encode(result) if result is not None else "", status, self.ttl, target.op,
-                           target.member, target.score, EVENTS_MAXLEN, stream, error, STREAM_MAXLEN,
-                           "1" if take_from else "0", counted]
-        for event in events:
-            args += [event.type, _encode(event.data)]
-        keys = [processing, k.result(job_id), k.done(job_id), k.events, target.key or processing,
-                k.crashes(job_id), k.stream(job_id), take_from or processing, k.stats(queue)]
+        args = [raw, _encode(result) if result is not None else "", status, self.ttl, target.op, target.member,
+                target.score, stream, error, STREAM_MAXLEN, "1" if take_from else "0", counted]
+        keys = [processing, k.result(job_id), k.done(job_id), target.key or processing, k.crashes(job_id),
+                k.stream(job_id), take_from or processing, k.stats(queue)]
         reply = self._finish(keys=keys, args=args)
         return Finished(reply[0] == 1, reply[1] if len(reply) > 1 else None)
-
-    def publish(self, events: Iterable[Event]) -> None:
-        pipe = self.redis.pipeline(transaction=False)
-        for event in events:
-            pipe.xadd(self.keys.events, {"type": event.type, "data": _encode(event.data)}, maxlen=EVENTS_MAXLEN, approximate=True)
-        pipe.execute()
 
     # ---- a supervisor's side ---------------------------------------------
 

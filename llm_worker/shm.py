@@ -22,6 +22,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from llm_worker.breaker import Table as BreakerTable
 from llm_worker.stats import MAX_MODELS, Counters
 
 MAX_POOLS = 16
@@ -206,10 +207,11 @@ class ShmLock:
 
 
 class SharedState:
-    """The whole shared region: header, readings, retired totals per pool, ``size`` slots."""
+    """The whole shared region: header, readings, breakers, retired totals per pool, ``size`` slots."""
 
     def __init__(self, size: int) -> None:
-        parts = [("header", Header), ("readings", Readings), ("retired", Counters * MAX_POOLS), ("slots", Slot * size)]
+        parts = [("header", Header), ("readings", Readings), ("breakers", BreakerTable), ("retired", Counters * MAX_POOLS),
+                 ("slots", Slot * size)]
         offsets, total = {}, 0
         for name, kind in parts:
             offsets[name] = total
@@ -217,6 +219,7 @@ class SharedState:
         self._map = mmap.mmap(-1, total)
         self.header = Header.from_buffer(self._map, offsets["header"])
         self.readings = Readings.from_buffer(self._map, offsets["readings"])
+        self.breakers = BreakerTable.from_buffer(self._map, offsets["breakers"])
         self.retired = (Counters * MAX_POOLS).from_buffer(self._map, offsets["retired"])
         self.slots = (Slot * size).from_buffer(self._map, offsets["slots"])
         self.lock = ShmLock()

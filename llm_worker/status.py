@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 from llm_worker import __version__
+from llm_worker.breaker import Breakers
 from llm_worker.config import Settings
 from llm_worker.jobs import iso
 from llm_worker.shm import Phase, SharedState, SlotState
@@ -50,7 +51,7 @@ def snapshot(settings: Settings, state: SharedState, not_ready: str | None) -> d
             "loaded": [{"name": r.loaded_names[i].value.decode(), "vramBytes": r.loaded_vram[i]} for i in range(r.loaded_count)],
             "labels": state.model_labels(),
         },
-        "breakers": [],
+        "breakers": Breakers(state.breakers, state.lock, settings).rows(),
         "gpu": {
             "collectorUp": bool(r.gpu_collector_up), "error": r.gpu_error.decode(errors="replace") or None,
             "gpus": [{"index": g.index, "uuid": g.uuid.decode(), "name": g.name.decode(),

@@ -247,7 +247,7 @@ def test_an_unknown_toml_section_is_refused(tmp_path: Path) -> None:
     path = write_toml(tmp_path, "[wokers]\nconcurrency = 4\n")
     message = str(refused({}, path))
     assert str(path) in message and "[wokers]" in message
-    assert "one of the sections worker, redis, ollama, queue, models, limits, http, log" in message
+    assert "one of the sections worker, redis, ollama, openai, queue, models, limits, http, log" in message
 
 
 def test_an_unknown_toml_key_is_refused(tmp_path: Path) -> None:
@@ -387,7 +387,7 @@ def test_effective_values_mask_every_secret() -> None:
 def test_unset_secrets_show_as_empty_and_secret_flags_are_declared() -> None:
     shown = dict((decl.env, value) for decl, value in config.effective(config.Settings()))
     assert shown["REDIS_PASSWORD"] == shown["ADMIN_TOKEN"] == shown["REDIS_URL"] == ""
-    assert {decl.env for decl in DECLARATIONS if decl.secret} == {"REDIS_URL", "REDIS_PASSWORD", "ADMIN_TOKEN"}
+    assert {decl.env for decl in DECLARATIONS if decl.secret} == {"REDIS_URL", "REDIS_PASSWORD", "ADMIN_TOKEN", "OPENAI_API_KEY"}
 
 
 def test_a_password_built_into_the_url_is_masked() -> None:

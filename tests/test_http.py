@@ -119,7 +119,7 @@ def test_failures_retries_and_rejections_are_counted(service, sim: Simulator, re
     from llm_worker.simulator import Fault
 
     svc = service(WORKER_POOLS="llm-chat=1", QUEUE_DELAY="10", QUEUE_MAX_ATTEMPTS="2", OLLAMA_MAX_RETRIES="0", **FAST)
-    sim.set_faults([Fault(status=500, reason="oom")])
+    sim.set_faults([Fault(status=500, reason="internal")])
     client = client_for(redis_url)
     wait_all(client, [chat(client)])
     r.lpush("llm-chat", b"not a job")
@@ -161,8 +161,9 @@ def test_models_outside_allowed_models_are_refused_not_labelled(service, redis_u
     client = client_for(redis_url)
     results = wait_all(client, [chat(client, model="llama3.2:latest"), chat(client, model="gemma")])
     assert [r["success"] for r in results.values()] == [True, False]
-    samples = eventually(lambda: (lambda s: s if value(s, "llm_worker_payloads_rejected_total", queue="llm-chat") else None)(scrape(svc)),
-                         what="the refusal counted")
+    # Refused by the allow-list filter: a failed job (validation), counted under "other".
+    samples = eventually(lambda: (lambda s: s if value(s, "llm_worker_jobs_total", queue="llm-chat", type="chat", model="other",
+                                                       outcome="failed") else None)(scrape(svc)), what="the refusal counted")
     assert value(samples, "llm_worker_jobs_total", queue="llm-chat", type="chat", model="llama3.2", outcome="completed") == 1
     assert not any(dict(labels).get("model") == "gemma" for _, labels in samples)
 

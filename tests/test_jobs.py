@@ -13,6 +13,7 @@ from hypothesis import given, settings as hypothesis_settings, strategies as st
 
 from llm_worker import config, jobs
 from llm_worker.jobs import ErrorKind, Invalid, JobError, Malformed, RequestRejected
+from llm_worker.plugins import limits
 
 fuzz = hypothesis_settings(max_examples=100, deadline=None, derandomize=True, database=None)
 
@@ -31,7 +32,18 @@ def chat_job(**fields: Any) -> dict[str, Any]:
 
 
 def decode(job: dict[str, Any] | bytes, s: config.Settings = DEFAULT) -> jobs.Decoded:
-    return jobs.decode(job if isinstance(job, bytes) else msgspec.json.encode(job), s)
+    """Decode as a worker does: validation, then the request-limits filter (plugins/limits.py).
+
+    A refusal by the filter becomes Invalid here, as the worker dead-letters
+    both the same way: errorType validation, the reason, the failure result.
+    """
+    raw = job if isinstance(job, bytes) else msgspec.json.encode(job)
+    decoded = jobs.decode(raw, s)
+    try:
+        limits.check(decoded, s)
+    except RequestRejected as exc:
+        raise Invalid(exc.message, msgspec.json.decode(raw)) from None
+    return decoded
 
 
 def invalid(job: dict[str, Any] | bytes, s: config.Settings = DEFAULT) -> Invalid:

@@ -10,7 +10,7 @@ import redis
 
 from conftest import settings_for
 from llm_worker.jobs import DeadLetter, Result
-from llm_worker.queue import Event, ReliableQueue, WorkerInfo, retry_delay
+from llm_worker.queue import ReliableQueue, WorkerInfo, retry_delay
 
 WID = "host-a:100"
 
@@ -36,16 +36,15 @@ def test_take_moves_the_oldest_job_into_the_workers_processing_list(rq: Reliable
     assert r.lrange("llm-chat", 0, -1) == [job("b")]
 
 
-def test_complete_writes_result_done_marker_and_event_then_acks(rq: ReliableQueue, r: redis.Redis) -> None:
+def test_complete_writes_result_done_marker_and_counts_then_acks(rq: ReliableQueue, r: redis.Redis) -> None:
     r.lpush("llm-chat", job("a"))
     raw = rq.take("llm-chat", WID, 0.1)
-    assert rq.complete(WID, raw, ok("a"), [Event("llm.request.completed", {"jobId": "a"})]).ours
+    assert rq.complete(WID, raw, ok("a"), queue="llm-chat").ours
     assert r.llen("llm:processing:" + WID) == 0
     assert msgspec.json.decode(r.get("llm:result:a"))["success"] is True
     assert r.lrange("llm:done:a", 0, -1) == [b"ok"]
     assert 0 < r.ttl("llm:result:a") <= 3600 and 0 < r.ttl("llm:done:a") <= 3600
-    (entry,) = r.xrange("llm:events")
-    assert entry[1][b"type"] == b"llm.request.completed"
+    assert r.hgetall("llm:stats:llm-chat") == {b"completed": b"1"}
 
 
 def test_a_job_recovered_from_its_worker_is_never_answered_by_it(rq: ReliableQueue, r: redis.Redis) -> None:

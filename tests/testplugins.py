@@ -44,3 +44,17 @@ def llm_worker_providers(settings):  # type: ignore[no-untyped-def]
     # that opens connections or loads a client library can be.
     time.sleep(float(os.environ.get("TESTPLUGINS_BOOT_SECONDS", "0")))
     return [CrashingProvider()]
+
+
+@hookimpl
+def llm_worker_record(event):  # type: ignore[no-untyped-def]
+    # TESTPLUGINS_SINK_RAISES: a metric sink that fails on every event.
+    if os.environ.get("TESTPLUGINS_SINK_RAISES"):
+        raise RuntimeError("the metric backend is down")
+
+
+@hookimpl
+def llm_worker_filter_request(job):  # type: ignore[no-untyped-def]
+    # TESTPLUGINS_FILTER_RAISES: a request filter with a bug.
+    if os.environ.get("TESTPLUGINS_FILTER_RAISES"):
+        raise KeyError("user-tier")

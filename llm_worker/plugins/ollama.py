@@ -167,6 +167,22 @@ class OllamaProvider:
                                  vram=ps.size_vram if ps else 0, expires_at=ps.expires_at if ps else None))
         return out
 
+    def unload_idle(self, keep: str, deadline: Deadline) -> list[str]:
+        """Ask Ollama to unload every loaded model but ``keep`` (keep_alive 0); return their names.
+
+        Ollama unloads a model once its requests in flight are done, so a model
+        another worker is using finishes its work first.
+        """
+        loaded = self.http.json("GET", "/api/ps", None, deadline, _Tags).models
+        wanted = {keep, keep + ":latest", keep.removesuffix(":latest")}
+        unloaded = []
+        for model in loaded:
+            if model.name in wanted:
+                continue
+            self.http.json("POST", "/api/generate", {"model": model.name, "keep_alive": 0, "stream": False}, deadline, _Line)
+            unloaded.append(model.name)
+        return unloaded
+
     def health(self, timeout: float) -> Health:
         try:
             version = self.http.json("GET", "/api/version", None, Deadline(timeout), dict[str, Any])

@@ -14,11 +14,13 @@ from llm_worker.simulator.server import Simulator
 FAULT_HELP = """\
 a fault to start with (repeatable): JSON, or key=value pairs joined by commas.
 Keys: kind (status | stream_error | cut | hang; default status), status (HTTP
-code), reason (oom | runner | busy | bad_request | not_found | internal: which
-Ollama message), message, model, endpoints (chat+generate+embed+embeddings+pull+
-show+delete+tags+ps+version+root), count, probability, after_chunks, seconds.
+code), reason (oom | runner | busy | bad_request | not_found | internal |
+rate_limit: which message), message, model, endpoints (chat+generate+embed+
+embeddings+openai_chat+openai_embeddings, the default, and pull+show+delete+tags+
+ps+version+root+openai_models), count, probability, after_chunks, seconds.
 E.g. `reason=oom,count=3,model=llama3.2`, `kind=cut,after_chunks=2`,
-`kind=hang,endpoints=tags`. Change them at run time with POST /_sim/faults."""
+`kind=hang,endpoints=tags`, `reason=rate_limit,endpoints=openai_chat`.
+Change them at run time with POST /_sim/faults."""
 
 
 def _names(text: str) -> list[str]:
@@ -35,7 +37,7 @@ def _load_time(text: str) -> tuple[str, float]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llm-worker simulate",
-        description="Serve an Ollama look-alike with settable latency, capacity and faults.")
+        description="Serve an Ollama look-alike, its /v1 API included, with settable latency, capacity and faults.")
     add = parser.add_argument
     add("--host", default="127.0.0.1", help="address to bind (default %(default)s)")
     add("--port", type=int, default=11434, help="port to bind; 0 picks a free one (default %(default)s)")
@@ -61,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="old: 'model \"x\" not found, try pulling it first'; new: \"model 'x' not found\"")
     add("--fault", type=parse_fault, action="append", default=[], metavar="SPEC", help=FAULT_HELP)
     add("--seed", type=int, default=0, help="seed of probabilistic faults")
+    add("--api-key", default="", help="make /v1 requests send `Authorization: Bearer KEY` (default: no check)")
     return parser
 
 
@@ -71,7 +74,7 @@ def config_from_args(args: argparse.Namespace) -> SimulatorConfig:
         latency_ms=args.latency_ms, token_ms=args.token_ms, embed_call_ms=args.embed_call_ms,
         embed_input_ms=args.embed_input_ms, load_ms=args.load_ms, model_load_ms=dict(args.model_load_ms),
         pull_ms=args.pull_ms, slots=args.slots, max_queue=args.max_queue, max_loaded=args.max_loaded,
-        not_found_style=args.not_found_style, faults=args.fault, seed=args.seed)
+        not_found_style=args.not_found_style, faults=args.fault, seed=args.seed, api_key=args.api_key)
 
 
 def main(argv: list[str] | None = None) -> int:

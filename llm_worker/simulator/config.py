@@ -10,11 +10,11 @@ import msgspec
 from msgspec import Struct, field
 
 FaultKind = Literal["status", "stream_error", "cut", "hang"]
-Reason = Literal["oom", "runner", "busy", "bad_request", "not_found", "internal"]
+Reason = Literal["oom", "runner", "busy", "bad_request", "not_found", "internal", "rate_limit"]
 
-# Endpoints a fault may name; a fault that names none hits the inference ones.
-INFERENCE_ENDPOINTS = ("chat", "generate", "embed", "embeddings")
-ENDPOINTS = INFERENCE_ENDPOINTS + ("pull", "show", "delete", "tags", "ps", "version", "root")
+# Endpoints a fault may name; a fault that names none hits the inference ones, of both APIs.
+INFERENCE_ENDPOINTS = ("chat", "generate", "embed", "embeddings", "openai_chat", "openai_embeddings")
+ENDPOINTS = INFERENCE_ENDPOINTS + ("pull", "show", "delete", "tags", "ps", "version", "root", "openai_models")
 
 DEFAULT_MODELS = ("llama3.2:latest", "nomic-embed-text:latest")
 
@@ -28,10 +28,10 @@ class Fault(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
 
     kind: FaultKind = "status"
     status: int | None = None  # kind=status: HTTP status; default from `reason`, else 500
-    reason: Reason | None = None  # which Ollama message to send; default from `status`
+    reason: Reason | None = None  # which message to send; default from `status`
     message: str | None = None  # the error text itself, instead of the reason's
     model: str | None = None  # only requests for this model (`x` and `x:latest` alike)
-    endpoints: tuple[str, ...] = ()  # only these endpoints; empty: chat, generate, embed, embeddings
+    endpoints: tuple[str, ...] = ()  # only these endpoints; empty: INFERENCE_ENDPOINTS
     count: int | None = None  # fire this many times, then retire; None: forever
     probability: float = 1.0  # chance that a matching request is hit
     after_chunks: int = 0  # stream_error, cut: lines sent before the fault
@@ -81,6 +81,7 @@ class SimulatorConfig(Struct, kw_only=True, forbid_unknown_fields=True):
     not_found_style: Literal["old", "new"] = "new"
     faults: list[Fault] = []
     seed: int = 0  # of the dice that probabilistic faults roll
+    api_key: str = ""  # set: /v1 requests need `Authorization: Bearer <api_key>` (Ollama's own API never does)
 
     def __post_init__(self) -> None:
         if self.slots < 1 or self.max_queue < 0 or self.max_loaded < 0:

@@ -1,4 +1,4 @@
-"""Armed faults: which request each one hits, and what Ollama would have said."""
+"""Armed faults: which request each one hits, and what Ollama (or OpenAI) would have said."""
 
 from __future__ import annotations
 
@@ -19,9 +19,11 @@ MESSAGES = {
     "busy": "server busy, please try again.  maximum pending requests exceeded",
     "bad_request": "invalid request",
     "internal": "an error was encountered while running the model: unexpected EOF",
+    "rate_limit": "Rate limit reached for requests. Please try again in 1s.",  # OpenAI's, for /v1 drills
 }
-REASON_STATUS = {"oom": 500, "runner": 500, "busy": 503, "bad_request": 400, "not_found": 404, "internal": 500}
-STATUS_REASON = {400: "bad_request", 404: "not_found", 500: "runner", 503: "busy"}
+REASON_STATUS = {"oom": 500, "runner": 500, "busy": 503, "bad_request": 400, "not_found": 404, "internal": 500,
+                 "rate_limit": 429}
+STATUS_REASON = {400: "bad_request", 404: "not_found", 429: "rate_limit", 500: "runner", 503: "busy"}
 
 
 def fault_status(fault: Fault) -> int:

@@ -1,4 +1,4 @@
-"""Ollama's request bodies as the simulator reads them, and the replies it writes.
+"""Ollama's request bodies as the simulator reads them, the replies it writes, and each API's dialect.
 
 Request structs list only the fields the simulator acts on; others are
 ignored, as Ollama ignores what it does not know.
@@ -7,6 +7,7 @@ ignored, as Ollama ignores what it does not know.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -14,6 +15,7 @@ from msgspec import Struct
 
 JSON = b"application/json; charset=utf-8"
 NDJSON = b"application/x-ndjson"
+SSE = b"text/event-stream"
 TEXT = b"text/plain; charset=utf-8"
 
 ENCODER = msgspec.json.Encoder()
@@ -95,7 +97,7 @@ class Reply:
 
 
 class StreamReply:
-    """A 200 NDJSON response, sent chunked, one line per item of ``lines`` as it comes."""
+    """A 200 stream, sent chunked, one chunk per item of ``lines`` as it comes (its API says the type)."""
 
     __slots__ = ("lines", "on_close")
 
@@ -114,15 +116,12 @@ class StreamReply:
 
 
 class ApiError(Exception):
-    """An error answered as Ollama does: the status, and ``{"error": message}``."""
+    """A refused request: its status and message, shaped by the route's dialect (Ollama: ``{"error": message}``)."""
 
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
-
-    def reply(self) -> Reply:
-        return error_reply(self.status, self.message)
 
 
 def json_reply(obj: Any, status: int = 200) -> Reply:
@@ -136,3 +135,16 @@ def error_reply(status: int, message: str) -> Reply:
 def line(obj: Any) -> bytes:
     """Return one NDJSON line."""
     return ENCODER.encode(obj) + b"\n"
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """What an API shapes alike on every route of it: error answers, streams, and who may call."""
+
+    error: Callable[[int, str], Reply]  # the answer to a failed request: (status, message)
+    stream_type: bytes  # Content-Type of its streams
+    stream_error: Callable[[str], bytes]  # the line that a stream_error fault sends mid-stream
+    authorize: Callable[[str | None, str], None] | None = None  # (Authorization header, api_key): raise ApiError
+
+
+OLLAMA = Dialect(error=error_reply, stream_type=NDJSON, stream_error=lambda message: line({"error": message}))

@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from llm_worker.simulator import admin, inference
+from llm_worker.simulator import admin, inference, openai
 from llm_worker.simulator.config import FaultList
 from llm_worker.simulator.engine import Engine
+from llm_worker.simulator.openai import OPENAI
 from llm_worker.simulator.protocol import (
-    ChatRequest, EmbeddingsRequest, EmbedRequest, GenerateRequest, ModelRequest, Reply, StreamReply,
+    OLLAMA, ChatRequest, Dialect, EmbeddingsRequest, EmbedRequest, GenerateRequest, ModelRequest, Reply, StreamReply,
 )
 
 
@@ -17,6 +18,7 @@ class Route(NamedTuple):
     name: str  # what faults' `endpoints` and the per-endpoint stats call it; "_sim" for control
     handler: Callable[[Engine, Any], Reply | StreamReply]
     body: type | None  # the struct the JSON body is decoded into; None: the body is ignored
+    dialect: Dialect = OLLAMA  # how its errors and streams are shaped, and whether it checks a key
 
 
 ROUTES: dict[tuple[str, str], Route] = {
@@ -31,6 +33,10 @@ ROUTES: dict[tuple[str, str], Route] = {
     ("POST", "/api/generate"): Route("generate", inference.generate, GenerateRequest),
     ("POST", "/api/embed"): Route("embed", inference.embed, EmbedRequest),
     ("POST", "/api/embeddings"): Route("embeddings", inference.embeddings, EmbeddingsRequest),
+    # OpenAI's API, which Ollama serves beside its own.
+    ("GET", "/v1/models"): Route("openai_models", openai.models, None, OPENAI),
+    ("POST", "/v1/chat/completions"): Route("openai_chat", openai.chat_completions, openai.ChatCompletionRequest, OPENAI),
+    ("POST", "/v1/embeddings"): Route("openai_embeddings", openai.embeddings, openai.EmbeddingsRequest, OPENAI),
     ("GET", "/_sim/stats"): Route("_sim", admin.sim_stats, None),
     ("GET", "/_sim/faults"): Route("_sim", admin.sim_faults, None),
     ("POST", "/_sim/faults"): Route("_sim", admin.sim_set_faults, FaultList),

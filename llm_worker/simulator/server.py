@@ -20,13 +20,14 @@ from llm_worker.simulator.config import Fault, SimulatorConfig
 from llm_worker.simulator.engine import Engine
 from llm_worker.simulator.faults import fault_message, fault_status
 from llm_worker.simulator.models import normalize_name
-from llm_worker.simulator.protocol import NDJSON, TEXT, ApiError, Reply, StreamReply, error_reply, line
+from llm_worker.simulator.protocol import NDJSON, OLLAMA, SSE, TEXT, ApiError, Dialect, Reply, StreamReply
 from llm_worker.simulator.routes import ROUTES, Route
 from llm_worker.simulator.stats import SimStats, Stopping
 
 # Response heads are assembled from bytes made once: this path bounds every benchmark.
 _STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in HTTPStatus}
-_STREAM_HEAD = _STATUS_LINES[200] + b"Content-Type: " + NDJSON + b"\r\nTransfer-Encoding: chunked\r\n\r\n"
+_STREAM_HEADS = {kind: _STATUS_LINES[200] + b"Content-Type: " + kind + b"\r\nTransfer-Encoding: chunked\r\n\r\n"
+                 for kind in (NDJSON, SSE)}
 _STREAM_END = b"0\r\n\r\n"
 _NOT_FOUND = Reply(404, b"404 page not found", TEXT)  # what Go's router says
 _DECODERS: dict[type, msgspec.json.Decoder[Any]] = {route.body: msgspec.json.Decoder(route.body) for route in ROUTES.values() if route.body}
@@ -72,6 +73,7 @@ class SimRequestHandler(BaseHTTPRequestHandler):
     def _dispatch(self, method: str) -> None:
         route = ROUTES.get((method, self.path.partition("?")[0]))
         self._counted = route is None or route.name != "_sim"  # stats tell of Ollama traffic only
+        self._dialect: Dialect = route.dialect if route is not None else OLLAMA
         body = self._read_body()
         if body is None:
             return
@@ -83,7 +85,7 @@ class SimRequestHandler(BaseHTTPRequestHandler):
                 request, fault = self._admit(route, body)
                 reply = route.handler(self.server.engine, request)
             except ApiError as exc:
-                reply = exc.reply()
+                reply = self._dialect.error(exc.status, exc.message)
             except (Stopping, ClientGone):
                 self.close_connection = True
                 return
@@ -100,13 +102,13 @@ class SimRequestHandler(BaseHTTPRequestHandler):
         length = self.headers.get("Content-Length")
         if length is None and "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
             self.close_connection = True
-            self._send(error_reply(411, "send the body with a Content-Length"))
+            self._send(self._dialect.error(411, "send the body with a Content-Length"))
             return None
         try:
             return self.rfile.read(int(length)) if length else b""
         except ValueError:
             self.close_connection = True
-            self._send(error_reply(400, f"bad Content-Length {length!r}"))
+            self._send(self._dialect.error(400, f"bad Content-Length {length!r}"))
             return None
 
     def _admit(self, route: Route, body: bytes) -> tuple[Any, Fault | None]:
@@ -119,6 +121,8 @@ class SimRequestHandler(BaseHTTPRequestHandler):
             return _decode(route, body), None
         engine = self.server.engine
         try:
+            if route.dialect.authorize is not None:
+                route.dialect.authorize(self.headers.get("Authorization"), engine.config.api_key)
             request = _decode(route, body)
         except ApiError:
             engine.counters.request(route.name, None)
@@ -158,7 +162,7 @@ class SimRequestHandler(BaseHTTPRequestHandler):
             if fault.kind == "cut":
                 self.close_connection = True  # the client sees the connection close, no answer
                 return
-            reply = error_reply(500, self._fault_text(fault))
+            reply = self._dialect.error(500, self._fault_text(fault))
         self._send(reply, head_only)
 
     def _send(self, reply: Reply, head_only: bool = False) -> None:
@@ -172,7 +176,8 @@ class SimRequestHandler(BaseHTTPRequestHandler):
     def _send_stream(self, reply: StreamReply, fault: Fault | None) -> None:
         """Send each line as its own chunk as soon as it is produced."""
         self.server.engine.counters.response(200)
-        self._head = _STREAM_HEAD  # goes out with the first chunk, after the first-byte latency
+        # The head goes out with the first chunk, after the first-byte latency.
+        self._head = _STREAM_HEADS[self._dialect.stream_type]
         try:
             if fault is None:
                 for chunk in reply.lines:
@@ -199,7 +204,7 @@ class SimRequestHandler(BaseHTTPRequestHandler):
             self.wfile.write(self._head)
             self.close_connection = True
             return False
-        self._send_chunk(line({"error": self._fault_text(fault)}))
+        self._send_chunk(self._dialect.stream_error(self._fault_text(fault)))
         return True
 
     def _send_chunk(self, chunk: bytes) -> None:

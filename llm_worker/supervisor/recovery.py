@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 
 import redis
 
+from llm_worker.procs import alive
 from llm_worker.queue import ReliableQueue
 from llm_worker.shm import SharedState
 
@@ -70,16 +70,7 @@ class Recovery:
         longer exists on this machine is proof enough that they are gone.
         """
         for worker_id, info in self.rq.registered().items():
-            if info.host != self.host_id or info.hostname != own_hostname or _alive(info.pid):
+            if info.host != self.host_id or info.hostname != own_hostname or alive(info.pid):
                 continue
             self.worker_gone(Gone(worker_id, info.queue, crashed=True))
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

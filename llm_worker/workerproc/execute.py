@@ -1,42 +1,32 @@
-"""Run a validated job against the providers: chat, generate, embeddings, batch.
+"""Run a validated job against the providers: breakers, fallbacks, filters; chat, generate, embeddings, batch.
 
-Everything here raises JobError (ProviderError is one) for a failure the
-result should report; what to do about it (retry, dead-letter) is decided by
-the finisher, not here.
+Each model call goes through its provider's circuit breaker. When a call
+fails, the fallback strategies (plugins) are asked what to try next, within
+the job's one budget of attempts and its one deadline. What to do with a
+failure that stands (retry later, dead-letter) is the finisher's decision.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import redis
 
-from llm_worker.jobs import ChatRequest, Decoded, EmbeddingsRequest, ErrorKind, GenerateRequest, JobError, Result, Task, iso
+from llm_worker.attempts import Attempt, Plan
+from llm_worker.breaker import BreakerOpen, Breakers, breaker_record
+from llm_worker.config import Settings
+from llm_worker.jobs import Answer, ChatRequest, Decoded, EmbeddingsRequest, ErrorKind, GenerateRequest, JobError, Options, Result, Task, iso
+from llm_worker.pluginmanager import PluginManager
 from llm_worker.providers import Deadline, OnChunk, Provider
 from llm_worker.queue import STREAM_MAXLEN
 
 log = logging.getLogger("llm_worker.worker")
-
-
-@dataclass
-class Answer:
-    """What a job produced, before it becomes a Result."""
-
-    response: dict[str, Any]
-    model: str
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    fallback_used: bool = False
-    cache_hit: bool = False
-
-    @property
-    def tokens(self) -> int | None:
-        if self.prompt_tokens is None and self.completion_tokens is None:
-            return None
-        return (self.prompt_tokens or 0) + (self.completion_tokens or 0)
+LEASE_GRACE = 5.0  # seconds a half-open probe's lease outlives its deadline
 
 
 @dataclass
@@ -82,8 +72,14 @@ class StreamSink:
 class Executor:
     """Routes each model call to the first provider that serves its model."""
 
-    def __init__(self, providers: list[Provider]) -> None:
+    def __init__(self, providers: list[Provider], plugins: PluginManager, breakers: Breakers, settings: Settings,
+                 worker_id: str) -> None:
         self.providers = providers
+        self.plugins = plugins
+        self.breakers = breakers
+        self.settings = settings
+        self.worker_id = worker_id
+        self.attempts_used = 1  # provider calls the last run() made, for the finisher (0: all refused)
 
     def provider_for(self, model: str) -> Provider:
         for provider in self.providers:
@@ -92,12 +88,98 @@ class Executor:
         raise JobError(f"no provider serves model {model!r}", ErrorKind.MODEL)
 
     def run(self, decoded: Decoded, deadline: Deadline, sink: StreamSink | None) -> Answer:
+        """Run the job; when it fails, raise its last JobError (``attempts_used`` says how many calls were made)."""
+        self.attempts_used = 1
         if decoded.job.type == "batch":
             return self._batch(decoded, deadline)
-        return self.run_task(decoded.tasks[0], deadline, sink)
+        return self.call(decoded, decoded.tasks[0], deadline, sink)
 
-    def run_task(self, task: Task, deadline: Deadline, on_chunk: OnChunk | None) -> Answer:
-        provider = self.provider_for(task.model)
+    # ---- one call, its attempts and fallbacks --------------------------------------
+
+    def call(self, job: Decoded, task: Task, deadline: Deadline, sink: StreamSink | None) -> Answer:
+        """One model call and its fallbacks. ``attempts_used`` counts the provider calls made."""
+        requested, tried, refused = task.model, [], []
+        used = 0  # provider calls made in this run: each spends one of the job's attempts
+        reduced = unloaded = planned = False
+        while True:
+            provider = self.provider_for(task.model)
+            tried.append(task.model)
+            try:
+                answer = self._attempt(provider, task, deadline, sink)
+            except BreakerOpen as exc:  # refused before any call: no attempt spent
+                error: JobError = exc
+                refused.append(exc)
+            except JobError as exc:
+                error = exc
+                used += 1
+            else:
+                self.attempts_used = used + 1
+                answer.fallback_used = planned
+                self.plugins.filter_response(job, answer)
+                return answer
+            self.attempts_used = used
+            streamed = sink.published if sink is not None else 0
+            spent = job.job.retry_count + used
+            attempt = Attempt(number=spent if used else spent + 1, budget=job.max_attempts, model=task.model,
+                              requested_model=requested, tried=list(tried), left=deadline.left(), settings=self.settings,
+                              breaker_open=self._refused, reduced=reduced, unloaded=unloaded, streamed=streamed, task=task)
+            plan = None
+            if not streamed and error.kind is not ErrorKind.VALIDATION and spent < job.max_attempts and deadline.left() > 0:
+                plan = self.plugins.fallback(job, error, attempt)
+            if plan is None:
+                if refused and isinstance(error, BreakerOpen):
+                    # Every candidate refused by an open breaker: an outage. Wait for the first.
+                    raise min(refused, key=lambda e: e.retry_at)
+                raise error
+            log.info(f"fallback: {plan.reason}", extra={"jobId": job.job.id, "model": task.model, "next": plan.model or task.model})
+            task = self._apply(plan, task, provider, deadline)
+            planned = True
+            reduced = reduced or bool(plan.options)
+            unloaded = unloaded or plan.unload_idle
+
+    def _attempt(self, provider: Provider, task: Task, deadline: Deadline, sink: StreamSink | None) -> Answer:
+        admission = self.breakers.admit(provider.name, task.model, deadline.left() + LEASE_GRACE)
+        self._report_transitions()
+        try:
+            answer = self._run_task(provider, task, deadline, sink)
+        except JobError as exc:
+            self.breakers.record(admission, exc)
+            self._report_transitions()
+            raise
+        self.breakers.record(admission, None)
+        self._report_transitions()
+        return answer
+
+    def _apply(self, plan: Plan, task: Task, provider: Provider, deadline: Deadline) -> Task:
+        if plan.unload_idle:
+            unload = getattr(provider, "unload_idle", None)
+            if unload is not None:
+                unloaded = unload(keep=task.model, deadline=deadline)
+                log.warning("unloaded idle models to free memory", extra={"models": unloaded, "keep": task.model})
+        request = task.request
+        if plan.options and not isinstance(request, EmbeddingsRequest):
+            current = msgspec.structs.asdict(request.options) if request.options is not None else {}
+            options = msgspec.convert({k: v for k, v in {**current, **plan.options}.items() if v is not None}, Options)
+            request = msgspec.structs.replace(request, options=options)
+        return dataclasses.replace(task, model=plan.model or task.model, request=request)
+
+    def _refused(self, model: str) -> bool:
+        try:
+            provider = self.provider_for(model)
+        except JobError:
+            return True
+        return self.breakers.refused(model, provider.name)
+
+    def _report_transitions(self) -> None:
+        """Log and record each breaker transition this process made: once, from here."""
+        for t in self.breakers.transitions:
+            (log.warning if t.to == "opened" else log.info)(f"circuit breaker {t.to}: {t.key}: {t.reason}")
+            self.plugins.record(breaker_record(t, self.worker_id))
+        self.breakers.transitions.clear()
+
+    # ---- the provider call itself --------------------------------------------------
+
+    def _run_task(self, provider: Provider, task: Task, deadline: Deadline, on_chunk: OnChunk | None) -> Answer:
         request = task.request
         if isinstance(request, EmbeddingsRequest):
             options: dict[str, Any] = {}
@@ -129,11 +211,12 @@ class Executor:
         results: list[Result] = []
         errors: list[JobError] = []
         prompt = completion = 0
+        fallback = False
         for index, task in enumerate(decoded.tasks):
             started = time.monotonic()
             sub_id = f"{job.id}:{index}"
             try:
-                answer = self.run_task(task, deadline, None)
+                answer = self.call(decoded, task, deadline, None)
             except JobError as exc:
                 errors.append(exc)
                 results.append(Result(job_id=sub_id, success=False, error=exc.message, error_type=exc.kind.value,
@@ -142,13 +225,15 @@ class Executor:
                 continue
             prompt += answer.prompt_tokens or 0
             completion += answer.completion_tokens or 0
+            fallback = fallback or answer.fallback_used
             results.append(Result(job_id=sub_id, success=True, response=answer.response, model=answer.model,
                                   requested_model=task.model, tokens_used=answer.tokens, prompt_tokens=answer.prompt_tokens,
                                   completion_tokens=answer.completion_tokens, correlation_id=job.correlation_id,
-                                  processing_time=_ms(time.monotonic() - started), completed_at=iso()))
+                                  fallback_used=answer.fallback_used, processing_time=_ms(time.monotonic() - started),
+                                  completed_at=iso()))
         if errors and len(errors) == len(results) and all(e.retryable for e in errors):
             raise errors[0]
-        return Answer({"results": results}, decoded.model, prompt, completion)
+        return Answer({"results": results}, decoded.model, prompt, completion, fallback_used=fallback)
 
 
 def _ms(seconds: float) -> int:

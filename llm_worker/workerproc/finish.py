@@ -1,9 +1,12 @@
-"""Turn what happened to a job into exactly one terminal outcome, or a retry.
+"""Turn what happened to a job into exactly one terminal outcome, or a retry; tell the sinks.
 
 Success writes the result; a retryable failure with attempts left parks the
-job in the delayed set; anything else dead-letters it with its failure
-result. Every write goes through the worker's Redis guard, which waits out a
-lost Redis, so a job in hand is finished once Redis is back.
+job in the delayed set; a job refused by open circuit breakers waits there
+until one could half-open, without spending an attempt; anything else
+dead-letters it with its failure result. Every write goes through the
+worker's Redis guard, which waits out a lost Redis, so a job in hand is
+finished once Redis is back. After an outcome is written, the metric sinks
+get its Record (the event stream, the shared-memory statistics, ...).
 """
 
 from __future__ import annotations
@@ -15,12 +18,13 @@ from typing import Any
 
 import msgspec
 
-from llm_worker import logs
+from llm_worker import logs, records
+from llm_worker.breaker import BreakerOpen
 from llm_worker.config import Settings
-from llm_worker.jobs import RAW_KEEP, DeadLetter, Decoded, ErrorKind, Invalid, JobError, Malformed, Result, iso
-from llm_worker.queue import DeferredEvents, Event, ReliableQueue, retry_delay
-from llm_worker.stats import Counters
-from llm_worker.workerproc.execute import Answer
+from llm_worker.jobs import RAW_KEEP, Answer, DeadLetter, Decoded, ErrorKind, Invalid, JobError, Malformed, Result, iso
+from llm_worker.pluginmanager import PluginManager
+from llm_worker.queue import ReliableQueue, retry_delay
+from llm_worker.records import Record
 
 log = logging.getLogger("llm_worker.worker")
 Guard = Callable[..., Any]
@@ -34,16 +38,14 @@ class Finisher:
     """
 
     def __init__(self, rq: ReliableQueue, settings: Settings, worker_id: str, queue: str, guard: Guard,
-                 take_next: Callable[[], bool], counters: Counters, label: Callable[[str], int]) -> None:
+                 take_next: Callable[[], bool], plugins: PluginManager) -> None:
         self.rq = rq
         self.settings = settings
         self.worker_id = worker_id
         self.queue = queue
         self.guard = guard
         self.take_next = take_next
-        self.counters = counters  # this worker's block in shared memory; it is the only writer
-        self.label = label  # model name -> its index in the shared model table
-        self.events = DeferredEvents(rq.redis, rq.keys.events)
+        self.plugins = plugins
 
     @property
     def _take(self) -> str | None:
@@ -52,62 +54,59 @@ class Finisher:
     # ---- jobs that were run ------------------------------------------------
 
     def started(self, d: Decoded, taken: float) -> None:
-        """Announce the job; the reply is read after the provider call (see DeferredEvents)."""
-        self.events.send(Event("llm.request.started", self._data(d, taken)))
+        self.plugins.record(self._record(records.STARTED, d, taken))
 
-    def succeeded(self, d: Decoded, taken: float, answer: Answer, stream: bool) -> bytes | None:
-        self.events.settle()
-        result = self._result(d, taken, success=True, answer=answer)
-        data = self._data(d, taken, processingTime=result.processing_time, tokensUsed=result.tokens_used,
-                          model=result.model, fallbackUsed=answer.fallback_used)
-        done = self.guard(self.rq.complete, self.worker_id, d.raw, result, [Event("llm.request.completed", data)],
-                          stream="done" if stream else "", take_from=self._take, queue=self.queue)
+    def succeeded(self, d: Decoded, taken: float, answer: Answer, stream: bool, attempts: int = 1) -> bytes | None:
+        result = self._result(d, taken, success=True, answer=answer, attempts=attempts)
+        done = self.guard(self.rq.complete, self.worker_id, d.raw, result, stream="done" if stream else "",
+                          take_from=self._take, queue=self.queue)
         if done.ours:
-            self._count(d, taken, "completed", answer.model, answer)
+            self.plugins.record(self._record(records.COMPLETED, d, taken, outcome="completed", answer=answer, result=result))
         self._report(done.ours, d, "completed", result.processing_time,
-                     **logs.prompt_fields(prompt=d.prompt_text(), completion=_completion_text(answer)))
+                     **logs.prompt_fields(prompt=d.prompt_text(), completion=answer.text))
         return done.next
 
-    def failed(self, d: Decoded, taken: float, error: JobError, *, streamed: int = 0) -> bytes | None:
+    def failed(self, d: Decoded, taken: float, error: JobError, *, attempts: int = 1, streamed: int = 0) -> bytes | None:
         """Retry the job later if the error and its attempts allow, else fail it for good.
 
-        A streaming job that has already sent chunks is not retried: a reader
+        ``attempts`` is how many of the job's attempts this run used. A
+        streaming job that has already sent chunks is not retried: a reader
         cannot take back text it has shown.
         """
-        self.events.settle()
-        attempt = d.job.retry_count + 1
+        if isinstance(error, BreakerOpen) and not streamed:
+            # An outage, not the job's fault: wait for the breaker; refusals spend no attempt.
+            due = time.time() + max(0.0, error.retry_at - time.monotonic())
+            return self._retry(d, taken, error, due, spent=attempts)
+        attempt = d.job.retry_count + max(1, attempts)
         if error.retryable and attempt < d.max_attempts and not streamed:
-            return self._retry(d, taken, error)
+            return self._retry(d, taken, error, time.time() + retry_delay(self.settings, attempt - 1), spent=attempts)
         reason = error.message
         if error.retryable and attempt >= d.max_attempts:
             reason = f"{reason} (gave up after {attempt} attempts)"
         return self._dead(d, taken, reason, error.kind, attempt, stream="error" if d.stream else "")
 
-    def _retry(self, d: Decoded, taken: float, error: JobError) -> bytes | None:
-        delay = retry_delay(self.settings, d.job.retry_count)
+    def _retry(self, d: Decoded, taken: float, error: JobError, due: float, spent: int) -> bytes | None:
         loose = msgspec.json.decode(d.raw)
-        loose["retryCount"] = d.job.retry_count + 1
+        loose["retryCount"] = d.job.retry_count + spent
         payload = msgspec.json.encode(loose)
-        data = self._data(d, taken, error=error.message, errorType=error.kind.value,
-                          retryCount=d.job.retry_count + 1, delayMs=int(delay * 1000))
-        done = self.guard(self.rq.retry_later, self.worker_id, d.raw, self.queue, payload, time.time() + delay,
-                          [Event("llm.request.retried", data)], take_from=self._take)
+        delay_ms = int(max(0.0, due - time.time()) * 1000)
+        done = self.guard(self.rq.retry_later, self.worker_id, d.raw, self.queue, payload, due, take_from=self._take)
         if done.ours:
-            self._count(d, taken, "retried", d.model, None)
-        self._report(done.ours, d, "retried", None, errorType=error.kind.value, delayMs=int(delay * 1000))
+            self.plugins.record(self._record(records.RETRIED, d, taken, outcome="retried", error=error,
+                                             retryCount=loose["retryCount"], delayMs=delay_ms))
+        self._report(done.ours, d, "retried", None, errorType=error.kind.value, delayMs=delay_ms)
         return done.next
 
     def _dead(self, d: Decoded, taken: float, reason: str, kind: ErrorKind, attempts: int, stream: str = "") -> bytes | None:
-        result = self._result(d, taken, success=False, error=reason, kind=kind)
+        result = self._result(d, taken, success=False, error=reason, kind=kind, attempts=attempts - d.job.retry_count)
         entry = DeadLetter(job=msgspec.Raw(d.raw), queue=self.queue, error=reason, error_type=kind.value,
                            failed_at=result.completed_at, attempts=attempts, worker_id=self.worker_id)
-        data = self._data(d, taken, error=reason, errorType=kind.value, attempts=attempts,
-                          processingTime=result.processing_time)
-        events = [Event("llm.request.failed", data), Event("llm.request.dead_lettered", data)]
-        done = self.guard(self.rq.dead_letter, self.worker_id, d.raw, entry, result, events, stream=stream,
-                          take_from=self._take)
+        done = self.guard(self.rq.dead_letter, self.worker_id, d.raw, entry, result, stream=stream, take_from=self._take)
         if done.ours:
-            self._count(d, taken, "failed", d.model, None)
+            failure = JobError(reason, kind)
+            self.plugins.record(self._record(records.FAILED, d, taken, outcome="failed", error=failure, result=result,
+                                             attempts=attempts))
+            self.plugins.record(self._record(records.DEAD_LETTERED, d, taken, error=failure, attempts=attempts))
         self._report(done.ours, d, "dead-lettered", result.processing_time, errorType=kind.value, error=reason)
         return done.next
 
@@ -121,14 +120,9 @@ class Finisher:
         if exc.job_id is not None:
             result = Result(job_id=exc.job_id, success=False, error=exc.reason, error_type="validation",
                             worker_id=self.worker_id, completed_at=now)
-        data = {"jobId": exc.job_id, "workerId": self.worker_id, "timestamp": now, "queue": self.queue,
-                "error": exc.reason, "errorType": "validation"}
-        events = [Event("llm.request.dead_lettered", data)]
-        if result is not None:
-            events.insert(0, Event("llm.request.failed", data))
-        done = self.guard(self.rq.dead_letter, self.worker_id, raw, entry, result, events, take_from=self._take)
+        done = self.guard(self.rq.dead_letter, self.worker_id, raw, entry, result, take_from=self._take)
         if done.ours:
-            self.counters.rejected += 1
+            self._rejected(exc.job_id, None, exc.reason, now, failed=result is not None)
         log.warning("malformed payload dead-lettered", extra={"jobId": exc.job_id, "queue": self.queue, "error": exc.reason, "bytes": len(raw)})
         return done.next
 
@@ -142,27 +136,26 @@ class Finisher:
                            failed_at=now, worker_id=self.worker_id, attempts=1)
         result = Result(job_id=job_id, success=False, error=exc.reason, error_type="validation", model=model,
                         requested_model=model, worker_id=self.worker_id, correlation_id=correlation, completed_at=now)
-        data = {"jobId": job_id, "workerId": self.worker_id, "timestamp": now, "queue": self.queue,
-                "correlationId": correlation, "error": exc.reason, "errorType": "validation"}
-        events = [Event("llm.request.failed", data), Event("llm.request.dead_lettered", data)]
-        done = self.guard(self.rq.dead_letter, self.worker_id, raw, entry, result, events, take_from=self._take)
+        done = self.guard(self.rq.dead_letter, self.worker_id, raw, entry, result, take_from=self._take)
         if done.ours:
-            self.counters.rejected += 1
+            self._rejected(job_id, correlation, exc.reason, now, failed=True)
         log.warning("invalid job dead-lettered", extra={"jobId": job_id, "correlationId": correlation, "error": exc.reason})
         return done.next
 
+    def _rejected(self, job_id: str | None, correlation: str | None, reason: str, now: str, *, failed: bool) -> None:
+        data = {"jobId": job_id, "workerId": self.worker_id, "timestamp": now, "queue": self.queue,
+                "correlationId": correlation, "error": reason, "errorType": "validation"}
+        common = {"worker_id": self.worker_id, "timestamp": now, "data": data, "job_id": job_id, "queue": self.queue,
+                  "error_kind": "validation"}
+        if failed:
+            self.plugins.record(Record(records.FAILED, **common))
+        self.plugins.record(Record(records.DEAD_LETTERED, outcome="rejected", **common))
+
     # ---- shapes ------------------------------------------------------------
 
-    def _count(self, d: Decoded, taken: float, outcome: str, model: str, answer: Answer | None) -> None:
-        wait = max(0.0, taken - d.created) if d.created is not None else None
-        self.counters.record(
-            d.job.type, self.label(model), outcome, time.time() - taken, wait,
-            answer.prompt_tokens if answer else None, answer.completion_tokens if answer else None,
-            answer.fallback_used if answer else False, answer.cache_hit if answer else False,
-        )
-
     def _result(self, d: Decoded, taken: float, *, success: bool, answer: Answer | None = None,
-                error: str | None = None, kind: ErrorKind | None = None) -> Result:
+                error: str | None = None, kind: ErrorKind | None = None, attempts: int = 1) -> Result:
+        """The result; its retryCount counts every earlier attempt, job-level retries and fallbacks alike."""
         job = d.job
         return Result(
             job_id=job.id, success=success, response=answer.response if answer else None,
@@ -173,22 +166,42 @@ class Finisher:
             tokens_used=answer.tokens if answer else None,
             prompt_tokens=answer.prompt_tokens if answer else None,
             completion_tokens=answer.completion_tokens if answer else None,
-            retry_count=job.retry_count, fallback_used=answer.fallback_used if answer else False,
+            retry_count=job.retry_count + max(0, attempts - 1), fallback_used=answer.fallback_used if answer else False,
             cache_hit=answer.cache_hit if answer else False, worker_id=self.worker_id,
             correlation_id=job.correlation_id, completed_at=iso(), started_at=iso(taken, micro=True),
         )
 
-    def _data(self, d: Decoded, taken: float, **more: Any) -> dict[str, Any]:
+    def _record(self, kind: str, d: Decoded, taken: float, *, outcome: str | None = None, answer: Answer | None = None,
+                result: Result | None = None, error: JobError | None = None, **more: Any) -> Record:
+        """A job's event for the sinks: PROTOCOL.md's data, and the same facts typed."""
         job = d.job
-        data = {"jobId": job.id, "workerId": self.worker_id, "timestamp": iso(), "jobType": job.type,
-                "model": d.model, "queue": self.queue, "userId": job.user_id, "correlationId": job.correlation_id,
-                "retryCount": job.retry_count}
+        now = iso()
+        model = answer.model if answer else d.model
+        data: dict[str, Any] = {"jobId": job.id, "workerId": self.worker_id, "timestamp": now, "jobType": job.type,
+                                "model": model, "queue": self.queue, "userId": job.user_id,
+                                "correlationId": job.correlation_id, "retryCount": job.retry_count}
+        if result is not None:
+            data["processingTime"] = result.processing_time
+            data["tokensUsed"] = result.tokens_used
+        if answer is not None:
+            data["fallbackUsed"] = answer.fallback_used
+        if error is not None:
+            data["error"] = error.message
+            data["errorType"] = error.kind.value
         data.update(more)
-        return data
+        return Record(
+            kind, self.worker_id, now, data, job_id=job.id, queue=self.queue, job_type=job.type, model=model,
+            outcome=outcome, duration=time.time() - taken if outcome else None,
+            wait=max(0.0, taken - d.created) if d.created is not None and outcome else None,
+            prompt_tokens=answer.prompt_tokens if answer else None,
+            completion_tokens=answer.completion_tokens if answer else None,
+            fallback_used=answer.fallback_used if answer else False, cache_hit=answer.cache_hit if answer else False,
+            error_kind=error.kind.value if error else None,
+        )
 
-    def _report(self, ok: bool, d: Decoded, what: str, ms: int | None, **more: Any) -> None:
+    def _report(self, ours: bool, d: Decoded, what: str, ms: int | None, **more: Any) -> None:
         fields = {"jobId": d.job.id, "correlationId": d.job.correlation_id, "model": d.model, "processingTime": ms, **more}
-        if not ok:
+        if not ours:
             # The job was recovered from us while we ran it (we were stopped or
             # presumed dead); its new holder answers it, so ours is dropped.
             log.warning(f"job no longer ours; outcome ({what}) dropped", extra=fields)
@@ -196,11 +209,3 @@ class Finisher:
             log.info("job completed", extra=fields)
         else:
             log.warning(f"job {what}", extra=fields)
-
-
-def _completion_text(answer: Answer) -> str:
-    response = answer.response
-    message = response.get("message")
-    if isinstance(message, dict):
-        return str(message.get("content", ""))
-    return str(response.get("response", ""))

@@ -30,8 +30,9 @@ from llm_worker.jobs import Invalid, JobError, Malformed, decode, iso
 from llm_worker.pluginmanager import Found, PluginManager
 from llm_worker.providers import Deadline
 from llm_worker.queue import ReliableQueue, WorkerInfo, connect
+from llm_worker.breaker import Breakers
 from llm_worker.shm import SharedState, SlotState
-from llm_worker.stats import model_label
+from llm_worker.workerproc.context import WorkerContext
 from llm_worker.workerproc.execute import Executor, StreamSink
 from llm_worker.workerproc.finish import Finisher
 
@@ -126,30 +127,31 @@ class WorkerProcess:
     def _on_term(self, signum: int, frame: Any) -> None:
         self.stopping = True
 
-    def _label(self, model: str) -> int:
-        # With ALLOWED_MODELS set, the supervisor registered every label in
-        # advance and anything else is "other"; without it, first come first served.
-        return self.spec.state.model_index(model_label(model), add=not self.settings.models.allowed)
-
     def _wants_more(self) -> bool:
         return not self.stopping and os.getppid() == self.spec.supervisor_pid
 
     def _boot(self) -> None:
         try:
-            manager = PluginManager().load(self.spec.plugins)
-            providers = manager.providers(self.settings)
+            self.plugins = PluginManager().load(self.spec.plugins)
+            providers = self.plugins.providers(self.settings)
         except Exception as exc:  # a plugin that fails to load stops the host, loudly
             raise BootError(f"plugins failed to load: {exc!r}") from exc
         if not providers:
             raise BootError("no provider plugin is registered (is LLM_WORKER_DISABLE_PLUGINS blocking ollama?)")
-        self.executor = Executor(providers)
+        state = self.spec.state
+        breakers = Breakers(state.breakers, state.lock, self.settings)
+        self.executor = Executor(providers, self.plugins, breakers, self.settings, self.id)
         self.client = connect(self.settings)
         self.rq = ReliableQueue(self.client, self.settings)
         info = WorkerInfo(queue=self.queue_name, host=self.settings.worker.id, hostname=os.uname().nodename,
                           pid=os.getpid(), since=iso())
         self._guard(self.rq.register, self.id, info, self.settings.worker.heartbeat_timeout)
-        self.finisher = Finisher(self.rq, self.settings, self.id, self.queue_name, self._guard, self._wants_more,
-                                 self.slot.counters, self._label)
+        self.finisher = Finisher(self.rq, self.settings, self.id, self.queue_name, self._guard, self._wants_more, self.plugins)
+        context = WorkerContext(self.settings, self.id, "worker", self.queue_name, state, self.spec.slot)
+        try:
+            self.plugins.worker_started(context)
+        except Exception as exc:
+            raise BootError(f"a plugin failed to start: {exc!r}") from exc
         self.slot.state = SlotState.IDLE
         self.slot.beat()
         log.debug("worker ready")
@@ -171,6 +173,10 @@ class WorkerProcess:
         self.slot.begin(decoded.job.id, decoded.timeout)
         sink = None
         try:
+            try:
+                self.plugins.filter_request(decoded)
+            except JobError as exc:  # refused (validation), or a filter that broke
+                return self.finisher.failed(decoded, taken, exc)
             self.finisher.started(decoded, taken)
             if decoded.stream:
                 sink = StreamSink(self.client, self.rq.keys.stream(decoded.job.id), self.settings.queue.result_ttl)
@@ -178,11 +184,13 @@ class WorkerProcess:
             try:
                 answer = self.executor.run(decoded, Deadline(decoded.timeout), sink)
             except JobError as exc:
-                return self.finisher.failed(decoded, taken, exc, streamed=sink.published if sink else 0)
+                return self.finisher.failed(decoded, taken, exc, attempts=self.executor.attempts_used,
+                                            streamed=sink.published if sink else 0)
             except Exception as exc:  # a bug in us or a plugin: fail the job, keep the worker
                 log.exception("job failed with an unexpected error", extra={"jobId": decoded.job.id})
-                return self.finisher.failed(decoded, taken, JobError(f"unexpected error: {exc!r}"), streamed=sink.published if sink else 0)
-            return self.finisher.succeeded(decoded, taken, answer, stream=sink is not None)
+                return self.finisher.failed(decoded, taken, JobError(f"unexpected error: {exc!r}"),
+                                            streamed=sink.published if sink else 0)
+            return self.finisher.succeeded(decoded, taken, answer, stream=sink is not None, attempts=self.executor.attempts_used)
         finally:
             self.slot.end(SlotState.DRAINING if self.stopping else SlotState.IDLE)
 

@@ -1,0 +1,35 @@
+"""The event stream of PROTOCOL.md, as a metric sink: every event onto ``llm:events``.
+
+Entries are ``{type, data}`` with ``data`` as JSON, trimmed to about 100,000
+entries. Writes do not wait for Redis's reply (see queue.DeferredEvents): an
+event costs the job no round trip. A job's outcome is written before its
+event, so a reader of the stream never sees an event for an outcome that did
+not happen; if the worker dies in between, that one event is lost.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from llm_worker.hookspecs import hookimpl
+from llm_worker.queue import DeferredEvents, Event, Keys, connect
+from llm_worker.records import Record
+
+if TYPE_CHECKING:
+    from llm_worker.workerproc.context import WorkerContext
+
+_sender: DeferredEvents | None = None
+
+
+@hookimpl
+def llm_worker_worker_started(worker: WorkerContext) -> None:
+    global _sender
+    settings = worker.settings
+    keys = Keys(settings.redis.key_prefix, settings.queue.dead_letter)
+    _sender = DeferredEvents(connect(settings), keys.events)
+
+
+@hookimpl
+def llm_worker_record(event: Record) -> None:
+    if _sender is not None:
+        _sender.send(Event(event.type, event.data))

@@ -1,0 +1,400 @@
+"""The OpenAI-compatible provider: chat, generate, embeddings and model listing over an OpenAI-style /v1.
+
+One API shape is spoken by OpenAI, vLLM, llama.cpp's server, LiteLLM and
+Ollama's own /v1. The provider is on when OPENAI_BASE_URL is set, and serves
+the job models named with OPENAI_MODEL_PREFIX (``openai:gpt-4o-mini`` asks for
+``gpt-4o-mini``) and those OPENAI_MODEL_MAP renames; Ollama keeps the rest.
+
+Jobs carry Ollama's shapes, translated here: options to OpenAI's sampling
+parameters (``num_predict`` is ``max_tokens``; options OpenAI lacks are
+dropped, since it refuses unknown ones), ``format`` to ``response_format``,
+images to image parts, tool calls both ways (results carry them as Ollama
+does, arguments parsed). Streams are Server-Sent Events, read line by line
+within the job's deadline, with ``stream_options.include_usage`` for the
+token counts.
+
+Failures map to error kinds by ``classify``: 400 and 422 (and any "maximum
+context length" answer) validation; 401 and 403 provider, never retried (a
+wrong key stays wrong); 404 model; 408 timeout; 429 and 503 provider, retried
+within the call first; other statuses provider. An ``error`` event inside a
+stream is a provider error, and so is a stream that ends before ``data:
+[DONE]`` (http.client may read a cut connection as the end of the body, so
+only [DONE] says an answer is whole). Refused connections are network errors;
+no byte within OPENAI_TIMEOUT, or by the job's deadline, a timeout.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from llm_worker.config import Settings
+from llm_worker.hookspecs import hookimpl
+from llm_worker.jobs import ChatRequest, ErrorKind, GenerateRequest, Message, Options
+from llm_worker.plugins.httpclient import JsonHttp, Response
+from llm_worker.providers import Completion, Deadline, Embeddings, Health, ModelInfo, OnChunk, ProviderError
+
+CHAT_PATH = "/chat/completions"
+CONNECT_TIMEOUT = 10.0  # seconds; OPENAI_TIMEOUT when shorter
+MAX_CONNECTIONS = 10  # per process: its worker thread and the HTTP process's probes
+RETRY_STATUSES = frozenset({429, 503})  # refused for load: retried within the call
+NOT_RETRYABLE = frozenset({401, 403})  # refused for the key: retrying cannot help
+SAMPLING = ("temperature", "top_p", "stop", "seed", "presence_penalty", "frequency_penalty")
+
+_BY_STATUS = {
+    400: ErrorKind.VALIDATION, 422: ErrorKind.VALIDATION,
+    401: ErrorKind.PROVIDER, 403: ErrorKind.PROVIDER,
+    404: ErrorKind.MODEL,
+    408: ErrorKind.TIMEOUT,
+    429: ErrorKind.PROVIDER,
+}
+_CONTEXT_SIGNS = ("maximum context length", "context_length_exceeded", "context length exceeded")
+_IMAGE_TYPES = {"iVBOR": "image/png", "/9j/": "image/jpeg", "R0lG": "image/gif", "UklG": "image/webp"}
+
+
+def classify(status: int, message: str) -> ErrorKind:
+    """Map an error answer of an OpenAI-compatible API to an error kind."""
+    low = message.lower()
+    if any(sign in low for sign in _CONTEXT_SIGNS):
+        return ErrorKind.VALIDATION  # the prompt is too long for the model: the job must change
+    return _BY_STATUS.get(status, ErrorKind.PROVIDER)
+
+
+class _Http(JsonHttp):
+    """The JSON transport, with refusals of the key marked as not worth a retry."""
+
+    def error_of(self, resp: Response, what: str) -> ProviderError:
+        error = super().error_of(resp, what)
+        if error.status in NOT_RETRYABLE:
+            return ProviderError(error.message, error.kind, status=error.status, retryable=False)
+        return error
+
+
+# ---- answers as the API writes them ----------------------------------------------
+
+
+class _Message(msgspec.Struct):
+    role: str = "assistant"
+    content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+
+
+class _Choice(msgspec.Struct):
+    index: int = 0
+    message: _Message | None = None  # whole answers
+    delta: _Message | None = None  # stream chunks
+    finish_reason: str | None = None
+
+
+class _Usage(msgspec.Struct):
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
+class _Answer(msgspec.Struct):
+    """A chat completion, or one chunk of its stream."""
+
+    model: str = ""
+    choices: list[_Choice] = []
+    usage: _Usage | None = None
+    error: dict[str, Any] | str | None = None
+
+
+class _Vector(msgspec.Struct):
+    index: int = 0
+    embedding: list[float] = []
+
+
+class _Embeddings(msgspec.Struct):
+    model: str = ""
+    data: list[_Vector] = []
+    usage: _Usage | None = None
+
+
+class _Model(msgspec.Struct):
+    id: str
+    created: int | None = None
+    owned_by: str | None = None
+
+
+class _Models(msgspec.Struct):
+    data: list[_Model] = []
+
+
+_decode_event = msgspec.json.Decoder(_Answer).decode
+_encode = msgspec.json.Encoder().encode
+
+
+class OpenAIProvider:
+    """An OpenAI-compatible API at OPENAI_BASE_URL, for prefixed and mapped models."""
+
+    name = "openai"
+
+    def __init__(self, settings: Settings) -> None:
+        o = settings.openai
+        self.url = o.base_url.rstrip("/")
+        self.prefix = o.model_prefix
+        self.model_map = dict(o.model_map)
+        headers = {}
+        if o.api_key:
+            headers["Authorization"] = f"Bearer {o.api_key}"
+        if o.organization:
+            headers["OpenAI-Organization"] = o.organization
+        timeout = o.timeout / 1000
+        self.http = _Http(
+            self.url, max_connections=MAX_CONNECTIONS, connect_timeout=min(CONNECT_TIMEOUT, timeout),
+            read_timeout=timeout, max_retries=o.max_retries, retry_delay=o.retry_delay / 1000,
+            classify=classify, headers=headers, retry_statuses=RETRY_STATUSES,
+        )
+
+    def remote_name(self, model: str) -> str | None:
+        """The name the API knows a job's model by; None when this provider does not serve it."""
+        if model in self.model_map:
+            return self.model_map[model]
+        if not model.startswith(self.prefix):
+            return None
+        bare = model[len(self.prefix):]
+        return self.model_map.get(bare, bare) or None
+
+    def serves(self, model: str) -> bool:
+        return self.remote_name(model) is not None
+
+    # ---- jobs --------------------------------------------------------------
+
+    def chat(self, model: str, request: ChatRequest, deadline: Deadline, on_chunk: OnChunk | None) -> Completion:
+        body = self._body(model, request, on_chunk)
+        body["messages"] = _messages(request.messages)
+        if request.tools is not None:
+            body["tools"] = request.tools
+        return self._complete(body, deadline, on_chunk, chat=True)
+
+    def generate(self, model: str, request: GenerateRequest, deadline: Deadline, on_chunk: OnChunk | None) -> Completion:
+        body = self._body(model, request, on_chunk)
+        system = [{"role": "system", "content": request.system}] if request.system else []
+        body["messages"] = [*system, {"role": "user", "content": _content(request.prompt, request.images)}]
+        return self._complete(body, deadline, on_chunk, chat=False)
+
+    def embed(self, model: str, inputs: list[str], deadline: Deadline, options: dict[str, Any] | None = None) -> Embeddings:
+        # Ollama's embedding options (truncate, keep_alive, load options) have no counterpart here.
+        remote = self._remote(model)
+        answer = self.http.json("POST", "/embeddings", {"model": remote, "input": inputs}, deadline, _Embeddings)
+        if len(answer.data) != len(inputs):
+            raise ProviderError(f"POST /embeddings returned {len(answer.data)} vectors for {len(inputs)} inputs",
+                                ErrorKind.PROVIDER)
+        vectors = [v.embedding for v in sorted(answer.data, key=lambda v: v.index)]
+        return Embeddings(model=answer.model or remote, vectors=vectors,
+                          prompt_tokens=answer.usage.prompt_tokens if answer.usage else None)
+
+    def _remote(self, model: str) -> str:
+        remote = self.remote_name(model)
+        if remote is None:
+            raise ProviderError(f"model {model!r} is not one the openai provider serves", ErrorKind.MODEL)
+        return remote
+
+    def _body(self, model: str, request: ChatRequest | GenerateRequest, on_chunk: OnChunk | None) -> dict[str, Any]:
+        body: dict[str, Any] = {"model": self._remote(model), "stream": on_chunk is not None}
+        if on_chunk is not None:
+            body["stream_options"] = {"include_usage": True}
+        if request.options is not None:
+            body.update(_sampling(request.options))
+        if request.format == "json":
+            body["response_format"] = {"type": "json_object"}
+        elif request.format is not None:
+            body["response_format"] = {"type": "json_schema", "json_schema": {"name": "response", "schema": request.format}}
+        return body
+
+    def _complete(self, body: dict[str, Any], deadline: Deadline, on_chunk: OnChunk | None, chat: bool) -> Completion:
+        what = f"POST {CHAT_PATH}"
+        if on_chunk is not None:
+            return self._stream(body, deadline, on_chunk, chat)
+        answer = self.http.json("POST", CHAT_PATH, body, deadline, _Answer)
+        _raise_if_error(answer, what)
+        if not answer.choices or answer.choices[0].message is None:
+            raise ProviderError(f"{what}: an answer without a message", ErrorKind.PROVIDER)
+        choice = answer.choices[0]
+        message = choice.message
+        return _completion(answer.model or body["model"], message.content or "", message.tool_calls,
+                           choice.finish_reason, answer.usage, chat)
+
+    def _stream(self, body: dict[str, Any], deadline: Deadline, on_chunk: OnChunk, chat: bool) -> Completion:
+        what = f"POST {CHAT_PATH}"
+        resp = self.http.request("POST", CHAT_PATH, body, deadline)
+        got = _Streamed(body["model"])
+        for raw in self.http.lines(resp, deadline, what):
+            if not raw.startswith(b"data:"):
+                continue  # SSE comments (keep-alives), event names, ids
+            data = raw[5:].strip()
+            if data == b"[DONE]":
+                self.http.finish(resp)
+                return got.completion(chat)
+            try:
+                chunk = _decode_event(data)
+            except msgspec.MsgspecError as exc:
+                raise ProviderError(f"{what}: unreadable stream event: {exc}", ErrorKind.PROVIDER) from None
+            _raise_if_error(chunk, what)
+            piece = got.add(chunk)
+            if piece:
+                on_chunk(piece)
+        # Without [DONE] a cut cannot be told from an end: http.client may read either as EOF.
+        missing = "finish_reason" if got.finish_reason is None else "[DONE]"
+        raise ProviderError(f"{what}: stream ended before {missing}", ErrorKind.PROVIDER)
+
+    # ---- models and health -------------------------------------------------
+
+    def models(self) -> list[ModelInfo]:
+        """The API's models; none is "loaded", since a remote API does not say."""
+        listing = self.http.json("GET", "/models", None, Deadline(self.http.connect_timeout + 10), _Models)
+        return [ModelInfo(name=m.id, details={key: value for key, value in (("owned_by", m.owned_by), ("created", m.created))
+                                              if value is not None})
+                for m in listing.data]
+
+    def health(self, timeout: float) -> Health:
+        try:
+            listing = self.http.json("GET", "/models", None, Deadline(timeout), _Models)
+        except ProviderError as exc:
+            return Health(ok=False, message="the OpenAI-compatible API is not available", url=self.url,
+                          error_details=exc.message)
+        return Health(ok=True, message=f"the OpenAI-compatible API answers, with {len(listing.data)} models", url=self.url)
+
+    def close(self) -> None:
+        self.http.close()
+
+
+class _Streamed:
+    """What a stream has said so far: text, tool calls by index, finish reason, usage."""
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        self.parts: list[str] = []
+        self.calls: dict[int, dict[str, Any]] = {}
+        self.finish_reason: str | None = None
+        self.usage: _Usage | None = None
+
+    def add(self, chunk: _Answer) -> str:
+        """Take one chunk in; return its text."""
+        self.model = chunk.model or self.model
+        if chunk.usage is not None:
+            self.usage = chunk.usage
+        piece = ""
+        for choice in chunk.choices:
+            self.finish_reason = choice.finish_reason or self.finish_reason
+            if choice.delta is not None:
+                piece += choice.delta.content or ""
+                for call in choice.delta.tool_calls or ():
+                    self._add_call(call)
+        if piece:
+            self.parts.append(piece)
+        return piece
+
+    def _add_call(self, call: dict[str, Any]) -> None:
+        """Join a tool call's pieces: its id and name come first, its arguments in fragments."""
+        known = self.calls.setdefault(call.get("index", len(self.calls)), {"function": {"name": "", "arguments": ""}})
+        if call.get("id"):
+            known["id"] = call["id"]
+        function = call.get("function") or {}
+        known["function"]["name"] += function.get("name") or ""
+        arguments = function.get("arguments")
+        if isinstance(arguments, str):
+            known["function"]["arguments"] += arguments
+        elif arguments is not None:
+            known["function"]["arguments"] = arguments
+
+    def completion(self, chat: bool) -> Completion:
+        calls = [self.calls[i] for i in sorted(self.calls)]
+        return _completion(self.model, "".join(self.parts), calls, self.finish_reason, self.usage, chat)
+
+
+# ---- shapes, both ways -------------------------------------------------------------
+
+
+def _sampling(options: Options) -> dict[str, Any]:
+    """OpenAI's parameters for Ollama's options; those it lacks (top_k, num_ctx, ...) are dropped."""
+    out: dict[str, Any] = {}
+    if options.num_predict is not None and options.num_predict > 0:  # -1 and -2 mean "no limit"
+        out["max_tokens"] = options.num_predict
+    for name in SAMPLING:
+        value = getattr(options, name)
+        if value is not None:
+            out[name] = value
+    return out
+
+
+def _messages(messages: list[Message]) -> list[dict[str, Any]]:
+    """OpenAI's messages for Ollama's: image parts, tool calls with ids, tool answers naming their call."""
+    out: list[dict[str, Any]] = []
+    unanswered: list[tuple[str, str]] = []  # (id, function name) of the tool calls made so far
+    for number, m in enumerate(messages):
+        item: dict[str, Any] = {"role": m.role, "content": _content(m.content, m.images)}
+        if m.tool_calls:
+            calls = [_openai_call(call, f"call_{number}_{i}") for i, call in enumerate(m.tool_calls)]
+            item["tool_calls"] = calls
+            unanswered += [(call["id"], call["function"]["name"]) for call in calls]
+        if m.role == "tool" and unanswered:
+            # Ollama names the function a tool message answers; OpenAI wants the call's id.
+            index = next((i for i, (_, name) in enumerate(unanswered) if name == m.tool_name), 0)
+            item["tool_call_id"] = unanswered.pop(index)[0]
+        out.append(item)
+    return out
+
+
+def _content(text: str, images: list[str] | None) -> str | list[dict[str, Any]]:
+    if not images:
+        return text
+    parts: list[dict[str, Any]] = [{"type": "text", "text": text}] if text else []
+    return parts + [{"type": "image_url", "image_url": {"url": _image_url(image)}} for image in images]
+
+
+def _image_url(image: str) -> str:
+    """A data URL for Ollama's bare base64 image, its type read from the first bytes."""
+    if image.startswith(("data:", "http://", "https://")):
+        return image
+    kind = next((kind for start, kind in _IMAGE_TYPES.items() if image.startswith(start)), "image/png")
+    return f"data:{kind};base64,{image}"
+
+
+def _openai_call(call: dict[str, Any], default_id: str) -> dict[str, Any]:
+    function = call.get("function") or {}
+    arguments = function.get("arguments", {})
+    return {"id": call.get("id") or default_id, "type": "function",
+            "function": {"name": function.get("name", ""),
+                         "arguments": arguments if isinstance(arguments, str) else _encode(arguments).decode()}}
+
+
+def _ollama_call(call: dict[str, Any]) -> dict[str, Any]:
+    """A tool call as Ollama writes it: arguments as an object (kept as text when they are not JSON)."""
+    function = call.get("function") or {}
+    arguments = function.get("arguments", {})
+    if isinstance(arguments, str):
+        try:
+            arguments = msgspec.json.decode(arguments) if arguments.strip() else {}
+        except msgspec.DecodeError:
+            pass
+    out: dict[str, Any] = {"function": {"name": function.get("name", ""), "arguments": arguments}}
+    if call.get("id"):
+        out["id"] = call["id"]
+    return out
+
+
+def _raise_if_error(answer: _Answer, what: str) -> None:
+    if answer.error is not None:
+        error = answer.error
+        message = str(error.get("message") or error) if isinstance(error, dict) else error
+        raise ProviderError(f"{what}: {message}", classify(500, message))
+
+
+def _completion(model: str, text: str, tool_calls: list[dict[str, Any]] | None, finish_reason: str | None,
+                usage: _Usage | None, chat: bool) -> Completion:
+    message = None
+    if chat:
+        message = {"role": "assistant", "content": text}
+        if tool_calls:
+            message["tool_calls"] = [_ollama_call(call) for call in tool_calls]
+    return Completion(model=model, text=text, done_reason=finish_reason, message=message,
+                      prompt_tokens=usage.prompt_tokens if usage else None,
+                      completion_tokens=usage.completion_tokens if usage else None)
+
+
+@hookimpl
+def llm_worker_providers(settings: Settings) -> list[OpenAIProvider]:
+    return [OpenAIProvider(settings)] if settings.openai.base_url else []

@@ -1,0 +1,19 @@
+"""What a process tells its plugins about itself (``llm_worker_worker_started``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from llm_worker.config import Settings
+from llm_worker.shm import SharedState
+
+
+@dataclass(frozen=True)
+class WorkerContext:
+    settings: Settings
+    worker_id: str  # "<WORKER_ID>:<pid>"
+    role: Literal["worker", "http"]
+    queue: str | None  # the queue a worker serves; None in the HTTP process
+    shared: SharedState  # the host's shared-memory tables, for built-ins that write statistics
+    slot: int | None  # this worker's slot in ``shared.slots``; None in the HTTP process
