@@ -115,6 +115,7 @@ class ModelSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     default_chat: Annotated[str, env("DEFAULT_CHAT_MODEL", "Model of chat and generate jobs that name none.")] = "llama2"
     default_embedding: Annotated[str, env("DEFAULT_EMBEDDING_MODEL", "Model of embeddings jobs that name none.")] = "llama2"
     allowed: Annotated[list[str], env("ALLOWED_MODELS", "Models jobs may ask for, comma-separated (`llama3.2` also allows `llama3.2:latest`). Empty: any model.")] = []
+    cache_ttl: Annotated[int, env("RESPONSE_CACHE_TTL", "How long answers to deterministic requests (temperature 0, a seed, or embeddings) are kept in Redis for identical requests, in seconds; 0: no cache.", ge=0, le=30 * 86_400)] = 3_600
 
 
 class LimitSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -236,6 +236,7 @@ class Answer:
     completion_tokens: int | None = None
     fallback_used: bool = False
     cache_hit: bool = False
+    cache_lookup: bool = False  # the response cache was asked (a hit or a miss)
 
     @property
     def tokens(self) -> int | None:

@@ -144,6 +144,8 @@ class ShmCollector(Collector):
         rejected = Family("llm_worker_payloads_rejected", "Payloads dead-lettered unrun: not jobs, or invalid ones", "counter", ("queue",))
         fallbacks = Family("llm_worker_fallbacks", "Jobs answered by a fallback", "counter", ("queue",))
         cache = Family("llm_worker_cache_hits", "Jobs answered from the response cache", "counter", ("queue",))
+        misses = Family("llm_worker_cache_misses", "Deterministic jobs the response cache could not answer (hit rate: hits / (hits + misses))",
+                        "counter", ("queue",))
         defaults = self._defaults(labels)
         for index, pool in enumerate(pools):
             total = totals[index]
@@ -157,7 +159,8 @@ class ShmCollector(Collector):
             rejected.add((pool,), total.rejected)
             fallbacks.add((pool,), sum(total.fallbacks))
             cache.add((pool,), sum(total.cache_hits))
-        return [jobs, duration, wait, rejected, fallbacks, cache]
+            misses.add((pool,), sum(total.cache_misses))
+        return [jobs, duration, wait, rejected, fallbacks, cache, misses]
 
     def _models(self, totals: list[PoolTotals], labels: list[str]) -> list[Family]:
         seconds = Family("llm_worker_model_job_duration_seconds", "Time spent on jobs per model (count and sum: the mean)",

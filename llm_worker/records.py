@@ -41,4 +41,5 @@ class Record:
     completion_tokens: int | None = None
     fallback_used: bool = False
     cache_hit: bool = False
+    cache_lookup: bool = False  # the response cache was asked: with cache_hit, the hit rate
     error_kind: str | None = None

@@ -34,7 +34,7 @@ TYPE_INDEX = {name: i for i, name in enumerate(TYPES)}
 OUTCOME_INDEX = {name: i for i, name in enumerate(OUTCOMES)}
 
 _ARRAYS = ("jobs", "duration_buckets", "duration_sum", "model_seconds", "wait_buckets", "prompt_tokens",
-           "completion_tokens", "fallbacks", "cache_hits")
+           "completion_tokens", "fallbacks", "cache_hits", "cache_misses")
 
 
 class Counters(ctypes.Structure):
@@ -51,12 +51,13 @@ class Counters(ctypes.Structure):
         ("completion_tokens", ctypes.c_uint64 * _M),
         ("fallbacks", ctypes.c_uint64 * _M),
         ("cache_hits", ctypes.c_uint64 * _M),
+        ("cache_misses", ctypes.c_uint64 * _M),
         ("rejected", ctypes.c_uint64),  # payloads dead-lettered unrun: not a job, or an invalid one
     ]
 
     def record(self, job_type: str, model: int, outcome: str, duration: float, wait: float | None,
                prompt_tokens: int | None = None, completion_tokens: int | None = None,
-               fallback: bool = False, cache_hit: bool = False) -> None:
+               fallback: bool = False, cache_hit: bool = False, cache_lookup: bool = False) -> None:
         """Count one finished attempt of a job (by its worker, the block's only writer)."""
         t = TYPE_INDEX[job_type]
         self.jobs[(t * _M + model) * _O + OUTCOME_INDEX[outcome]] += 1
@@ -74,6 +75,8 @@ class Counters(ctypes.Structure):
             self.fallbacks[model] += 1
         if cache_hit:
             self.cache_hits[model] += 1
+        elif cache_lookup:
+            self.cache_misses[model] += 1
 
     def add_to(self, total: Counters) -> None:
         """Fold these counts into ``total`` (the supervisor retiring a dead worker's slot)."""
@@ -102,6 +105,7 @@ class PoolTotals:
     completion_tokens: list[int] = field(default_factory=lambda: [0] * _M)
     fallbacks: list[int] = field(default_factory=lambda: [0] * _M)
     cache_hits: list[int] = field(default_factory=lambda: [0] * _M)
+    cache_misses: list[int] = field(default_factory=lambda: [0] * _M)
     wait_sum: float = 0.0
     rejected: int = 0
     _used: set[tuple[int, int]] | None = None

@@ -29,6 +29,11 @@ def value(samples: dict, name: str, **labels: str) -> float:
     return samples[(name, tuple(sorted(labels.items())))]
 
 
+def count(samples: dict, name: str, **labels: str) -> float:
+    """A sample's value, 0 while the series does not exist yet."""
+    return samples.get((name, tuple(sorted(labels.items()))), 0)
+
+
 def test_health_liveness_readiness_answer_with_the_services_shapes(service) -> None:
     svc = service()
     status, body = svc.get("/health")
@@ -162,7 +167,7 @@ def test_models_outside_allowed_models_are_refused_not_labelled(service, redis_u
     results = wait_all(client, [chat(client, model="llama3.2:latest"), chat(client, model="gemma")])
     assert [r["success"] for r in results.values()] == [True, False]
     # Refused by the allow-list filter: a failed job (validation), counted under "other".
-    samples = eventually(lambda: (lambda s: s if value(s, "llm_worker_jobs_total", queue="llm-chat", type="chat", model="other",
+    samples = eventually(lambda: (lambda s: s if count(s, "llm_worker_jobs_total", queue="llm-chat", type="chat", model="other",
                                                        outcome="failed") else None)(scrape(svc)), what="the refusal counted")
     assert value(samples, "llm_worker_jobs_total", queue="llm-chat", type="chat", model="llama3.2", outcome="completed") == 1
     assert not any(dict(labels).get("model") == "gemma" for _, labels in samples)

@@ -41,4 +41,5 @@ def llm_worker_record(event: Record) -> None:
         _counters.rejected += 1
         return
     _counters.record(event.job_type or "chat", _label(event.model or ""), event.outcome, event.duration or 0.0,
-                     event.wait, event.prompt_tokens, event.completion_tokens, event.fallback_used, event.cache_hit)
+                     event.wait, event.prompt_tokens, event.completion_tokens, event.fallback_used, event.cache_hit,
+                     event.cache_lookup)

@@ -19,6 +19,7 @@ import redis
 
 from llm_worker.attempts import Attempt, Plan
 from llm_worker.breaker import BreakerOpen, Breakers, breaker_record
+from llm_worker.cache import ResponseCache
 from llm_worker.config import Settings
 from llm_worker.jobs import Answer, ChatRequest, Decoded, EmbeddingsRequest, ErrorKind, GenerateRequest, JobError, Options, Result, Task, iso
 from llm_worker.pluginmanager import PluginManager
@@ -73,8 +74,9 @@ class Executor:
     """Routes each model call to the first provider that serves its model."""
 
     def __init__(self, providers: list[Provider], plugins: PluginManager, breakers: Breakers, settings: Settings,
-                 worker_id: str) -> None:
+                 worker_id: str, cache: ResponseCache | None = None) -> None:
         self.providers = providers
+        self.cache = cache
         self.plugins = plugins
         self.breakers = breakers
         self.settings = settings
@@ -104,6 +106,11 @@ class Executor:
         while True:
             provider = self.provider_for(task.model)
             tried.append(task.model)
+            key = self.cache.key_of(provider.name, task) if self.cache is not None and not planned else None
+            if key is not None and (hit := self.cache.get(key)) is not None:  # type: ignore[union-attr]
+                self.attempts_used = used
+                self.plugins.filter_response(job, hit)
+                return hit
             try:
                 answer = self._attempt(provider, task, deadline, sink)
             except BreakerOpen as exc:  # refused before any call: no attempt spent
@@ -115,6 +122,9 @@ class Executor:
             else:
                 self.attempts_used = used + 1
                 answer.fallback_used = planned
+                if key is not None:
+                    self.cache.put(key, answer)  # type: ignore[union-attr]
+                    answer.cache_lookup = True
                 self.plugins.filter_response(job, answer)
                 return answer
             self.attempts_used = used

@@ -196,7 +196,7 @@ class Finisher:
             prompt_tokens=answer.prompt_tokens if answer else None,
             completion_tokens=answer.completion_tokens if answer else None,
             fallback_used=answer.fallback_used if answer else False, cache_hit=answer.cache_hit if answer else False,
-            error_kind=error.kind.value if error else None,
+            cache_lookup=answer.cache_lookup if answer else False, error_kind=error.kind.value if error else None,
         )
 
     def _report(self, ours: bool, d: Decoded, what: str, ms: int | None, **more: Any) -> None:

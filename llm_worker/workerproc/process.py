@@ -31,6 +31,7 @@ from llm_worker.pluginmanager import Found, PluginManager
 from llm_worker.providers import Deadline
 from llm_worker.queue import ReliableQueue, WorkerInfo, connect
 from llm_worker.breaker import Breakers
+from llm_worker.cache import ResponseCache
 from llm_worker.shm import SharedState, SlotState
 from llm_worker.workerproc.context import WorkerContext
 from llm_worker.workerproc.execute import Executor, StreamSink
@@ -140,8 +141,9 @@ class WorkerProcess:
             raise BootError("no provider plugin is registered (is LLM_WORKER_DISABLE_PLUGINS blocking ollama?)")
         state = self.spec.state
         breakers = Breakers(state.breakers, state.lock, self.settings)
-        self.executor = Executor(providers, self.plugins, breakers, self.settings, self.id)
         self.client = connect(self.settings)
+        cache = ResponseCache(self.client, self.settings.redis.key_prefix, self.settings.models.cache_ttl)
+        self.executor = Executor(providers, self.plugins, breakers, self.settings, self.id, cache)
         self.rq = ReliableQueue(self.client, self.settings)
         info = WorkerInfo(queue=self.queue_name, host=self.settings.worker.id, hostname=os.uname().nodename,
                           pid=os.getpid(), since=iso())
