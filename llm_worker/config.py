@@ -40,6 +40,8 @@ WORKER_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 MODEL_NAME = r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,254}$"  # a model's name, in settings and in jobs
 HTTP_URL = r"^https?://[^\s/]+(/\S*)?$"
 MS = "milliseconds"
+# Ollama's options that are fixed when a model loads: a request that differs reloads it.
+LOAD_OPTIONS = frozenset({"num_ctx", "num_batch", "num_gpu", "main_gpu", "num_thread", "use_mmap", "low_vram", "numa"})
 
 # Keys and values of dict settings; the title names them in messages ("name=count pairs").
 PoolCount = Annotated[int, Meta(ge=0, le=256, title="count")]
@@ -63,6 +65,10 @@ class WorkerSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     heartbeat_timeout: Annotated[int, env("WORKER_HEARTBEAT_TIMEOUT", f"Expiry of a worker's heartbeat key in Redis (another host recovers its jobs after it) and the longest an idle worker may go without a heartbeat, in {MS}.", ge=1_000, le=600_000)] = 15_000
     max_crashes: Annotated[int, env("JOB_MAX_CRASHES", "Dead-letter a job (errorType `crashed`) once it has been in hand of this many workers that died.", ge=1, le=100)] = 3
     max_restarts: Annotated[int, env("WORKER_BOOT_RETRIES", "A worker that fails to boot this many times in a row stops the supervisor.", ge=1, le=100)] = 5
+    max_in_flight: Annotated[int, env("MAX_CONCURRENT_REQUESTS", "Most provider calls in flight at once from this host, all workers together; the priority pool's workers are let through first.", ge=1, le=10_000)] = 10
+    batching: Annotated[bool, env("ENABLE_BATCH_PROCESSING", "Embeddings workers gather jobs for the same model into one provider call.")] = True
+    batch_size: Annotated[int, env("WORKER_BATCH_SIZE", "Most embeddings jobs gathered into one call.", ge=1, le=1_000)] = 10
+    batch_timeout: Annotated[int, env("BATCH_TIMEOUT", f"Longest an embeddings worker waits for more jobs after the first, in {MS} (the service this replaced waited 5000; a batch never waits while jobs are queued).", ge=0, le=60_000)] = 20
 
 
 class RedisSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -115,6 +121,15 @@ class ModelSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     default_chat: Annotated[str, env("DEFAULT_CHAT_MODEL", "Model of chat and generate jobs that name none.")] = "llama2"
     default_embedding: Annotated[str, env("DEFAULT_EMBEDDING_MODEL", "Model of embeddings jobs that name none.")] = "llama2"
     allowed: Annotated[list[str], env("ALLOWED_MODELS", "Models jobs may ask for, comma-separated (`llama3.2` also allows `llama3.2:latest`). Empty: any model.")] = []
+    preload_enabled: Annotated[bool, env("MODEL_PRELOAD_ENABLED", "Load MODEL_PRELOAD_LIST at start, before the host reports ready.")] = True
+    preload: Annotated[list[str], env("MODEL_PRELOAD_LIST", "Models to load at start, comma-separated (the service this replaced named llama2,mistral; empty here: name the models your host serves).")] = []
+    load_timeout: Annotated[int, env("OLLAMA_MODEL_LOAD_TIMEOUT", f"Longest a model load (or a preload) may take, in {MS}.", ge=1_000, le=3_600_000)] = 120_000
+    unload_timeout: Annotated[int, env("MODEL_UNLOAD_TIMEOUT", f"Unload a model no job has used for this long, in {MS}; 0: never.", ge=0, le=86_400_000)] = 300_000
+    cache_size: Annotated[int, env("MODEL_CACHE_SIZE", "Most models kept loaded; past it, the least recently used idle one is unloaded.", ge=1, le=64)] = 5
+    memory_threshold: Annotated[float, env("MODEL_MEMORY_THRESHOLD", "Share of GPU memory (or host memory, without a GPU) past which idle models are unloaded, least recently used first.", ge=0.05, le=1.0)] = 0.8
+    auto_pull: Annotated[bool, env("MODEL_AUTO_PULL", "Pull allowed and preloaded models that Ollama lacks, with progress in the log.")] = False
+    manage_interval: Annotated[int, env("MODEL_MANAGER_INTERVAL", f"How often the model manager looks at what is loaded and unloads, in {MS}.", ge=200, le=600_000)] = 5_000
+    load_options: Annotated[dict[str, int], env("MODEL_LOAD_OPTIONS", "Load-time options sent with every request to every model, `num_ctx=8192,num_batch=512`: jobs may not set their own, so Ollama never reloads a model because two jobs disagreed. Empty: Ollama's defaults.")] = {}
     cache_ttl: Annotated[int, env("RESPONSE_CACHE_TTL", "How long answers to deterministic requests (temperature 0, a seed, or embeddings) are kept in Redis for identical requests, in seconds; 0: no cache.", ge=0, le=30 * 86_400)] = 3_600
 
 
@@ -434,6 +449,10 @@ def _check_consistency(s: Settings, sources: Mapping[str, str]) -> None:
             re.compile(pattern)
         except re.error as exc:
             raise SettingError(where("BLOCKED_PATTERNS"), pattern, f"a valid regular expression ({exc})") from None
+    unknown = set(s.models.load_options) - LOAD_OPTIONS
+    if unknown:
+        raise SettingError(where("MODEL_LOAD_OPTIONS"), s.models.load_options,
+                           "load-time options among " + ", ".join(sorted(LOAD_OPTIONS)))
     if s.breaker.max_reset_timeout < s.breaker.reset_timeout:
         raise SettingError(where("CIRCUIT_BREAKER_MAX_RESET_TIMEOUT"), s.breaker.max_reset_timeout,
                            f"at least CIRCUIT_BREAKER_RESET_TIMEOUT ({s.breaker.reset_timeout})")

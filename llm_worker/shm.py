@@ -65,6 +65,8 @@ class Slot(ctypes.Structure):
         ("boot_error", ctypes.c_char * 256),  # why the last boot failed, for the supervisor's message
         ("rss_bytes", ctypes.c_double),  # written by the sampler
         ("cpu_seconds", ctypes.c_double),  # written by the sampler
+        ("model", ctypes.c_int32),  # the model label of the job in hand, for the model manager
+        ("paused", ctypes.c_int32),  # why the worker takes no jobs now (a Pause), 0 when it does
         ("counters", Counters),
     ]
 
@@ -130,6 +132,13 @@ class Header(ctypes.Structure):
         ("pool_wanted", ctypes.c_int32 * MAX_POOLS),
         ("model_count", ctypes.c_int32),
         ("models", (ctypes.c_char * NAME) * MAX_MODELS),  # label of index i; index 0 is "other"
+        ("model_last_used", ctypes.c_double * MAX_MODELS),  # monotonic, by any worker: for idle unloading
+        ("in_flight", ctypes.c_int32),  # provider calls in flight from this host (under the lock)
+        ("priority_waiting", ctypes.c_int32),  # priority-pool workers waiting for a call slot (under the lock)
+        ("models_ready", ctypes.c_int32),  # the model manager has preloaded what it should (readiness waits)
+        ("model_load_seconds", ctypes.c_double * MAX_MODELS),  # the last load of each model label took, by the manager
+        ("model_loads", ctypes.c_uint64 * MAX_MODELS),  # loads the manager made, per model label
+        ("model_unloads", ctypes.c_uint64 * MAX_MODELS),  # unloads the manager made, per model label
     ]
 
 

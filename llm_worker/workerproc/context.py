@@ -13,7 +13,7 @@ from llm_worker.shm import SharedState
 class WorkerContext:
     settings: Settings
     worker_id: str  # "<WORKER_ID>:<pid>"
-    role: Literal["worker", "http"]
-    queue: str | None  # the queue a worker serves; None in the HTTP process
+    role: Literal["worker", "http", "models"]
+    queue: str | None  # the queue a worker serves; None in the HTTP and model manager processes
     shared: SharedState  # the host's shared-memory tables, for built-ins that write statistics
-    slot: int | None  # this worker's slot in ``shared.slots``; None in the HTTP process
+    slot: int | None  # this worker's slot in ``shared.slots``; None elsewhere
