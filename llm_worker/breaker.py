@@ -92,9 +92,10 @@ class BreakerOpen(JobError):
 
     kind = ErrorKind.PROVIDER
 
-    def __init__(self, key: str, retry_at: float) -> None:
-        super().__init__(f"circuit breaker for {key} is open", retryable=True)
+    def __init__(self, key: str, retry_at: float, message: str | None = None, *, probe_failed: bool = False) -> None:
+        super().__init__(message or f"circuit breaker for {key} is open", retryable=True)
         self.key = key
+        self.probe_failed = probe_failed  # a real call, the half-open probe, failed: see Finisher.failed
         self.retry_at = retry_at  # monotonic time it could admit a call again
 
 
@@ -191,6 +192,12 @@ class Breakers:
                     self._open(row, now, f"{row.consecutive} failures in a row, the last: {error.message[:120]}")
                 elif calls >= b.min_calls and failures / calls >= b.failure_rate:
                     self._open(row, now, f"{failures} of {calls} calls failed in {b.window // 1000} s")
+
+    def open_until(self, key: str) -> float:
+        """When an open breaker may half-open (monotonic); now when it is not open."""
+        row = self._rows.get(key) or self._find(key)
+        now = time.monotonic()
+        return max(now, row.open_until) if row is not None and row.state == State.OPEN else now
 
     def refused(self, model: str, provider: str) -> bool:
         """Whether a call to this model would be refused now (for fallback strategies)."""

@@ -74,7 +74,15 @@ class Health:
         needed = max(1, math.ceil(wanted * self.settings.http.min_ready_workers))
         if wanted > 0 and self.workers_up() < needed:
             return f"{self.workers_up()} of {wanted} workers up, {needed} needed"
+        paused = self.paused_pools()
+        if paused and len(paused) == len({s.pool for s in self.state.slots if s.pid > 0}):
+            return "every pool takes no jobs: " + "; ".join(f"{pool}: {why}" for pool, why in paused.items())
         return None
+
+    def paused_pools(self) -> dict[str, str]:
+        from llm_worker.status import pool_pauses
+
+        return pool_pauses(self.state)
 
 
 class App:
@@ -157,7 +165,9 @@ class App:
         base = self._base()
         del base["uptime"]
         if reason is None:
-            return 200, {"status": "ready", **base}
+            # Some pools may be paused (their models' breakers open) while others serve: still ready, and said.
+            paused = self.health.paused_pools()
+            return 200, {"status": "ready", **base, **({"pausedPools": paused} if paused else {})}
         return 503, {"status": "not ready", "reason": reason, **base}
 
     def ollama(self, environ: dict[str, Any]) -> tuple[int, Any]:

@@ -20,11 +20,19 @@ OnChunk = Callable[[str], None]
 
 
 class ProviderError(JobError):
-    """A provider call failed. ``status`` is the HTTP status when there was one."""
+    """A provider call failed. ``status`` is the HTTP status when there was one.
 
-    def __init__(self, message: str, kind: ErrorKind, *, status: int | None = None, retryable: bool | None = None) -> None:
+    ``unreachable`` says no connection could be made at all: the request never
+    reached the server. Workers then treat the provider as down (they pause and
+    the job goes back to its queue without spending an attempt) rather than the
+    job as failing.
+    """
+
+    def __init__(self, message: str, kind: ErrorKind, *, status: int | None = None, retryable: bool | None = None,
+                 unreachable: bool = False) -> None:
         super().__init__(message, kind, retryable=retryable)
         self.status = status
+        self.unreachable = unreachable
 
 
 class Deadline:

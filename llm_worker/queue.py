@@ -183,6 +183,18 @@ class ReliableQueue:
         """Block up to ``timeout`` seconds for a job; it lands in our processing list."""
         return self.redis.blmove(queue, self.keys.processing(worker_id), timeout, "RIGHT", "LEFT")
 
+    def take_waiting(self, queue: str, worker_id: str, most: int) -> list[bytes]:
+        """Take up to ``most`` jobs that are waiting now, without blocking, in one round trip.
+
+        Each LMOVE is atomic on its own, so every job taken is in our
+        processing list, exactly as a BLMOVE would leave it.
+        """
+        pipe = self.redis.pipeline(transaction=False)
+        processing = self.keys.processing(worker_id)
+        for _ in range(most):
+            pipe.lmove(queue, processing, "RIGHT", "LEFT")
+        return [raw for raw in pipe.execute() if raw is not None]
+
     def held(self, worker_id: str) -> list[bytes]:
         return self.redis.lrange(self.keys.processing(worker_id), 0, -1)
 

@@ -14,6 +14,7 @@ import os
 import threading
 import time
 
+from llm_worker.backpressure import PROBE_EVERY, Reachability
 from llm_worker.chores import Chore
 from llm_worker.config import Settings
 from llm_worker.gpu import GpuReading, GpuSampler, ollama_memory
@@ -40,9 +41,11 @@ class Sampler(threading.Thread):
         self.gpus = GpuSampler(os.environ.get(NVML_MODULE_ENV, "pynvml"))
         self.processes = ProcessWatcher()
         self.provider: Provider | None = None
+        self.reach = Reachability(state.providers, state.lock)
         every = settings.http.sample_interval / 1000
+        self.provider_chore = Chore("provider", settings.ollama.health_check_interval / 1000, self.probe_provider)
         self.chores = [
-            Chore("provider", settings.ollama.health_check_interval / 1000, self.probe_provider),
+            self.provider_chore,
             Chore("queues", every, self.read_queues),
             Chore("host", every, self.read_host),
             Chore("gpus", every, self.read_gpus),
@@ -75,6 +78,12 @@ class Sampler(threading.Thread):
         provider = self._provider()
         health = provider.health(timeout=min(5.0, self.settings.ollama.health_check_interval / 1000))
         r.provider_up = int(health.ok)
+        if health.ok and self.reach.mark_up(provider.name):
+            log.warning(f"provider {provider.name} answers again; workers take jobs")
+        # While a provider is down (its workers paused), look every second, so
+        # that the host takes jobs again soon after it is back.
+        down = not health.ok or self.reach.is_down(provider.name)
+        self.provider_chore.period = PROBE_EVERY if down else self.settings.ollama.health_check_interval / 1000
         r.provider_version = (health.version or "").encode()[:63]
         r.provider_error = (health.error_details or "").encode()[:255]
         if health.ok:

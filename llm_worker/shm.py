@@ -22,6 +22,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from llm_worker.backpressure import ProviderTable
 from llm_worker.breaker import Table as BreakerTable
 from llm_worker.stats import MAX_MODELS, Counters
 
@@ -66,7 +67,9 @@ class Slot(ctypes.Structure):
         ("rss_bytes", ctypes.c_double),  # written by the sampler
         ("cpu_seconds", ctypes.c_double),  # written by the sampler
         ("model", ctypes.c_int32),  # the model label of the job in hand, for the model manager
-        ("paused", ctypes.c_int32),  # why the worker takes no jobs now (a Pause), 0 when it does
+        ("paused", ctypes.c_int32),  # why the worker takes no jobs now (a backpressure.Pause), 0 when it does
+        ("call", ctypes.c_int32),  # waiting for or in a provider call (a backpressure.Call)
+        ("paused_why", ctypes.c_char * 240),  # the pause's reason in words, for readiness and /status
         ("counters", Counters),
     ]
 
@@ -103,10 +106,12 @@ class Slot(ctypes.Structure):
         self.job_id = b""
         self.boot_error = b""
         self.rss_bytes = self.cpu_seconds = 0.0
+        self.model, self.paused, self.call = -1, 0, 0
         self.state = SlotState.BOOTING
 
     def release(self) -> None:
         self.pid = 0
+        self.model, self.paused, self.call = -1, 0, 0
         self.state = SlotState.EMPTY
         self.job_started = self.job_deadline = 0.0
         self.job_id = b""
@@ -133,8 +138,7 @@ class Header(ctypes.Structure):
         ("model_count", ctypes.c_int32),
         ("models", (ctypes.c_char * NAME) * MAX_MODELS),  # label of index i; index 0 is "other"
         ("model_last_used", ctypes.c_double * MAX_MODELS),  # monotonic, by any worker: for idle unloading
-        ("in_flight", ctypes.c_int32),  # provider calls in flight from this host (under the lock)
-        ("priority_waiting", ctypes.c_int32),  # priority-pool workers waiting for a call slot (under the lock)
+        ("pool_models", ctypes.c_uint32 * MAX_POOLS),  # bit i: the pool has called model label i (backpressure)
         ("models_ready", ctypes.c_int32),  # the model manager has preloaded what it should (readiness waits)
         ("model_load_seconds", ctypes.c_double * MAX_MODELS),  # the last load of each model label took, by the manager
         ("model_loads", ctypes.c_uint64 * MAX_MODELS),  # loads the manager made, per model label
@@ -219,8 +223,8 @@ class SharedState:
     """The whole shared region: header, readings, breakers, retired totals per pool, ``size`` slots."""
 
     def __init__(self, size: int) -> None:
-        parts = [("header", Header), ("readings", Readings), ("breakers", BreakerTable), ("retired", Counters * MAX_POOLS),
-                 ("slots", Slot * size)]
+        parts = [("header", Header), ("readings", Readings), ("breakers", BreakerTable), ("providers", ProviderTable),
+                 ("retired", Counters * MAX_POOLS), ("slots", Slot * size)]
         offsets, total = {}, 0
         for name, kind in parts:
             offsets[name] = total
@@ -229,6 +233,7 @@ class SharedState:
         self.header = Header.from_buffer(self._map, offsets["header"])
         self.readings = Readings.from_buffer(self._map, offsets["readings"])
         self.breakers = BreakerTable.from_buffer(self._map, offsets["breakers"])
+        self.providers = ProviderTable.from_buffer(self._map, offsets["providers"])
         self.retired = (Counters * MAX_POOLS).from_buffer(self._map, offsets["retired"])
         self.slots = (Slot * size).from_buffer(self._map, offsets["slots"])
         self.lock = ShmLock()

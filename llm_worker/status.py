@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 from llm_worker import __version__
+from llm_worker.backpressure import Pause, Reachability, in_flight
 from llm_worker.breaker import Breakers
 from llm_worker.config import Settings
 from llm_worker.jobs import iso
@@ -30,13 +31,15 @@ def snapshot(settings: Settings, state: SharedState, not_ready: str | None) -> d
             "jobSeconds": round(now - slot.job_started, 3) if busy else None,
             "heartbeatSecondsAgo": round(now - slot.heartbeat, 3),
             "rssBytes": _value(slot.rss_bytes), "cpuSeconds": slot.cpu_seconds,
+            "paused": Pause(slot.paused).name.lower() if slot.paused else None,
+            "pausedBecause": slot.paused_why.decode(errors="replace") if slot.paused else None,
         })
     return {
         "workerId": settings.worker.id, "version": __version__, "timestamp": iso(),
         "uptime": round(time.time() - header.started, 3), "phase": Phase(header.phase).name.lower(),
         "ready": not_ready is None, "notReadyBecause": not_ready,
-        "pools": {name: {"wanted": header.pool_wanted[i], "workers": sum(1 for w in workers if w["pool"] == name)}
-                  for i, name in enumerate(pools)},
+        "pools": {name: _pool(name, header.pool_wanted[i], workers) for i, name in enumerate(pools)},
+        "providerCalls": {"inFlight": in_flight(state)[0], "limit": settings.worker.max_in_flight},
         "workers": workers,
         "queues": {
             **{name: {"waiting": r.waiting[i], "processing": r.processing[i]} for i, name in enumerate(pools)},
@@ -47,6 +50,7 @@ def snapshot(settings: Settings, state: SharedState, not_ready: str | None) -> d
         "provider": {"name": "ollama", "url": settings.ollama.base_url, "up": bool(r.provider_up),
                      "version": r.provider_version.decode(errors="replace") or None,
                      "error": r.provider_error.decode(errors="replace") or None},
+        "reachability": Reachability(state.providers, state.lock).rows(),
         "models": {
             "loaded": [{"name": r.loaded_names[i].value.decode(), "vramBytes": r.loaded_vram[i]} for i in range(r.loaded_count)],
             "labels": state.model_labels(),
@@ -63,6 +67,25 @@ def snapshot(settings: Settings, state: SharedState, not_ready: str | None) -> d
         "host": {"cpuRatio": _value(r.cpu_ratio), "load1": _value(r.load1), "memoryUsedBytes": _value(r.memory_used_bytes),
                  "memoryTotalBytes": _value(r.memory_total_bytes)},
     }
+
+
+def _pool(name: str, wanted: int, workers: list[dict[str, Any]]) -> dict[str, Any]:
+    mine = [w for w in workers if w["pool"] == name]
+    paused = [w for w in mine if w["paused"]]
+    return {"wanted": wanted, "workers": len(mine),
+            # Paused while every worker of the pool is: the jobs wait for other hosts.
+            "paused": bool(mine) and len(paused) == len(mine),
+            "pausedBecause": paused[0]["pausedBecause"] if paused else None}
+
+
+def pool_pauses(state: SharedState) -> dict[str, str]:
+    """The pools whose every live worker takes no jobs now, with the reason (for readiness)."""
+    pools = state.pool_names()
+    seen: dict[int, list[str | None]] = {}
+    for slot in state.slots:
+        if slot.pid > 0 and slot.state in (SlotState.IDLE, SlotState.BUSY):
+            seen.setdefault(slot.pool, []).append(slot.paused_why.decode(errors="replace") if slot.paused else None)
+    return {pools[i]: whys[0] or "" for i, whys in seen.items() if i < len(pools) and all(whys)}
 
 
 def _value(number: float) -> float | None:

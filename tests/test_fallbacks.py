@@ -60,7 +60,8 @@ def test_with_every_breaker_open_jobs_wait_and_complete_once_the_provider_recove
     client = client_for(redis_url)
     ids = [chat(client, f"during the outage {n}") for n in range(8)]
     eventually(lambda: events(r, "llm.breaker.opened"), timeout=30, what="the breaker open")
-    eventually(lambda: r.zcard("llm:delayed") >= 4, timeout=30, what="jobs parked until the breaker may half-open")
+    # The pool pauses: jobs wait in the queue (or parked, if taken before it paused)
+    eventually(lambda: r.llen("llm-chat") + r.zcard("llm:delayed") >= 4, timeout=30, what="jobs waiting out the outage")
     # When the provider recovers
     sim.clear_faults()
     # Then every job completes, none dead-lettered for the outage
@@ -69,6 +70,23 @@ def test_with_every_breaker_open_jobs_wait_and_complete_once_the_provider_recove
     assert r.llen("llm-dead-letter") == 0
     assert eventually(lambda: events(r, "llm.breaker.closed"), timeout=10, what="the breaker closed")
     assert_each_answered_once(r, ids)
+
+
+def test_a_job_whose_probes_keep_failing_spends_attempts_after_two_free_probes(
+        service, sim: Simulator, redis_url: str, r: redis.Redis) -> None:
+    # Given a model that fails every call, and a breaker that opens on the first failure
+    sim.set_faults([Fault(status=503, reason="busy")])
+    service(WORKER_POOLS="llm-chat=1", CIRCUIT_BREAKER_THRESHOLD="1", CIRCUIT_BREAKER_RESET_TIMEOUT="200",
+            CIRCUIT_BREAKER_MAX_RESET_TIMEOUT="400", OLLAMA_MAX_RETRIES="0", QUEUE_DELAY="50", QUEUE_MAX_ATTEMPTS="3")
+    client = client_for(redis_url)
+    # When one job keeps being the half-open breaker's probe
+    job = chat(client, "a probe that never succeeds")
+    result = wait_all(client, [job], timeout=60)[job]
+    # Then it is not probed for ever: two failed probes were free, then it spent its attempts
+    assert not result["success"] and "gave up after 3 attempts" in result["error"]
+    (entry,) = [msgspec.json.decode(raw) for raw in r.lrange("llm-dead-letter", 0, -1)]
+    assert entry["job"]["probeFailures"] == 2 and entry["attempts"] == 3
+    assert sim.stats().requests["chat"] == 5  # the first attempt, two free probes, two paid ones
 
 
 def test_a_sink_that_raises_never_fails_a_job_and_is_logged_once_a_minute(service, redis_url: str) -> None:

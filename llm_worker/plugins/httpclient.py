@@ -80,7 +80,7 @@ class JsonHttp:
             try:
                 resp = self._send(method, path, payload, left)
             except _Retryable as exc:
-                error = ProviderError(f"{what}: {exc}", ErrorKind.NETWORK)
+                error = ProviderError(f"{what}: {exc}", ErrorKind.NETWORK, unreachable=exc.unreachable)
             except socket.timeout:
                 raise ProviderError(f"{what}: no answer within {min(self.read_timeout, left):.1f}s", ErrorKind.TIMEOUT) from None
             except (OSError, http.client.HTTPException) as exc:
@@ -132,7 +132,7 @@ class JsonHttp:
             return conn, False
         if conn is None:
             if not self._slots.acquire(timeout=max(0.0, left)):
-                raise _Retryable(f"all {len(self._open)} connections to {self.base_url} are in use")
+                raise _Retryable(f"all {len(self._open)} connections to {self.base_url} are in use", unreachable=False)
             kind = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
             extra = {"context": ssl.create_default_context()} if self._https else {}
             conn = kind(self._host, self._port, timeout=min(self.connect_timeout, left), **extra)
@@ -143,7 +143,7 @@ class JsonHttp:
             conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError as exc:
             self._drop(conn)
-            raise _Retryable(f"cannot reach {self.base_url}: {_reason(exc)}") from None
+            raise _Retryable(f"cannot reach {self.base_url}: {_reason(exc)}", unreachable=True) from None
         return conn, True
 
     def _drop(self, conn: http.client.HTTPConnection) -> None:
@@ -216,7 +216,15 @@ class JsonHttp:
 
 
 class _Retryable(Exception):
-    """The request never reached the server: safe to send again."""
+    """The request never reached the server: safe to send again.
+
+    ``unreachable``: no connection could be made at all (refused, no route,
+    connect timeout), the sign that the server is down rather than busy.
+    """
+
+    def __init__(self, message: str, *, unreachable: bool) -> None:
+        super().__init__(message)
+        self.unreachable = unreachable
 
 
 def _idle_and_open(sock: socket.socket) -> bool:

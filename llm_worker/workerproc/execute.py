@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,12 +19,13 @@ import msgspec
 import redis
 
 from llm_worker.attempts import Attempt, Plan
-from llm_worker.breaker import BreakerOpen, Breakers, breaker_record
+from llm_worker.backpressure import CallGate, ProviderDown, Reachability
+from llm_worker.breaker import COUNTED, BreakerOpen, Breakers, breaker_record
 from llm_worker.cache import ResponseCache
 from llm_worker.config import Settings
 from llm_worker.jobs import Answer, ChatRequest, Decoded, EmbeddingsRequest, ErrorKind, GenerateRequest, JobError, Options, Result, Task, iso
 from llm_worker.pluginmanager import PluginManager
-from llm_worker.providers import Deadline, OnChunk, Provider
+from llm_worker.providers import Deadline, OnChunk, Provider, ProviderError
 from llm_worker.queue import STREAM_MAXLEN
 
 log = logging.getLogger("llm_worker.worker")
@@ -74,8 +76,11 @@ class Executor:
     """Routes each model call to the first provider that serves its model."""
 
     def __init__(self, providers: list[Provider], plugins: PluginManager, breakers: Breakers, settings: Settings,
-                 worker_id: str, cache: ResponseCache | None = None) -> None:
+                 worker_id: str, cache: ResponseCache | None = None, gate: CallGate | None = None,
+                 reach: Reachability | None = None) -> None:
         self.providers = providers
+        self.gate = gate
+        self.reach = reach
         self.cache = cache
         self.plugins = plugins
         self.breakers = breakers
@@ -147,18 +152,78 @@ class Executor:
             reduced = reduced or bool(plan.options)
             unloaded = unloaded or plan.unload_idle
 
+    # ---- embeddings jobs gathered into one call ------------------------------------
+
+    def embed_together(self, jobs: list[Decoded], deadline: Deadline) -> list[Answer]:
+        """Answer several embeddings jobs of one model and options with one provider call.
+
+        Cached answers are served from the cache and left out of the call.
+        When the shared call fails, JobError is raised and no job is answered:
+        the caller runs them one by one, so that one bad input fails only its
+        own job. Each job gets its own vectors; the call's prompt tokens are
+        shared out in proportion to the characters of each job's inputs.
+        """
+        self.attempts_used = 1
+        tasks = [d.tasks[0] for d in jobs]
+        provider = self.provider_for(tasks[0].model)
+        answers: list[Answer | None] = [None] * len(jobs)
+        keys: list[str | None] = [None] * len(jobs)
+        if self.cache is not None:
+            for i, task in enumerate(tasks):
+                keys[i] = key = self.cache.key_of(provider.name, task)
+                answers[i] = self.cache.get(key) if key is not None else None
+        misses = [i for i, a in enumerate(answers) if a is None]
+        if misses:
+            inputs = [tasks[i].request.inputs() for i in misses]  # type: ignore[union-attr]
+            first = tasks[misses[0]]
+            joined = msgspec.structs.replace(first.request, input=[text for group in inputs for text in group], prompt=None)
+            whole = self._attempt(provider, dataclasses.replace(first, request=joined), deadline, None)
+            vectors = whole.response["embeddings"]
+            shares = _shares(whole.prompt_tokens, [sum(map(len, group)) for group in inputs])
+            at = 0
+            for i, group, tokens in zip(misses, inputs, shares):
+                answer = Answer({"embeddings": vectors[at:at + len(group)]}, whole.model, tokens, None)
+                at += len(group)
+                if keys[i] is not None:
+                    self.cache.put(keys[i], answer)  # type: ignore[union-attr, arg-type]
+                    answer.cache_lookup = True
+                answers[i] = answer
+        for job, answer in zip(jobs, answers):
+            self.plugins.filter_response(job, answer)  # type: ignore[arg-type]
+        return answers  # type: ignore[return-value]
+
+    # ---- the provider call, behind the gate, reachability and breaker ---------------
+
     def _attempt(self, provider: Provider, task: Task, deadline: Deadline, sink: StreamSink | None) -> Answer:
-        admission = self.breakers.admit(provider.name, task.model, deadline.left() + LEASE_GRACE)
-        self._report_transitions()
-        try:
-            answer = self._run_task(provider, task, deadline, sink)
-        except JobError as exc:
-            self.breakers.record(admission, exc)
+        """One provider call, through the host's call gate, the provider's reachability and its breaker."""
+        if self.reach is not None and self.reach.is_down(provider.name):
+            raise ProviderDown(provider.name, self.reach.error(provider.name))
+        with self.gate.call(task.model, deadline) if self.gate is not None else nullcontext():
+            admission = self.breakers.admit(provider.name, task.model, deadline.left() + LEASE_GRACE)
             self._report_transitions()
-            raise
-        self.breakers.record(admission, None)
-        self._report_transitions()
-        return answer
+            try:
+                answer = self._run_task(provider, task, deadline, sink)
+            except JobError as exc:
+                self.breakers.record(admission, exc)
+                self._report_transitions()
+                if admission.probe and exc.kind in COUNTED:
+                    # The half-open breaker's probe failed: the outage goes on. The
+                    # job was the host's test of the provider, so it spends no attempt
+                    # (else the job at the head of the queue would die probing); the
+                    # finisher bounds how often one job may probe for free.
+                    raise BreakerOpen(admission.key, self.breakers.open_until(admission.key),
+                                      f"{exc.message} (the circuit breaker's probe)", probe_failed=True) from exc
+                if isinstance(exc, ProviderError) and exc.unreachable and self.reach is not None:
+                    # Nothing listens: the provider is down, not this job failing. The
+                    # job waits without spending an attempt, and the workers pause.
+                    if self.reach.mark_down(provider.name, exc.message):
+                        log.warning(f"provider {provider.name} is unreachable; workers pause until it answers",
+                                    extra={"error": exc.message})
+                    raise ProviderDown(provider.name, exc.message) from exc
+                raise
+            self.breakers.record(admission, None)
+            self._report_transitions()
+            return answer
 
     def _apply(self, plan: Plan, task: Task, provider: Provider, deadline: Deadline) -> Task:
         if plan.unload_idle:
@@ -178,7 +243,7 @@ class Executor:
             provider = self.provider_for(model)
         except JobError:
             return True
-        return self.breakers.refused(model, provider.name)
+        return (self.reach is not None and self.reach.is_down(provider.name)) or self.breakers.refused(model, provider.name)
 
     def _report_transitions(self) -> None:
         """Log and record each breaker transition this process made: once, from here."""
@@ -248,3 +313,16 @@ class Executor:
 
 def _ms(seconds: float) -> int:
     return int(round(seconds * 1000))
+
+
+def _shares(total: int | None, weights: list[int]) -> list[int | None]:
+    """Split ``total`` in proportion to ``weights``, in whole numbers that add up to it."""
+    if total is None:
+        return [None] * len(weights)
+    whole = sum(weights)
+    if whole == 0:
+        weights, whole = [1] * len(weights), len(weights)
+    shares = [total * w // whole for w in weights]
+    for i in sorted(range(len(weights)), key=lambda i: -(total * weights[i] % whole))[: total - sum(shares)]:
+        shares[i] += 1
+    return shares

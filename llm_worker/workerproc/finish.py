@@ -28,6 +28,12 @@ from llm_worker.records import Record
 
 log = logging.getLogger("llm_worker.worker")
 Guard = Callable[..., Any]
+FREE_PROBES = 2  # failed breaker probes a job may make without spending an attempt
+
+
+def _probe_failures(raw: bytes) -> int:
+    value = msgspec.json.decode(raw, type=dict[str, Any]).get("probeFailures")
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
 class Finisher:
@@ -73,10 +79,12 @@ class Finisher:
         streaming job that has already sent chunks is not retried: a reader
         cannot take back text it has shown.
         """
-        if isinstance(error, BreakerOpen) and not streamed:
+        if isinstance(error, BreakerOpen) and not streamed and not self._probed_enough(d, error):
             # An outage, not the job's fault: wait for the breaker; refusals spend no attempt.
             due = time.time() + max(0.0, error.retry_at - time.monotonic())
-            return self._retry(d, taken, error, due, spent=attempts)
+            return self._retry(d, taken, error, due, spent=attempts, probed=error.probe_failed)
+        if isinstance(error, BreakerOpen) and error.probe_failed:
+            attempts = max(1, attempts)  # its free probes are spent: this one counts
         attempt = d.job.retry_count + max(1, attempts)
         if error.retryable and attempt < d.max_attempts and not streamed:
             return self._retry(d, taken, error, time.time() + retry_delay(self.settings, attempt - 1), spent=attempts)
@@ -85,9 +93,20 @@ class Finisher:
             reason = f"{reason} (gave up after {attempt} attempts)"
         return self._dead(d, taken, reason, error.kind, attempt, stream="error" if d.stream else "")
 
-    def _retry(self, d: Decoded, taken: float, error: JobError, due: float, spent: int) -> bytes | None:
+    @staticmethod
+    def _probed_enough(d: Decoded, error: BreakerOpen) -> bool:
+        """Whether this failed probe must spend an attempt: the job already failed FREE_PROBES probes.
+
+        A job whose own request makes the provider fail would otherwise probe,
+        fail and re-open the breaker for ever, holding every other job back.
+        """
+        return error.probe_failed and _probe_failures(d.raw) >= FREE_PROBES
+
+    def _retry(self, d: Decoded, taken: float, error: JobError, due: float, spent: int, probed: bool = False) -> bytes | None:
         loose = msgspec.json.decode(d.raw)
         loose["retryCount"] = d.job.retry_count + spent
+        if probed:  # an addition to the job (docs/protocol.md): failed breaker probes, which spend no attempt
+            loose["probeFailures"] = _probe_failures(d.raw) + 1
         payload = msgspec.json.encode(loose)
         delay_ms = int(max(0.0, due - time.time()) * 1000)
         done = self.guard(self.rq.retry_later, self.worker_id, d.raw, self.queue, payload, due, take_from=self._take)

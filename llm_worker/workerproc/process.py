@@ -26,10 +26,11 @@ import redis
 
 from llm_worker import exitcodes, logs
 from llm_worker.config import Settings
-from llm_worker.jobs import Invalid, JobError, Malformed, decode, iso
+from llm_worker.jobs import Decoded, EmbeddingsRequest, Invalid, JobError, Malformed, decode, iso
 from llm_worker.pluginmanager import Found, PluginManager
 from llm_worker.providers import Deadline
 from llm_worker.queue import ReliableQueue, WorkerInfo, connect
+from llm_worker.backpressure import PAUSE_CHECK, CallGate, Pause, PoolWatch, Reachability
 from llm_worker.breaker import Breakers
 from llm_worker.cache import ResponseCache
 from llm_worker.shm import SharedState, SlotState
@@ -83,6 +84,8 @@ class WorkerProcess:
         self.id = f"{self.settings.worker.id}:{os.getpid()}"
         self.stopping = False
         self.redis_lost = False
+        self.in_hand: list[bytes] = []  # payloads taken and not yet finished: kept when our list is reconciled
+        self.in_batch = False
 
     # ---- life ---------------------------------------------------------------
 
@@ -103,11 +106,14 @@ class WorkerProcess:
             while not self.stopping and os.getppid() == self.spec.supervisor_pid:
                 self.slot.beat()
                 if raw is None:
+                    if self._paused():  # the jobs stay queued, for hosts that can serve them
+                        time.sleep(PAUSE_CHECK)
+                        continue
                     raw = self._guard(self.rq.take, self.queue_name, self.id, block)
                 if raw is not None:
                     # Finishing a job takes the next one in the same round trip
                     # while the queue has work, so a busy worker blocks only when idle.
-                    raw = self._handle(raw)
+                    raw = self._handle_batch(self._gather(raw)) if self.gathers else self._handle(raw)
             if raw is not None:  # taken with the last finish, then told to stop: give it back
                 self._guard(self.rq.hand_back, self.id, raw, self.queue_name)
         except Quit:
@@ -129,7 +135,29 @@ class WorkerProcess:
         self.stopping = True
 
     def _wants_more(self) -> bool:
-        return not self.stopping and os.getppid() == self.spec.supervisor_pid
+        return not self.stopping and not self.in_batch and os.getppid() == self.spec.supervisor_pid and not self._paused()
+
+    def _paused(self) -> bool:
+        """Whether to take no jobs now (backpressure); probes a down provider now and then."""
+        verdict = self.watch.verdict()
+        if verdict.pause != self.slot.paused:
+            if verdict.pause:
+                log.info(f"taking no jobs: {verdict.why}")
+            else:
+                log.info("taking jobs again")
+            self.slot.paused_why = verdict.why.encode()[:239]
+            self.slot.paused = verdict.pause
+        for name in verdict.down:
+            if self.reach.probe_due(name):
+                self._probe(name)
+        return verdict.pause != Pause.NONE
+
+    def _probe(self, name: str) -> None:
+        provider = next(p for p in self.executor.providers if p.name == name)
+        health = provider.health(timeout=2.0)
+        self.slot.beat()
+        if health.ok and self.reach.mark_up(name):
+            log.warning(f"provider {name} answers again; workers take jobs")
 
     def _boot(self) -> None:
         try:
@@ -143,7 +171,16 @@ class WorkerProcess:
         breakers = Breakers(state.breakers, state.lock, self.settings)
         self.client = connect(self.settings)
         cache = ResponseCache(self.client, self.settings.redis.key_prefix, self.settings.models.cache_ttl)
-        self.executor = Executor(providers, self.plugins, breakers, self.settings, self.id, cache)
+        self.reach = Reachability(state.providers, state.lock)
+        pools = state.pool_names()
+        priority = pools.index(self.settings.queue.priority) if self.settings.queue.priority in pools else -1
+        gate = CallGate(state, self.spec.slot, self.settings.worker.max_in_flight, priority,
+                        add_labels=not self.settings.models.allowed)
+        self.executor = Executor(providers, self.plugins, breakers, self.settings, self.id, cache, gate, self.reach)
+        # Embeddings workers gather jobs into shared calls (ENABLE_BATCH_PROCESSING).
+        self.gathers = (self.settings.worker.batching and self.settings.worker.batch_size > 1
+                        and self.queue_name == self.settings.queue.embeddings)
+        self.watch = PoolWatch(state, self.slot.pool, providers, self.executor.provider_for, self.reach, breakers)
         self.rq = ReliableQueue(self.client, self.settings)
         info = WorkerInfo(queue=self.queue_name, host=self.settings.worker.id, hostname=os.uname().nodename,
                           pid=os.getpid(), since=iso())
@@ -163,8 +200,24 @@ class WorkerProcess:
     def _handle(self, raw: bytes) -> bytes | None:
         """Run one job to its outcome; return the next job if finishing took one."""
         taken = time.time()
+        decoded = self._decode(raw)
+        if not isinstance(decoded, Decoded):
+            return decoded  # finished unrun; its finish may have taken the next job
+        self.in_hand = [raw]
+        self.slot.begin(decoded.job.id, decoded.timeout)
         try:
-            decoded = decode(raw, self.settings)
+            refused = self._admit(decoded, taken)
+            if refused is not None:
+                return self.finisher.failed(decoded, taken, refused)
+            return self._execute(decoded, taken)
+        finally:
+            self.in_hand = []
+            self.slot.end(SlotState.DRAINING if self.stopping else SlotState.IDLE)
+
+    def _decode(self, raw: bytes) -> Decoded | bytes | None:
+        """The job, or (when it cannot be run) what finishing it as malformed or invalid returned."""
+        try:
+            return decode(raw, self.settings)
         except Malformed as exc:
             return self.finisher.malformed(raw, exc)
         except Invalid as exc:
@@ -172,29 +225,108 @@ class WorkerProcess:
         except Exception as exc:  # whatever the decoder trips on, the payload must not kill us
             log.exception("payload could not be decoded")
             return self.finisher.malformed(raw, Malformed(f"unreadable payload: {exc!r}"))
-        self.slot.begin(decoded.job.id, decoded.timeout)
-        sink = None
+
+    def _admit(self, decoded: Decoded, taken: float) -> JobError | None:
+        """Pass the job through the request filters and announce it; the refusal, if a filter refused it."""
         try:
-            try:
-                self.plugins.filter_request(decoded)
-            except JobError as exc:  # refused (validation), or a filter that broke
-                return self.finisher.failed(decoded, taken, exc)
-            self.finisher.started(decoded, taken)
-            if decoded.stream:
-                sink = StreamSink(self.client, self.rq.keys.stream(decoded.job.id), self.settings.queue.result_ttl)
-                self._guard(sink.open)
-            try:
-                answer = self.executor.run(decoded, Deadline(decoded.timeout), sink)
-            except JobError as exc:
-                return self.finisher.failed(decoded, taken, exc, attempts=self.executor.attempts_used,
-                                            streamed=sink.published if sink else 0)
-            except Exception as exc:  # a bug in us or a plugin: fail the job, keep the worker
-                log.exception("job failed with an unexpected error", extra={"jobId": decoded.job.id})
-                return self.finisher.failed(decoded, taken, JobError(f"unexpected error: {exc!r}"),
-                                            streamed=sink.published if sink else 0)
-            return self.finisher.succeeded(decoded, taken, answer, stream=sink is not None, attempts=self.executor.attempts_used)
+            self.plugins.filter_request(decoded)
+        except JobError as exc:  # refused (validation), or a filter that broke
+            return exc
+        self.finisher.started(decoded, taken)
+        return None
+
+    def _execute(self, decoded: Decoded, taken: float) -> bytes | None:
+        sink = None
+        if decoded.stream:
+            sink = StreamSink(self.client, self.rq.keys.stream(decoded.job.id), self.settings.queue.result_ttl)
+            self._guard(sink.open)
+        try:
+            answer = self.executor.run(decoded, Deadline(decoded.timeout), sink)
+        except JobError as exc:
+            return self.finisher.failed(decoded, taken, exc, attempts=self.executor.attempts_used,
+                                        streamed=sink.published if sink else 0)
+        except Exception as exc:  # a bug in us or a plugin: fail the job, keep the worker
+            log.exception("job failed with an unexpected error", extra={"jobId": decoded.job.id})
+            return self.finisher.failed(decoded, taken, JobError(f"unexpected error: {exc!r}"),
+                                        streamed=sink.published if sink else 0)
+        return self.finisher.succeeded(decoded, taken, answer, stream=sink is not None, attempts=self.executor.attempts_used)
+
+    # ---- embeddings jobs, gathered ------------------------------------------------
+
+    def _gather(self, first: bytes) -> list[tuple[bytes, float]]:
+        """The first job and those that join it within BATCH_TIMEOUT, up to WORKER_BATCH_SIZE.
+
+        What is waiting is taken at once; only an empty queue is waited on.
+        Every job taken sits in our processing list, held like any other.
+        """
+        w = self.settings.worker
+        taken = [(first, time.time())]
+        until = time.monotonic() + w.batch_timeout / 1000
+        while len(taken) < w.batch_size and self._wants_more():
+            more = self._guard(self.rq.take_waiting, self.queue_name, self.id, w.batch_size - len(taken))
+            taken += [(raw, time.time()) for raw in more]
+            left = until - time.monotonic()
+            if len(taken) >= w.batch_size or left <= 0.001:
+                break
+            if not more:
+                raw = self._guard(self.rq.take, self.queue_name, self.id, left)
+                if raw is None:
+                    break
+                taken.append((raw, time.time()))
+        return taken
+
+    def _handle_batch(self, gathered: list[tuple[bytes, float]]) -> bytes | None:
+        """Run gathered jobs: embeddings of one model and options share one call; any other runs alone."""
+        if len(gathered) == 1:
+            return self._handle(gathered[0][0])
+        self.in_hand = [raw for raw, _ in gathered]
+        self.in_batch = True  # outcomes take no next job: the loop gathers again
+        ready: list[tuple[Decoded, float]] = []
+        for raw, taken in gathered:
+            decoded = self._decode(raw)
+            if isinstance(decoded, Decoded):
+                ready.append((decoded, taken))
+        if not ready:
+            self.in_batch, self.in_hand = False, []
+            return None
+        self.slot.begin(ready[0][0].job.id, max(d.timeout for d, _ in ready))
+        try:
+            admitted = []
+            for decoded, taken in ready:
+                refused = self._admit(decoded, taken)
+                if refused is not None:
+                    self.finisher.failed(decoded, taken, refused)
+                else:
+                    admitted.append((decoded, taken))
+            for group in _groups(admitted):
+                if len(group) > 1 and self._run_together(group):
+                    continue
+                for decoded, taken in group:
+                    self.slot.begin(decoded.job.id, decoded.timeout)  # the supervisor's watchdog follows each job
+                    self._execute(decoded, taken)
         finally:
+            self.in_batch, self.in_hand = False, []
+            self.slot.jobs_done += len(ready) - 1
             self.slot.end(SlotState.DRAINING if self.stopping else SlotState.IDLE)
+        return None
+
+    def _run_together(self, group: list[tuple[Decoded, float]]) -> bool:
+        """One provider call for the group; False (nothing answered) when it failed."""
+        jobs = [decoded for decoded, _ in group]
+        timeout = min(d.timeout for d in jobs)
+        self.slot.begin(jobs[0].job.id, timeout)
+        try:
+            answers = self.executor.embed_together(jobs, Deadline(timeout))
+        except JobError as exc:
+            log.info("a gathered embeddings call failed; running its jobs one by one",
+                     extra={"jobs": len(jobs), "errorType": exc.kind.value, "error": exc.message})
+            return False
+        except Exception:
+            log.exception("a gathered embeddings call failed; running its jobs one by one")
+            return False
+        for (decoded, taken), answer in zip(group, answers):
+            self.finisher.succeeded(decoded, taken, answer, stream=False)
+        return True
 
     # ---- Redis, lost and found -----------------------------------------------
 
@@ -231,11 +363,10 @@ class WorkerProcess:
         leaves a payload in our list that we are not running: one already
         answered is dropped, any other goes back to its queue.
         """
-        held = self.slot.job_id.decode() if self.slot.state == SlotState.BUSY else None
         for raw in self.rq.held(self.id):
-            job_id = _job_id(raw)
-            if held is not None and job_id == held:
+            if raw in self.in_hand:
                 continue
+            job_id = _job_id(raw)
             if job_id is not None and self.client.exists(self.rq.keys.result(job_id)):
                 self.rq.forget(self.id, raw)
             else:
@@ -243,6 +374,22 @@ class WorkerProcess:
                 log.warning("handed back a job found in our processing list after Redis returned", extra={"jobId": job_id})
         self.redis_lost = False
         log.info("Redis reachable again")
+
+
+def _groups(jobs: list[tuple[Decoded, float]]) -> list[list[tuple[Decoded, float]]]:
+    """Jobs that can share one embeddings call grouped together (same model and options); each other job alone."""
+    groups: dict[object, list[tuple[Decoded, float]]] = {}
+    for item in jobs:
+        decoded = item[0]
+        task = decoded.tasks[0]
+        request = task.request
+        if decoded.job.type != "embeddings" or len(decoded.tasks) != 1 or not isinstance(request, EmbeddingsRequest):
+            key: object = id(item)
+        else:
+            options = msgspec.json.encode(request.options) if request.options is not None else b""
+            key = (task.model, request.truncate, msgspec.json.encode(request.keep_alive), options)
+        groups.setdefault(key, []).append(item)
+    return list(groups.values())
 
 
 def _job_id(raw: bytes) -> str | None:
