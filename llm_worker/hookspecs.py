@@ -7,10 +7,14 @@ subset of a spec's parameters, by name.
 
 The supervisor imports every plugin once, before it forks, and checks that
 each hook it implements exists here (a misspelled hook stops start-up).
-Hooks run in the worker processes, after fork, one job at a time; sinks and
-``llm_worker_worker_started`` also run in the HTTP process. Do not start
-threads or open connections at import time: do it in
-``llm_worker_worker_started``.
+Hooks run in the worker processes, after fork, one job at a time;
+``llm_worker_worker_started``, ``llm_worker_providers`` and the sinks also run
+in the HTTP process and in the model manager process. Do not start threads or
+open connections at import time: do it in ``llm_worker_worker_started``.
+
+llm-worker calls every hook but ``llm_worker_providers`` one plugin at a time,
+so that a failure names its plugin: a ``wrapper=True`` or ``hookwrapper=True``
+implementation of one of them is refused when plugins load.
 """
 
 from __future__ import annotations
@@ -43,13 +47,15 @@ def llm_worker_worker_started(worker: WorkerContext) -> None:
     """Prepare for work in this process: open connections, read settings.
 
     Called once in each worker process when it has booted, before its first
-    job, and once in the HTTP process. An exception here stops the worker
-    from booting (and, repeated, the supervisor): fail here rather than on
-    every job.
+    job, and once in the HTTP process and in the model manager process. Every
+    plugin is called, even after one raised; then an error naming each plugin
+    that raised stops the worker from booting (and, repeated, the supervisor),
+    while the HTTP process and the model manager log it and go on. Fail here
+    rather than on every job.
 
     :param worker: the process's identity and settings: ``worker.settings``,
-        ``worker.worker_id`` (``<WORKER_ID>:<pid>``), ``worker.queue`` (None in
-        the HTTP process), ``worker.role`` ("worker" or "http").
+        ``worker.worker_id`` (``<WORKER_ID>:<pid>``), ``worker.queue`` (None
+        outside workers), ``worker.role`` ("worker", "http" or "models").
     """
 
 
@@ -62,10 +68,12 @@ def llm_worker_worker_started(worker: WorkerContext) -> None:
 def llm_worker_providers(settings: Settings) -> list[Provider]:
     """Return the providers this plugin offers, built from ``settings``.
 
-    Called once in each worker process when it boots (and again after HUP).
-    A job's model goes to the first provider whose ``serves(model)`` is true;
-    plugins registered later are asked first, so a third-party provider can
-    claim models before the built-in Ollama provider (which serves every model).
+    Called once in each worker process when it boots (and again after HUP),
+    in the HTTP process (whose sampler probes the provider's health and
+    models) and in the model manager process (role "models"). A job's model
+    goes to the first provider whose ``serves(model)`` is true; plugins
+    registered later are asked first, so a third-party provider can claim
+    models before the built-in Ollama provider (which serves every model).
 
     :param settings: the host's settings, read-only.
     :return: a list of objects implementing ``llm_worker.providers.Provider``;
@@ -111,12 +119,15 @@ def llm_worker_fallback(job: Decoded, error: JobError, attempt: Attempt) -> Plan
 def llm_worker_filter_request(job: Decoded) -> None:
     """Check or change a job before it runs.
 
-    Called for every job after validation, before its first attempt. Change
-    a call by assigning ``job.tasks[i].model`` or ``job.tasks[i].request``
-    (or their fields). Refuse the job by raising
-    ``llm_worker.RequestRejected(reason)``: it fails with errorType
-    ``validation`` and that reason, and is not retried. Any other exception
-    fails the job too, with an error naming this plugin.
+    Called for every job after validation, before its first attempt, each
+    time the job is taken: a retried job (``job.job.retry_count`` > 0) is
+    filtered again, and so is a job handed back by a worker that died or
+    stopped. A filter that counts quota must not count such a job twice (key
+    the count on ``job.job.id``). Change a call by assigning
+    ``job.tasks[i].model`` or ``job.tasks[i].request`` (or their fields).
+    Refuse the job by raising ``llm_worker.RequestRejected(reason)``: it
+    fails with errorType ``validation`` and that reason, and is not retried.
+    Any other exception fails the job too, with an error naming this plugin.
     """
 
 
@@ -127,7 +138,8 @@ def llm_worker_filter_response(job: Decoded, result: Answer) -> None:
     Called once per successful job (and once per request of a batch), before
     its result is written. Change ``result.response`` in place; refuse it by
     raising ``llm_worker.RequestRejected(reason)``. Any other exception fails
-    the job with an error naming this plugin.
+    the job with an error naming this plugin. A streaming job's chunks were
+    already sent: what its reader saw cannot be redacted here.
 
     :param result: the answer: ``result.response`` (the result's response
         object), ``result.model``, ``result.text``, token counts.

@@ -35,6 +35,14 @@ log = logging.getLogger("llm_worker.plugins")
 BUILTINS = ("ollama", "openai", "limits", "content", "fallback_timeout", "fallback_memory", "fallback_model", "stats", "events", "audit")
 DISABLE_ENV = "LLM_WORKER_DISABLE_PLUGINS"
 EXTRA_ENV = "LLM_WORKER_PLUGINS"  # modules to load without an entry point, like pytest's -p
+# Hooks the manager calls one implementation at a time, so that a failure names
+# its plugin: pluggy's wrappers cannot wrap such a call.
+CALLED_ONE_BY_ONE = ("llm_worker_worker_started", "llm_worker_fallback", "llm_worker_filter_request",
+                     "llm_worker_filter_response", "llm_worker_record")
+
+
+class PluginStartError(Exception):
+    """A plugin's ``llm_worker_worker_started`` raised; the message names each plugin that did."""
 
 
 @dataclass(frozen=True)
@@ -79,9 +87,15 @@ def discover(disabled: set[str] | None = None) -> list[Found]:
         out.append(Found(name, ep.load(), _source(ep)))
     names = {found.name for found in out}
     for module in filter(None, (m.strip() for m in os.environ.get(EXTRA_ENV, "").split(","))):
-        if module not in disabled and module not in names:
-            out.append(Found(module, importlib.import_module(module), EXTRA_ENV))
-            names.add(module)
+        if module in disabled or module in names:
+            continue
+        plugin = importlib.import_module(module)
+        twin = next((found for found in out if found.plugin is plugin), None)
+        if twin is not None:  # an installed plugin's module named again: register it once, as installed
+            log.info(f"{EXTRA_ENV}: {module} is already loaded as plugin {twin.name!r} ({twin.source})")
+            continue
+        out.append(Found(module, plugin, EXTRA_ENV))
+        names.add(module)
     return out
 
 
@@ -116,6 +130,13 @@ class PluginManager:
 
     def register(self, plugin: object, name: str, source: str = "registered in code") -> None:
         self._pm.register(plugin, name)
+        for hook in CALLED_ONE_BY_ONE:
+            if any(impl.plugin is plugin and (impl.wrapper or impl.hookwrapper)
+                   for impl in getattr(self._pm.hook, hook).get_hookimpls()):
+                self._pm.unregister(plugin)
+                raise pluggy.PluginValidationError(
+                    plugin, f"plugin {name!r}: {hook} cannot be a wrapper (wrapper=True or hookwrapper=True): "
+                            "llm-worker calls it one plugin at a time; make it a plain @hookimpl")
         self._sources[name] = source
 
     def unregister(self, name: str) -> None:
@@ -134,7 +155,20 @@ class PluginManager:
     # ---- one typed method per hook ---------------------------------------
 
     def worker_started(self, worker: WorkerContext) -> None:
-        self._pm.hook.llm_worker_worker_started(worker=worker)
+        """Start every plugin; if any raised, raise PluginStartError naming them once all were called.
+
+        The caller decides: a worker does not boot, the HTTP process and the
+        model manager log it and go on with the plugins that started.
+        """
+        failed: list[tuple[str, Exception]] = []
+        for impl in self._in_call_order("llm_worker_worker_started"):
+            try:
+                impl.function(**_args(impl, worker=worker))
+            except Exception as exc:
+                failed.append((impl.plugin_name, exc))
+        if failed:
+            why = "; ".join(f"plugin {name!r} raised {exc!r}" for name, exc in failed)
+            raise PluginStartError(why) from failed[0][1]
 
     def providers(self, settings: Settings) -> list[Provider]:
         # pluggy calls the most recently registered plugin first, so a
