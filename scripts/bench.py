@@ -4,7 +4,10 @@ Measures, each against a fresh private Redis and simulator process:
 - the simulator's own ceiling: requests/s from one plain keep-alive client, and from two;
 - throughput: jobs/s through 2 chat workers with a zero-latency provider;
 - pickup latency: enqueue to the worker's take (result.startedAt), p50/p99, on an idle service;
-- provider utilization: 4 workers against 4 slots of 50 ms each, jobs/s over capacity.
+- provider utilization: 4 workers against 4 slots of 50 ms each, jobs/s over capacity;
+- embedding micro-batching: 1,000 single-input embeddings jobs against one slot costing
+  20 ms per call plus 1 ms per input, batching off and on, and the latency a lone job
+  pays for waiting for company.
 
 Run it with ``scripts/bench`` (``--quick`` for a short run, ``--json FILE`` to keep figures).
 """
@@ -50,9 +53,9 @@ def simulator(*args: str) -> Iterator[str]:
 
 
 @contextmanager
-def service(redis_url: str, sim_url: str, pools: str, logdir: Path) -> Iterator[Service]:
+def service(redis_url: str, sim_url: str, pools: str, logdir: Path, **extra: str) -> Iterator[Service]:
     env = {"REDIS_URL": redis_url, "OLLAMA_BASE_URL": sim_url, "WORKER_POOLS": pools, "WORKER_ID": "bench",
-           "LOG_LEVEL": "warning", "HOST_SAMPLE_INTERVAL": "1000"}
+           "LOG_LEVEL": "warning", "HOST_SAMPLE_INTERVAL": "1000", **extra}
     svc = Service(env, log_path=logdir / f"service-{uuid.uuid4().hex[:6]}.log").start(timeout=120)
     try:
         yield svc
@@ -220,6 +223,56 @@ def metrics_render(samples: int, workdir: Path) -> dict[str, float]:
         return {**_percentiles(_timed_gets(svc.url + "/metrics", samples)), "lines": series}
 
 
+def batching(n: int, lone: int, workdir: Path) -> dict[str, Any]:
+    """Embeddings jobs/s with gathering off and on, one slot of 20 ms per call + 1 ms per input.
+
+    Throughput: ``n`` single-input jobs queued at once, to the last result.
+    Added latency: jobs sent one at a time to an idle service, enqueue to
+    result, on minus off at p50 and p99 (a lone job waits BATCH_TIMEOUT).
+    """
+    out: dict[str, Any] = {}
+    for mode, on in (("off", "false"), ("on", "true")):
+        with LocalRedis(workdir / f"redis-b{mode}") as store, \
+                simulator("--embed-call-ms", "20", "--embed-input-ms", "1", "--slots", "1") as url, \
+                service(store.url, url, "llm-embeddings=1", workdir, ENABLE_BATCH_PROCESSING=on):
+            r = store.client()
+            _embed_and_wait(r, 20)  # warm up: connections, the model's load
+            before = _sim_stats(url)["requests"].get("embed", 0)
+            seconds = _embed_and_wait(r, n)
+            calls = _sim_stats(url)["requests"].get("embed", 0) - before
+            latencies = sorted(_lone_embed(r) for _ in range(lone))
+            out[mode] = {"jobs_per_s": n / seconds, "provider_calls": calls, "lone_latency": _percentiles(latencies)}
+    out["speedup"] = out["on"]["jobs_per_s"] / out["off"]["jobs_per_s"]
+    out["added_latency_ms"] = {q: out["on"]["lone_latency"][q] - out["off"]["lone_latency"][q] for q in ("p50_ms", "p99_ms")}
+    return out
+
+
+def _embed_job() -> tuple[str, bytes]:
+    job_id = uuid.uuid4().hex
+    # Every input its own, so the response cache answers none of them.
+    job = {"id": job_id, "type": "embeddings", "userId": "bench", "model": "nomic-embed-text",
+           "request": {"input": f"text {job_id}"}}
+    return job_id, msgspec.json.encode(job)
+
+
+def _embed_and_wait(r: Any, n: int) -> float:
+    jobs = [_embed_job() for _ in range(n)]
+    start = time.perf_counter()
+    r.lpush("llm-embeddings", *[payload for _, payload in jobs])
+    for job_id, _ in jobs:
+        r.blpop([f"llm:done:{job_id}"], timeout=120)
+    return time.perf_counter() - start
+
+
+def _lone_embed(r: Any) -> float:
+    time.sleep(0.005)
+    job_id, payload = _embed_job()
+    start = time.perf_counter()
+    r.lpush("llm-embeddings", payload)
+    r.blpop([f"llm:done:{job_id}"], timeout=30)
+    return (time.perf_counter() - start) * 1000
+
+
 def _sim_stats(url: str) -> dict[str, Any]:
     return msgspec.json.decode(urllib3.request("GET", url + "/_sim/stats").data)
 
@@ -259,6 +312,12 @@ def main(argv: list[str] | None = None) -> int:
         mr = figures["metrics_render"]
         print(f"/metrics with 64 worker slots and 16 models: p50 {mr['p50_ms']:.1f} ms, p99 {mr['p99_ms']:.1f} ms "
               f"({mr['lines']} lines)", flush=True)
+        figures["batching"] = batching(int(1000 * scale), int(200 * scale), workdir)
+        b = figures["batching"]
+        print(f"embeddings, one slot of 20 ms/call + 1 ms/input: {b['off']['jobs_per_s']:.0f} jobs/s batching off "
+              f"({b['off']['provider_calls']} calls), {b['on']['jobs_per_s']:.0f} jobs/s on ({b['on']['provider_calls']} calls): "
+              f"{b['speedup']:.1f}x; a lone job waits {b['added_latency_ms']['p50_ms']:.1f} ms more at p50, "
+              f"{b['added_latency_ms']['p99_ms']:.1f} ms at p99 (BATCH_TIMEOUT 20 ms)", flush=True)
     if args.json:
         Path(args.json).write_text(msgspec.json.format(msgspec.json.encode(figures), indent=2).decode())
     return 0

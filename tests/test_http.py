@@ -237,7 +237,8 @@ def test_status_shows_pools_workers_and_the_job_in_hand(service, sim: Simulator,
     job = chat(client_for(redis_url))
     body = eventually(lambda: (lambda b: b if any(w["jobId"] == job for w in b["workers"]) else None)(svc.get("/status")[1]),
                       what="the job in /status")
-    assert body["pools"] == {"llm-chat": {"wanted": 1, "workers": 1}, "llm-embeddings": {"wanted": 1, "workers": 1}}
+    running = {"wanted": 1, "workers": 1, "paused": False, "pausedBecause": None}
+    assert body["pools"] == {"llm-chat": running, "llm-embeddings": running}
     busy = next(w for w in body["workers"] if w["jobId"] == job)
     assert busy["state"] == "busy" and busy["pool"] == "llm-chat" and busy["jobSeconds"] >= 0
     assert set(body) >= {"queues", "breakers", "models", "gpu", "provider", "redis", "phase", "ready"}

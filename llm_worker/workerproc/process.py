@@ -41,6 +41,7 @@ from llm_worker.workerproc.finish import Finisher
 log = logging.getLogger("llm_worker.worker")
 T = TypeVar("T")
 BACKOFF_CAP = 5.0
+GATHER_POLL = 0.002  # seconds between looks at an empty queue while a batch waits for company
 
 
 class BootError(Exception):
@@ -256,23 +257,22 @@ class WorkerProcess:
     def _gather(self, first: bytes) -> list[tuple[bytes, float]]:
         """The first job and those that join it within BATCH_TIMEOUT, up to WORKER_BATCH_SIZE.
 
-        What is waiting is taken at once; only an empty queue is waited on.
+        What is waiting is taken at once; only an empty queue is waited on,
+        by looking again every few milliseconds (a BLMOVE timeout is only as
+        precise as Redis's 100 ms clock, five times BATCH_TIMEOUT's default).
         Every job taken sits in our processing list, held like any other.
         """
         w = self.settings.worker
         taken = [(first, time.time())]
         until = time.monotonic() + w.batch_timeout / 1000
-        while len(taken) < w.batch_size and self._wants_more():
+        while self._wants_more():
             more = self._guard(self.rq.take_waiting, self.queue_name, self.id, w.batch_size - len(taken))
             taken += [(raw, time.time()) for raw in more]
             left = until - time.monotonic()
-            if len(taken) >= w.batch_size or left <= 0.001:
+            if len(taken) >= w.batch_size or left <= 0:
                 break
             if not more:
-                raw = self._guard(self.rq.take, self.queue_name, self.id, left)
-                if raw is None:
-                    break
-                taken.append((raw, time.time()))
+                time.sleep(min(left, GATHER_POLL))
         return taken
 
     def _handle_batch(self, gathered: list[tuple[bytes, float]]) -> bytes | None:
