@@ -1,8 +1,11 @@
-"""Fallback on a timeout: try once more with reduced parameters.
+"""Fallback on a timeout: try once more asking for a shorter answer.
 
-Half the num_predict (from 512 when the job set none) and half the num_ctx
-(from 4096), not below 16 tokens and 512 of context: a shorter answer within
-the job's time is worth more than none. Once per job; embeddings are left alone.
+Half the job's num_predict, or 256 tokens when it set none (Ollama's own
+default is no limit): a shorter answer within the job's time is worth more
+than none. Load-time options such as num_ctx are left alone: changing them
+would make Ollama reload the model, the slowest thing it does (and the
+provider pins them to MODEL_LOAD_OPTIONS anyway). Once per job; embeddings,
+and jobs that already ask for a single token, are left alone.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ from __future__ import annotations
 from llm_worker.attempts import Attempt, Plan
 from llm_worker.hookspecs import hookimpl
 from llm_worker.jobs import EmbeddingsRequest, ErrorKind, JobError
+
+UNSET_NUM_PREDICT = 256  # what a job that set no num_predict is cut to
 
 
 @hookimpl(tryfirst=True)
@@ -20,7 +25,8 @@ def llm_worker_fallback(error: JobError, attempt: Attempt) -> Plan | None:
     if isinstance(request, EmbeddingsRequest):
         return None
     options = request.options
-    num_predict = options.num_predict if options is not None and options.num_predict and options.num_predict > 0 else 512
-    num_ctx = options.num_ctx if options is not None and options.num_ctx else 4096
-    return Plan(reason="timeout: reduced parameters",
-                options={"num_predict": max(16, num_predict // 2), "num_ctx": max(512, num_ctx // 2)})
+    asked = options.num_predict if options is not None and options.num_predict and options.num_predict > 0 else None
+    shorter = UNSET_NUM_PREDICT if asked is None else asked // 2
+    if shorter < 1:
+        return None  # nothing left to cut: let the next strategy (or the retry) have it
+    return Plan(reason=f"timeout: asking for at most {shorter} tokens", options={"num_predict": shorter})
