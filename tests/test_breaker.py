@@ -108,10 +108,9 @@ def test_forced_states_and_reset() -> None:
     assert not b.force("ollama:nope", "reset")
 
 
-def _probe_at_half_open(state: SharedState, url: str, start: float, out) -> None:  # type: ignore[no-untyped-def]
+def _probe_at_half_open(state: SharedState, url: str, line, out) -> None:  # type: ignore[no-untyped-def]
     b = breakers(state)
-    while time.monotonic() < start:
-        pass  # every process leaves the line at the same instant
+    line.wait(60)  # every process leaves the line at the same instant (a barrier: no spinning on a busy machine)
     try:
         admission = b.admit("ollama", "m", 5)
     except BreakerOpen:
@@ -132,8 +131,8 @@ def test_32_processes_at_the_moment_of_half_open_send_exactly_one_probe(sim: Sim
     time.sleep(b.transitions[-1].open_seconds + 0.05)
     # When 32 processes call at the same instant
     out = CTX.Queue()
-    start = time.monotonic() + 0.5
-    procs = [CTX.Process(target=_probe_at_half_open, args=(state, sim.url, start, out)) for _ in range(32)]
+    line = CTX.Barrier(32)
+    procs = [CTX.Process(target=_probe_at_half_open, args=(state, sim.url, line, out)) for _ in range(32)]
     for p in procs:
         p.start()
     for p in procs:
