@@ -1,4 +1,4 @@
-"""Command line: ``llm-worker run | check-config | submit | queues | plugins | simulate``."""
+"""Command line: ``llm-worker run | check-config | submit | queues | plugins | models | simulate``."""
 
 from __future__ import annotations
 
@@ -273,6 +273,10 @@ def _parser() -> argparse.ArgumentParser:
 
     plugins = sub.add_parser("plugins", help="list plugins, where they come from and their hooks")
     plugins.set_defaults(command=cmd_plugins)
+
+    from llm_worker import models_cli
+
+    models_cli.add_parser(sub)
 
     sub.add_parser("simulate", help="run the Ollama simulator (see `llm-worker simulate --help`)", add_help=False)
     return parser

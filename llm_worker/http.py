@@ -74,6 +74,8 @@ class Health:
         needed = max(1, math.ceil(wanted * self.settings.http.min_ready_workers))
         if wanted > 0 and self.workers_up() < needed:
             return f"{self.workers_up()} of {wanted} workers up, {needed} needed"
+        if not header.models_ready:
+            return "preloading models"
         paused = self.paused_pools()
         if paused and len(paused) == len({s.pool for s in self.state.slots if s.pid > 0}):
             return "every pool takes no jobs: " + "; ".join(f"{pool}: {why}" for pool, why in paused.items())

@@ -86,7 +86,7 @@ class ShmCollector(Collector):
         labels = state.model_labels()
         for family in (*self._build(), *self._workers(pools), *self._jobs(pools, totals, labels),
                        *self._models(totals, labels), *self._recovery(pools), *self._queues(pools),
-                       *self._health(), *self._host(), *self._gpus()):
+                       *self._health(), *self._model_lifecycle(labels), *self._host(), *self._gpus()):
             yield family.metric
 
     def _pool_totals(self, pool: int) -> PoolTotals:
@@ -216,6 +216,22 @@ class ShmCollector(Collector):
             state.add(labels, row.state)
             opened.add(labels, row.opened_total)
         return [redis_up, provider, loaded, state, opened]
+
+    def _model_lifecycle(self, labels: list[str]) -> list[Family]:
+        """The model manager's loads and unloads, per model label (see models.py)."""
+        header = self.state.header
+        seconds = Family("llm_worker_model_load_seconds", "How long the last load of each model took", "gauge", ("model",))
+        loads = Family("llm_worker_model_loads", "Models loaded by the model manager", "counter", ("model",))
+        unloads = Family("llm_worker_model_unloads", "Models unloaded by the model manager (idle, cache size, memory)",
+                         "counter", ("model",))
+        for index, label in enumerate(labels):
+            if index == 0 and not (header.model_loads[0] or header.model_unloads[0]):
+                continue  # "other" only once something was counted under it
+            if header.model_loads[index]:
+                seconds.add((label,), header.model_load_seconds[index])
+            loads.add((label,), header.model_loads[index])
+            unloads.add((label,), header.model_unloads[index])
+        return [seconds, loads, unloads]
 
     def _host(self) -> list[Family]:
         r = self.state.readings

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 
 def alive(pid: int) -> bool:
@@ -14,3 +15,10 @@ def alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def exit_with_parent(parent: int, every: float = 0.5) -> None:
+    """Exit this process once ``parent`` is no longer its parent (run it in a daemon thread)."""
+    while os.getppid() == parent:
+        time.sleep(every)
+    os._exit(0)

@@ -71,6 +71,7 @@ def service(redis_url: str, sim: Simulator, tmp_path: Path, request: pytest.Fixt
             "WORKER_POOLS": "llm-chat=2,llm-embeddings=1,llm-batch=1,llm-priority=1", "LOG_LEVEL": "info",
             "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")])),
             "WORKER_HEARTBEAT_TIMEOUT": "5000", "OLLAMA_RETRY_DELAY": "50",
+            "MODEL_MEMORY_THRESHOLD": "1",  # the test machine's own memory must not unload models
         }
         base.update(env)
         svc = Service(base, log_path=tmp_path / f"service-{len(started)}.log", args=args)

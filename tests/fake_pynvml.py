@@ -3,7 +3,9 @@
 This machine has no GPU, so tests point ``GpuSampler(module_name=...)`` at this
 module. A test sets the scenario with ``configure(...)``; another process gets
 it from the environment variable ``FAKE_NVML_SCENARIO`` (the same keyword
-arguments as JSON), read at import. ``calls`` logs every NVML function called
+arguments as JSON), read at import; or from the JSON file that
+``FAKE_NVML_SCENARIO_FILE`` names, read again whenever it changes, so that a
+test can change a running service's GPUs (its memory in use, say). ``calls`` logs every NVML function called
 in this process, by name.
 
 Scenario keys:
@@ -155,6 +157,7 @@ def configure(
 
 
 def _enter(name: str) -> None:
+    _follow_file()
     calls.append(name)
     if name not in ("nvmlInit", "nvmlShutdown") and _initialised <= 0:
         raise NVMLError(NVML_ERROR_UNINITIALIZED)
@@ -274,6 +277,27 @@ def nvmlDeviceGetComputeRunningProcesses(handle: _Handle) -> list[SimpleNamespac
         for p in _scenario["gpus"][handle.index]["processes"]
     ]
     return _read(handle, "processes", procs)
+
+
+_file_seen: float | None = None
+
+
+def _follow_file() -> None:
+    """Take the GPUs of FAKE_NVML_SCENARIO_FILE's scenario whenever the file changes."""
+    global _file_seen
+    path = os.environ.get("FAKE_NVML_SCENARIO_FILE")
+    if not path:
+        return
+    try:
+        changed = os.stat(path).st_mtime_ns
+        if changed == _file_seen:
+            return
+        with open(path) as fh:
+            scenario = json.load(fh)
+    except (OSError, ValueError):
+        return  # being rewritten: the next call reads it
+    _file_seen = changed
+    _scenario["gpus"] = scenario.get("gpus", _scenario["gpus"])
 
 
 if os.environ.get("FAKE_NVML_SCENARIO"):

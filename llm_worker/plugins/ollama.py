@@ -1,4 +1,4 @@
-"""The Ollama provider: chat, generate, embeddings and model listing over Ollama's HTTP API.
+"""The Ollama provider: chat, generate, embeddings, and models (list, show, pull, load, unload) over Ollama's HTTP API.
 
 Ollama's failures are mapped to error kinds from what it really answers:
 404 ``model "x" not found, try pulling it first`` and ``model 'x' not found``
@@ -10,11 +10,13 @@ ends without ``done``; refused connections (network); read timeouts (timeout).
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
 
-from llm_worker.config import Settings
+from llm_worker.config import LOAD_OPTIONS, Settings
 from llm_worker.hookspecs import hookimpl
 from llm_worker.jobs import ChatRequest, ErrorKind, GenerateRequest
 from llm_worker.plugins.httpclient import JsonHttp
@@ -82,6 +84,7 @@ class _Tags(msgspec.Struct):
 
 
 _decode_line = msgspec.json.Decoder(_Line).decode
+_decode_progress = msgspec.json.Decoder(dict[str, Any]).decode
 
 
 class OllamaProvider:
@@ -92,6 +95,8 @@ class OllamaProvider:
     def __init__(self, settings: Settings) -> None:
         o = settings.ollama
         self.url = o.base_url.rstrip("/")
+        self.load_options = dict(settings.models.load_options)
+        self._embedding: dict[str, bool] = {}  # model -> whether it embeds, from /api/show
         self.http = JsonHttp(
             self.url, max_connections=o.max_connections, connect_timeout=o.connect_timeout / 1000,
             read_timeout=o.timeout / 1000, max_retries=o.max_retries, retry_delay=o.retry_delay / 1000,
@@ -104,14 +109,14 @@ class OllamaProvider:
     # ---- jobs --------------------------------------------------------------
 
     def chat(self, model: str, request: ChatRequest, deadline: Deadline, on_chunk: OnChunk | None) -> Completion:
-        body = _common(model, request, on_chunk)
+        body = _common(model, request, on_chunk, self.load_options)
         body["messages"] = request.messages
         if request.tools is not None:
             body["tools"] = request.tools
         return self._complete("/api/chat", body, deadline, on_chunk)
 
     def generate(self, model: str, request: GenerateRequest, deadline: Deadline, on_chunk: OnChunk | None) -> Completion:
-        body = _common(model, request, on_chunk)
+        body = _common(model, request, on_chunk, self.load_options)
         body["prompt"] = request.prompt
         if request.system is not None:
             body["system"] = request.system
@@ -120,8 +125,10 @@ class OllamaProvider:
         return self._complete("/api/generate", body, deadline, on_chunk)
 
     def embed(self, model: str, inputs: list[str], deadline: Deadline, options: dict[str, Any] | None = None) -> Embeddings:
-        body: dict[str, Any] = {"model": model, "input": inputs}
-        body.update(options or {})
+        body: dict[str, Any] = {"model": model, "input": inputs, **(options or {})}
+        body.pop("options", None)
+        if (pinned_options := pinned((options or {}).get("options"), self.load_options)) is not None:
+            body["options"] = pinned_options
         answer = self.http.json("POST", "/api/embed", body, deadline, _Embed)
         if len(answer.embeddings) != len(inputs):
             raise ProviderError(f"/api/embed returned {len(answer.embeddings)} vectors for {len(inputs)} inputs", ErrorKind.PROVIDER)
@@ -158,14 +165,84 @@ class OllamaProvider:
 
     def models(self) -> list[ModelInfo]:
         deadline = Deadline(self.http.connect_timeout + 10)
-        tags = self.http.json("GET", "/api/tags", None, deadline, _Tags)
-        loaded = {m.name: m for m in self.http.json("GET", "/api/ps", None, deadline, _Tags).models}
+        loaded = {m.name: m for m in self.running(deadline)}
         out = []
-        for tag in tags.models:
+        for tag in self.available(deadline):
             ps = loaded.get(tag.name)
             out.append(ModelInfo(name=tag.name, size=tag.size, details=tag.details, loaded=ps is not None,
-                                 vram=ps.size_vram if ps else 0, expires_at=ps.expires_at if ps else None))
+                                 vram=ps.vram if ps else 0, expires_at=ps.expires_at if ps else None))
         return out
+
+    def available(self, deadline: Deadline) -> list[ModelInfo]:
+        """Models Ollama has on disk (/api/tags)."""
+        tags = self.http.json("GET", "/api/tags", None, deadline, _Tags).models
+        return [ModelInfo(name=t.name, size=t.size, details=t.details) for t in tags]
+
+    def running(self, deadline: Deadline) -> list[ModelInfo]:
+        """Models Ollama has in memory now (/api/ps): the truth, since Ollama also evicts on its own."""
+        ps = self.http.json("GET", "/api/ps", None, deadline, _Tags).models
+        return [ModelInfo(name=m.name, size=m.size, details=m.details, loaded=True, vram=m.size_vram,
+                          expires_at=m.expires_at) for m in ps]
+
+    def show(self, model: str, deadline: Deadline) -> dict[str, Any]:
+        """Ollama's description of a model (/api/show): details, capabilities, parameters."""
+        answer: dict[str, Any] = self.http.json("POST", "/api/show", {"model": model}, deadline, dict[str, Any])
+        return answer
+
+    def load(self, model: str, deadline: Deadline, keep_alive: int | str | None = None) -> float:
+        """Load a model into memory with the host's load-time options; return the seconds it took.
+
+        A chat or generate model is loaded by /api/generate with no prompt, an
+        embedding model by /api/embed with no input (Ollama refuses the other).
+        """
+        started = time.monotonic()
+        body: dict[str, Any] = {"model": model}
+        if self.load_options:
+            body["options"] = self.load_options
+        if keep_alive is not None:
+            body["keep_alive"] = keep_alive
+        if self._embeds(model, deadline):
+            self.http.json("POST", "/api/embed", {**body, "input": []}, deadline, _Embed)
+        else:
+            _raise_if_error(self.http.json("POST", "/api/generate", {**body, "stream": False}, deadline, _Line), "load")
+        return time.monotonic() - started
+
+    def unload(self, model: str, deadline: Deadline) -> None:
+        """Ask Ollama to unload a model now (keep_alive 0); it finishes the requests in flight first."""
+        line = self.http.json("POST", "/api/generate", {"model": model, "keep_alive": 0, "stream": False}, deadline, _Line)
+        _raise_if_error(line, "unload")
+
+    def pull(self, model: str, deadline: Deadline, on_progress: Callable[[dict[str, Any]], None]) -> None:
+        """Pull a model from the registry, calling ``on_progress`` with each of Ollama's progress lines."""
+        what = f"pull {model}"
+        resp = self.http.request("POST", "/api/pull", {"model": model, "stream": True}, deadline)
+        for raw in self.http.lines(resp, deadline, what):
+            try:
+                progress = _decode_progress(raw)
+            except msgspec.MsgspecError as exc:
+                raise ProviderError(f"{what}: unreadable progress line: {exc}", ErrorKind.PROVIDER) from None
+            if "error" in progress:
+                raise ProviderError(f"{what}: {progress['error']}", classify(500, str(progress["error"])))
+            on_progress(progress)
+            if progress.get("status") == "success":
+                self.http.finish(resp)
+                return
+        raise ProviderError(f"{what}: the progress stream ended before success", ErrorKind.PROVIDER)
+
+    def _embeds(self, model: str, deadline: Deadline) -> bool:
+        """Whether a model makes embeddings: its capabilities when Ollama lists them, else its family or name."""
+        known = self._embedding.get(model)
+        if known is None:
+            info = self.show(model, deadline)
+            capabilities = info.get("capabilities")
+            if isinstance(capabilities, list):
+                known = "embedding" in capabilities
+            else:
+                details = info.get("details") or {}
+                names = [model, str(details.get("family", "")), *map(str, details.get("families") or ())]
+                known = any(sign in name.lower() for name in names for sign in ("embed", "bert"))
+            self._embedding[model] = known
+        return known
 
     def unload_idle(self, keep: str, deadline: Deadline) -> list[str]:
         """Ask Ollama to unload every loaded model but ``keep`` (keep_alive 0); return their names.
@@ -173,14 +250,12 @@ class OllamaProvider:
         Ollama unloads a model once its requests in flight are done, so a model
         another worker is using finishes its work first.
         """
-        loaded = self.http.json("GET", "/api/ps", None, deadline, _Tags).models
         wanted = {keep, keep + ":latest", keep.removesuffix(":latest")}
         unloaded = []
-        for model in loaded:
-            if model.name in wanted:
-                continue
-            self.http.json("POST", "/api/generate", {"model": model.name, "keep_alive": 0, "stream": False}, deadline, _Line)
-            unloaded.append(model.name)
+        for model in self.running(deadline):
+            if model.name not in wanted:
+                self.unload(model.name, deadline)
+                unloaded.append(model.name)
         return unloaded
 
     def health(self, timeout: float) -> Health:
@@ -194,10 +269,27 @@ class OllamaProvider:
         self.http.close()
 
 
-def _common(model: str, request: ChatRequest | GenerateRequest, on_chunk: OnChunk | None) -> dict[str, Any]:
+def pinned(options: Any, load_options: dict[str, int]) -> dict[str, Any] | None:
+    """A job's options with the host's load-time options in place of its own.
+
+    Ollama reloads a model whenever a request's load-time options (num_ctx,
+    num_batch, num_gpu, ...) differ from those it was loaded with: two jobs
+    that disagree would swap it in and out of memory turn by turn. So jobs
+    never choose them; every request carries MODEL_LOAD_OPTIONS (or none,
+    Ollama's defaults), the same as the model manager's preload.
+    """
+    own = msgspec.structs.asdict(options) if isinstance(options, msgspec.Struct) else dict(options or {})
+    merged = {k: v for k, v in own.items() if k not in LOAD_OPTIONS and v is not None}
+    merged.update(load_options)
+    return merged or None
+
+
+def _common(model: str, request: ChatRequest | GenerateRequest, on_chunk: OnChunk | None,
+            load_options: dict[str, int]) -> dict[str, Any]:
     body: dict[str, Any] = {"model": model, "stream": on_chunk is not None}
-    if request.options is not None:
-        body["options"] = request.options
+    options = pinned(request.options, load_options)
+    if options is not None:
+        body["options"] = options
     if request.format is not None:
         body["format"] = request.format
     if request.keep_alive is not None:

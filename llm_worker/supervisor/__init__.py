@@ -15,7 +15,7 @@ __all__ = ["Arbiter", "run"]
 
 def run(settings: Settings, reload: Callable[[], Settings], plugins: list[Found]) -> int:
     """Supervise until drained or stopped; return the process exit code."""
-    return Arbiter(settings, reload, spawn_http, plugins).run()
+    return Arbiter(settings, reload, {"http": spawn_http, "models": spawn_models}, plugins).run()
 
 
 def spawn_http(arbiter: Arbiter) -> Child | None:
@@ -29,3 +29,14 @@ def spawn_http(arbiter: Arbiter) -> Child | None:
     child = Child(pid=0, kind="http")
     return arbiter.children.fork(child, lambda: arbiter.in_child(
         lambda: http.serve(settings, arbiter.state, parent, arbiter.plugins)))
+
+
+def spawn_models(arbiter: Arbiter) -> Child:
+    """Fork the model manager, the one process that loads and unloads models."""
+    from llm_worker import models
+
+    settings = arbiter.settings
+    parent = os.getpid()
+    child = Child(pid=0, kind="models")
+    return arbiter.children.fork(child, lambda: arbiter.in_child(
+        lambda: models.run_manager(settings, arbiter.state, parent, arbiter.plugins)))

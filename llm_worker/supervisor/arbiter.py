@@ -11,7 +11,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import redis
 
@@ -26,6 +26,7 @@ from llm_worker.supervisor.children import Child, Children, Exit, Handback
 from llm_worker.supervisor.housekeeping import Housekeeping, warn_if_jobs_can_be_lost
 from llm_worker.supervisor.recovery import Gone, Recovery
 from llm_worker.sdnotify import Notifier
+from llm_worker.supervisor.services import Services, Spawn
 from llm_worker.supervisor.signals import SignalQueue
 from llm_worker.supervisor.systemd import SystemdLink
 
@@ -33,18 +34,18 @@ log = logging.getLogger("llm_worker.supervisor")
 
 KILL_GRACE = 2.0  # seconds between SIGTERM and SIGKILL for a hung worker
 QUIT_GRACE = 1.0
-LIVED_LONG = 10.0  # an HTTP process that lived this long was not crash-looping
 BACKOFF_CAP = 30.0
 REDIS_TIMEOUT = 1.0  # the supervisor never waits on Redis longer than this
 
 
 class Arbiter:
-    def __init__(self, settings: Settings, reload: Callable[[], Settings], spawn_http: Callable[[Arbiter], Child | None],
+    def __init__(self, settings: Settings, reload: Callable[[], Settings], spawns: Mapping[str, Spawn],
                  plugins: list[Found]) -> None:
+        """``spawns``: how to fork each service child, by kind (``{"http": spawn_http, ...}``)."""
         self.settings = settings
         self.plugins = plugins
         self.reload_settings = reload
-        self.spawn_http = spawn_http
+        self.services = Services(spawns)
         self.generation = 0
         self.targets = dict(settings.pools)
         total = sum(self.targets.values())
@@ -59,9 +60,6 @@ class Arbiter:
         self.drain_deadline = 0.0
         self.worker_since: dict[int, str] = {}
         self.hostname = os.uname().nodename
-        self.http: Child | None = None
-        self.http_streak = 0
-        self.http_respawn_at = 0.0
         self.systemd = SystemdLink(Notifier.from_env(), self.state, lambda: self.settings.http.port != 0)
 
     def _register_labels(self, settings: Settings) -> None:
@@ -94,7 +92,7 @@ class Arbiter:
             self.reap_workers()
             self.murder_workers()
             self.manage_workers()
-            self.manage_http()
+            self.manage_services()
             self.housekeeping.tick()
             self.state.header.loop_beat = time.monotonic()
             self.systemd.turn(old_workers_left=any(c.generation < self.generation for c in self.children.workers()))
@@ -117,7 +115,7 @@ class Arbiter:
                                                 "ollama": self.settings.ollama.base_url})
         self.manage_workers()
         self.phase = Phase.RUNNING
-        self.manage_http()
+        self.manage_services()
 
     def _connect(self) -> None:
         self.rq = ReliableQueue(connect(self.settings, timeout=REDIS_TIMEOUT), self.settings)
@@ -192,8 +190,9 @@ class Arbiter:
         self._register_labels(settings)
         if settings.redis_url != old_redis:
             self._connect()
-        if self.http is not None:
-            self.children.stop(self.http, signal.SIGTERM, grace=KILL_GRACE, handback=Handback.UNCOUNTED, reason="reload")
+        self.services.reset()
+        for child in self.services.running():  # they restart with the new settings
+            self.children.stop(child, signal.SIGTERM, grace=KILL_GRACE, handback=Handback.UNCOUNTED, reason="reload")
 
     def handle_ttin(self) -> None:
         chat = self.settings.queue.chat
@@ -214,8 +213,8 @@ class Arbiter:
 
     def reap_workers(self) -> None:
         for ex in self.children.reap():
-            if ex.child.kind == "http":
-                self._http_exited(ex)
+            if ex.child.kind in self.services:
+                self._service_exited(ex)
             else:
                 self._worker_exited(ex)
 
@@ -266,24 +265,19 @@ class Arbiter:
             self.respawn_at[pool] = max(self.respawn_at.get(pool, 0.0), time.monotonic() + delay)
         log.error(f"worker failed to boot: {why}", extra={"deadWorker": worker_id, "retryInSeconds": delay})
 
-    def _http_exited(self, ex: Exit) -> None:
-        self.http = None
-        self.state.header.http_bound = 0
-        if ex.child.term_sent:
-            self.http_respawn_at = 0.0
-            return
-        lived = time.monotonic() - ex.child.spawned
-        self.http_streak = 1 if lived > LIVED_LONG else self.http_streak + 1
-        delay = min(0.1 * 2 ** (self.http_streak - 1), BACKOFF_CAP)
-        self.http_respawn_at = time.monotonic() + delay
-        log.error("HTTP process died; starting another", extra={"exit": ex.describe(), "respawnInSeconds": delay})
+    def _service_exited(self, ex: Exit) -> None:
+        if ex.child.kind == "http":
+            self.state.header.http_bound = 0
+        service, delay = self.services.exited(ex)
+        if delay is not None:
+            log.error(f"{service.kind} process died; starting another", extra={"exit": ex.describe(), "respawnInSeconds": delay})
 
-    def manage_http(self) -> None:
-        if self.http is None and self.phase == Phase.RUNNING and time.monotonic() >= self.http_respawn_at:
-            self.http_respawn_at = float("inf")  # spawn_http returning None (port 0) means never
-            self.http = self.spawn_http(self)
-            if self.http is not None:
-                self.http_respawn_at = 0.0
+    def manage_services(self) -> None:
+        """Keep one of each service child while running; spawn_* returning None means not with these settings."""
+        if self.phase != Phase.RUNNING:
+            return
+        for service in self.services.due(time.monotonic()):
+            self.services.spawned(service, service.spawn(self))
 
     def murder_workers(self) -> None:
         """Stop workers that hang: a job past its timeout and grace, or a stale heartbeat."""

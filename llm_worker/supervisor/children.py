@@ -24,7 +24,7 @@ class Handback(enum.Enum):
 @dataclass
 class Child:
     pid: int
-    kind: str  # "worker" | "http"
+    kind: str  # "worker", or a service child's: "http", "models"
     slot: int = -1
     pool: str = ""
     generation: int = 0  # the settings generation it was started with (HUP raises it)
