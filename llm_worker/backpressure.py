@@ -283,6 +283,13 @@ class CallGate:
             self.slot.model = -1
             self.slot.call = Call.NONE
 
+    def models_in_use(self) -> set[str]:
+        """The model labels other workers of the host are calling now."""
+        labels = self.state.model_labels()
+        mine = ctypes.addressof(self.slot)
+        return {labels[s.model] for s in self.state.slots
+                if ctypes.addressof(s) != mine and s.pid and s.call == Call.CALLING and 0 < s.model < len(labels)}
+
     def _enter(self, deadline: Deadline) -> None:
         self.slot.call = Call.WAITING
         pause = 0.0005

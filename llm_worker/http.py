@@ -29,6 +29,7 @@ from llm_worker.config import Settings
 from llm_worker.jobs import iso
 from llm_worker.metrics import ShmCollector
 from llm_worker.pluginmanager import Found, PluginManager
+from llm_worker.procs import exit_with_parent
 from llm_worker.queue import connect
 from llm_worker.shm import Phase, SharedState, SlotState
 from llm_worker.workerproc.context import WorkerContext
@@ -236,7 +237,7 @@ def serve(settings: Settings, state: SharedState, supervisor_pid: int, plugins: 
     from llm_worker.sampler import Sampler
 
     logs.setup(settings.log, role="http", workerId=settings.worker.id)
-    threading.Thread(target=_exit_with_parent, args=(supervisor_pid,), daemon=True, name="parent-watch").start()
+    threading.Thread(target=exit_with_parent, args=(supervisor_pid,), daemon=True, name="parent-watch").start()
     app = App(settings, state)
     try:
         server = waitress.create_server(app, host=settings.http.host, port=settings.http.port,
@@ -256,9 +257,3 @@ def serve(settings: Settings, state: SharedState, supervisor_pid: int, plugins: 
         server.run()
     finally:
         os._exit(0)
-
-
-def _exit_with_parent(parent: int) -> None:
-    while os.getppid() == parent:
-        time.sleep(0.5)
-    os._exit(0)

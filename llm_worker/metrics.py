@@ -24,6 +24,7 @@ from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
 from llm_worker import __version__
+from llm_worker.backpressure import Pause, Reachability, in_flight
 from llm_worker.config import Settings
 from llm_worker.shm import SharedState, SlotState
 from llm_worker.stats import DURATION_BUCKETS, OUTCOMES, TYPES, WAIT_BUCKETS, PoolTotals, model_label
@@ -86,7 +87,8 @@ class ShmCollector(Collector):
         labels = state.model_labels()
         for family in (*self._build(), *self._workers(pools), *self._jobs(pools, totals, labels),
                        *self._models(totals, labels), *self._recovery(pools), *self._queues(pools),
-                       *self._health(), *self._model_lifecycle(labels), *self._host(), *self._gpus()):
+                       *self._health(), *self._backpressure(pools), *self._model_lifecycle(labels), *self._host(),
+                       *self._gpus()):
             yield family.metric
 
     def _pool_totals(self, pool: int) -> PoolTotals:
@@ -216,6 +218,35 @@ class ShmCollector(Collector):
             state.add(labels, row.state)
             opened.add(labels, row.opened_total)
         return [redis_up, provider, loaded, state, opened]
+
+    def _backpressure(self, pools: list[str]) -> list[Family]:
+        """Paused pools, provider reachability and the host's calls in flight (see backpressure.py)."""
+        paused = Family("llm_worker_pool_paused", "Whether every live worker of the pool takes no jobs now, by reason "
+                        "(provider_down, breakers_open)", "gauge", ("pool", "reason"))
+        reasons: dict[int, set[int]] = {}
+        live: dict[int, int] = {}
+        for slot in self.state.slots:
+            if slot.pid > 0 and slot.state in (SlotState.IDLE, SlotState.BUSY):
+                live[slot.pool] = live.get(slot.pool, 0) + 1
+                reasons.setdefault(slot.pool, set()).add(slot.paused)
+        for index, pool in enumerate(pools):
+            why = reasons.get(index, {Pause.NONE})
+            for reason in (Pause.PROVIDER_DOWN, Pause.BREAKERS_OPEN):
+                paused.add((pool, reason.name.lower()), float(live.get(index, 0) > 0 and why == {reason}))
+        reachable = Family("llm_worker_provider_reachable", "Whether the workers can connect to each provider (0 while "
+                           "its connections are refused, until a probe answers)", "gauge", ("provider",))
+        outages = Family("llm_worker_provider_outages", "Times the workers found each provider unreachable", "counter",
+                         ("provider",))
+        for row in Reachability(self.state.providers, self.state.lock).rows():
+            reachable.add((str(row["provider"]),), float(bool(row["up"])))
+            outages.add((str(row["provider"]),), float(row["outages"]))  # type: ignore[arg-type]
+        calls = Family("llm_worker_provider_calls_in_flight", "Provider calls in flight from this host, all workers",
+                       "gauge")
+        calls.add((), in_flight(self.state)[0])
+        limit = Family("llm_worker_provider_calls_limit", "MAX_CONCURRENT_REQUESTS: the most provider calls in flight at once",
+                       "gauge")
+        limit.add((), self.settings.worker.max_in_flight)
+        return [paused, reachable, outages, calls, limit]
 
     def _model_lifecycle(self, labels: list[str]) -> list[Family]:
         """The model manager's loads and unloads, per model label (see models.py)."""

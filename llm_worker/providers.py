@@ -114,8 +114,10 @@ class Provider(Protocol):
         """Probe the server once; never raises."""
 
     # Optional: a provider that manages models in memory may also offer
-    # ``unload_idle(keep: str, deadline: Deadline) -> list[str]``, which the
-    # out-of-memory fallback calls to free memory before trying again.
+    # ``unload_idle(keep: Collection[str], deadline: Deadline) -> list[str]``,
+    # which the out-of-memory fallback calls to free memory before trying
+    # again: unload every model but those in ``keep`` (the job's own, and those
+    # other workers of the host are calling now); return what was unloaded.
 
     def close(self) -> None:
         """Release connections."""

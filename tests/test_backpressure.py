@@ -108,6 +108,29 @@ def test_a_worker_sigkilled_mid_call_frees_its_place_at_once() -> None:
         assert in_flight(state)[0] == 1
 
 
+def _call_model_and_hang(state: SharedState, slot: int, model: str, out: Any) -> None:
+    state.slots[slot].pid = os.getpid()
+    with CallGate(state, slot, 10, -1).call(model, Deadline(60)):
+        out.put("in")
+        time.sleep(60)
+
+
+def test_the_models_other_workers_are_calling_are_known_to_the_out_of_memory_fallback() -> None:
+    state = host(4)
+    out = CTX.Queue()
+    busy = CTX.Process(target=_call_model_and_hang, args=(state, 0, "busy-model:latest", out))
+    busy.start()
+    try:
+        assert out.get(timeout=10) == "in"
+        state.slots[1].pid = os.getpid()
+        mine = CallGate(state, 1, 10, -1)
+        with mine.call("my-model", Deadline(5)):
+            assert mine.models_in_use() == {"busy-model"}  # not my own call's model
+    finally:
+        os.kill(busy.pid, signal.SIGKILL)
+        busy.join(10)
+
+
 def test_waiting_past_the_deadline_is_a_timeout_that_names_the_setting() -> None:
     state = host(4)
     out = CTX.Queue()
@@ -216,6 +239,10 @@ def test_with_the_provider_stopped_workers_pause_jobs_wait_and_all_complete_afte
     assert "unreachable" in pool["pausedBecause"]  # type: ignore[index]
     code, body = _ready(svc)
     assert code == 503 and "llm-chat" in body["reason"] and "unreachable" in body["reason"]
+    metrics = urllib3.request("GET", svc.url + "/metrics").data.decode()
+    assert 'llm_worker_pool_paused{pool="llm-chat",reason="provider_down"} 1.0' in metrics
+    assert 'llm_worker_provider_reachable{provider="ollama"} 0.0' in metrics
+    assert 'llm_worker_provider_outages_total{provider="ollama"} 1.0' in metrics
     time.sleep(3)  # longer than every retry backoff: nothing may fail meanwhile
     assert r.llen("llm-chat") + r.zcard("llm:delayed") == 20  # the jobs wait for a host that can serve them
     assert not events(r, "llm.job.failed") and r.llen("llm-dead-letter") == 0
@@ -223,6 +250,9 @@ def test_with_the_provider_stopped_workers_pause_jobs_wait_and_all_complete_afte
         results = wait_all(client, ids, timeout=30)
         assert all(res["success"] for res in results.values())
         assert eventually(lambda: _ready(svc)[0] == 200, what="ready again")
+        metrics = urllib3.request("GET", svc.url + "/metrics").data.decode()
+        assert 'llm_worker_pool_paused{pool="llm-chat",reason="provider_down"} 0.0' in metrics
+        assert 'llm_worker_provider_reachable{provider="ollama"} 1.0' in metrics
     assert not events(r, "llm.job.failed") and r.llen("llm-dead-letter") == 0
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from datetime import datetime
+
 import urllib3
 
 from llm_worker.simulator import Simulator
@@ -41,3 +44,18 @@ def test_without_model_load_options_jobs_still_cannot_change_them(service, sim: 
     assert all(res["success"] for res in wait_all(client, ids).values())
     assert sim.stats().loads == {"llama3.2:latest": 1}
     assert loaded_context(sim) == {"llama3.2:latest": sim.config.num_ctx}  # Ollama's default, for every job
+
+
+def test_a_jobs_keep_alive_cannot_unload_a_model_the_host_keeps(service, sim: Simulator, redis_url: str) -> None:
+    service(WORKER_POOLS="llm-chat=1,llm-embeddings=1", MODEL_UNLOAD_TIMEOUT="600000")
+    client = client_for(redis_url)
+    ids = [client.submit("chat", {"messages": [{"role": "user", "content": "x"}], "keepAlive": 0}, model="llama3.2"),
+           client.submit("embeddings", {"input": "x", "keepAlive": "0s"}, model="nomic-embed-text")]
+    assert all(res["success"] for res in wait_all(client, ids).values())
+    assert sim.stats().unloads == {}
+    models = urllib3.request("GET", sim.url + "/api/ps").json()["models"]
+    assert {m["name"] for m in models} == {"llama3.2:latest", "nomic-embed-text:latest"}
+    # Ollama keeps them a little longer than the manager would (600 s + a minute): its expiry is only a safety net.
+    for model in models:
+        left = datetime.fromisoformat(model["expires_at"]).timestamp() - time.time()
+        assert 600 < left <= 661, model

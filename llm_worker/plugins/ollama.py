@@ -11,7 +11,7 @@ ends without ``done``; refused connections (network); read timeouts (timeout).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import msgspec
@@ -21,6 +21,7 @@ from llm_worker.hookspecs import hookimpl
 from llm_worker.jobs import ChatRequest, ErrorKind, GenerateRequest
 from llm_worker.plugins.httpclient import JsonHttp
 from llm_worker.providers import Completion, Deadline, Embeddings, Health, ModelInfo, OnChunk, ProviderError
+from llm_worker.stats import model_label
 
 _MEMORY_SIGNS = (
     "requires more system memory", "out of memory", "insufficient memory", "cuda error",
@@ -96,6 +97,7 @@ class OllamaProvider:
         o = settings.ollama
         self.url = o.base_url.rstrip("/")
         self.load_options = dict(settings.models.load_options)
+        self.keep_alive = residency(settings)
         self._embedding: dict[str, bool] = {}  # model -> whether it embeds, from /api/show
         self.http = JsonHttp(
             self.url, max_connections=o.max_connections, connect_timeout=o.connect_timeout / 1000,
@@ -109,14 +111,14 @@ class OllamaProvider:
     # ---- jobs --------------------------------------------------------------
 
     def chat(self, model: str, request: ChatRequest, deadline: Deadline, on_chunk: OnChunk | None) -> Completion:
-        body = _common(model, request, on_chunk, self.load_options)
+        body = _common(model, request, on_chunk, self.load_options, self.keep_alive)
         body["messages"] = request.messages
         if request.tools is not None:
             body["tools"] = request.tools
         return self._complete("/api/chat", body, deadline, on_chunk)
 
     def generate(self, model: str, request: GenerateRequest, deadline: Deadline, on_chunk: OnChunk | None) -> Completion:
-        body = _common(model, request, on_chunk, self.load_options)
+        body = _common(model, request, on_chunk, self.load_options, self.keep_alive)
         body["prompt"] = request.prompt
         if request.system is not None:
             body["system"] = request.system
@@ -125,7 +127,7 @@ class OllamaProvider:
         return self._complete("/api/generate", body, deadline, on_chunk)
 
     def embed(self, model: str, inputs: list[str], deadline: Deadline, options: dict[str, Any] | None = None) -> Embeddings:
-        body: dict[str, Any] = {"model": model, "input": inputs, **(options or {})}
+        body: dict[str, Any] = {"model": model, "input": inputs, **(options or {}), "keep_alive": self.keep_alive}
         body.pop("options", None)
         if (pinned_options := pinned((options or {}).get("options"), self.load_options)) is not None:
             body["options"] = pinned_options
@@ -244,16 +246,16 @@ class OllamaProvider:
             self._embedding[model] = known
         return known
 
-    def unload_idle(self, keep: str, deadline: Deadline) -> list[str]:
-        """Ask Ollama to unload every loaded model but ``keep`` (keep_alive 0); return their names.
+    def unload_idle(self, keep: Collection[str], deadline: Deadline) -> list[str]:
+        """Ask Ollama to unload every loaded model but those in ``keep`` (keep_alive 0); return their names.
 
         Ollama unloads a model once its requests in flight are done, so a model
-        another worker is using finishes its work first.
+        another host's client is using finishes its work first.
         """
-        wanted = {keep, keep + ":latest", keep.removesuffix(":latest")}
+        wanted = {model_label(name) for name in keep}
         unloaded = []
         for model in self.running(deadline):
-            if model.name not in wanted:
+            if model_label(model.name) not in wanted:
                 self.unload(model.name, deadline)
                 unloaded.append(model.name)
         return unloaded
@@ -284,16 +286,30 @@ def pinned(options: Any, load_options: dict[str, int]) -> dict[str, Any] | None:
     return merged or None
 
 
+def residency(settings: Settings) -> int | str:
+    """The keep_alive every job request carries: how long Ollama keeps a model after it.
+
+    The model manager decides when a model goes (MODEL_UNLOAD_TIMEOUT), so a
+    job's own keepAlive is not sent: "0" in one job would unload a model that
+    the next one needs. Ollama's expiry is set a little past the manager's, a
+    safety net that frees the memory if llm-worker is stopped; forever when
+    the manager never unloads idle models.
+    """
+    m = settings.models
+    if m.unload_timeout == 0:
+        return -1
+    margin = max(60.0, 2 * m.manage_interval / 1000)
+    return f"{int(m.unload_timeout / 1000 + margin)}s"
+
+
 def _common(model: str, request: ChatRequest | GenerateRequest, on_chunk: OnChunk | None,
-            load_options: dict[str, int]) -> dict[str, Any]:
-    body: dict[str, Any] = {"model": model, "stream": on_chunk is not None}
+            load_options: dict[str, int], keep_alive: int | str) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": model, "stream": on_chunk is not None, "keep_alive": keep_alive}
     options = pinned(request.options, load_options)
     if options is not None:
         body["options"] = options
     if request.format is not None:
         body["format"] = request.format
-    if request.keep_alive is not None:
-        body["keep_alive"] = request.keep_alive
     if request.think is not None:
         body["think"] = request.think
     return body

@@ -1,7 +1,7 @@
 """What the supervisor tells systemd: READY, STATUS, WATCHDOG, STOPPING, RELOADING.
 
-READY=1 goes out once, when every wanted worker has booted and the HTTP port
-is bound (or HTTP is off); after a reload, READY=1 again once no worker of
+READY=1 goes out once, when every wanted worker has booted, the HTTP port
+is bound (or HTTP is off) and the model manager has made its preloads; after a reload, READY=1 again once no worker of
 the old settings is left. STATUS= says how many workers are up and how many
 jobs finished in the last minute. WATCHDOG=1 comes from ``turn()``, which the
 loop calls every turn: a wedged loop stops the pings and systemd restarts it.
@@ -46,7 +46,8 @@ class SystemdLink:
     def _up(self) -> bool:
         header = self.state.header
         up = sum(1 for s in self.state.slots if s.pid > 0 and s.state in (SlotState.IDLE, SlotState.BUSY))
-        return up >= header.workers_wanted and (header.http_bound == 1 or not self.http_wanted())
+        return (up >= header.workers_wanted and (header.http_bound == 1 or not self.http_wanted())
+                and bool(header.models_ready))
 
     def status_text(self, now: float) -> str:
         done = sum(slot.jobs_done for slot in self.state.slots)  # per slot, it only grows

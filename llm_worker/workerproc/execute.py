@@ -229,8 +229,10 @@ class Executor:
         if plan.unload_idle:
             unload = getattr(provider, "unload_idle", None)
             if unload is not None:
-                unloaded = unload(keep=task.model, deadline=deadline)
-                log.warning("unloaded idle models to free memory", extra={"models": unloaded, "keep": task.model})
+                # Spare what other workers are calling: unloading it would only move the shortage there.
+                keep = {task.model, *(self.gate.models_in_use() if self.gate is not None else ())}
+                unloaded = unload(keep=keep, deadline=deadline)
+                log.warning("unloaded idle models to free memory", extra={"models": unloaded, "keep": sorted(keep)})
         request = task.request
         if plan.options and not isinstance(request, EmbeddingsRequest):
             current = msgspec.structs.asdict(request.options) if request.options is not None else {}
