@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -21,8 +22,14 @@ from llm_worker.localredis import free_port
 class Service:
     """One supervisor with its workers and HTTP process, started with ``env`` on top of ours."""
 
-    def __init__(self, env: dict[str, str], *, log_path: str | Path | None = None, args: tuple[str, ...] = ()) -> None:
-        self.env = {**os.environ, "LOG_FORMAT": "text", "PYTHONUNBUFFERED": "1", **env}
+    def __init__(self, env: dict[str, str], *, log_path: str | Path | None = None, args: tuple[str, ...] = (),
+                 command: Sequence[str] | None = None, base_env: Mapping[str, str] | None = None,
+                 cwd: str | Path | None = None) -> None:
+        """``command`` runs another installation's ``llm-worker`` (default: this interpreter's);
+        ``base_env`` replaces our environment as the one ``env`` is laid over."""
+        self.env = {**(os.environ if base_env is None else base_env), "LOG_FORMAT": "text", "PYTHONUNBUFFERED": "1", **env}
+        self.command = list(command) if command is not None else [sys.executable, "-m", "llm_worker.cli"]
+        self.cwd = cwd
         self.env.setdefault("HEALTH_CHECK_PORT", str(free_port()))
         self.port = int(self.env["HEALTH_CHECK_PORT"])
         self.args = args
@@ -44,7 +51,7 @@ class Service:
         out: IO[bytes] | int = subprocess.DEVNULL
         if self.log_path is not None:
             self._log = out = open(self.log_path, "ab")
-        self.process = subprocess.Popen([sys.executable, "-m", "llm_worker.cli", "run", *self.args], env=self.env,
+        self.process = subprocess.Popen([*self.command, "run", *self.args], env=self.env, cwd=self.cwd,
                                         stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
         if ready:
             try:

@@ -27,7 +27,6 @@ import urllib3
 
 from llm_worker import config, hookspecs
 from llm_worker.harness import Service
-from llm_worker.localredis import free_port
 from llm_worker.pluginmanager import Found, PluginManager
 from llm_worker.simulator import Simulator
 from support import chat, client_for
@@ -46,29 +45,6 @@ TOKEN = "example-plugin-token"
 
 needs_venv = pytest.mark.skipif(importlib.util.find_spec("venv") is None or importlib.util.find_spec("ensurepip") is None,
                                 reason="python -m venv is unavailable here (no venv or ensurepip module; Debian's python3-venv)")
-
-
-class VenvService(Service):
-    """The harness's service, started by another environment's ``llm-worker`` script instead of this interpreter."""
-
-    def __init__(self, script: Path, env: dict[str, str], log_path: Path) -> None:
-        super().__init__({"HEALTH_CHECK_PORT": str(free_port())}, log_path=log_path)
-        self.script = script
-        self.env = {**env, "LOG_FORMAT": "text", "PYTHONUNBUFFERED": "1", "HEALTH_CHECK_PORT": str(self.port)}
-
-    def start(self, *, ready: bool = True, timeout: float = 60.0) -> Service:
-        assert self.log_path is not None
-        self._log = open(self.log_path, "ab")
-        self.process = subprocess.Popen([str(self.script), "run"], env=self.env, cwd=self.log_path.parent,
-                                        stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log,
-                                        start_new_session=True)
-        if ready:
-            try:
-                self.wait_ready(timeout)
-            except BaseException:
-                self.stop(timeout=5)  # never leave a half-started service behind
-                raise
-        return self
 
 
 @pytest.mark.slow
@@ -100,13 +76,14 @@ def test_the_statsd_example_installs_lists_and_sends_metrics_from_a_real_service
     # When: its `llm-worker run` serves a chat job with STATSD_PORT at a socket of ours.
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as statsd:
         statsd.bind(("127.0.0.1", 0))
-        service = VenvService(venv / "bin" / "llm-worker", {
-            **env, "REDIS_URL": redis_url, "OLLAMA_BASE_URL": sim.url, "WORKER_ID": f"t{uuid.uuid4().hex[:8]}",
+        # That environment's own `llm-worker`, with none of our settings, import path or venv.
+        service = Service({
+            "REDIS_URL": redis_url, "OLLAMA_BASE_URL": sim.url, "WORKER_ID": f"t{uuid.uuid4().hex[:8]}",
             "WORKER_POOLS": "llm-chat=1", "ADMIN_TOKEN": TOKEN, "LOG_LEVEL": "info",
             "STATSD_HOST": "127.0.0.1", "STATSD_PORT": str(statsd.getsockname()[1]), "STATSD_PREFIX": PREFIX,
-        }, tmp_path / "service.log")
+        }, log_path=tmp_path / "service.log", command=[str(venv / "bin" / "llm-worker")], base_env=env, cwd=tmp_path)
         try:
-            service.start()
+            service.start(timeout=60)
             client = client_for(redis_url)
             result = client.wait(chat(client), timeout=30)
             assert result is not None and result["success"], result
