@@ -258,9 +258,7 @@ class CallGate:
         self.add_labels = add_labels  # False with ALLOWED_MODELS: the supervisor registered every label
         self.slot = state.slots[slot]
         self.pool = self.slot.pool
-        # Each worker makes one call at a time, so a cap at or above the number
-        # of workers can never bind: skip the lock altogether then.
-        self.limit = limit if limit < len(state.slots) else 0
+        self.limit = limit
         self.priority_pool = priority_pool  # index of the priority queue's pool; -1 when there is none
 
     @contextmanager
@@ -270,7 +268,9 @@ class CallGate:
         if not header.pool_models[self.pool] & (1 << index):
             with self.state.lock.held():  # other workers of the pool set their bits too
                 header.pool_models[self.pool] |= 1 << index
-        if self.limit:
+        # Each worker makes one call at a time, so a cap at or above the number of
+        # workers (read each time: TTIN and reloads change it) cannot bind: no lock then.
+        if self.limit < header.workers_wanted:
             self._enter(deadline)
         else:
             self.slot.call = Call.CALLING

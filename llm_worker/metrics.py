@@ -209,6 +209,10 @@ class ShmCollector(Collector):
         provider.add(("ollama",), float(r.provider_up))
         loaded = Family("llm_worker_models_loaded", "Models the provider has in memory", "gauge")
         loaded.add((), r.loaded_count)
+        held = Family("llm_worker_model_memory_bytes", "Memory each loaded model holds: its VRAM, or its size when it "
+                      "runs on the CPU (as the model manager last read /api/ps)", "gauge", ("model",))
+        for i in range(min(r.loaded_count, len(r.loaded_names))):
+            held.add((model_label(r.loaded_names[i].value.decode(errors="replace")),), r.loaded_bytes[i])
         state = Family("llm_worker_breaker_state", "Circuit breaker per provider and model: 0 closed, 1 open, 2 half-open",
                        "gauge", ("provider", "model"))
         opened = Family("llm_worker_breaker_opened", "Times each circuit breaker opened", "counter", ("provider", "model"))
@@ -217,7 +221,7 @@ class ShmCollector(Collector):
             labels = tuple(row.key.decode(errors="replace").partition(":")[::2])
             state.add(labels, row.state)
             opened.add(labels, row.opened_total)
-        return [redis_up, provider, loaded, state, opened]
+        return [redis_up, provider, loaded, held, state, opened]
 
     def _backpressure(self, pools: list[str]) -> list[Family]:
         """Paused pools, provider reachability and the host's calls in flight (see backpressure.py)."""

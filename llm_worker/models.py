@@ -35,7 +35,7 @@ from llm_worker.procs import exit_with_parent
 from llm_worker.pullprogress import PullProgress
 from llm_worker.providers import Deadline, ProviderError
 from llm_worker.records import Record
-from llm_worker.shm import SharedState, SlotState
+from llm_worker.shm import MAX_LOADED, NAME, SharedState, SlotState
 from llm_worker.stats import model_label
 from llm_worker.workerproc.context import WorkerContext
 
@@ -81,6 +81,7 @@ class ModelManager:
         self.preloads = _unique(m.preload) if m.preload_enabled else []
         self.first_seen: dict[str, float] = {}  # label -> when it was loaded, as near as we know
         self.surveyed = time.monotonic()  # the last look at /api/ps: what is new since was loaded after it
+        self.surveyed_once = False  # what the first look finds was loaded before us (a respawn): not counted
         self.preloaded: dict[str, float] = {}  # label -> when we preloaded it
         self.retry_at: dict[str, tuple[float, int]] = {}  # a failed preload or pull -> (next try, tries so far)
         self.pulls: list[str] = []  # missing models to pull once ready
@@ -108,6 +109,10 @@ class ModelManager:
             for model in self.preloads:
                 self._retry_later(model)
         else:
+            now = time.monotonic()
+            for label in loaded:  # loaded before we started (a respawn): known, not counted as loads
+                self.first_seen.setdefault(label, now)
+            self.surveyed_once = True
             for model in self.preloads:
                 if model_label(model) in loaded:
                     self.preloaded[model_label(model)] = self.first_seen[model_label(model)] = time.monotonic()
@@ -202,10 +207,14 @@ class ModelManager:
         header = self.state.header
         # A worker's slot names the model of the provider call it is in (-1 between calls).
         busy = {slot.model for slot in self.state.slots if slot.pid > 0 and slot.state == SlotState.BUSY and slot.model >= 0}
+        self._publish(running)
         out = []
         for info in running:
             label = model_label(info.name)
             index = self._index(label)
+            if label not in self.first_seen and self.surveyed_once:
+                # Loaded by a job's request (Ollama loads on demand), not by us: counted all the same.
+                self._count_load(info.name, None, "on demand")
             # A model new in /api/ps was loaded since the last look; its jobs may say it was used later.
             last_used = max(self.first_seen.setdefault(label, self.surveyed), header.model_last_used[index])
             preloaded = self.preloaded.get(label)
@@ -214,7 +223,18 @@ class ModelManager:
         for label in set(self.first_seen) - {m.label for m in out}:  # Ollama let it go on its own
             del self.first_seen[label]
         self.surveyed = now
+        self.surveyed_once = True
         return out
+
+    def _publish(self, running: list[Any]) -> None:
+        """What Ollama has loaded, for /status and /metrics (the manager is the writer of these readings)."""
+        r = self.state.readings
+        shown = running[:MAX_LOADED]
+        for i, info in enumerate(shown):
+            r.loaded_names[i].value = info.name.encode()[: NAME - 1]
+            r.loaded_vram[i] = float(info.vram)
+            r.loaded_bytes[i] = float(info.vram or info.size)
+        r.loaded_count = len(shown)
 
     def unload_all(self, chosen: list[Loaded], reason: str, models: list[Loaded]) -> list[Loaded]:
         """Unload each of ``chosen``; return ``models`` without those that went."""
@@ -268,16 +288,19 @@ class ModelManager:
         self._record(records.MODEL_UNLOADED, model.label, reason=reason, idleSeconds=idle_seconds, **why)
         return True
 
-    def _count_load(self, model: str, seconds: float, reason: str) -> None:
+    def _count_load(self, model: str, seconds: float | None, reason: str) -> None:
+        """Count a load; ``seconds`` is None for one we only saw done (a job's request loaded it)."""
         label = model_label(model)
         index = self._index(label)
         header = self.state.header
-        header.model_load_seconds[index] = seconds
+        if seconds is not None:  # our own load: it happened just now
+            header.model_load_seconds[index] = seconds
+            self.first_seen[label] = time.monotonic()
         header.model_loads[index] += 1
-        self.first_seen[label] = time.monotonic()
-        log.info(f"model loaded: {label} in {seconds:.2f}s ({reason})",
-                 extra={"model": label, "loadSeconds": round(seconds, 3), "reason": reason})
-        self._record(records.MODEL_LOADED, label, loadSeconds=round(seconds, 3), reason=reason)
+        took = round(seconds, 3) if seconds is not None else None
+        log.info(f"model loaded: {label}" + (f" in {seconds:.2f}s" if seconds is not None else "") + f" ({reason})",
+                 extra={"model": label, "loadSeconds": took, "reason": reason})
+        self._record(records.MODEL_LOADED, label, loadSeconds=took, reason=reason)
 
     def _record(self, kind: str, label: str, **data: Any) -> None:
         now = iso()

@@ -22,7 +22,7 @@ from llm_worker.hoststats import OLLAMA_NAMES, ProcessWatcher, find_processes, h
 from llm_worker.pluginmanager import Found, PluginManager
 from llm_worker.providers import Provider
 from llm_worker.queue import Keys, connect
-from llm_worker.shm import MAX_GPUS, MAX_LOADED, NAME, SharedState
+from llm_worker.shm import MAX_GPUS, NAME, SharedState
 
 log = logging.getLogger("llm_worker.sampler")
 NVML_MODULE_ENV = "LLM_WORKER_NVML_MODULE"  # tests point this at a fake NVML module
@@ -86,12 +86,6 @@ class Sampler(threading.Thread):
         self.provider_chore.period = PROBE_EVERY if down else self.settings.ollama.health_check_interval / 1000
         r.provider_version = (health.version or "").encode()[:63]
         r.provider_error = (health.error_details or "").encode()[:255]
-        if health.ok:
-            loaded = [m for m in provider.models() if m.loaded][:MAX_LOADED]
-            for i, model in enumerate(loaded):
-                r.loaded_names[i].value = model.name.encode()[: NAME - 1]
-                r.loaded_vram[i] = float(model.vram)
-            r.loaded_count = len(loaded)
         r.provider_checked = time.monotonic()
 
     def _provider(self) -> Provider:

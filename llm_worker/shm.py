@@ -175,6 +175,7 @@ class Readings(ctypes.Structure):
         ("loaded_count", ctypes.c_int32),
         ("loaded_names", (ctypes.c_char * NAME) * MAX_LOADED),
         ("loaded_vram", ctypes.c_double * MAX_LOADED),
+        ("loaded_bytes", ctypes.c_double * MAX_LOADED),  # the memory each holds: its VRAM, else its size (CPU)
         ("depths_checked", ctypes.c_double),
         ("waiting", ctypes.c_int64 * MAX_POOLS),
         ("processing", ctypes.c_int64 * MAX_POOLS),

@@ -32,6 +32,7 @@ FAIL = ProviderError("HTTP 500", ErrorKind.PROVIDER, status=500)
 
 def host(slots: int, pools: tuple[str, ...] = ("llm-chat", "llm-priority")) -> SharedState:
     state = SharedState(slots)
+    state.header.workers_wanted = slots
     for name in pools:
         state.pool_index(name)
     return state
@@ -151,8 +152,8 @@ def test_waiting_past_the_deadline_is_a_timeout_that_names_the_setting() -> None
 
 def test_a_cap_no_smaller_than_the_workers_never_takes_the_lock() -> None:
     state = host(4)
+    state.header.workers_wanted = 10
     gate = CallGate(state, 0, 10, -1)
-    assert gate.limit == 0
     with state.lock.held():  # a held lock would block a gate that used it
         with gate.call("llama3.2:latest", Deadline(1)):
             assert state.slots[0].model == state.model_index("llama3.2", add=False) > 0

@@ -89,7 +89,10 @@ def test_preloading_holds_readiness_until_the_models_are_loaded(service, sim: Si
     assert value(samples, "llm_worker_model_loads_total", model="slowpoke") == 1
     assert value(samples, "llm_worker_model_load_seconds", model="slowpoke") >= SLOW_LOAD
     assert value(samples, "llm_worker_model_unloads_total", model="slowpoke") == 0
-    eventually(lambda: value(scrape(svc), "llm_worker_models_loaded") == 2, what="the sampler's view of /api/ps")
+    samples = eventually(lambda: (lambda s: s if value(s, "llm_worker_models_loaded") == 2 else None)(scrape(svc)),
+                         what="the manager's view of /api/ps")
+    sizes = {m["name"].removesuffix(":latest"): m["size_vram"] or m["size"] for m in ps}
+    assert value(samples, "llm_worker_model_memory_bytes", model="slowpoke") == sizes["slowpoke"] > 0
 
 
 def test_a_failed_preload_does_not_hold_readiness_and_is_tried_again(service, sim: Simulator) -> None:
@@ -126,7 +129,10 @@ def test_a_model_no_job_used_for_the_unload_timeout_is_unloaded(service, sim: Si
     assert "model unloaded: llama3.2 (idle)" in svc.tail(100)
     samples = eventually(lambda: (lambda s: s if s.get(("llm_worker_model_unloads_total", (("model", "llama3.2"),))) else None)(scrape(svc)),
                          what="the unload counted")
-    assert value(samples, "llm_worker_model_loads_total", model="llama3.2") == 0  # a job loaded it, not the manager
+    # A job's request loaded it (Ollama loads on demand): the manager saw it appear, and counted it.
+    assert value(samples, "llm_worker_model_loads_total", model="llama3.2") == 1
+    (on_demand,) = [e for e in model_events(r, "loaded") if e["model"] == "llama3.2"]
+    assert on_demand["reason"] == "on demand" and on_demand["loadSeconds"] is None
 
 
 def test_past_the_cache_size_the_least_recently_used_model_is_unloaded(service, sim: Simulator, redis_url: str, r) -> None:
