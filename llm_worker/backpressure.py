@@ -41,6 +41,7 @@ MAX_PROVIDERS = 8
 PROBE_EVERY = 1.0  # seconds between probes of a provider that is down
 PAUSE_CHECK = 0.1  # seconds a paused worker sleeps between looks
 GATE_POLL_MAX = 0.01  # longest sleep of a worker waiting for a place among the calls in flight
+VERDICT_TTL = 0.05  # seconds a worker trusts "take jobs" before it looks again (a pause may start this late)
 
 
 class Pause(enum.IntEnum):
@@ -231,6 +232,7 @@ class PoolWatch:
         self.reach = reach
         self.breakers = breakers
         self._labels: list[str] = []
+        self._running_until = 0.0  # a "take jobs" verdict is trusted this long (monotonic)
 
     def models(self) -> list[str]:
         """The model labels the pool's workers have called (``Header.pool_models``)."""
@@ -240,7 +242,14 @@ class PoolWatch:
         return [label for i, label in enumerate(self._labels) if i and mask & (1 << i)]
 
     def verdict(self) -> Verdict:
-        return pause_reason(self.models(), self.providers, self.provider_for, self.reach, self.breakers)
+        """The pool's verdict; "take jobs" is kept for VERDICT_TTL, since a busy worker asks twice a job."""
+        now = time.monotonic()
+        if now < self._running_until:
+            return RUNNING
+        verdict = pause_reason(self.models(), self.providers, self.provider_for, self.reach, self.breakers)
+        if verdict.pause == Pause.NONE:
+            self._running_until = now + VERDICT_TTL
+        return verdict
 
 
 # ---- the host's cap on calls in flight ---------------------------------------------

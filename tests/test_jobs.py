@@ -643,3 +643,20 @@ def test_random_jobs_with_an_id_are_decoded_or_refused_cleanly(fields: dict[str,
         assert decoded.job.id == "fuzz-1" and decoded.tasks
         assert 0 < decoded.timeout <= DEFAULT.worker.timeout / 1000
         assert 1 <= decoded.max_attempts <= DEFAULT.queue.max_attempts
+
+
+def test_iso_writes_what_datetime_isoformat_writes() -> None:
+    import random
+    from datetime import datetime, timezone
+
+    from llm_worker.jobs import iso
+
+    rng = random.Random(7)
+    now = time.time()
+    stamps = [rng.uniform(0, 4e9) for _ in range(20_000)] + [now + rng.uniform(-1e5, 1e5) for _ in range(20_000)]
+    stamps += [float(int(now)) + n / 1e6 for n in (0, 1, 499, 500, 999_499, 999_500, 999_999)]
+    for ts in stamps:
+        dt = datetime.fromtimestamp(ts, timezone.utc)
+        for micro in (False, True):
+            expected = dt.isoformat(timespec="microseconds" if micro else "milliseconds").replace("+00:00", "Z")
+            assert iso(ts, micro=micro) == expected, ts
