@@ -33,7 +33,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except redis.ConnectionError as exc:  # submit, queues: say so in a line, not a traceback
         settings = getattr(args, "_settings", None)
-        where = config.mask_url(settings.redis_url) if settings else "Redis"
+        where = config.redis_location(settings) if settings else "Redis"
         print(f"llm-worker: cannot reach {where}: {exc}", file=sys.stderr)
         return 1
 
@@ -89,7 +89,27 @@ def cmd_run(args: argparse.Namespace) -> int:
     except Exception as exc:
         print(f"llm-worker: a plugin failed to load: {exc!r}", file=sys.stderr)
         return exitcodes.USAGE
+    refusal = _redis_refusal(settings)
+    if refusal:
+        print(f"llm-worker: {refusal}", file=sys.stderr)
+        return exitcodes.USAGE
     return supervisor.run(settings, lambda: _load(args).settings, plugins)
+
+
+def _redis_refusal(settings: config.Settings) -> str | None:
+    """Why this Redis cannot serve (a Cluster), if it answers now; workers ask again as they boot."""
+    from llm_worker.queue import ClusterRefused, connect, refuse_cluster
+
+    client = connect(settings, timeout=2.0)
+    try:
+        refuse_cluster(client)
+    except ClusterRefused as exc:
+        return str(exc)
+    except redis.RedisError:
+        return None
+    finally:
+        client.close()
+    return None
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

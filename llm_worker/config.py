@@ -80,6 +80,10 @@ class RedisSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     db: Annotated[int, env("REDIS_DB", "Redis database number, when REDIS_URL is unset.", ge=0, le=15)] = 0
     key_prefix: Annotated[str, env("REDIS_KEY_PREFIX", "Prefix of every internal key (results, processing lists, events).", pattern=r"^[A-Za-z0-9._:{}-]{1,32}$")] = "llm:"
     socket_timeout: Annotated[int, env("REDIS_SOCKET_TIMEOUT", f"Timeout of a Redis call, in {MS}.", ge=100, le=60_000)] = 5_000
+    sentinels: Annotated[list[str], env("REDIS_SENTINELS", "Redis Sentinels to ask for the master, `host:port,...` (e.g. `10.0.0.1:26379,10.0.0.2:26379,10.0.0.3:26379`); with REDIS_SENTINEL_MASTER. Then REDIS_URL (or its parts) gives only the scheme (rediss: TLS to master and sentinels), credentials and database; its host and port are ignored. Empty: no Sentinel.")] = []
+    sentinel_master: Annotated[str, env("REDIS_SENTINEL_MASTER", "Name of the master the sentinels monitor (`sentinel monitor NAME ...`), with REDIS_SENTINELS.", pattern=r"^\S{0,128}$")] = ""
+    sentinel_username: Annotated[str, env("REDIS_SENTINEL_USERNAME", "ACL user for the sentinels themselves, when they require one (`sentinel sentinel-user`).")] = ""
+    sentinel_password: Annotated[str, env("REDIS_SENTINEL_PASSWORD", "Password of the sentinels themselves, when they require one (`requirepass` in sentinel.conf); the master's comes from REDIS_URL or REDIS_PASSWORD.", secret=True)] = ""
 
 
 class OllamaSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -231,6 +235,28 @@ def resolve_redis_url(r: RedisSettings) -> str:
         query = "&".join(filter(None, [parts.query, *extra]))
         return urlunsplit(parts._replace(query=query))
     return urlunsplit(parts._replace(netloc=auth + parts.netloc))
+
+
+def sentinel_addresses(r: RedisSettings) -> list[tuple[str, int]]:
+    """REDIS_SENTINELS as (host, port) pairs; ValueError for an entry that is not host:port."""
+    out = []
+    for item in r.sentinels:
+        host, sep, port = item.strip().rpartition(":")
+        bracketed = host.startswith("[") and host.endswith("]")  # an IPv6 address: [::1]:26379
+        host = host[1:-1] if bracketed else host
+        if (not sep or not host or any(c in host for c in "/@?#[] ") or (":" in host and not bracketed)
+                or not port.isdigit() or not 1 <= int(port) <= 65535):
+            raise ValueError(item)
+        out.append((host, int(port)))
+    return out
+
+
+def redis_location(settings: Settings) -> str:
+    """Where Redis is, for logs and messages, with no secret in it."""
+    r = settings.redis
+    if r.sentinels:
+        return f"Sentinel master {r.sentinel_master!r} via {','.join(r.sentinels)}"
+    return mask_url(settings.redis_url)
 
 
 # --------------------------------------------------------------------------
@@ -482,6 +508,26 @@ def _check_consistency(s: Settings, sources: Mapping[str, str]) -> None:
         raise SettingError(where("REDIS_URL"), mask_url(url), "a valid URL, as redis://[user:password@]host:port/db") from None
     if parts.scheme not in ("redis", "rediss", "unix"):
         raise SettingError(where("REDIS_URL"), mask_url(url), "a redis://, rediss:// or unix:// URL")
+    _check_sentinels(s, sources)
+
+
+def _check_sentinels(s: Settings, sources: Mapping[str, str]) -> None:
+    """REDIS_SENTINELS and REDIS_SENTINEL_MASTER come together, well formed, over TCP."""
+    where = lambda name: sources.get(name, name)  # noqa: E731 - a tiny lookup
+    r = s.redis
+    if r.sentinel_master and not r.sentinels:
+        raise SettingError(where("REDIS_SENTINELS"), "", f"the sentinels' host:port list, since REDIS_SENTINEL_MASTER is set ({r.sentinel_master!r})")
+    if not r.sentinels:
+        return
+    try:
+        sentinel_addresses(r)
+    except ValueError as exc:
+        raise SettingError(where("REDIS_SENTINELS"), ",".join(r.sentinels), "comma-separated host:port pairs, each port from 1 to "
+                           f"65535 (e.g. `10.0.0.1:26379,10.0.0.2:26379`); {exc.args[0]!r} is not one") from None
+    if not r.sentinel_master:
+        raise SettingError(where("REDIS_SENTINEL_MASTER"), "", "the name of the master the sentinels monitor, since REDIS_SENTINELS is set")
+    if urlsplit(s.redis_url).scheme == "unix":
+        raise SettingError(where("REDIS_URL"), mask_url(r.url), "a redis:// or rediss:// URL, since REDIS_SENTINELS is set (sentinels name TCP addresses)")
 
 
 # --------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import re
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from decimal import Decimal
 from typing import Annotated, Any, Literal, Union
 
 import msgspec
@@ -66,10 +67,32 @@ class RequestRejected(JobError):
     kind = ErrorKind.VALIDATION
 
 
+REASON_QUOTE = 48  # characters of a producer's value that a refusal's reason quotes
+_QUOTED = re.compile(r"""(['"])((?:(?!\1)[^\\]|\\.)*)\1""")  # a Python repr, either quote
+
+
+def readable(reason: str) -> str:
+    """A refusal's reason as a person reads it: one printable line, the producer's values shortened.
+
+    msgspec quotes a bad value in full ("Invalid enum value '<2 MB>'"), and a
+    value can hold control characters; the reason goes into dead letters,
+    failure results and log lines.
+    """
+    def shorten(match: re.Match[str]) -> str:
+        quote, value = match.group(1), match.group(2)
+        return f"{quote}{value[:REASON_QUOTE]}...{quote}" if len(value) > REASON_QUOTE + 3 else match.group(0)
+
+    reason = _QUOTED.sub(shorten, reason)
+    if not reason.isprintable():
+        reason = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in reason)
+    return reason
+
+
 class Malformed(Exception):
     """A payload that is not a job at all; it is dead-lettered raw."""
 
     def __init__(self, reason: str, job_id: str | None = None) -> None:
+        reason = readable(reason)
         super().__init__(reason)
         self.reason = reason
         self.job_id = job_id  # only when the payload names one, for its failure result
@@ -79,6 +102,7 @@ class Invalid(Exception):
     """A job with an id that fails validation; dead-lettered with its failure result."""
 
     def __init__(self, reason: str, job: dict[str, Any]) -> None:
+        reason = readable(reason)
         super().__init__(reason)
         self.reason = reason
         self.job = job
@@ -301,6 +325,9 @@ def decode(raw: bytes, settings: Settings) -> Decoded:
             match.group(1).decode() if match else None,
         )
     try:
+        # msgspec skips unknown keys without checking their UTF-8; a dead letter
+        # embeds the payload as JSON, so all of it must be text.
+        raw.decode()
         job = msgspec.json.decode(raw, type=Job)
     except (RecursionError, UnicodeDecodeError) as exc:
         raise Malformed(_undecodable(exc)) from None
@@ -320,18 +347,28 @@ def decode(raw: bytes, settings: Settings) -> Decoded:
         raise Invalid(str(exc), _loose_object(raw) or {"id": job.id}) from None
 
 
+def loose(raw: bytes) -> Any:
+    """Any JSON, as a producer wrote it: a number is kept exactly, even one beyond a double's range.
+
+    A job decodes as its type, which skips what it does not know; a retry or a
+    dead letter rewrites the whole payload from this and ``encode``, so a field
+    only a newer producer reads (say 1e400) must come back as it was sent.
+    """
+    return _loose(raw)
+
+
 def _loose_object(raw: bytes) -> dict[str, Any] | None:
     try:
-        value = msgspec.json.decode(raw)
+        value = loose(raw)
     except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
         return None
     return value if isinstance(value, dict) else None
 
 
-def _undecodable(exc: Exception) -> str:
+def _undecodable(exc: RecursionError | UnicodeDecodeError) -> str:
     if isinstance(exc, RecursionError):
         return "JSON nested too deeply"
-    return f"not valid UTF-8: {exc}"
+    return f"not JSON: invalid UTF-8 at byte {exc.start}"  # RFC 8259: JSON text is UTF-8
 
 
 def _validate(job: Job, raw: bytes, settings: Settings) -> Decoded:
@@ -460,4 +497,5 @@ def iso(ts: float | None = None, *, micro: bool = False) -> str:
     return f"{_second[1]}.{us:06d}Z" if micro else f"{_second[1]}.{us // 1000:03d}Z"
 
 
-encode = msgspec.json.Encoder().encode
+_loose = msgspec.json.Decoder(float_hook=Decimal).decode
+encode = msgspec.json.Encoder(decimal_format="number").encode  # loose()'s exact numbers go back as numbers

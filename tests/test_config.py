@@ -387,7 +387,8 @@ def test_effective_values_mask_every_secret() -> None:
 def test_unset_secrets_show_as_empty_and_secret_flags_are_declared() -> None:
     shown = dict((decl.env, value) for decl, value in config.effective(config.Settings()))
     assert shown["REDIS_PASSWORD"] == shown["ADMIN_TOKEN"] == shown["REDIS_URL"] == ""
-    assert {decl.env for decl in DECLARATIONS if decl.secret} == {"REDIS_URL", "REDIS_PASSWORD", "ADMIN_TOKEN", "OPENAI_API_KEY"}
+    assert {decl.env for decl in DECLARATIONS if decl.secret} == {"REDIS_URL", "REDIS_PASSWORD", "ADMIN_TOKEN", "OPENAI_API_KEY",
+                                                                     "REDIS_SENTINEL_PASSWORD"}
 
 
 def test_a_password_built_into_the_url_is_masked() -> None:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 import redis
 
 from llm_worker import exitcodes
-from llm_worker.config import SettingError, Settings, mask_url
+from llm_worker.config import SettingError, Settings, redis_location
 from llm_worker.jobs import iso
 from llm_worker.pluginmanager import Found
 from llm_worker.queue import ReliableQueue, WorkerInfo, connect
@@ -111,7 +111,7 @@ class Arbiter:
             self.recovery.previous_incarnation(self.hostname)
         except redis.RedisError as exc:
             log.error("Redis unreachable at start; workers will wait for it", extra={"error": str(exc)})
-        log.info("supervisor starting", extra={"pools": self.targets, "redis": mask_url(self.settings.redis_url),
+        log.info("supervisor starting", extra={"pools": self.targets, "redis": redis_location(self.settings),
                                                 "ollama": self.settings.ollama.base_url})
         self.manage_workers()
         self.phase = Phase.RUNNING
@@ -183,12 +183,12 @@ class Arbiter:
                 self.systemd.reload_refused()
                 return
         log.warning("reloading: replacing workers one at a time", extra={"pools": settings.pools})
-        old_redis = self.settings.redis_url
+        old_redis = self.settings.redis
         self.settings = settings
         self.generation += 1
         self.targets = dict(settings.pools)
         self._register_labels(settings)
-        if settings.redis_url != old_redis:
+        if settings.redis != old_redis:  # another Redis, its credentials, or its sentinels
             self._connect()
         self.services.reset()
         for child in self.services.running():  # they restart with the new settings

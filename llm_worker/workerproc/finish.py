@@ -18,7 +18,7 @@ from typing import Any
 
 import msgspec
 
-from llm_worker import logs, records
+from llm_worker import jobs, logs, records
 from llm_worker.breaker import BreakerOpen
 from llm_worker.config import Settings
 from llm_worker.jobs import RAW_KEEP, Answer, DeadLetter, Decoded, ErrorKind, Invalid, JobError, Malformed, Result, iso
@@ -32,7 +32,7 @@ FREE_PROBES = 2  # failed breaker probes a job may make without spending an atte
 
 
 def _probe_failures(raw: bytes) -> int:
-    value = msgspec.json.decode(raw, type=dict[str, Any]).get("probeFailures")
+    value = jobs.loose(raw).get("probeFailures")
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
@@ -103,11 +103,11 @@ class Finisher:
         return error.probe_failed and _probe_failures(d.raw) >= FREE_PROBES
 
     def _retry(self, d: Decoded, taken: float, error: JobError, due: float, spent: int, probed: bool = False) -> bytes | None:
-        loose = msgspec.json.decode(d.raw)
+        loose = jobs.loose(d.raw)
         loose["retryCount"] = d.job.retry_count + spent
         if probed:  # an addition to the job (docs/protocol.md): failed breaker probes, which spend no attempt
             loose["probeFailures"] = _probe_failures(d.raw) + 1
-        payload = msgspec.json.encode(loose)
+        payload = jobs.encode(loose)
         delay_ms = int(max(0.0, due - time.time()) * 1000)
         done = self.guard(self.rq.retry_later, self.worker_id, d.raw, self.queue, payload, due, take_from=self._take)
         if done.ours:

@@ -24,12 +24,12 @@ from typing import Any, NoReturn, TypeVar
 import msgspec
 import redis
 
-from llm_worker import exitcodes, logs
+from llm_worker import exitcodes, jobs, logs
 from llm_worker.config import Settings
 from llm_worker.jobs import Decoded, EmbeddingsRequest, Invalid, JobError, Malformed, decode, iso
 from llm_worker.pluginmanager import Found, PluginManager
 from llm_worker.providers import Deadline
-from llm_worker.queue import ReliableQueue, WorkerInfo, connect
+from llm_worker.queue import ClusterRefused, ReliableQueue, WorkerInfo, connect, refuse_cluster, waiting_helps
 from llm_worker.backpressure import PAUSE_CHECK, CallGate, Pause, PoolWatch, Reachability
 from llm_worker.breaker import Breakers
 from llm_worker.cache import ResponseCache
@@ -85,6 +85,7 @@ class WorkerProcess:
         self.id = f"{self.settings.worker.id}:{os.getpid()}"
         self.stopping = False
         self.redis_lost = False
+        self.connections = 0  # opened by our client; every one after the first follows a loss
         self.in_hand: list[bytes] = []  # payloads taken and not yet finished: kept when our list is reconciled
         self.in_batch = False
 
@@ -170,7 +171,7 @@ class WorkerProcess:
             raise BootError("no provider plugin is registered (is LLM_WORKER_DISABLE_PLUGINS blocking ollama?)")
         state = self.spec.state
         breakers = Breakers(state.breakers, state.lock, self.settings)
-        self.client = connect(self.settings)
+        self.client = connect(self.settings, on_connect=self._connected)
         cache = ResponseCache(self.client, self.settings.redis.key_prefix, self.settings.models.cache_ttl)
         self.reach = Reachability(state.providers, state.lock)
         pools = state.pool_names()
@@ -185,6 +186,10 @@ class WorkerProcess:
         self.rq = ReliableQueue(self.client, self.settings)
         info = WorkerInfo(queue=self.queue_name, host=self.settings.worker.id, hostname=os.uname().nodename,
                           pid=os.getpid(), since=iso())
+        try:
+            self._guard(refuse_cluster, self.client)
+        except ClusterRefused as exc:
+            raise BootError(str(exc)) from None
         self._guard(self.rq.register, self.id, info, self.settings.worker.heartbeat_timeout)
         self.finisher = Finisher(self.rq, self.settings, self.id, self.queue_name, self._guard, self._wants_more, self.plugins)
         context = WorkerContext(self.settings, self.id, "worker", self.queue_name, state, self.spec.slot)
@@ -346,7 +351,9 @@ class WorkerProcess:
             except (redis.AuthenticationError, redis.exceptions.NoPermissionError) as exc:
                 # Before ConnectionError: AuthenticationError is one, but waiting cannot fix it.
                 raise BootError(f"Redis refused us: {exc}") from exc
-            except (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ReadOnlyError) as exc:
+            except redis.RedisError as exc:
+                if not waiting_helps(exc):
+                    raise
                 if not self.redis_lost:
                     log.warning("Redis unreachable; waiting for it", extra={"error": str(exc)})
                 self.redis_lost = True
@@ -355,6 +362,16 @@ class WorkerProcess:
             self.slot.beat()
             time.sleep(delay * random.uniform(0.5, 1.0))
             delay = min(delay * 2, BACKOFF_CAP)
+
+    def _connected(self) -> None:
+        """Reconcile before the next call when our client opens any connection after its first."""
+        # A new connection replaces one that was lost, maybe to a Redis that restarted
+        # or failed over and lost our last writes; and maybe no call of ours failed
+        # (cache and stream writes swallow errors) or the master moved (queue.FollowingPool).
+        self.connections += 1
+        if self.connections > 1 and not self.redis_lost:
+            log.info("Redis connection replaced; reconciling our processing list")
+            self.redis_lost = True
 
     def _reconcile(self) -> None:
         """Clear our processing list of what we do not hold, after Redis came back.
@@ -394,8 +411,8 @@ def _groups(jobs: list[tuple[Decoded, float]]) -> list[list[tuple[Decoded, float
 
 def _job_id(raw: bytes) -> str | None:
     try:
-        value = msgspec.json.decode(raw)
-    except msgspec.DecodeError:
+        value = jobs.loose(raw)
+    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
         return None
     job_id = value.get("id") if isinstance(value, dict) else None
     return job_id if isinstance(job_id, str) else None
