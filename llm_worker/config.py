@@ -465,6 +465,8 @@ def _read_toml(path: str) -> dict[str, Any]:
         raise SettingError("--config", path, f"a readable TOML file ({exc.strerror})") from None
     except tomllib.TOMLDecodeError as exc:
         raise SettingError("--config", path, f"valid TOML ({exc})") from None
+    except UnicodeDecodeError as exc:  # TOML is UTF-8; tomllib lets the codec's error through
+        raise SettingError("--config", path, f"a UTF-8 TOML file (byte {exc.start} is not UTF-8)") from None
 
 
 def _check_consistency(s: Settings, sources: Mapping[str, str]) -> None:

@@ -20,8 +20,7 @@ from llm_worker.shm import SharedState
 from llm_worker.supervisor.recovery import Recovery
 
 log = logging.getLogger("llm_worker.supervisor")
-
-
+SWEEP_PERIOD = 1.0  # seconds, at most, between looks for other hosts' expired workers
 
 
 class Housekeeping:
@@ -38,7 +37,9 @@ class Housekeeping:
             Chore("recover", 1.0, recovery.retry_pending),
             Chore("heartbeats", hb / 3, self._heartbeats),
             Chore("promote", 0.2, self._promote),
-            Chore("sweep", hb / 2, lambda: recovery.sweep(set(self.live_workers()))),
+            # A dead host's heartbeats expire at most `hb` after it died; sweeping often
+            # (one HGETALL and one pipelined EXISTS round) recovers its jobs soon after.
+            Chore("sweep", min(hb / 5, SWEEP_PERIOD), lambda: recovery.sweep(set(self.live_workers()))),
         ]
         self.redis_down_since: float | None = None
 

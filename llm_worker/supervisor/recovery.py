@@ -57,10 +57,14 @@ class Recovery:
 
     def sweep(self, own: set[str]) -> None:
         """Recover every registered worker, of any host, whose heartbeat has expired."""
-        for worker_id, info in self.rq.registered().items():
-            if worker_id in own or worker_id in self.pending:
-                continue
-            if not self.rq.redis.exists(self.rq.keys.heartbeat(worker_id)):
+        others = [(w, info) for w, info in self.rq.registered().items() if w not in own and w not in self.pending]
+        if not others:
+            return
+        pipe = self.rq.redis.pipeline(transaction=False)
+        for worker_id, _ in others:
+            pipe.exists(self.rq.keys.heartbeat(worker_id))
+        for (worker_id, info), beating in zip(others, pipe.execute()):
+            if not beating:
                 self.worker_gone(Gone(worker_id, info.queue, crashed=True, only_if_expired=True))
 
     def previous_incarnation(self, own_hostname: str) -> None:

@@ -1,0 +1,57 @@
+"""The chaos drill, 90 seconds of it: two hosts, every disruption, and not one job lost or answered twice.
+
+This runs ``scripts/chaos.py`` as a user runs ``scripts/chaos``: its own Redis
+(AOF), its own simulator, two real supervisors. The drill checks conservation
+itself and exits 1 when it breaks; this test also reads its figures, so that a
+drill that quietly skipped its disruptions, or whose hosts did not share the
+work, fails too.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import msgspec
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DURATION = 90
+
+
+@pytest.mark.slow
+def test_ninety_seconds_of_chaos_lose_nothing_and_answer_nothing_twice(tmp_path: Path) -> None:
+    figures_path = tmp_path / "chaos.json"
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "chaos.py"), "--duration", str(DURATION),
+                           "--json", str(figures_path), "--workdir", str(tmp_path / "drill")],
+                          capture_output=True, text=True, timeout=DURATION + 420, cwd=ROOT)
+    report = done.stdout[-6000:] + done.stderr[-3000:]
+    assert done.returncode == 0, report
+    figures = msgspec.json.decode(figures_path.read_bytes())
+    c = figures["conservation"]
+
+    # Conservation: every job pushed has one terminal outcome, none two, nothing left anywhere.
+    assert c["holds"] and c["lost"] == 0 and c["answeredTwice"] == 0, report
+    assert c["leftovers"] == {"queued": 0, "processing": 0, "delayed": 0}, report
+    assert c["outcomesCounted"] == c["jobsAnswered"] > 100, report
+
+    # Every disruption ran, and the ones that hold jobs really caught jobs in hand.
+    names = {d["name"] for d in figures["disruptions"]}
+    assert len(names) == 11, names
+    kills = figures["kills"]
+    assert kills["workersSigkilled"] >= 2 and kills["hostsKilled"] >= 1 and kills["redisKilled"] >= 1, kills
+    assert any(r["what"] == "worker stopped past its job's timeout" and r["seconds"] is not None
+               for r in figures["reclaims"]), figures["reclaims"]
+    assert figures["serviceLogs"]["recoveries"] >= 1, figures["serviceLogs"]
+
+    # Two hosts shared the work, and a dead host's jobs were taken up by the other.
+    per_host = c["answeredPerHost"]
+    assert set(per_host) == {"host-a", "host-b"} and min(per_host.values()) > 0.2 * sum(per_host.values()), per_host
+    recoveries = figures["hostRecoveries"]
+    assert recoveries and all(r["seconds"] is not None for r in recoveries), recoveries
+    assert all(r["recoveredBy"] != r["host"] for r in recoveries), recoveries
+
+    # Malformed payloads: each dead-lettered once, answered when it named an id.
+    assert figures["pushed"]["malformed"] >= 8 and c["unknownDeadLetters"] == 0, report
+    assert "CONSERVATION HOLDS" in done.stdout
