@@ -7,7 +7,10 @@ Measures, each against a fresh private Redis and simulator process:
 - provider utilization: 4 workers against 4 slots of 50 ms each, jobs/s over capacity;
 - embedding micro-batching: 1,000 single-input embeddings jobs against one slot costing
   20 ms per call plus 1 ms per input, batching off and on, and the latency a lone job
-  pays for waiting for company.
+  pays for waiting for company;
+- throughput and job processing time (take to outcome) against the chat pool's
+  size, 1 to 16 workers on a provider of 8 slots at 20 ms, drawn as a PNG chart
+  (``--chart``, default docs/benchmarks-pool.png) when matplotlib is installed.
 
 Run it with ``scripts/bench`` (``--quick`` for a short run, ``--json FILE`` to keep figures).
 """
@@ -30,6 +33,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import msgspec
+import psutil
 import urllib3
 
 from llm_worker.harness import Service
@@ -162,6 +166,68 @@ def utilization(seconds: float, workdir: Path) -> dict[str, float]:
                 "slot_busy_fraction": busy / (slots * elapsed)}
 
 
+POOL_SIZES = (1, 2, 4, 8, 12, 16)  # past the provider's 8 slots: more workers only queue inside it
+
+
+def pool_sweep(seconds: float, workdir: Path) -> list[dict[str, float]]:
+    """Throughput and latency against the chat pool's size, on a provider of 8 slots at 20 ms.
+
+    For each size, jobs are queued at once (enough for ``seconds`` at the
+    ideal rate) and each job's processing time (take to outcome, from its
+    result) is collected: past 8 workers it includes waiting inside the provider.
+    """
+    slots, latency = 8, 0.020
+    rows = []
+    for size in POOL_SIZES:
+        with LocalRedis(workdir / f"redis-ps{size}") as store, \
+                simulator("--slots", str(slots), "--latency-ms", str(latency * 1000)) as url, \
+                service(store.url, url, f"llm-chat={size}", workdir):
+            r = store.client()
+            _push_and_wait(r, 4 * size)  # warm up every worker's connections
+            ideal = min(size, slots) / latency
+            n = max(50, int(seconds * ideal))
+            jobs = [uuid.uuid4().hex for _ in range(n)]
+            start = time.perf_counter()
+            r.lpush("llm-chat", *[msgspec.json.encode({"id": i, "type": "chat", "userId": "bench", "model": "llama3.2",
+                                                       "request": CHAT}) for i in jobs])
+            processing = []
+            for job_id in jobs:
+                r.blpop([f"llm:done:{job_id}"], timeout=120)
+                processing.append(float(msgspec.json.decode(r.get(f"llm:result:{job_id}"))["processingTime"]))
+            elapsed = time.perf_counter() - start
+            processing.sort()
+            rows.append({"workers": size, "jobs_per_s": n / elapsed, "ideal_per_s": ideal, "of_ideal": n / elapsed / ideal,
+                         "processing_p50_ms": statistics.median(processing),
+                         "processing_p99_ms": processing[max(0, int(len(processing) * 0.99) - 1)], "jobs": n})
+    return rows
+
+
+def chart(rows: list[dict[str, float]], path: Path) -> bool:
+    """A PNG of throughput and latency against pool size; False when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    sizes = [row["workers"] for row in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.plot(sizes, [row["ideal_per_s"] for row in rows], "--", color="grey", label="nominal capacity (8 slots ÷ 20 ms)")
+    left.plot(sizes, [row["jobs_per_s"] for row in rows], "o-", label="llm-worker")
+    left.set(xlabel="chat workers", ylabel="jobs/s", title="Throughput (8 slots of 20 ms)", xticks=sizes)
+    left.legend()
+    right.plot(sizes, [row["processing_p50_ms"] for row in rows], "o-", label="p50")
+    right.plot(sizes, [row["processing_p99_ms"] for row in rows], "o-", label="p99")
+    right.axhline(20, linestyle="--", color="grey", label="provider latency")
+    right.set(xlabel="chat workers", ylabel="ms", title="Job processing time, take to outcome", xticks=sizes, ylim=(0, None))
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def _timed_gets(url: str, n: int) -> list[float]:
     """Milliseconds for each of ``n`` GETs over one keep-alive connection, sorted."""
     pool = urllib3.connection_from_url(url, maxsize=1)
@@ -281,12 +347,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="shorter runs (for a smoke check, not for figures)")
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    parser.add_argument("--chart", metavar="PNG", default="docs/benchmarks-pool.png",
+                        help="where to draw throughput and latency against pool size (needs matplotlib; default %(default)s)")
     args = parser.parse_args(argv)
     scale = 0.25 if args.quick else 1.0
     with tempfile.TemporaryDirectory(prefix="llm-worker-bench-") as tmp:
         workdir = Path(tmp)
         figures: dict[str, Any] = {
-            "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+            "date": datetime.now().astimezone().isoformat(timespec="seconds"),
+            "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
+                        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1)},
         }
         figures["simulator_ceiling_rps"] = sim_ceiling(int(6000 * scale))
         print(f"simulator ceiling: {figures['simulator_ceiling_rps']['1_client']:.0f} req/s from one client, "
@@ -318,6 +388,15 @@ def main(argv: list[str] | None = None) -> int:
               f"({b['off']['provider_calls']} calls), {b['on']['jobs_per_s']:.0f} jobs/s on ({b['on']['provider_calls']} calls): "
               f"{b['speedup']:.1f}x; a lone job waits {b['added_latency_ms']['p50_ms']:.1f} ms more at p50, "
               f"{b['added_latency_ms']['p99_ms']:.1f} ms at p99 (BATCH_TIMEOUT 20 ms)", flush=True)
+        figures["pool_sweep"] = pool_sweep(5 * scale, workdir)
+        for row in figures["pool_sweep"]:
+            print(f"{row['workers']} chat worker(s), 8 slots x 20 ms: {row['jobs_per_s']:.0f} jobs/s = {row['of_ideal']:.1%} "
+                  f"of {row['ideal_per_s']:.0f}; processing p50 {row['processing_p50_ms']:.1f} ms, "
+                  f"p99 {row['processing_p99_ms']:.1f} ms", flush=True)
+        if chart(figures["pool_sweep"], Path(args.chart)):
+            print(f"chart: {args.chart}", flush=True)
+        else:
+            print("chart: skipped (pip install matplotlib to draw it)", flush=True)
     if args.json:
         Path(args.json).write_text(msgspec.json.format(msgspec.json.encode(figures), indent=2).decode())
     return 0
