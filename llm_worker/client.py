@@ -33,6 +33,20 @@ class JobFailed(Exception):
         self.result = result
 
 
+class NotReplicated(Exception):
+    """The job was pushed, but fewer replicas than asked confirmed it in time.
+
+    It is queued on the master and runs if the master stays up; a failover
+    before a replica caught up could lose it. Submitting it again may run it
+    twice, so what to do is the producer's choice (wait for its result with a
+    deadline, say, and submit again only then).
+    """
+
+    def __init__(self, job_id: str, wanted: int, confirmed: int) -> None:
+        super().__init__(f"job {job_id} reached {confirmed} of {wanted} replicas")
+        self.job_id, self.wanted, self.confirmed = job_id, wanted, confirmed
+
+
 class Client:
     def __init__(self, client: redis.Redis, settings: Settings | None = None) -> None:
         self.settings = settings or Settings()
@@ -48,8 +62,13 @@ class Client:
     def submit(self, type: str, request: dict[str, Any], *, model: str | None = None, user_id: str = "llm-worker-client",
                job_id: str | None = None, queue: str | None = None, correlation_id: str | None = None,
                timeout_ms: int | None = None, max_retries: int | None = None, priority: int = 0, urgent: bool = False,
-               **extra: Any) -> str:
-        """Queue a job; return its id. ``urgent`` puts it at the serving end (RPUSH)."""
+               replicas: int = 0, replica_timeout_ms: int = 1000, **extra: Any) -> str:
+        """Queue a job; return its id. ``urgent`` puts it at the serving end (RPUSH).
+
+        ``replicas``: wait (Redis WAIT) until that many replicas hold the push,
+        so that a Sentinel failover cannot lose it; NotReplicated after
+        ``replica_timeout_ms`` if fewer did.
+        """
         job: dict[str, Any] = {"id": job_id or str(uuid.uuid4()), "type": type, "userId": user_id, "request": request,
                                "priority": priority, "createdAt": iso(), "retryCount": 0}
         for key, value in (("model", model), ("correlationId", correlation_id), ("timeout", timeout_ms), ("maxRetries", max_retries)):
@@ -62,6 +81,10 @@ class Client:
             self.redis.rpush(target, payload)
         else:
             self.redis.lpush(target, payload)
+        if replicas > 0:
+            confirmed = self.redis.wait(replicas, replica_timeout_ms)
+            if confirmed < replicas:
+                raise NotReplicated(job["id"], replicas, confirmed)
         return job["id"]
 
     def result(self, job_id: str) -> dict[str, Any] | None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from llm_worker.client import NotReplicated
 from llm_worker.config import load
 from llm_worker.localredis import LocalRedis, LocalSentinelGroup, free_port
 from llm_worker.queue import ClusterRefused, connect, refuse_cluster
@@ -46,12 +47,10 @@ def test_a_master_failing_over_mid_run_loses_no_job(service, sim: Simulator, gro
     svc = service(**group.env, WORKER_POOLS="llm-chat=3")
     group.wait_watched()
     old = group.master()
-    # ... busy with jobs that are all on the replica too (a producer that must not lose one WAITs for it)
+    # ... busy with jobs that are all on the replica too (a producer that must not lose one waits for a replica)
     client = client_for(group.env["REDIS_URL"], **group.env)
-    ids = [chat(client, f"job {n}") for n in range(150)]
+    ids = [chat(client, f"job {n}") for n in range(149)] + [chat(client, "job 149", replicas=1, replica_timeout_ms=10_000)]
     pushed = old.client()
-    pushed.set("test:pushed", "1")
-    assert pushed.wait(1, 10_000) == 1
     eventually(lambda: outcomes_written(pushed) >= 20, timeout=30, what="work under way")
     # When the master fails over mid-run: it crashes, or an operator moves it
     if how == "killed":
@@ -99,3 +98,16 @@ def test_run_refuses_a_cluster_at_start_with_the_reason(cluster_node: LocalRedis
     assert done.returncode == 2, done.stderr
     assert "Redis is a Cluster node (cluster_enabled:1)" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_submit_waits_for_replicas_and_says_when_too_few_confirmed(tmp_path: Path) -> None:
+    with LocalRedis(tmp_path / "master", appendonly=False) as master, \
+            LocalRedis(tmp_path / "replica", appendonly=False, extra=("--replicaof", "127.0.0.1", str(master.port))) as replica:
+        client = client_for(master.url)
+        eventually(lambda: replica.client().info("replication")["master_link_status"] == "up", timeout=20, what="replica linked")
+        job_id = chat(client, "kept twice", replicas=1, replica_timeout_ms=5000)
+        assert replica.client().llen("llm-chat") == 1  # on the replica when submit returned
+        with pytest.raises(NotReplicated, match="reached 1 of 2 replicas") as refused:
+            chat(client, "wants two", replicas=2, replica_timeout_ms=200)
+        assert refused.value.confirmed == 1 and master.client().llen("llm-chat") == 2  # queued all the same
+        assert job_id
