@@ -12,7 +12,12 @@ without an id, one dead-letter entry), none was counted twice in
 left in a queue, a processing list or the delayed set. It prints a report and
 exits 0 only when conservation holds.
 
-Run it with ``scripts/chaos`` (``--duration SECONDS``, ``--json FILE``, ``--seed N``).
+With ``--sentinel`` Redis is a master with a replica and three sentinels
+instead: killing Redis kills the master (a replica is promoted, the old master
+returns as its replica), a planned ``SENTINEL FAILOVER`` joins the
+disruptions, and the feeder counts a push once a replica holds it (WAIT).
+
+Run it with ``scripts/chaos`` (``--duration SECONDS``, ``--json FILE``, ``--seed N``, ``--sentinel``).
 """
 
 from __future__ import annotations
@@ -44,7 +49,9 @@ import urllib3
 
 from llm_worker.harness import Service
 from llm_worker.jobs import iso
-from llm_worker.localredis import LocalRedis, free_port
+from llm_worker.config import load
+from llm_worker.localredis import LocalRedis, LocalSentinelGroup, free_port
+from llm_worker.queue import connect
 from llm_worker.supervisor.housekeeping import SWEEP_PERIOD
 
 HOSTS = ("host-a", "host-b")
@@ -121,10 +128,18 @@ class Drill:
     host_recoveries: list[dict[str, Any]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     serial: int = 0
+    group: LocalSentinelGroup | None = None  # --sentinel: Redis is a master, a replica and three sentinels
 
     @property
     def r(self) -> redis.Redis:
-        return self.redis.client()
+        """A client of the master now."""
+        return (self.group.master() if self.group else self.redis).client()
+
+    def producer(self) -> redis.Redis:
+        """A producer's client: with Sentinel, one that follows the master as llm-worker's do."""
+        if self.group:
+            return connect(load(self.group.env).settings, timeout=2.0)
+        return redis.Redis.from_url(self.redis.url, socket_timeout=2, socket_connect_timeout=2)
 
     def next_key(self) -> str:
         with self.lock:
@@ -132,14 +147,21 @@ class Drill:
             return f"chaos-{self.run}-{self.serial:06d}"
 
     def push(self, client: redis.Redis, item: Pushed, queue: str, payload: bytes) -> None:
-        """LPUSH the payload once, retrying through a Redis outage."""
+        """LPUSH the payload once, retrying through a Redis outage.
+
+        With Sentinel, a push counts once a replica holds it too (WAIT), as a
+        producer that must not lose one does: a master killed before it
+        replicated loses the push and its marker, and it is pushed again.
+        """
         script = client.register_script(PUSH_ONCE)
         while True:
             try:
                 script(keys=[queue, PUSHED], args=[payload, item.key])
-                break
+                if self.group is None or client.wait(1, 1000) >= 1:
+                    break
             except redis.RedisError:
-                time.sleep(0.1)
+                pass
+            time.sleep(0.1)
         with self.lock:
             self.pushed.append(item)
 
@@ -176,7 +198,7 @@ def make_job(kind: str, key: str, rng: random.Random) -> bytes:
 
 def feed(drill: Drill, stop: threading.Event) -> None:
     """Push jobs of every kind at --rate per second until ``stop``; an outage delays, never bursts."""
-    client = redis.Redis.from_url(drill.redis.url, socket_timeout=2, socket_connect_timeout=2)
+    client = drill.producer()
     rng = random.Random(drill.args.seed + 1)
     kinds, weights = list(MIX), list(MIX.values())
     due = time.monotonic()
@@ -313,12 +335,53 @@ def freeze_host(drill: Drill) -> dict[str, Any]:
 
 
 def restart_redis(drill: Drill) -> dict[str, Any]:
-    """SIGKILL Redis, keep it down a moment, start it again on the same port and AOF."""
+    """SIGKILL Redis, keep it down a moment, start it again on the same port and AOF.
+
+    With Sentinel: SIGKILL the master; a replica is promoted, and the old
+    master comes back as its replica.
+    """
+    if drill.group is not None:
+        return _fail_over(drill, planned=False)
     outage = round(drill.rng.uniform(0.5, 3.0), 1)
     drill.redis.kill()
     time.sleep(outage)
     drill.redis.start()
     return {"downSeconds": outage}
+
+
+def planned_failover(drill: Drill) -> dict[str, Any]:
+    """SENTINEL FAILOVER: the master is demoted while it still takes writes, a replica promoted."""
+    assert drill.group is not None
+    return _fail_over(drill, planned=True)
+
+
+def _fail_over(drill: Drill, planned: bool) -> dict[str, Any]:
+    group = drill.group
+    assert group is not None
+    group.wait_watched(60)  # a failover needs the sentinels to know each other and the replica
+    old = group.master()
+    began = time.monotonic()
+    if planned:
+        group.failover()
+    else:
+        old.kill()
+    new = group.wait_new_master(old.port, timeout=60)
+    seconds = round(time.monotonic() - began, 2)
+    if not planned:
+        old.start()  # stale, until the sentinels make it a replica of the new master
+    deadline = time.monotonic() + 60
+    while not _in_sync_replica(old) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return {"oldMaster": old.port, "newMaster": new.port, "failoverSeconds": seconds,
+            "oldMasterReplicaAfterSeconds": round(time.monotonic() - began, 1) if _in_sync_replica(old) else None}
+
+
+def _in_sync_replica(server: LocalRedis) -> bool:
+    try:
+        info = server.client().info("replication")
+    except redis.RedisError:
+        return False
+    return info.get("role") == "slave" and info.get("master_link_status") == "up" and not info.get("master_sync_in_progress")
 
 
 def _provider_fault(drill: Drill, *faults: dict[str, Any], hold: float = 2.5) -> dict[str, Any]:
@@ -356,7 +419,7 @@ def slow_loads(drill: Drill) -> dict[str, Any]:
 
 def malformed_payloads(drill: Drill) -> dict[str, Any]:
     """Payloads that are not runnable jobs; each must be dead-lettered, and answered when it names an id."""
-    client = drill.r
+    client = drill.producer()
     variants: list[tuple[str, bool, Callable[[str], bytes]]] = [
         ("not JSON", False, lambda k: f"not json at all {k}".encode()),
         ("binary", False, lambda k: b"\xff\xfe\x00 binary " + k.encode()),
@@ -391,11 +454,16 @@ DISRUPTIONS: list[tuple[str, Callable[[Drill], dict[str, Any]]]] = [
 ]
 
 
+def disruptions(drill: Drill) -> list[tuple[str, Callable[[Drill], dict[str, Any]]]]:
+    """DISRUPTIONS, and with Sentinel a planned failover too ("kill and restart Redis" then kills the master)."""
+    return list(DISRUPTIONS) + ([("planned Sentinel failover", planned_failover)] if drill.group is not None else [])
+
+
 def run_schedule(drill: Drill, until: float) -> None:
     """Every disruption once per cycle, shuffled, with short gaps; the first cycle always completes."""
     cycle = 0
     while cycle == 0 or time.monotonic() < until:
-        order = list(DISRUPTIONS)
+        order = disruptions(drill)
         drill.rng.shuffle(order)
         for name, disrupt in order:
             if cycle and time.monotonic() >= until:
@@ -557,7 +625,9 @@ def report(figures: dict[str, Any]) -> str:
         by_what[x["what"]] = max(by_what.get(x["what"], 0.0), x["seconds"])
     lines = [
         f"chaos drill: {figures['seconds']:.0f} s of jobs, seed {cfg['seed']}, {len(HOSTS)} hosts x ({POOLS}), "
-        f"Redis AOF appendfsync always, WORKER_HEARTBEAT_TIMEOUT {HEARTBEAT_MS} ms, WORKER_TIMEOUT {JOB_TIMEOUT_MS} ms",
+        + ("Redis Sentinel (a master and a replica with AOF, three sentinels)" if cfg.get("redis") == "sentinel"
+           else "Redis AOF appendfsync always")
+        + f", WORKER_HEARTBEAT_TIMEOUT {HEARTBEAT_MS} ms, WORKER_TIMEOUT {JOB_TIMEOUT_MS} ms",
         f"jobs pushed: {pushed['jobs']} ({kinds}) + {pushed['malformed']} malformed payloads "
         f"({pushed['malformedWithId']} naming an id)",
         "outcomes: " + ", ".join(f"{v} {k}" for k, v in c["outcomes"].items()),
@@ -595,7 +665,8 @@ def summarize(drill: Drill, fed: float, drained: float | None) -> dict[str, Any]
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
         "config": {"seed": drill.args.seed, "duration": drill.args.duration, "rate": drill.args.rate, "hosts": list(HOSTS),
-                   "pools": POOLS, "heartbeatTimeoutMs": HEARTBEAT_MS, "workerTimeoutMs": JOB_TIMEOUT_MS},
+                   "pools": POOLS, "heartbeatTimeoutMs": HEARTBEAT_MS, "workerTimeoutMs": JOB_TIMEOUT_MS,
+                   "redis": "sentinel" if drill.group else "single"},
         "seconds": round(fed, 1), "drainSeconds": drained,
         "pushed": {"jobs": sum(n for k, n in by_kind.items() if not k.startswith("malformed")),
                    "malformed": sum(n for k, n in by_kind.items() if k.startswith("malformed")),
@@ -660,15 +731,22 @@ def host_env(redis_url: str, sim_url: str, duration: float) -> dict[str, str]:
 
 
 def drill_once(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    store = LocalRedis(workdir / "redis", port=steady_port(), appendfsync="always").start()
+    group = None
+    if args.sentinel:
+        group = LocalSentinelGroup(workdir / "sentinel", replicas=1, sentinels=3, appendonly=True).start()
+        group.wait_watched(60)
+        store = group.servers[0]
+    else:
+        store = LocalRedis(workdir / "redis", port=steady_port(), appendfsync="always").start()
     hosts: list[Host] = []
     try:
         with simulator(args) as sim_url:
-            env = host_env(store.url, sim_url, args.duration)
+            env = {**host_env(store.url, sim_url, args.duration), **(group.env if group else {})}
             hosts = [Host(name, env, workdir / f"{name}.log") for name in HOSTS]
             for host in hosts:
                 host.start()
-            drill = Drill(args, workdir, store, sim_url, hosts, random.Random(args.seed), f"{random.getrandbits(24):06x}")
+            drill = Drill(args, workdir, store, sim_url, hosts, random.Random(args.seed), f"{random.getrandbits(24):06x}",
+                          group=group)
             stop = threading.Event()
             feeder = threading.Thread(target=feed, args=(drill, stop), name="feeder", daemon=True)
             feeder.start()
@@ -687,7 +765,7 @@ def drill_once(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         for host in hosts:
             if host.service is not None:
                 host.service.stop(timeout=10)
-        store.stop()
+        (group or store).stop()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -698,6 +776,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=6.0, help="jobs pushed per second (default %(default)s)")
     parser.add_argument("--load-ms", type=int, default=1500, help="the simulator's model load time (default %(default)s)")
     parser.add_argument("--drain-timeout", type=float, default=180.0, help="longest wait for the last outcomes")
+    parser.add_argument("--sentinel", action="store_true", help="Redis as a master, a replica and three sentinels: "
+                        "'kill and restart Redis' kills the master, and a planned failover joins the disruptions")
     parser.add_argument("--workdir", help="keep Redis's data and the service logs here (default: a temporary "
                                           "directory, removed unless conservation breaks)")
     args = parser.parse_args(argv)
