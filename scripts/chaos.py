@@ -287,10 +287,12 @@ def kill_host(drill: Drill) -> dict[str, Any]:
     """SIGKILL a whole supervisor with its workers; the other host must recover its jobs; then start it again."""
     host = drill.hosts[sum(h.starts for h in drill.hosts) % 2]  # take turns
     other = next(h for h in drill.hosts if h is not host)
-    held = _wait_until_host_holds_jobs(drill, host)
+    _wait_until_host_holds_jobs(drill, host)
     assert host.service is not None
     killed_at = time.monotonic()
     host.service.kill_all()
+    # What it holds now that it is dead: a job it acknowledged between the look and the kill is not a recovery.
+    held = _jobs_held_by_host(drill.r, host)
     seconds = wait_gone(drill.r, list(held), killed_at, 3 * HEARTBEAT_MS / 1000 + 30)
     recovery = {"host": host.name, "recoveredBy": other.name, "jobsHeld": sum(held.values()), "workersHolding": len(held),
                 "seconds": seconds, "heartbeatTimeoutSeconds": HEARTBEAT_MS / 1000, "how": "killed",
@@ -317,12 +319,13 @@ def freeze_host(drill: Drill) -> dict[str, Any]:
     those outcomes.
     """
     host = drill.hosts[drill.rng.randrange(2)]
-    held = _wait_until_host_holds_jobs(drill, host)
+    _wait_until_host_holds_jobs(drill, host)
     assert host.service is not None
     group = host.service.pid
     frozen_at = time.monotonic()
     os.killpg(group, signal.SIGSTOP)
     try:
+        held = _jobs_held_by_host(drill.r, host)  # once frozen, as kill_host does
         seconds = wait_gone(drill.r, list(held), frozen_at, 3 * HEARTBEAT_MS / 1000 + 30)
     finally:
         os.killpg(group, signal.SIGCONT)

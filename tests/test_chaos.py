@@ -12,6 +12,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -20,15 +21,21 @@ ROOT = Path(__file__).resolve().parents[1]
 DURATION = 90
 
 
-@pytest.mark.slow
-def test_ninety_seconds_of_chaos_lose_nothing_and_answer_nothing_twice(tmp_path: Path) -> None:
+def drill(tmp_path: Path, duration: int, *options: str) -> tuple[dict[str, Any], str]:
+    """Run the drill as ``scripts/chaos`` does; its figures, and the end of its report for failure messages."""
     figures_path = tmp_path / "chaos.json"
-    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "chaos.py"), "--duration", str(DURATION),
-                           "--json", str(figures_path), "--workdir", str(tmp_path / "drill")],
-                          capture_output=True, text=True, timeout=DURATION + 420, cwd=ROOT)
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "chaos.py"), "--duration", str(duration),
+                           "--json", str(figures_path), "--workdir", str(tmp_path / "drill"), *options],
+                          capture_output=True, text=True, timeout=duration + 420, cwd=ROOT)
     report = done.stdout[-6000:] + done.stderr[-3000:]
     assert done.returncode == 0, report
-    figures = msgspec.json.decode(figures_path.read_bytes())
+    assert "CONSERVATION HOLDS" in done.stdout, report
+    return msgspec.json.decode(figures_path.read_bytes()), report
+
+
+@pytest.mark.slow
+def test_ninety_seconds_of_chaos_lose_nothing_and_answer_nothing_twice(tmp_path: Path) -> None:
+    figures, report = drill(tmp_path, DURATION)
     c = figures["conservation"]
 
     # Conservation: every job pushed has one terminal outcome, none two, nothing left anywhere.
@@ -54,4 +61,26 @@ def test_ninety_seconds_of_chaos_lose_nothing_and_answer_nothing_twice(tmp_path:
 
     # Malformed payloads: each dead-lettered once, answered when it named an id.
     assert figures["pushed"]["malformed"] >= 8 and c["unknownDeadLetters"] == 0, report
-    assert "CONSERVATION HOLDS" in done.stdout
+
+
+@pytest.mark.slow
+def test_chaos_under_sentinel_failovers_loses_nothing(tmp_path: Path) -> None:
+    """One cycle of every disruption with Redis as a master, a replica and three sentinels.
+
+    'Kill and restart Redis' kills the master, and a planned SENTINEL FAILOVER
+    joins in: two failovers, each of which must promote the replica, under the
+    same conservation check.
+    """
+    figures, report = drill(tmp_path, 30, "--sentinel", "--seed", "3")
+    c = figures["conservation"]
+    assert figures["config"]["redis"] == "sentinel", figures["config"]
+    assert c["holds"] and c["lost"] == 0 and c["answeredTwice"] == 0, report
+    assert c["leftovers"] == {"queued": 0, "processing": 0, "delayed": 0}, report
+    assert c["outcomesCounted"] == c["jobsAnswered"] > 50, report
+    failovers = [d for d in figures["disruptions"]
+                 if d["name"] in ("kill and restart Redis", "planned Sentinel failover")]
+    assert {d["name"] for d in failovers} == {"kill and restart Redis", "planned Sentinel failover"}, failovers
+    # How soon the old master rejoins as a replica is the sentinels' business (they wait out role changes,
+    # and pause in TILT mode on a starved machine), so it is reported, not asserted.
+    for d in failovers:
+        assert d["newMaster"] != d["oldMaster"] and d["failoverSeconds"] is not None, d
