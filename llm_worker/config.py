@@ -16,7 +16,7 @@ import os
 import re
 import socket
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -233,7 +233,9 @@ def resolve_redis_url(r: RedisSettings) -> str:
         extra = [f"password={quote(r.password, safe='')}"] if r.password else []
         extra += [f"username={user}"] if user else []
         query = "&".join(filter(None, [parts.query, *extra]))
-        return urlunsplit(parts._replace(query=query))
+        # Built by hand: urlunsplit drops the '//' of an empty netloc, and redis-py
+        # reads 'unix:/path' as no URL at all.
+        return f"unix://{parts.netloc}{parts.path}?{query}" + (f"#{parts.fragment}" if parts.fragment else "")
     return urlunsplit(parts._replace(netloc=auth + parts.netloc))
 
 
@@ -402,7 +404,9 @@ def _convert(decl: Declaration, value: Any, source: str) -> Any:
             value = _from_text(decl, value)
         result = msgspec.convert(value, decl.type, strict=False)
     except (ValueError, msgspec.ValidationError, msgspec.DecodeError):
-        raise SettingError(source, given, describe(decl.info)) from None
+        # A secret is never echoed, whatever shape it came in (a TOML number, a list).
+        shown = (mask_url(given) if isinstance(given, str) else "***") if decl.secret else given
+        raise SettingError(source, shown, describe(decl.info)) from None
     return result
 
 
@@ -511,6 +515,12 @@ def _check_consistency(s: Settings, sources: Mapping[str, str]) -> None:
     if parts.scheme not in ("redis", "rediss", "unix"):
         raise SettingError(where("REDIS_URL"), mask_url(url), "a redis://, rediss:// or unix:// URL")
     _check_sentinels(s, sources)
+    for name, base in (("OLLAMA_BASE_URL", s.ollama.base_url), ("OPENAI_BASE_URL", s.openai.base_url)):
+        # The HTTP client sends no user info, so credentials there would be dropped
+        # in silence, and shown wherever the URL is (check-config, /status).
+        if "@" in base.partition("://")[2].partition("/")[0]:
+            raise SettingError(where(name), mask_url(base), "a URL with no user:password@ in it (llm-worker sends none; "
+                               "an OpenAI-compatible API's key goes in OPENAI_API_KEY)")
 
 
 def _check_sentinels(s: Settings, sources: Mapping[str, str]) -> None:
@@ -524,8 +534,9 @@ def _check_sentinels(s: Settings, sources: Mapping[str, str]) -> None:
     try:
         sentinel_addresses(r)
     except ValueError as exc:
-        raise SettingError(where("REDIS_SENTINELS"), ",".join(r.sentinels), "comma-separated host:port pairs, each port from 1 to "
-                           f"65535 (e.g. `10.0.0.1:26379,10.0.0.2:26379`); {exc.args[0]!r} is not one") from None
+        raise SettingError(where("REDIS_SENTINELS"), mask_host_list(r.sentinels), "comma-separated host:port pairs, each port from 1 "
+                           f"to 65535 (e.g. `10.0.0.1:26379,10.0.0.2:26379`; the sentinels' password goes in REDIS_SENTINEL_PASSWORD); "
+                           f"{mask_host_list([exc.args[0]])!r} is not one") from None
     if not r.sentinel_master:
         raise SettingError(where("REDIS_SENTINEL_MASTER"), "", "the name of the master the sentinels monitor, since REDIS_SENTINELS is set")
     if urlsplit(s.redis_url).scheme == "unix":
@@ -538,15 +549,28 @@ def _check_sentinels(s: Settings, sources: Mapping[str, str]) -> None:
 
 
 def mask_url(url: str) -> str:
-    """Hide a URL's password, even one with characters that confuse URL parsers."""
+    """Hide a URL's passwords, in its user info and in its query (``?password=``,
+    which unix:// URLs use), even with characters that confuse URL parsers."""
     scheme, sep, rest = url.partition("://")
-    if not sep or "@" not in rest:
+    if not sep:
         return url
-    credentials, _, location = rest.rpartition("@")
-    user = credentials.split(":", 1)[0] if ":" in credentials else credentials
-    if ":" not in credentials:
-        return url  # a user name alone is no secret
-    return f"{scheme}://{user}:***@{location}"
+    rest, qsep, query = rest.partition("?")
+    if qsep:
+        query = _QUERY_SECRET.sub(lambda m: m.group(1) + "***", query)
+    if "@" in rest:
+        credentials, _, location = rest.rpartition("@")
+        if ":" in credentials:  # a user name alone is no secret
+            rest = f"{credentials.split(':', 1)[0]}:***@{location}"
+    return f"{scheme}://{rest}{qsep}{query}"
+
+
+# The query options of redis-py's URLs that hold a secret.
+_QUERY_SECRET = re.compile(r"((?:^|&)(?:password|ssl_password)=)[^&#]*", re.IGNORECASE)
+
+
+def mask_host_list(items: Sequence[str]) -> str:
+    """A host:port list for messages, with any user:password@ in an entry hidden."""
+    return ",".join(f"***@{item.rpartition('@')[2]}" if "@" in item else item for item in items)
 
 
 def effective(settings: Settings) -> list[tuple[Declaration, str]]:

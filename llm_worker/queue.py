@@ -49,10 +49,11 @@ def connect(settings: Settings, *, timeout: float | None = None,
     options: dict[str, Any] = dict(
         socket_timeout=socket_timeout,
         socket_connect_timeout=min(socket_timeout, 5.0),
-        socket_keepalive=True,
         retry=Retry(NoBackoff(), 0),
         client_name="llm-worker",
     )
+    if settings.redis.sentinels or urlsplit(settings.redis_url).scheme != "unix":
+        options["socket_keepalive"] = True  # TCP only: redis-py's socket connections refuse the option
     if on_connect is not None:
         def connected(conn: Any) -> None:
             conn.on_connect()  # what redis-py does when no redis_connect_func is given

@@ -357,9 +357,14 @@ def test_a_quoted_password_comes_back_unchanged() -> None:
     assert (unquote(parts.username or ""), unquote(parts.password or ""), parts.hostname) == ("app", password, "localhost")
 
 
-def test_a_unix_url_keeps_redis_password() -> None:
-    url = load(REDIS_URL="unix:///run/redis.sock", REDIS_PASSWORD="pw").redis_url
-    assert urlsplit(url).password == "pw" or "password=pw" in url
+def test_a_unix_url_keeps_redis_password_where_redis_py_reads_it() -> None:
+    # redis-py takes a socket URL's password from its query; the URL must stay unix://.
+    # (A real connection over a socket is in test_security.py.)
+    url = load(REDIS_URL="unix:///run/redis.sock?db=2", REDIS_USERNAME="app", REDIS_PASSWORD="p&w").redis_url
+    assert url == "unix:///run/redis.sock?db=2&password=p%26w&username=app"
+    from redis.connection import parse_url
+    assert {k: v for k, v in parse_url(url).items() if k != "connection_class"} == {
+        "path": "/run/redis.sock", "db": 2, "password": "p&w", "username": "app"}
 
 
 def test_a_lone_username_is_used_without_redis_url() -> None:
@@ -396,6 +401,43 @@ def test_a_password_built_into_the_url_is_masked() -> None:
     assert "p@ss-3c" not in config.mask_url(settings.redis_url)
     assert "p%40ss-3c" not in config.mask_url(settings.redis_url)
     assert config.mask_url("redis://:a@b@cache/0") == "redis://:***@cache/0"
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("unix:///run/redis.sock?password=s3cr3t", "unix:///run/redis.sock?password=***"),
+    ("unix:///run/r.sock?db=1&PASSWORD=s3cr3t&username=app", "unix:///run/r.sock?db=1&PASSWORD=***&username=app"),
+    ("rediss://cache:6380/0?ssl_password=s3cr3t&ssl_cert_reqs=none", "rediss://cache:6380/0?ssl_password=***&ssl_cert_reqs=none"),
+    ("redis://app:s3cr3t@cache:6379/0?password=s3cr3t", "redis://app:***@cache:6379/0?password=***"),
+    ("redis://cache:6379/0?db=1", "redis://cache:6379/0?db=1"),
+])
+def test_a_password_in_the_query_is_masked(url: str, shown: str) -> None:
+    assert config.mask_url(url) == shown
+    assert config.redis_location(load(REDIS_URL=url)) == shown
+
+
+@pytest.mark.parametrize(("name", "toml"), [("REDIS_PASSWORD", '["s3cr3t"]'), ("ADMIN_TOKEN", "123456789"),
+                                            ("OPENAI_API_KEY", '{ k = "s3cr3t" }')])
+def test_a_secret_of_the_wrong_shape_is_refused_without_echoing_it(tmp_path: Path, name: str, toml: str) -> None:
+    decl = next(d for d in DECLARATIONS if d.env == name)
+    path = write_toml(tmp_path, f"[{decl.section}]\n{decl.name} = {toml}\n")
+    error = refused({}, path)
+    assert error.source == f"{decl.toml_key} in {path}" and error.value == "***"
+    assert "s3cr3t" not in str(error) and "123456789" not in str(error)
+
+
+def test_a_sentinel_entry_with_credentials_is_refused_without_echoing_them() -> None:
+    error = refused({"REDIS_SENTINELS": "10.0.0.1:26379,admin:s3cr3t@10.0.0.2:26379", "REDIS_SENTINEL_MASTER": "m"})
+    assert error.source == "REDIS_SENTINELS" and error.value == "10.0.0.1:26379,***@10.0.0.2:26379"
+    assert "s3cr3t" not in str(error) and "REDIS_SENTINEL_PASSWORD" in error.allowed
+
+
+@pytest.mark.parametrize("name", ["OLLAMA_BASE_URL", "OPENAI_BASE_URL"])
+def test_credentials_in_a_provider_url_are_refused_not_dropped(name: str) -> None:
+    # The HTTP client sends no user info: accepting it would fail later, and show it.
+    error = refused({name: "https://bob:s3cr3t@llm.internal:8443/v1"})
+    assert (error.source, error.value) == (name, "https://bob:***@llm.internal:8443/v1")
+    assert "s3cr3t" not in str(error) and "no user:password@" in error.allowed
+    assert load(**{name: "https://llm.internal:8443/v1/@models"})  # an '@' past the host is a path
 
 
 @pytest.mark.parametrize("url", ["redis://:abc/def@cache:6379/0", "redis://app:abc#def@cache:6379/0"])

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -118,6 +120,27 @@ def test_jobs_run_over_rediss_and_an_untrusted_certificate_stops_start_up(servic
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0
     assert "certificate verify failed" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_jobs_run_over_a_unix_socket_and_its_password_is_never_shown(service, tmp_path: Path) -> None:
+    # A socket's path must fit in sun_path (108 bytes); pytest's tmp_path may not.
+    sock_dir = Path(tempfile.mkdtemp(prefix="llmw-", dir="/tmp"))
+    sock = sock_dir / "redis.sock"
+    password = "unix-pw-4e1b"
+    try:
+        with LocalRedis(tmp_path / "redis", appendonly=False, password=password,
+                        extra=("--unixsocket", str(sock), "--unixsocketperm", "700")):
+            svc = service(REDIS_URL=f"unix://{sock}", REDIS_PASSWORD=password, WORKER_POOLS="llm-chat=1")
+            client = client_for(f"unix://{sock}", REDIS_PASSWORD=password)
+            job = client.submit("chat", {"messages": [{"role": "user", "content": "over a socket"}]}, model="llama3.2")
+            assert wait_all(client, [job])[job]["success"]
+            shown = subprocess.run([sys.executable, "-m", "llm_worker.cli", "check-config"], capture_output=True, text=True,
+                                   env={**_clean_env(), "REDIS_URL": f"unix://{sock}?password={password}&db=0"}, timeout=60)
+            assert shown.returncode == 0, shown.stderr
+            assert f"unix://{sock}?password=***&db=0" in shown.stdout
+            assert password not in svc.tail(2000) + shown.stdout + shown.stderr
+    finally:
+        shutil.rmtree(sock_dir, ignore_errors=True)
 
 
 def _clean_env() -> dict[str, str]:
