@@ -230,6 +230,10 @@ def _json(start_response: StartResponse, status: int, body: Any) -> list[bytes]:
     return [data]
 
 
+MAX_BODY = 64 * 1024
+MAX_HEADERS = 64 * 1024
+
+
 def serve(settings: Settings, state: SharedState, supervisor_pid: int, plugins: list[Found]) -> NoReturn:
     """The HTTP child's life: sample and serve until the supervisor says stop, or dies."""
     import waitress
@@ -240,8 +244,11 @@ def serve(settings: Settings, state: SharedState, supervisor_pid: int, plugins: 
     threading.Thread(target=exit_with_parent, args=(supervisor_pid,), daemon=True, name="parent-watch").start()
     app = App(settings, state)
     try:
+        # No route reads a body (admin actions take their arguments in the query), so
+        # waitress refuses big ones with 413 instead of buffering up to its 1 GiB default.
         server = waitress.create_server(app, host=settings.http.host, port=settings.http.port,
-                                        threads=4, ident="llm-worker", channel_timeout=30)
+                                        threads=4, ident="llm-worker", channel_timeout=30,
+                                        max_request_body_size=MAX_BODY, max_request_header_size=MAX_HEADERS)
     except OSError as exc:
         log.error(f"cannot listen on {settings.http.host}:{settings.http.port}: {exc.strerror}")
         os._exit(1)

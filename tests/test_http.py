@@ -6,6 +6,7 @@ import gzip
 import os
 import shutil
 import signal
+import socket
 import subprocess
 
 import pytest
@@ -13,6 +14,7 @@ import redis
 import urllib3
 from prometheus_client.parser import text_string_to_metric_families
 
+from llm_worker.http import MAX_BODY
 from llm_worker.simulator import Simulator
 from support import chat, client_for, eventually, wait_all
 
@@ -257,3 +259,19 @@ def test_admin_routes_need_the_token_and_are_off_without_one(service, redis_url:
         assert b"s3cret-token" not in urllib3.request("GET", svc.url + path).data
     off = service(WORKER_POOLS="llm-chat=1")
     assert urllib3.request("GET", off.url + "/admin/queue/stats", headers={"Authorization": "Bearer x"}).status == 404
+
+
+def test_a_request_body_past_the_limit_is_refused_before_it_is_read(service) -> None:
+    svc = service(ADMIN_TOKEN="s3cret-token", WORKER_POOLS="llm-chat=1")
+    host, port = svc.url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        # A megabyte announced, a kilobyte sent: without the limit waitress waits for
+        # (and buffers) the rest, up to its default of a gigabyte.
+        conn.sendall(b"POST /admin/breakers/reset?key=x HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer s3cret-token\r\n"
+                     b"Content-Length: 1048576\r\n\r\n" + b"x" * 1024)
+        status_line = conn.makefile("rb").readline()
+    assert status_line.split()[1] == b"413", status_line
+    small = urllib3.request("POST", svc.url + "/admin/breakers/reset?key=ollama:llama3.2", body=b"x" * (MAX_BODY // 2),
+                            headers={"Authorization": "Bearer s3cret-token"})
+    assert small.status != 413
+    assert urllib3.request("GET", svc.url + "/health/live").status == 200
