@@ -319,11 +319,8 @@ def decode(raw: bytes, settings: Settings) -> Decoded:
     """
     limits = settings.limits
     if len(raw) > limits.max_job_bytes:
-        match = _LEADING_ID.match(raw[:4096])
-        raise Malformed(
-            f"payload of {len(raw)} bytes is over MAX_JOB_BYTES ({limits.max_job_bytes})",
-            match.group(1).decode() if match else None,
-        )
+        raise Malformed(f"payload of {len(raw)} bytes is over MAX_JOB_BYTES ({limits.max_job_bytes})",
+                        job_id_of(raw, limits.max_job_bytes))
     try:
         # msgspec skips unknown keys without checking their UTF-8; a dead letter
         # embeds the payload as JSON, so all of it must be text.
@@ -345,6 +342,19 @@ def decode(raw: bytes, settings: Settings) -> Decoded:
         return _validate(job, raw, settings)
     except (msgspec.ValidationError, JobError) as exc:
         raise Invalid(str(exc), _loose_object(raw) or {"id": job.id}) from None
+
+
+def job_id_of(raw: bytes, max_bytes: int) -> str | None:
+    """The id of a payload that may be no job at all, reading no more than MAX_JOB_BYTES allow.
+
+    A payload over the limit is not decoded (that is what the limit is for):
+    only an id that leads it counts. None when there is no usable id.
+    """
+    if len(raw) > max_bytes:
+        match = _LEADING_ID.match(raw[:4096])
+        return match.group(1).decode() if match else None
+    job_id = (_loose_object(raw) or {}).get("id")
+    return job_id if isinstance(job_id, str) and _JOB_ID.match(job_id) else None
 
 
 def loose(raw: bytes) -> Any:

@@ -375,7 +375,7 @@ class ReliableQueue:
         s = self.settings
         keys = [k.processing(worker_id), queue, k.dead_letter, k.events, k.heartbeat(worker_id), k.registry]
         args = [1 if crashed else 0, s.worker.max_crashes, k.prefix, iso(), worker_id, self.ttl,
-                EVENTS_MAXLEN, 1 if only_if_expired else 0, CRASH_COUNTER_TTL]
+                EVENTS_MAXLEN, 1 if only_if_expired else 0, CRASH_COUNTER_TTL, s.limits.max_job_bytes]
         requeued, dead = self._recover(keys=keys, args=args)
         return int(requeued), int(dead)
 

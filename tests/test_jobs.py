@@ -248,6 +248,18 @@ def test_only_a_leading_id_is_recovered_from_an_oversized_payload(raw: bytes, jo
     assert error.job_id == job_id
 
 
+@pytest.mark.parametrize(("raw", "job_id"), [
+    (b'{"type": "chat", "id": "late"}', "late"),  # within the limit: decoded, any key order
+    (b'{"id": "bad id"}', None),
+    (b'{"id": ["x"]}', None),
+    (b"not json", None),
+    (b'{"type": "chat", "id": "late"}' + b" " * 1024, None),  # over it: only a leading id
+    (b'{"id": "lead"}' + b" " * 1024, "lead"),
+])
+def test_the_id_of_a_payload_is_read_within_max_job_bytes(raw: bytes, job_id: str | None) -> None:
+    assert jobs.job_id_of(raw, 1024) == job_id
+
+
 def test_a_payload_of_exactly_max_job_bytes_is_decoded() -> None:
     s = settings(MAX_JOB_BYTES=1024)
     raw = msgspec.json.encode(chat_job())

@@ -149,6 +149,24 @@ def test_a_payload_that_is_not_json_crashing_workers_is_dead_lettered_raw(rq: Re
     assert entry["raw"].endswith("not json") and entry["errorType"] == "crashed"
 
 
+def test_a_payload_over_max_job_bytes_is_recovered_without_being_decoded(redis_url: str, r: redis.Redis) -> None:
+    # Only an id that leads it is read, as a worker reads it (jobs.job_id_of): the
+    # script must not decode megabytes inside Redis, nor answer an id read past them.
+    rq = ReliableQueue(r, settings_for({"REDIS_URL": redis_url, "JOB_MAX_CRASHES": "1", "MAX_JOB_BYTES": "1024"}))
+    padding = "x" * 2048
+    leading = job("big-1", note=padding)
+    nested = msgspec.json.encode({"type": "chat", "request": {"messages": [{"content": padding}]}, "id": "late-id"})
+    assert leading.startswith(b'{"id":"big-1"') and len(leading) > 1024
+    for raw in (leading, nested):
+        r.lpush("llm:processing:" + WID, raw)
+        assert rq.recover(WID, "llm-chat", crashed=True) == (0, 1)
+    entries = [msgspec.json.decode(e) for e in r.lrange("llm-dead-letter", 0, -1)]
+    assert all("raw" in e and e["errorType"] == "crashed" for e in entries)
+    result = msgspec.json.decode(r.get("llm:result:big-1"))
+    assert (result["jobId"], result["errorType"], result["model"], result["correlationId"]) == ("big-1", "crashed", None, None)
+    assert not r.exists("llm:result:late-id")
+
+
 def test_another_hosts_worker_is_recovered_only_once_its_heartbeat_expired(rq: ReliableQueue, r: redis.Redis) -> None:
     info = WorkerInfo(queue="llm-chat", host="host-a", hostname="h", pid=100, since="t")
     rq.register(WID, info, ttl_ms=60_000)

@@ -116,6 +116,25 @@ def test_a_retryable_failure_is_retried_with_growing_delays_then_answered(servic
     assert_each_answered_once(r, [job_id])
 
 
+def test_a_retry_that_would_cross_max_job_bytes_is_answered_not_lost(service, sim: Simulator, redis_url: str, r: redis.Redis) -> None:
+    # The retry count we add would push the payload over the limit, and its id is
+    # not its first key: retried, the next take would dead-letter it with no result.
+    service(WORKER_POOLS="llm-chat=1", MAX_JOB_BYTES="4096", QUEUE_DELAY="50", OLLAMA_MAX_RETRIES="0")
+    sim.set_faults([Fault(kind="status", status=500, reason="internal", count=1)])
+    body = {"type": "chat", "userId": "u", "model": "llama3.2", "request": {"messages": [{"role": "user", "content": ""}]},
+            "id": "near-limit"}
+    body["request"]["messages"][0]["content"] = "x" * (4096 - 4 - len(msgspec.json.encode(body)))
+    raw = msgspec.json.encode(body)
+    assert 4090 <= len(raw) <= 4096
+    r.lpush("llm-chat", raw)
+    result = client_for(redis_url).wait("near-limit", 20)
+    assert result is not None and result["success"] is False and result["errorType"] == "provider"
+    assert "not retried" in result["error"] and "MAX_JOB_BYTES (4096)" in result["error"]
+    entry = msgspec.json.decode(r.lindex("llm-dead-letter", 0))
+    assert entry["job"]["id"] == "near-limit" and entry["errorType"] == "provider"
+    assert nothing_held(r)
+
+
 def test_a_job_out_of_attempts_is_dead_lettered_with_its_failure_result(service, sim: Simulator, redis_url: str, r: redis.Redis) -> None:
     service(WORKER_POOLS="llm-chat=1", QUEUE_DELAY="50", QUEUE_MAX_ATTEMPTS="2", OLLAMA_MAX_RETRIES="0")
     sim.set_faults([Fault(kind="status", status=500, reason="oom")])

@@ -12,6 +12,8 @@
 -- ARGV[5] dead worker id       ARGV[6] result ttl, s  ARGV[7] events maxlen
 -- ARGV[8] "1": only if the heartbeat key has expired (another host's worker)
 -- ARGV[9] crash counter ttl, s
+-- ARGV[10] MAX_JOB_BYTES: a larger payload is not decoded (it would block Redis),
+--          only an id that leads it is read, as the workers do
 -- Returns {requeued, dead_lettered}, or {-1, 0} when the worker is alive.
 if ARGV[8] == '1' and redis.call('EXISTS', KEYS[5]) == 1 then
   return {-1, 0}
@@ -20,9 +22,15 @@ local requeued, dead = 0, 0
 while true do
   local raw = redis.call('LPOP', KEYS[1])
   if not raw then break end
-  local ok, job = pcall(cjson.decode, raw)
-  if not ok or type(job) ~= 'table' then job = nil end
-  local id = job and type(job['id']) == 'string' and job['id'] or nil
+  local job, id = nil, nil
+  if #raw > tonumber(ARGV[10]) then
+    id = string.match(string.sub(raw, 1, 4096), '^%s*{%s*"id"%s*:%s*"([%w._:%-]+)"')
+    if id and #id > 128 then id = nil end
+  else
+    local ok, value = pcall(cjson.decode, raw)
+    if ok and type(value) == 'table' then job = value end
+    id = job and type(job['id']) == 'string' and job['id'] or nil
+  end
   local crashes = 0
   if ARGV[1] == '1' then
     local counter = ARGV[3] .. 'crashes:' .. (id or redis.sha1hex(raw))
@@ -45,13 +53,14 @@ while true do
     redis.call('HINCRBY', ARGV[3] .. 'stats:' .. KEYS[2], 'failed', 1)
     local str = function(v) if type(v) == 'string' then return v end return cjson.null end
     if id then
-      local model = job and str(job['model'])
+      local fields = job or {}  -- an oversized payload's fields are not read
+      local model = str(fields['model'])
       local result = cjson.encode({jobId = id, success = false, response = cjson.null,
         error = reason, errorType = 'crashed', processingTime = 0, queueTime = cjson.null,
         model = model, requestedModel = model, tokensUsed = cjson.null,
         promptTokens = cjson.null, completionTokens = cjson.null,
-        retryCount = tonumber(job['retryCount']) or 0, fallbackUsed = false, cacheHit = false,
-        workerId = ARGV[5], correlationId = str(job['correlationId']), completedAt = ARGV[4]})
+        retryCount = tonumber(fields['retryCount']) or 0, fallbackUsed = false, cacheHit = false,
+        workerId = ARGV[5], correlationId = str(fields['correlationId']), completedAt = ARGV[4]})
       redis.call('SET', ARGV[3] .. 'result:' .. id, result, 'EX', ARGV[6])
       local done = ARGV[3] .. 'done:' .. id
       redis.call('DEL', done)

@@ -108,6 +108,13 @@ class Finisher:
         if probed:  # an addition to the job (docs/protocol.md): failed breaker probes, which spend no attempt
             loose["probeFailures"] = _probe_failures(d.raw) + 1
         payload = jobs.encode(loose)
+        limit = self.settings.limits.max_job_bytes
+        if len(payload) > limit:
+            # The counters we add would make the next take refuse it as malformed,
+            # with no result when its id is not the first key: fail it now, answered.
+            reason = (f"{error.message} (not retried: with its retry count the job is {len(payload)} bytes, "
+                      f"over MAX_JOB_BYTES ({limit}))")
+            return self._dead(d, taken, reason, error.kind, d.job.retry_count + max(1, spent), stream="error" if d.stream else "")
         delay_ms = int(max(0.0, due - time.time()) * 1000)
         done = self.guard(self.rq.retry_later, self.worker_id, d.raw, self.queue, payload, due, take_from=self._take)
         if done.ours:
@@ -142,7 +149,8 @@ class Finisher:
         done = self.guard(self.rq.dead_letter, self.worker_id, raw, entry, result, take_from=self._take)
         if done.ours:
             self._rejected(exc.job_id, None, exc.reason, now, failed=result is not None)
-        log.warning("malformed payload dead-lettered", extra={"jobId": exc.job_id, "queue": self.queue, "error": exc.reason, "bytes": len(raw)})
+        self._report_refused(done.ours, "malformed payload", {"jobId": exc.job_id, "queue": self.queue, "error": exc.reason,
+                                                              "bytes": len(raw)})
         return done.next
 
     def invalid(self, raw: bytes, exc: Invalid) -> bytes | None:
@@ -158,8 +166,15 @@ class Finisher:
         done = self.guard(self.rq.dead_letter, self.worker_id, raw, entry, result, take_from=self._take)
         if done.ours:
             self._rejected(job_id, correlation, exc.reason, now, failed=True)
-        log.warning("invalid job dead-lettered", extra={"jobId": job_id, "correlationId": correlation, "error": exc.reason})
+        self._report_refused(done.ours, "invalid job", {"jobId": job_id, "correlationId": correlation, "error": exc.reason})
         return done.next
+
+    @staticmethod
+    def _report_refused(ours: bool, what: str, fields: dict[str, Any]) -> None:
+        if ours:
+            log.warning(f"{what} dead-lettered", extra=fields)
+        else:  # recovered from us meanwhile: its new holder dead-letters it
+            log.warning(f"{what} no longer ours; dead letter dropped", extra=fields)
 
     def _rejected(self, job_id: str | None, correlation: str | None, reason: str, now: str, *, failed: bool) -> None:
         data = {"jobId": job_id, "workerId": self.worker_id, "timestamp": now, "queue": self.queue,

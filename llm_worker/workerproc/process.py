@@ -206,10 +206,13 @@ class WorkerProcess:
     def _handle(self, raw: bytes) -> bytes | None:
         """Run one job to its outcome; return the next job if finishing took one."""
         taken = time.time()
+        # In hand before decoding: finishing a malformed job writes to Redis, and a
+        # reconcile on the way must not hand back the job being finished.
+        self.in_hand = [raw]
         decoded = self._decode(raw)
         if not isinstance(decoded, Decoded):
+            self.in_hand = []
             return decoded  # finished unrun; its finish may have taken the next job
-        self.in_hand = [raw]
         self.slot.begin(decoded.job.id, decoded.timeout)
         try:
             refused = self._admit(decoded, taken)
@@ -269,10 +272,12 @@ class WorkerProcess:
         """
         w = self.settings.worker
         taken = [(first, time.time())]
+        self.in_hand = [first]  # held while we gather: a reconcile must not hand them back
         until = time.monotonic() + w.batch_timeout / 1000
         while self._wants_more():
             more = self._guard(self.rq.take_waiting, self.queue_name, self.id, w.batch_size - len(taken))
             taken += [(raw, time.time()) for raw in more]
+            self.in_hand += more
             left = until - time.monotonic()
             if len(taken) >= w.batch_size or left <= 0:
                 break
@@ -383,7 +388,7 @@ class WorkerProcess:
         for raw in self.rq.held(self.id):
             if raw in self.in_hand:
                 continue
-            job_id = _job_id(raw)
+            job_id = jobs.job_id_of(raw, self.settings.limits.max_job_bytes)
             if job_id is not None and self.client.exists(self.rq.keys.result(job_id)):
                 self.rq.forget(self.id, raw)
             else:
@@ -407,12 +412,3 @@ def _groups(jobs: list[tuple[Decoded, float]]) -> list[list[tuple[Decoded, float
             key = (task.model, request.truncate, msgspec.json.encode(request.keep_alive), options)
         groups.setdefault(key, []).append(item)
     return list(groups.values())
-
-
-def _job_id(raw: bytes) -> str | None:
-    try:
-        value = jobs.loose(raw)
-    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
-        return None
-    job_id = value.get("id") if isinstance(value, dict) else None
-    return job_id if isinstance(job_id, str) else None
