@@ -16,7 +16,7 @@ import msgspec
 import redis
 
 from llm_worker.config import Settings
-from llm_worker.queue import Keys
+from llm_worker.queue import Keys, registered_workers
 
 _MOVE = """
 if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
@@ -71,8 +71,7 @@ class QueueAdmin:
         dead-letter totals.
         """
         names = self.queues()
-        registry = self.redis.hgetall(self.keys.registry)
-        holders = [(worker.decode(), msgspec.json.decode(info).get("queue")) for worker, info in registry.items()]
+        holders = [(worker, info.queue) for worker, info in registered_workers(self.redis, self.keys).items()]
         pipe = self.redis.pipeline(transaction=False)
         for name in names:
             pipe.llen(name)

@@ -262,6 +262,17 @@ def _script(name: str) -> str:
     return resources.files("llm_worker").joinpath(f"lua/{name}.lua").read_text()
 
 
+def registered_workers(client: redis.Redis, keys: Keys) -> dict[str, WorkerInfo]:
+    """Every host's registered workers; an entry that is not one of ours (hand-edited, say) is skipped."""
+    out = {}
+    for worker_id, blob in client.hgetall(keys.registry).items():
+        try:
+            out[worker_id.decode()] = msgspec.json.decode(blob, type=WorkerInfo)
+        except (msgspec.MsgspecError, UnicodeDecodeError):
+            continue
+    return out
+
+
 class ReliableQueue:
     """Queue operations over one Redis connection, for one process."""
 
@@ -361,13 +372,7 @@ class ReliableQueue:
         pipe.execute()
 
     def registered(self) -> dict[str, WorkerInfo]:
-        out = {}
-        for worker_id, blob in self.redis.hgetall(self.keys.registry).items():
-            try:
-                out[worker_id.decode()] = msgspec.json.decode(blob, type=WorkerInfo)
-            except msgspec.MsgspecError:
-                continue
-        return out
+        return registered_workers(self.redis, self.keys)
 
     def recover(self, worker_id: str, queue: str, *, crashed: bool, only_if_expired: bool = False) -> tuple[int, int]:
         """Hand back a gone worker's jobs. Returns (requeued, dead-lettered); (-1, 0) if alive."""

@@ -193,3 +193,14 @@ def test_retry_delay_grows_exponentially_with_equal_jitter_and_is_capped() -> No
         assert max(delays) - min(delays) > full / 10  # jittered, not constant
     fixed = settings_for({"QUEUE_DELAY": "1000", "QUEUE_BACKOFF_TYPE": "fixed"})
     assert all(0.5 <= retry_delay(fixed, n) <= 1.0 for n in range(6))
+
+
+def test_queue_stats_count_what_registered_workers_hold_and_skip_an_entry_not_ours(redis_url: str, r: redis.Redis) -> None:
+    from llm_worker.admin import QueueAdmin
+    settings = settings_for({"REDIS_URL": redis_url})
+    info = WorkerInfo(queue="llm-chat", host="host-a", hostname="h", pid=100, since="t")
+    r.hset("llm:workers", mapping={WID: msgspec.json.encode(info), "hand-edited": b"{not json", "old": b'{"queue": 5}'})
+    r.lpush("llm:processing:" + WID, job("a"))
+    r.lpush("llm:processing:hand-edited", job("b"))
+    stats = QueueAdmin(r, settings).stats()  # was a 500 from /admin/queue/stats
+    assert stats["llm-chat"]["active"] == 1
