@@ -19,7 +19,7 @@ import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import quote, unquote_plus, urlsplit, urlunsplit
 
 import msgspec
 from msgspec import Meta, Struct, field
@@ -504,7 +504,7 @@ def _check_consistency(s: Settings, sources: Mapping[str, str]) -> None:
     if s.queue.max_delay < s.queue.delay:
         raise SettingError(where("QUEUE_MAX_DELAY"), s.queue.max_delay, f"at least QUEUE_DELAY ({s.queue.delay})")
     url = s.redis.url
-    credentials = url.partition("://")[2].rpartition("@")[0]
+    credentials = _split_userinfo(url.partition("://")[2])[0]
     if any(c in credentials for c in "/?#"):
         raise SettingError(where("REDIS_URL"), mask_url(url), "credentials with '/', '?' and '#' percent-encoded (%2F, %3F, %23)")
     try:
@@ -518,8 +518,8 @@ def _check_consistency(s: Settings, sources: Mapping[str, str]) -> None:
     for name, base in (("OLLAMA_BASE_URL", s.ollama.base_url), ("OPENAI_BASE_URL", s.openai.base_url)):
         # The HTTP client sends no user info, so credentials there would be dropped
         # in silence, and shown wherever the URL is (check-config, /status).
-        if "@" in base.partition("://")[2].partition("/")[0]:
-            raise SettingError(where(name), mask_url(base), "a URL with no user:password@ in it (llm-worker sends none; "
+        if "@" in re.split(r"[/?#]", base.partition("://")[2], maxsplit=1)[0]:
+            raise SettingError(where(name), mask_url(base, hide_user=True), "a URL with no user:password@ in it (llm-worker sends none; "
                                "an OpenAI-compatible API's key goes in OPENAI_API_KEY)")
 
 
@@ -548,24 +548,45 @@ def _check_sentinels(s: Settings, sources: Mapping[str, str]) -> None:
 # --------------------------------------------------------------------------
 
 
-def mask_url(url: str) -> str:
+def mask_url(url: str, *, hide_user: bool = False) -> str:
     """Hide a URL's passwords, in its user info and in its query (``?password=``,
-    which unix:// URLs use), even with characters that confuse URL parsers."""
+    which unix:// URLs use), even with characters that confuse URL parsers.
+
+    ``hide_user`` hides a lone user name too: in an HTTP URL it is often a token.
+    """
     scheme, sep, rest = url.partition("://")
     if not sep:
         return url
-    rest, qsep, query = rest.partition("?")
+    credentials, location = _split_userinfo(rest)
+    if credentials:
+        user, colon, _ = credentials.partition(":")
+        if colon or hide_user:
+            rest = f"{user}:***@{location}" if colon and not hide_user else f"***@{location}"
+    head, qsep, query = rest.partition("?")
     if qsep:
-        query = _QUERY_SECRET.sub(lambda m: m.group(1) + "***", query)
-    if "@" in rest:
-        credentials, _, location = rest.rpartition("@")
-        if ":" in credentials:  # a user name alone is no secret
-            rest = f"{credentials.split(':', 1)[0]}:***@{location}"
-    return f"{scheme}://{rest}{qsep}{query}"
+        query, hsep, fragment = query.partition("#")
+        # redis-py percent-decodes option names as well as values (parse_qs).
+        query = "&".join(f"{item.partition('=')[0]}=***" if unquote_plus(item.partition("=")[0]).lower() in _QUERY_SECRETS
+                         else item for item in query.split("&")) + hsep + fragment
+    return f"{scheme}://{head}{qsep}{query}"
+
+
+def _split_userinfo(rest: str) -> tuple[str, str]:
+    """A URL's text after '://' as (user info, the rest); user info is '' when there is none.
+
+    Split at the last '@', as redis-py does, so that a password may hold a raw
+    '@', '/' or '?' (the settings refuse the last two, showing them masked);
+    but an '@' after a '/', '?' or '#' in the user name is the path's or query's
+    (``unix:///s.sock?password=a@b``).
+    """
+    credentials, at, location = rest.rpartition("@")
+    if not at or any(c in credentials.partition(":")[0] for c in "/?#"):
+        return "", rest
+    return credentials, location
 
 
 # The query options of redis-py's URLs that hold a secret.
-_QUERY_SECRET = re.compile(r"((?:^|&)(?:password|ssl_password)=)[^&#]*", re.IGNORECASE)
+_QUERY_SECRETS = {"password", "ssl_password"}
 
 
 def mask_host_list(items: Sequence[str]) -> str:

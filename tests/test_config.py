@@ -409,6 +409,9 @@ def test_a_password_built_into_the_url_is_masked() -> None:
     ("rediss://cache:6380/0?ssl_password=s3cr3t&ssl_cert_reqs=none", "rediss://cache:6380/0?ssl_password=***&ssl_cert_reqs=none"),
     ("redis://app:s3cr3t@cache:6379/0?password=s3cr3t", "redis://app:***@cache:6379/0?password=***"),
     ("redis://cache:6379/0?db=1", "redis://cache:6379/0?db=1"),
+    ("unix:///run/r.sock?pass%77ord=s3cr3t", "unix:///run/r.sock?pass%77ord=***"),  # redis-py decodes names too
+    ("unix:///run/r.sock?password=a@s3cr3t", "unix:///run/r.sock?password=***"),
+    ("unix:///run/r.sock?password=a:b@s3cr3t", "unix:///run/r.sock?password=***"),
 ])
 def test_a_password_in_the_query_is_masked(url: str, shown: str) -> None:
     assert config.mask_url(url) == shown
@@ -435,12 +438,17 @@ def test_a_sentinel_entry_with_credentials_is_refused_without_echoing_them() -> 
 def test_credentials_in_a_provider_url_are_refused_not_dropped(name: str) -> None:
     # The HTTP client sends no user info: accepting it would fail later, and show it.
     error = refused({name: "https://bob:s3cr3t@llm.internal:8443/v1"})
-    assert (error.source, error.value) == (name, "https://bob:***@llm.internal:8443/v1")
+    assert (error.source, error.value) == (name, "https://***@llm.internal:8443/v1")
     assert "s3cr3t" not in str(error) and "no user:password@" in error.allowed
+    token = refused({name: "https://sk-s3cr3t@llm.internal/v1"})  # a lone user name there is often a key
+    assert token.value == "https://***@llm.internal/v1"
     assert load(**{name: "https://llm.internal:8443/v1/@models"})  # an '@' past the host is a path
+    assert load(**{name: "https://llm.internal?a@b"})
 
 
-@pytest.mark.parametrize("url", ["redis://:abc/def@cache:6379/0", "redis://app:abc#def@cache:6379/0"])
+@pytest.mark.parametrize("url", ["redis://:abc/def@cache:6379/0", "redis://app:abc#def@cache:6379/0",
+                                 "redis://app:pa?abc@cache:6379/0", "redis://:abc?x@cache/0",
+                                 "redis://app:a/b?abc@cache:6379/0?password=abc"])
 def test_a_password_with_url_delimiters_is_never_shown(url: str) -> None:
     try:
         settings = config.load({"REDIS_URL": url}).settings
