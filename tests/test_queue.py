@@ -167,6 +167,15 @@ def test_a_payload_over_max_job_bytes_is_recovered_without_being_decoded(redis_u
     assert not r.exists("llm:result:late-id")
 
 
+def test_a_crashed_job_with_an_id_no_worker_accepts_gets_no_result_key(redis_url: str, r: redis.Redis) -> None:
+    rq = ReliableQueue(r, settings_for({"REDIS_URL": redis_url, "JOB_MAX_CRASHES": "1"}))
+    for bad in ("", "a b", "x" * 129, "ü"):
+        r.lpush("llm:processing:" + WID, job(bad))
+        assert rq.recover(WID, "llm-chat", crashed=True) == (0, 1)
+    assert r.llen("llm-dead-letter") == 4
+    assert not [key for key in r.scan_iter("llm:result:*")]
+
+
 def test_another_hosts_worker_is_recovered_only_once_its_heartbeat_expired(rq: ReliableQueue, r: redis.Redis) -> None:
     info = WorkerInfo(queue="llm-chat", host="host-a", hostname="h", pid=100, since="t")
     rq.register(WID, info, ttl_ms=60_000)

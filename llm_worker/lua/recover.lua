@@ -25,12 +25,13 @@ while true do
   local job, id = nil, nil
   if #raw > tonumber(ARGV[10]) then
     id = string.match(string.sub(raw, 1, 4096), '^%s*{%s*"id"%s*:%s*"([%w._:%-]+)"')
-    if id and #id > 128 then id = nil end
   else
     local ok, value = pcall(cjson.decode, raw)
     if ok and type(value) == 'table' then job = value end
     id = job and type(job['id']) == 'string' and job['id'] or nil
   end
+  -- Only an id a worker would accept (JOB_ID) gets a result key.
+  if id and (#id > 128 or not string.match(id, '^[%w._:%-]+$')) then id = nil end
   local crashes = 0
   if ARGV[1] == '1' then
     local counter = ARGV[3] .. 'crashes:' .. (id or redis.sha1hex(raw))
