@@ -782,7 +782,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sentinel", action="store_true", help="Redis as a master, a replica and three sentinels: "
                         "'kill and restart Redis' kills the master, and a planned failover joins the disruptions")
     parser.add_argument("--workdir", help="keep Redis's data and the service logs here (default: a temporary "
-                                          "directory, removed unless conservation breaks)")
+                                          "directory, removed unless conservation breaks or an old master does not rejoin)")
     args = parser.parse_args(argv)
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="llm-worker-chaos-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -792,10 +792,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(msgspec.json.format(msgspec.json.encode(figures), indent=2).decode())
     holds = figures["conservation"]["holds"]
-    if holds and not args.workdir:
+    # An old master that never rejoined is Redis's business, not a broken drill,
+    # but its cause is only in the sentinels' and servers' logs: keep them.
+    stuck = [d for d in figures["disruptions"] if "oldMasterReplicaAfterSeconds" in d
+             and d["oldMasterReplicaAfterSeconds"] is None]
+    if holds and not stuck and not args.workdir:
         shutil.rmtree(workdir, ignore_errors=True)
-    elif not holds:
-        print(f"service logs and Redis data kept in {workdir}", flush=True)
+    elif not holds or stuck:
+        why = "conservation broke" if not holds else f"{len(stuck)} old master(s) did not rejoin as a replica in time"
+        print(f"{why}: service, Redis and sentinel logs and Redis data kept in {workdir}", flush=True)
     return 0 if holds else 1
 
 
