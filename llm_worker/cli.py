@@ -11,7 +11,7 @@ from typing import Any
 import msgspec
 import redis
 
-from llm_worker import __version__, config, exitcodes
+from llm_worker import __version__, config, exitcodes, urls
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -33,7 +33,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except redis.ConnectionError as exc:  # submit, queues: say so in a line, not a traceback
         settings = getattr(args, "_settings", None)
-        where = config.redis_location(settings) if settings else "Redis"
+        where = urls.redis_location(settings) if settings else "Redis"
         print(f"llm-worker: cannot reach {where}: {exc}", file=sys.stderr)
         return 1
 
@@ -124,7 +124,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     for decl, value in config.effective(loaded.settings):
         source = loaded.sources.get(decl.env, "default")
         print(f"{decl.env:<{width}}  {value:<32}  ({source})")
-    print(f"{'(redis url)':<{width}}  {config.mask_url(loaded.settings.redis_url):<32}  (derived)")
+    print(f"{'(redis url)':<{width}}  {urls.mask_url(loaded.settings.redis_url):<32}  (derived)")
     print(f"{'(pools)':<{width}}  {','.join(f'{k}={v}' for k, v in loaded.settings.pools.items()):<32}  (derived)")
     print("settings are valid", file=sys.stderr)
     return exitcodes.OK

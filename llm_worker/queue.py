@@ -24,8 +24,9 @@ from redis.exceptions import MasterDownError, ReadOnlyError
 from redis.retry import Retry
 from redis.sentinel import Sentinel, SentinelConnectionPool
 
-from llm_worker.config import Settings, sentinel_addresses
+from llm_worker.config import Settings
 from llm_worker.jobs import DeadLetter, Result, iso
+from llm_worker.urls import sentinel_addresses
 
 EVENTS_MAXLEN = 100_000
 STREAM_MAXLEN = 10_000
@@ -52,7 +53,7 @@ def connect(settings: Settings, *, timeout: float | None = None,
         retry=Retry(NoBackoff(), 0),
         client_name="llm-worker",
     )
-    if settings.redis.sentinels or urlsplit(settings.redis_url).scheme != "unix":
+    if urlsplit(settings.redis_url).scheme != "unix":  # (sentinels are TCP: settings refuse unix:// with them)
         options["socket_keepalive"] = True  # TCP only: redis-py's socket connections refuse the option
     if on_connect is not None:
         def connected(conn: Any) -> None:

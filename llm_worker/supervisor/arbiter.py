@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 import redis
 
 from llm_worker import exitcodes
-from llm_worker.config import SettingError, Settings, redis_location
+from llm_worker.config import SettingError, Settings
 from llm_worker.jobs import iso
 from llm_worker.pluginmanager import Found
 from llm_worker.queue import ReliableQueue, WorkerInfo, connect
@@ -29,6 +29,7 @@ from llm_worker.sdnotify import Notifier
 from llm_worker.supervisor.services import Services, Spawn
 from llm_worker.supervisor.signals import SignalQueue
 from llm_worker.supervisor.systemd import SystemdLink
+from llm_worker.urls import redis_location
 
 log = logging.getLogger("llm_worker.supervisor")
 

@@ -91,7 +91,7 @@ class Finisher:
         reason = error.message
         if error.retryable and attempt >= d.max_attempts:
             reason = f"{reason} (gave up after {attempt} attempts)"
-        return self._dead(d, taken, reason, error.kind, attempt, stream="error" if d.stream else "")
+        return self._dead(d, taken, reason, error.kind, attempt)
 
     @staticmethod
     def _probed_enough(d: Decoded, error: BreakerOpen) -> bool:
@@ -114,7 +114,7 @@ class Finisher:
             # with no result when its id is not the first key: fail it now, answered.
             reason = (f"{error.message} (not retried: with its retry count the job is {len(payload)} bytes, "
                       f"over MAX_JOB_BYTES ({limit}))")
-            return self._dead(d, taken, reason, error.kind, d.job.retry_count + max(1, spent), stream="error" if d.stream else "")
+            return self._dead(d, taken, reason, error.kind, d.job.retry_count + max(1, spent))
         delay_ms = int(max(0.0, due - time.time()) * 1000)
         done = self.guard(self.rq.retry_later, self.worker_id, d.raw, self.queue, payload, due, take_from=self._take)
         if done.ours:
@@ -123,11 +123,12 @@ class Finisher:
         self._report(done.ours, d, "retried", None, errorType=error.kind.value, delayMs=delay_ms)
         return done.next
 
-    def _dead(self, d: Decoded, taken: float, reason: str, kind: ErrorKind, attempts: int, stream: str = "") -> bytes | None:
+    def _dead(self, d: Decoded, taken: float, reason: str, kind: ErrorKind, attempts: int) -> bytes | None:
         result = self._result(d, taken, success=False, error=reason, kind=kind, attempts=attempts - d.job.retry_count)
         entry = DeadLetter(job=msgspec.Raw(d.raw), queue=self.queue, error=reason, error_type=kind.value,
                            failed_at=result.completed_at, attempts=attempts, worker_id=self.worker_id)
-        done = self.guard(self.rq.dead_letter, self.worker_id, d.raw, entry, result, stream=stream, take_from=self._take)
+        done = self.guard(self.rq.dead_letter, self.worker_id, d.raw, entry, result, stream="error" if d.stream else "",
+                          take_from=self._take)
         if done.ours:
             failure = JobError(reason, kind)
             self.plugins.record(self._record(records.FAILED, d, taken, outcome="failed", error=failure, result=result,
@@ -149,8 +150,8 @@ class Finisher:
         done = self.guard(self.rq.dead_letter, self.worker_id, raw, entry, result, take_from=self._take)
         if done.ours:
             self._rejected(exc.job_id, None, exc.reason, now, failed=result is not None)
-        self._report_refused(done.ours, "malformed payload", {"jobId": exc.job_id, "queue": self.queue, "error": exc.reason,
-                                                              "bytes": len(raw)})
+        _say(done.ours, "malformed payload dead-lettered", {"jobId": exc.job_id, "queue": self.queue, "error": exc.reason,
+                                                            "bytes": len(raw)})
         return done.next
 
     def invalid(self, raw: bytes, exc: Invalid) -> bytes | None:
@@ -166,15 +167,8 @@ class Finisher:
         done = self.guard(self.rq.dead_letter, self.worker_id, raw, entry, result, take_from=self._take)
         if done.ours:
             self._rejected(job_id, correlation, exc.reason, now, failed=True)
-        self._report_refused(done.ours, "invalid job", {"jobId": job_id, "correlationId": correlation, "error": exc.reason})
+        _say(done.ours, "invalid job dead-lettered", {"jobId": job_id, "correlationId": correlation, "error": exc.reason})
         return done.next
-
-    @staticmethod
-    def _report_refused(ours: bool, what: str, fields: dict[str, Any]) -> None:
-        if ours:
-            log.warning(f"{what} dead-lettered", extra=fields)
-        else:  # recovered from us meanwhile: its new holder dead-letters it
-            log.warning(f"{what} no longer ours; dead letter dropped", extra=fields)
 
     def _rejected(self, job_id: str | None, correlation: str | None, reason: str, now: str, *, failed: bool) -> None:
         data = {"jobId": job_id, "workerId": self.worker_id, "timestamp": now, "queue": self.queue,
@@ -235,11 +229,17 @@ class Finisher:
 
     def _report(self, ours: bool, d: Decoded, what: str, ms: int | None, **more: Any) -> None:
         fields = {"jobId": d.job.id, "correlationId": d.job.correlation_id, "model": d.model, "processingTime": ms, **more}
-        if not ours:
-            # The job was recovered from us while we ran it (we were stopped or
-            # presumed dead); its new holder answers it, so ours is dropped.
-            log.warning(f"job no longer ours; outcome ({what}) dropped", extra=fields)
-        elif what == "completed":
-            log.info("job completed", extra=fields)
-        else:
-            log.warning(f"job {what}", extra=fields)
+        _say(ours, f"job {what}", fields)
+
+
+def _say(ours: bool, outcome: str, fields: dict[str, Any]) -> None:
+    """Log an outcome, or that it was dropped because the job is no longer ours."""
+    if not ours:
+        # The job was recovered from us while we held it (we were stopped or
+        # presumed dead); its new holder finishes it, so ours is dropped. The
+        # chaos drill counts these lines as duplicates suppressed.
+        log.warning(f"job no longer ours; outcome dropped: {outcome}", extra=fields)
+    elif outcome == "job completed":
+        log.info(outcome, extra=fields)
+    else:
+        log.warning(outcome, extra=fields)
