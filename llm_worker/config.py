@@ -18,7 +18,7 @@ import socket
 import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union
 from urllib.parse import urlsplit
 
 import msgspec
@@ -42,8 +42,20 @@ WORKER_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 MODEL_NAME = r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,254}$"  # a model's name, in settings and in jobs
 HTTP_URL = r"^https?://[^\s/]+(/\S*)?$"
 MS = "milliseconds"
-# Ollama's options that are fixed when a model loads: a request that differs reloads it.
-LOAD_OPTIONS = frozenset({"num_ctx", "num_batch", "num_gpu", "main_gpu", "num_thread", "use_mmap", "low_vram", "numa"})
+# Ollama's options that are fixed when a model loads (api.Runner in api/types.go, v0.33), with the
+# JSON type Ollama's Options.FromMap insists on: a request that differs reloads the model, and
+# one of the wrong type is refused with a 500 ("option \"use_mmap\" must be of type boolean").
+LOAD_OPTION_TYPES: dict[str, type] = {
+    "num_ctx": int, "num_batch": int, "num_gpu": int, "main_gpu": int, "use_mmap": bool, "num_thread": int,
+    "draft_num_predict": int,
+}
+LOAD_OPTIONS = frozenset(LOAD_OPTION_TYPES)
+# Load options older Ollama took and v0.33 no longer has: sent now, they are ignored with a warning.
+REMOVED_LOAD_OPTIONS = {"low_vram": "not in Ollama's api.Runner any more (v0.33); Ollama sizes GPU layers itself",
+                        "numa": "not in Ollama's api.Runner any more (v0.33)",
+                        "f16_kv": "removed from Ollama's API; the KV cache type is OLLAMA_KV_CACHE_TYPE on the server",
+                        "vocab_only": "removed from Ollama's API", "use_mlock": "removed from Ollama's API (api.Runner)"}
+LoadValue = Union[bool, int, float]
 
 # Keys and values of dict settings; the title names them in messages ("name=count pairs").
 PoolCount = Annotated[int, Meta(ge=0, le=256, title="count")]
@@ -96,6 +108,7 @@ class OllamaSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     max_retries: Annotated[int, env("OLLAMA_MAX_RETRIES", "Retries of a call that failed before Ollama saw it (connect errors) or that Ollama answered busy (503), within one attempt.", ge=0, le=20)] = 3
     retry_delay: Annotated[int, env("OLLAMA_RETRY_DELAY", f"Base delay between those retries, doubling each time, in {MS}.", ge=0, le=60_000)] = 1_000
     health_check_interval: Annotated[int, env("OLLAMA_HEALTH_CHECK_INTERVAL", f"How often the HTTP process probes Ollama (health, loaded models), in {MS}.", ge=500, le=3_600_000)] = 30_000
+    num_parallel: Annotated[int, env("OLLAMA_NUM_PARALLEL", "Requests Ollama serves at once per loaded model (its own OLLAMA_NUM_PARALLEL, default 1; always 1 for embedding models): the host keeps each model's calls in flight at or under this, so none wait inside Ollama. Set it to what the Ollama server is started with.", ge=1, le=256)] = 1
 
 
 class OpenAISettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -107,6 +120,7 @@ class OpenAISettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     max_retries: Annotated[int, env("OPENAI_MAX_RETRIES", "Retries of a call that failed before the API saw it (connect errors) or that it refused for load (429, 503), within one attempt.", ge=0, le=20)] = 2
     retry_delay: Annotated[int, env("OPENAI_RETRY_DELAY", f"Base delay between those retries, doubling each time, in {MS}.", ge=0, le=60_000)] = 500
     organization: Annotated[str, env("OPENAI_ORGANIZATION", "Sent as the `OpenAI-Organization` header; empty: no header.")] = ""
+    max_concurrent: Annotated[int, env("OPENAI_MAX_CONCURRENT", "Most calls in flight to the OpenAI-compatible server from this host, all workers together: 1 for a server with one slot (llama.cpp's default; llama-cpp-python interrupts a running generation for a new request), N for N slots. 0: no limit but MAX_CONCURRENT_REQUESTS.", ge=0, le=10_000)] = 0
 
 
 class QueueSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -129,13 +143,14 @@ class ModelSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     allowed: Annotated[list[str], env("ALLOWED_MODELS", "Models jobs may ask for, comma-separated (`llama3.2` also allows `llama3.2:latest`). Empty: any model.")] = []
     preload_enabled: Annotated[bool, env("MODEL_PRELOAD_ENABLED", "Load MODEL_PRELOAD_LIST at start, before the host reports ready.")] = True
     preload: Annotated[list[str], env("MODEL_PRELOAD_LIST", "Models to load at start, comma-separated (the service this replaced named llama2,mistral; empty here: name the models your host serves).")] = []
-    load_timeout: Annotated[int, env("OLLAMA_MODEL_LOAD_TIMEOUT", f"Longest a model load (or a preload) may take, in {MS}.", ge=1_000, le=3_600_000)] = 120_000
+    load_timeout: Annotated[int, env("OLLAMA_MODEL_LOAD_TIMEOUT", f"Longest a model load (or a preload) may take, in {MS}. Ollama itself gives up on a load that stalls for 5 minutes (its OLLAMA_LOAD_TIMEOUT); a large model on a slow disk can take longer than that in all.", ge=1_000, le=3_600_000)] = 600_000
     unload_timeout: Annotated[int, env("MODEL_UNLOAD_TIMEOUT", f"Unload a model no job has used for this long, in {MS}; 0: never.", ge=0, le=86_400_000)] = 300_000
-    cache_size: Annotated[int, env("MODEL_CACHE_SIZE", "Most models kept loaded; past it, the least recently used idle one is unloaded.", ge=1, le=64)] = 5
+    cache_size: Annotated[int, env("MODEL_CACHE_SIZE", "Most models kept loaded; past it, the least recently used idle one is unloaded. 0: what Ollama keeps by default (its OLLAMA_MAX_LOADED_MODELS: 3 per GPU as NVML counts them, 3 without a GPU), so the manager chooses before Ollama must.", ge=0, le=64)] = 0
     memory_threshold: Annotated[float, env("MODEL_MEMORY_THRESHOLD", "Share of GPU memory (or host memory, without a GPU) past which idle models are unloaded, least recently used first.", ge=0.05, le=1.0)] = 0.8
     auto_pull: Annotated[bool, env("MODEL_AUTO_PULL", "Pull allowed and preloaded models that Ollama lacks, with progress in the log.")] = False
     manage_interval: Annotated[int, env("MODEL_MANAGER_INTERVAL", f"How often the model manager looks at what is loaded and unloads, in {MS}.", ge=200, le=600_000)] = 5_000
-    load_options: Annotated[dict[str, int], env("MODEL_LOAD_OPTIONS", "Load-time options sent with every request to every model, `num_ctx=8192,num_batch=512`: jobs may not set their own, so Ollama never reloads a model because two jobs disagreed. Empty: Ollama's defaults.")] = {}
+    load_options: Annotated[dict[str, LoadValue], env("MODEL_LOAD_OPTIONS", "Load-time options sent with every request to chat and generate models, `num_ctx=8192,num_batch=512,use_mmap=false` (num_ctx, num_batch, num_gpu, main_gpu, num_thread, draft_num_predict: integers; use_mmap: true or false): jobs may not set their own, so Ollama never reloads a model because two jobs disagreed. Empty: Ollama's defaults.")] = {}
+    embedding_load_options: Annotated[dict[str, LoadValue], env("EMBEDDING_LOAD_OPTIONS", "Load-time options of embedding models, as MODEL_LOAD_OPTIONS (which does not apply to them): Ollama cuts an embedding input to num_batch tokens, so a num_batch here must be at least the num_ctx here. Empty: Ollama's defaults.")] = {}
     cache_ttl: Annotated[int, env("RESPONSE_CACHE_TTL", "How long answers to deterministic requests (temperature 0, a seed, or embeddings) are kept in Redis for identical requests, in seconds; 0: no cache.", ge=0, le=30 * 86_400)] = 3_600
 
 
@@ -154,6 +169,7 @@ class HttpSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True
     host: Annotated[str, env("HEALTH_CHECK_HOST", "Address the HTTP process binds.", min_length=1)] = "127.0.0.1"
     admin_token: Annotated[str, env("ADMIN_TOKEN", "Bearer token of the /admin routes; unset turns them off.", secret=True)] = ""
     min_ready_workers: Annotated[float, env("READY_MIN_WORKERS", "Fraction of configured workers that must be alive for /health/ready.", ge=0.0, le=1.0)] = 0.5
+    healthcheck_timeout: Annotated[float, env("HEALTHCHECK_TIMEOUT", "Timeout of /health/ollama's live GET to Ollama, in seconds (as the service this replaced read it). Requests that arrive together share one probe, and Ollama is asked at most once a second.", ge=0.1, le=60.0)] = 5.0
     sample_interval: Annotated[int, env("HOST_SAMPLE_INTERVAL", f"How often the HTTP process reads queue depths, GPUs, the host and each worker's memory, in {MS}.", ge=200, le=600_000)] = 5_000
 
 
@@ -175,6 +191,7 @@ class BreakerSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
 
 class FallbackSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     enabled: Annotated[bool, env("ENABLE_MODEL_FALLBACK", "Answer from FALLBACK_MODELS when a job's model fails or its breaker is open.")] = True
+    timeout_reserve: Annotated[float, env("FALLBACK_TIMEOUT_RESERVE", "Share of a job's time kept back for the timeout fallback (a shorter answer): a model call may use the rest, so that a call that runs out of time still leaves time to ask again. 0: a call may use all of it, and the timeout fallback never fires.", ge=0.0, le=0.9)] = 0.25
     models: Annotated[list[str], env("FALLBACK_MODELS", "Models to fall back to, in order, comma-separated (the service this replaces named llama2,mistral,phi; empty here, since a model the host lacks only wastes an attempt).")] = []
 
 
@@ -440,10 +457,12 @@ def _check_consistency(s: Settings, sources: Mapping[str, str]) -> None:
             re.compile(pattern)
         except re.error as exc:
             raise SettingError(where("BLOCKED_PATTERNS"), pattern, f"a valid regular expression ({exc})") from None
-    unknown = set(s.models.load_options) - LOAD_OPTIONS
-    if unknown:
-        raise SettingError(where("MODEL_LOAD_OPTIONS"), s.models.load_options,
-                           "load-time options among " + ", ".join(sorted(LOAD_OPTIONS)))
+    for name, options in (("MODEL_LOAD_OPTIONS", s.models.load_options), ("EMBEDDING_LOAD_OPTIONS", s.models.embedding_load_options)):
+        _check_load_options(where(name), options)
+    embedding = s.models.embedding_load_options
+    if "num_batch" in embedding and embedding["num_batch"] < embedding.get("num_ctx", embedding["num_batch"] + 1):
+        raise SettingError(where("EMBEDDING_LOAD_OPTIONS"), embedding, "a num_batch of at least num_ctx, both set: Ollama cuts "
+                           "each embedding input to num_batch tokens, and the job would not be told")
     if s.breaker.max_reset_timeout < s.breaker.reset_timeout:
         raise SettingError(where("CIRCUIT_BREAKER_MAX_RESET_TIMEOUT"), s.breaker.max_reset_timeout,
                            f"at least CIRCUIT_BREAKER_RESET_TIMEOUT ({s.breaker.reset_timeout})")
@@ -480,6 +499,20 @@ def _check_consistency(s: Settings, sources: Mapping[str, str]) -> None:
         if "@" in urlsplit(base).netloc:
             raise SettingError(where(name), mask_url(base, hide_user=True), "a URL with no user:password@ in it (llm-worker sends none; "
                                "an OpenAI-compatible API's key goes in OPENAI_API_KEY)")
+
+
+def _check_load_options(source: str, options: Mapping[str, Any]) -> None:
+    """Each load option known to Ollama, of the type Ollama insists on (else it answers 500 on every call)."""
+    for key, value in options.items():
+        if key in REMOVED_LOAD_OPTIONS:
+            raise SettingError(source, options, f"no {key}: {REMOVED_LOAD_OPTIONS[key]}")
+        wanted = LOAD_OPTION_TYPES.get(key)
+        if wanted is None:
+            raise SettingError(source, options, "load-time options among " + ", ".join(sorted(LOAD_OPTIONS)))
+        if type(value) is not wanted:
+            noun = "true or false" if wanted is bool else "an integer"
+            raise SettingError(source, options, f"{key} as {noun} (Ollama refuses the model with "
+                               f"'option \"{key}\" must be of type {'boolean' if wanted is bool else 'integer'}')")
 
 
 def _check_sentinels(s: Settings, sources: Mapping[str, str]) -> None:

@@ -151,6 +151,10 @@ class Message(Struct, omit_defaults=True):
     tool_name: str | None = None
 
 
+# Ollama's ThinkValue (api/types.go, v0.33): true/false, or a level for the models that take one (gpt-oss).
+Think = Union[bool, Literal["low", "medium", "high", "max"]]
+
+
 class ChatRequest(Struct, rename="camel", omit_defaults=True):
     messages: Annotated[list[Message], Meta(min_length=1)]
     options: Options | None = None
@@ -158,7 +162,7 @@ class ChatRequest(Struct, rename="camel", omit_defaults=True):
     format: Format = None
     keep_alive: KeepAlive = None
     tools: list[dict[str, Any]] | None = None
-    think: bool | None = None
+    think: Think | None = None
 
     def prompt_chars(self) -> int:
         return sum(len(m.content) for m in self.messages)
@@ -172,7 +176,7 @@ class GenerateRequest(Struct, rename="camel", omit_defaults=True):
     format: Format = None
     keep_alive: KeepAlive = None
     images: list[str] | None = None
-    think: bool | None = None
+    think: Think | None = None
 
     def prompt_chars(self) -> int:
         return len(self.prompt) + len(self.system or "")

@@ -16,7 +16,9 @@ from msgspec import Struct
 
 from llm_worker.jobs import ChatRequest, ErrorKind, GenerateRequest, JobError
 
-OnChunk = Callable[[str], None]
+# A provider calls ``on_chunk(text)`` with each piece of the answer as it streams,
+# and ``on_chunk("", thinking=piece)`` with each piece of a thinking model's reasoning.
+OnChunk = Callable[..., None]
 
 
 class ProviderError(JobError):
@@ -26,13 +28,35 @@ class ProviderError(JobError):
     reached the server. Workers then treat the provider as down (they pause and
     the job goes back to its queue without spending an attempt) rather than the
     job as failing.
+
+    ``counted`` says whether the provider's circuit breaker counts the failure;
+    None leaves it to the kind (timeouts, network and provider errors count).
+    ``crashed`` says the server's model process died (Ollama's "llama-server
+    process has terminated", an out-of-memory at load): freeing memory may
+    help once, so the first such failure of a job is not counted; one that
+    repeats after idle models were unloaded is a broken model, and counts.
     """
 
     def __init__(self, message: str, kind: ErrorKind, *, status: int | None = None, retryable: bool | None = None,
-                 unreachable: bool = False) -> None:
+                 unreachable: bool = False, counted: bool | None = None, crashed: bool = False) -> None:
         super().__init__(message, kind, retryable=retryable)
         self.status = status
         self.unreachable = unreachable
+        self.counted = counted
+        self.crashed = crashed
+
+
+class Incomplete(ProviderError):
+    """An answer that ended without its end: a stream cut short, a ``done: false`` reply, ``[DONE]`` alone.
+
+    Never a success as it stands: the job is tried again while it has attempts
+    left, and its last attempt answers ``partial`` with doneReason
+    ``incomplete``. The server did answer, so the breaker does not count it.
+    """
+
+    def __init__(self, message: str, partial: Completion) -> None:
+        super().__init__(message, ErrorKind.PROVIDER, counted=False)
+        self.partial = partial
 
 
 class Deadline:
@@ -61,9 +85,13 @@ class Completion(Struct, kw_only=True):
     text: str
     done_reason: str | None = None
     message: dict[str, Any] | None = None  # chat: the assistant message as the provider gave it
+    thinking: str | None = None  # a thinking model's reasoning, apart from the answer (streamed chunks joined)
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     load_seconds: float | None = None  # time the provider spent loading the model, when it says
+
+
+INCOMPLETE = "incomplete"  # the doneReason of an answer that was cut short (see Incomplete)
 
 
 class Embeddings(Struct, kw_only=True):
@@ -113,6 +141,10 @@ class Provider(Protocol):
     def health(self, timeout: float) -> Health:
         """Probe the server once; never raises."""
 
+    # Optional: ``max_concurrent: int``, the most calls the host makes to this
+    # provider at once (0 or absent: no limit of its own), for a server that
+    # serves one request at a time, or N, and interrupts or queues the rest.
+    #
     # Optional: a provider that manages models in memory may also offer
     # ``unload_idle(keep: Collection[str], deadline: Deadline) -> list[str]``,
     # which the out-of-memory fallback calls to free memory before trying
