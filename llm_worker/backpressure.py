@@ -11,9 +11,15 @@ Three pieces, all in shared memory so that every worker of the host agrees:
   open. The jobs stay in the queue, where healthy hosts take them; the
   workers resume on their own when a probe succeeds or a breaker half-opens.
 - ``CallGate``: at most MAX_CONCURRENT_REQUESTS provider calls in flight from
-  the host. A worker waiting for a place marks its slot; the priority pool's
-  waiters go first. Counts are derived from the slots, never kept as a
-  running total, so a worker SIGKILLed mid-call cannot leak a place.
+  the host; at most a model's slots per model (Ollama serves OLLAMA_NUM_PARALLEL
+  requests per loaded model, 1 for embedding models, and queues the rest
+  inside itself without limit: a call queued there idles a worker and spends
+  its job's deadline while another model's slot may be free); at most a
+  provider's ``max_concurrent`` per provider (a llama.cpp server with one
+  slot interrupts a running generation for a new request). A worker waiting
+  for a place marks its slot; the priority pool's waiters go first. Counts are
+  derived from the slots, never kept as a running total, so a worker
+  SIGKILLed mid-call cannot leak a place.
 """
 
 from __future__ import annotations
@@ -271,25 +277,37 @@ class CallGate:
         self.priority_pool = priority_pool  # index of the priority queue's pool; -1 when there is none
 
     @contextmanager
-    def call(self, model: str, deadline: Deadline) -> Iterator[None]:
+    def call(self, model: str, deadline: Deadline, *, model_slots: int = 0, provider: int = -1,
+             provider_cap: int = 0) -> Iterator[None]:
+        """Hold a place for one provider call of ``model``.
+
+        ``model_slots``: the most calls of this model at once from the host (0:
+        no cap of its own); ``provider``/``provider_cap``: the provider's index
+        among the host's providers and the most calls to it at once (0: none).
+        """
         index = self.state.model_index(model_label(model), add=self.add_labels)
         header = self.state.header
         if not header.pool_models[self.pool] & (1 << index):
             with self.state.lock.held():  # other workers of the pool set their bits too
                 header.pool_models[self.pool] |= 1 << index
+        self.slot.model = index
+        self.slot.provider = provider
         # Each worker makes one call at a time, so a cap at or above the number of
         # workers (read each time: TTIN and reloads change it) cannot bind: no lock then.
-        if self.limit < header.workers_wanted:
-            self._enter(deadline)
+        # "other" (index 0) lumps models together: it gets no per-model cap.
+        wanted = header.workers_wanted
+        caps = Caps(self.limit, model_slots if index > 0 else 0, provider, provider_cap)
+        if caps.binds(wanted):
+            self._enter(deadline, caps)
         else:
             self.slot.call = Call.CALLING
-        self.slot.model = index
         header.model_last_used[index] = time.monotonic()
         try:
             yield
         finally:
             header.model_last_used[index] = time.monotonic()
             self.slot.model = -1
+            self.slot.provider = -1
             self.slot.call = Call.NONE
 
     def models_in_use(self) -> set[str]:
@@ -299,36 +317,66 @@ class CallGate:
         return {labels[s.model] for s in self.state.slots
                 if ctypes.addressof(s) != mine and s.pid and s.call == Call.CALLING and 0 < s.model < len(labels)}
 
-    def _enter(self, deadline: Deadline) -> None:
+    def _enter(self, deadline: Deadline, caps: Caps) -> None:
         self.slot.call = Call.WAITING
         pause = 0.0005
-        while not self._admit():
+        while (full := self._admit(caps)) is not None:
             if deadline.left() <= pause:
                 self.slot.call = Call.NONE
-                raise ProviderError(f"timed out waiting for one of the host's {self.limit} provider calls "
-                                    f"(MAX_CONCURRENT_REQUESTS)", ErrorKind.TIMEOUT)
+                raise ProviderError(f"timed out waiting for {full}", ErrorKind.TIMEOUT, counted=False)
             self.slot.beat()
             time.sleep(pause)
             pause = min(pause * 2, GATE_POLL_MAX)
 
-    def _admit(self) -> bool:
+    def _admit(self, caps: Caps) -> str | None:
+        """Take a place and return None; or say which cap is full."""
         with self.state.lock.held():
-            calling, priority_waiting = in_flight(self.state, self.priority_pool)
-            if calling >= self.limit or (priority_waiting and self.pool != self.priority_pool):
-                return False
+            load = in_flight(self.state, self.priority_pool, self.slot.model, caps.provider)
+            if load.calling >= caps.host:
+                return f"one of the host's {caps.host} provider calls (MAX_CONCURRENT_REQUESTS)"
+            if load.priority_waiting and self.pool != self.priority_pool:
+                return "the priority queue's calls to go first"
+            if caps.model and load.model >= caps.model:
+                return f"one of the model's {caps.model} slots (OLLAMA_NUM_PARALLEL; 1 for embedding models)"
+            if caps.provider_cap and load.provider >= caps.provider_cap:
+                return f"one of the provider's {caps.provider_cap} places (its max_concurrent)"
             self.slot.call = Call.CALLING
-            return True
+            return None
 
 
-def in_flight(state: SharedState, priority_pool: int = -1) -> tuple[int, int]:
-    """Provider calls in flight from the host, and priority-pool workers waiting for one."""
-    calling = waiting = 0
+@dataclass(frozen=True)
+class Caps:
+    """The caps one call is under: the host's, its model's and its provider's (0: none)."""
+
+    host: int
+    model: int
+    provider: int
+    provider_cap: int
+
+    def binds(self, workers: int) -> bool:
+        """Whether any cap can bind: each worker makes one call at a time."""
+        return any(0 < cap < workers for cap in (self.host, self.model, self.provider_cap))
+
+
+@dataclass(frozen=True)
+class Load:
+    calling: int  # provider calls in flight from the host
+    priority_waiting: int  # priority-pool workers waiting for a place
+    model: int  # calls in flight of the given model
+    provider: int  # calls in flight to the given provider
+
+
+def in_flight(state: SharedState, priority_pool: int = -1, model: int = -1, provider: int = -1) -> Load:
+    """The host's provider calls in flight, and of one model and one provider."""
+    calling = waiting = of_model = of_provider = 0
     for slot in state.slots:
         if not slot.pid or slot.call == Call.NONE:
             continue
         if slot.call == Call.CALLING:
             if alive(slot.pid):  # a worker killed mid-call holds no place, reaped or not
                 calling += 1
+                of_model += slot.model == model
+                of_provider += provider >= 0 and slot.provider == provider
         elif slot.pool == priority_pool:
             waiting += 1
-    return calling, waiting
+    return Load(calling, waiting, of_model, of_provider)

@@ -22,6 +22,11 @@ Which errors count:
 | validation, model (not found, refused) | no | the caller asked for something wrong |
 | memory (out of memory) | no | the memory strategy's signal: unload and retry |
 | unknown, crashed | no | our own failures, not the provider's |
+
+A provider may say otherwise for one error (``ProviderError.counted``): an
+answer cut short is not counted (the server answered), nor is a wait for a
+model load or a slot; a runner crash that repeats after the memory strategy
+unloaded idle models is counted (a broken model, not a full GPU).
 """
 
 from __future__ import annotations
@@ -49,6 +54,14 @@ BUCKETS = 120  # one-second buckets; CIRCUIT_BREAKER_TIMEOUT is capped to this m
 KEY_BYTES = 160
 COUNTED = frozenset({ErrorKind.TIMEOUT, ErrorKind.NETWORK, ErrorKind.PROVIDER})
 HALF_OPEN_RECHECK = 2.0  # seconds before a call refused during a probe tries again
+
+
+def counts(error: JobError) -> bool:
+    """Whether a failed call counts against its breaker: the error's own say, else its kind."""
+    if isinstance(error, BreakerOpen):
+        return False
+    said = getattr(error, "counted", None)
+    return error.kind in COUNTED if said is None else bool(said)
 
 
 class State(enum.IntEnum):
@@ -165,7 +178,7 @@ class Breakers:
         row = self._rows.get(admission.key)
         if row is None:
             return
-        counted = error is not None and error.kind in COUNTED and not isinstance(error, BreakerOpen)
+        counted = error is not None and counts(error)
         now = time.monotonic()
         with self.lock.held():
             if error is None or counted:

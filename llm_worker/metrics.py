@@ -25,6 +25,7 @@ from prometheus_client.utils import floatToGoString
 
 from llm_worker import __version__
 from llm_worker.backpressure import Pause, Reachability, in_flight
+from llm_worker.loadboard import LoadBoard
 from llm_worker.config import Settings
 from llm_worker.shm import SharedState, SlotState
 from llm_worker.stats import DURATION_BUCKETS, OUTCOMES, TYPES, WAIT_BUCKETS, PoolTotals, model_label
@@ -246,7 +247,7 @@ class ShmCollector(Collector):
             outages.add((str(row["provider"]),), float(row["outages"]))  # type: ignore[arg-type]
         calls = Family("llm_worker_provider_calls_in_flight", "Provider calls in flight from this host, all workers",
                        "gauge")
-        calls.add((), in_flight(self.state)[0])
+        calls.add((), in_flight(self.state).calling)
         limit = Family("llm_worker_provider_calls_limit", "MAX_CONCURRENT_REQUESTS: the most provider calls in flight at once",
                        "gauge")
         limit.add((), self.settings.worker.max_in_flight)
@@ -266,7 +267,11 @@ class ShmCollector(Collector):
                 seconds.add((label,), header.model_load_seconds[index])
             loads.add((label,), header.model_loads[index])
             unloads.add((label,), header.model_unloads[index])
-        return [seconds, loads, unloads]
+        loading = Family("llm_worker_model_loading_seconds", "How long each load in progress has taken so far (the "
+                         "model manager loads for every job of the host; jobs wait for it)", "gauge", ("model", "reason"))
+        for load in LoadBoard(self.state.loads).in_progress(labels):
+            loading.add((load.label, load.why), load.seconds)
+        return [seconds, loads, unloads, loading]
 
     def _host(self) -> list[Family]:
         r = self.state.readings

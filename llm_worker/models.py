@@ -8,6 +8,11 @@ models; they say in shared memory which model each busy worker holds
 At start it pulls the preloaded models Ollama lacks (MODEL_AUTO_PULL), loads
 MODEL_PRELOAD_LIST, then sets ``models_ready``: readiness waits for the
 attempt, not its success, and a failed preload is tried again on later turns.
+From then on it is also the host's only loader (see loadboard.py): a worker
+whose model is not resident asks on the board, and a loader thread loads it
+once, under OLLAMA_MODEL_LOAD_TIMEOUT, whatever the asking jobs' deadlines;
+room is made first (MODEL_CACHE_SIZE), so that Ollama never has to evict on
+its own terms (the model with the shortest keep_alive, server/sched.go).
 Every MODEL_MANAGER_INTERVAL it reads what Ollama has (/api/tags) and has
 loaded (/api/ps, the truth: Ollama also evicts on its own), pulls the allowed
 models still missing, and unloads (see modelpolicy.py): models unused for
@@ -21,13 +26,16 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from llm_worker import logs, modelpolicy, records
 from llm_worker.config import Settings
 from llm_worker.jobs import ErrorKind, iso
+from llm_worker.loadboard import ASKED, PRELOAD, WHY, LoadBoard
 from llm_worker.modelpolicy import Loaded
 from llm_worker.pluginmanager import Found, PluginManager
 from llm_worker.plugins.ollama import OllamaProvider
@@ -43,6 +51,8 @@ log = logging.getLogger("llm_worker.models")
 ASK_TIMEOUT = 10.0  # /api/tags, /api/ps and an unload: quick answers, or Ollama is in trouble
 PULL_TIMEOUT = 6 * 3600.0  # a whole pull; a stalled one fails sooner, after OLLAMA_TIMEOUT without a byte
 RETRY_CAP = 300.0  # longest wait between two tries of a failed preload or pull
+TICK = 0.05  # seconds between looks at the load board
+MODELS_PER_GPU = 3  # Ollama's default OLLAMA_MAX_LOADED_MODELS per GPU (server/sched.go defaultModelsPerGPU, v0.33)
 
 
 def run_manager(settings: Settings, state: SharedState, supervisor_pid: int, plugins: list[Found]) -> NoReturn:
@@ -63,9 +73,25 @@ def run_manager(settings: Settings, state: SharedState, supervisor_pid: int, plu
             time.sleep(3600)
     models = ModelManager(settings, state, provider, manager, worker_id)
     models.start()
+    interval = settings.models.manage_interval / 1000
+    next_turn = time.monotonic() + interval
     while True:
-        time.sleep(settings.models.manage_interval / 1000)
-        models.turn()
+        models.serve_loads()
+        if time.monotonic() >= next_turn:
+            models.turn()
+            next_turn = time.monotonic() + interval
+        time.sleep(TICK)
+
+
+@dataclass(frozen=True)
+class LoadOutcome:
+    """What the loader thread hands back: one load, done or failed."""
+
+    index: int
+    model: str
+    why: int
+    seconds: float | None
+    error: ProviderError | None
 
 
 class ModelManager:
@@ -89,11 +115,19 @@ class ModelManager:
         self.memory_acted = -float("inf")  # when memory pressure last made us unload
         self.memory_warned = False  # "no idle model to unload", said once while the pressure lasts
         self.complaint = ""  # the trouble last logged, so that an outage is one line, not one a turn
+        self.board = LoadBoard(state.loads)
+        self.asked_seen: dict[int, float] = {}  # model index -> the last request on the board we served
+        self.loading: set[str] = set()  # labels the loader thread has in hand
+        self.to_load: queue.Queue[tuple[int, str, int]] = queue.Queue()
+        self.outcomes: queue.Queue[LoadOutcome] = queue.Queue()
+        self.loader: threading.Thread | None = None
 
     # ---- start ---------------------------------------------------------------------
 
     def start(self) -> None:
         m = self.settings.models
+        # From now on jobs wait for this manager's loads instead of loading through their own calls.
+        self.board.serve(self.provider.name)
         for model in self.preloads:
             self.state.model_index(model_label(model), add=True)
         if m.auto_pull:
@@ -144,16 +178,96 @@ class ModelManager:
         return True
 
     def preload(self, model: str) -> bool:
+        index = self._index(model_label(model))
+        self._began(index, model, PRELOAD)
         try:
             seconds = self.provider.load(model, Deadline(self.settings.models.load_timeout / 1000), keep_alive=-1)
         except ProviderError as exc:
+            self._load_failed(LoadOutcome(index, model, PRELOAD, None, exc))
             delay = self._retry_later(model)
             log.error(f"preloading {model} failed: {exc.message}; trying again in {delay:.1f}s", extra={"model": model})
             return False
         self.retry_at.pop(model, None)
         self.preloaded[model_label(model)] = time.monotonic()
-        self._count_load(model, seconds, "preload")
+        self._loaded(LoadOutcome(index, model, PRELOAD, seconds, None))
         return True
+
+    # ---- loads the workers ask for --------------------------------------------------
+
+    def serve_loads(self) -> None:
+        """Hand newly asked-for loads to the loader thread, and record the loads it finished."""
+        while True:
+            try:
+                outcome = self.outcomes.get_nowait()
+            except queue.Empty:
+                break
+            self.loading.discard(model_label(outcome.model))
+            if outcome.error is None:
+                self._loaded(outcome)
+            else:
+                self._load_failed(outcome)
+        labels = self.state.model_labels()
+        for index in range(1, len(labels)):
+            row = self.board.board.rows[index]
+            if row.asked <= self.asked_seen.get(index, 0.0) or row.started or row.resident:
+                continue
+            self.asked_seen[index] = row.asked
+            self._make_room()
+            self._began(index, labels[index], ASKED)
+            self.loading.add(labels[index])
+            self.to_load.put((index, labels[index], ASKED))
+            if self.loader is None:
+                self.loader = threading.Thread(target=self._load_forever, daemon=True, name="loader")
+                self.loader.start()
+
+    def _load_forever(self) -> None:
+        """The loader thread: one load at a time, as Ollama's scheduler loads one at a time."""
+        while True:
+            index, model, why = self.to_load.get()
+            try:
+                seconds = self.provider.load(model, Deadline(self.settings.models.load_timeout / 1000),
+                                             keep_alive=self.provider.keep_alive)
+            except ProviderError as exc:
+                self.outcomes.put(LoadOutcome(index, model, why, None, exc))
+            except Exception as exc:  # a bug must not leave the waiting jobs waiting for ever
+                log.exception(f"loading {model} failed")
+                self.outcomes.put(LoadOutcome(index, model, why, None, ProviderError(repr(exc), ErrorKind.UNKNOWN)))
+            else:
+                self.outcomes.put(LoadOutcome(index, model, why, seconds, None))
+
+    def _make_room(self) -> None:
+        """Before a load, unload the least recently used idle model past MODEL_CACHE_SIZE - 1."""
+        try:
+            models = self.survey()
+            self.unload_all(modelpolicy.over_cache(models, self.cache_size() - 1), modelpolicy.CACHE_SIZE, models)
+        except ProviderError as exc:  # the load itself will say what is wrong
+            log.warning(f"could not make room before a load: {exc.message}")
+
+    def cache_size(self) -> int:
+        """MODEL_CACHE_SIZE, or Ollama's own default: 3 models per GPU as NVML counts them, 3 without one."""
+        size = self.settings.models.cache_size
+        if size:
+            return size
+        r = self.state.readings
+        return MODELS_PER_GPU * max(1, r.gpu_count if r.gpu_collector_up else 1)
+
+    def _began(self, index: int, model: str, why: int) -> None:
+        self.board.begin(index, why)
+        log.info(f"loading {model} ({WHY[why]})", extra={"model": model_label(model), "reason": WHY[why]})
+        self._record(records.MODEL_LOADING, model_label(model), reason=WHY[why])
+
+    def _loaded(self, outcome: LoadOutcome) -> None:
+        self.board.succeeded(outcome.index, outcome.seconds or 0.0)
+        self._count_load(outcome.model, outcome.seconds, WHY[outcome.why])
+
+    def _load_failed(self, outcome: LoadOutcome) -> None:
+        assert outcome.error is not None
+        self.board.failed(outcome.index, outcome.error)
+        label = model_label(outcome.model)
+        log.error(f"loading {outcome.model} failed: {outcome.error.message}",
+                  extra={"model": label, "reason": WHY[outcome.why], "errorType": outcome.error.kind.value})
+        self._record(records.MODEL_LOAD_FAILED, label, reason=WHY[outcome.why], error=outcome.error.message,
+                     errorType=outcome.error.kind.value)
 
     def _retry_later(self, model: str) -> float:
         tries = self.retry_at.get(model, (0.0, 0))[1] + 1
@@ -171,8 +285,7 @@ class ModelManager:
             models = self.survey()
             now = time.monotonic()
             models = self.unload_all(modelpolicy.idle(models, now, self.unload_after), modelpolicy.IDLE, models)
-            models = self.unload_all(modelpolicy.over_cache(models, self.settings.models.cache_size),
-                                     modelpolicy.CACHE_SIZE, models)
+            models = self.unload_all(modelpolicy.over_cache(models, self.cache_size()), modelpolicy.CACHE_SIZE, models)
             self.relieve_memory(models)
         except ProviderError as exc:
             self._complain(f"model manager: Ollama unreachable: {exc.message}")
@@ -209,10 +322,12 @@ class ModelManager:
         busy = {slot.model for slot in self.state.slots if slot.pid > 0 and slot.state == SlotState.BUSY and slot.model >= 0}
         self._publish(running)
         out = []
+        resident = set()
         for info in running:
             label = model_label(info.name)
             index = self._index(label)
-            if label not in self.first_seen and self.surveyed_once:
+            resident.add(index)
+            if label not in self.first_seen and self.surveyed_once and label not in self.loading:
                 # Loaded by a job's request (Ollama loads on demand), not by us: counted all the same.
                 self._count_load(info.name, None, "on demand")
             # A model new in /api/ps was loaded since the last look; its jobs may say it was used later.
@@ -222,6 +337,8 @@ class ModelManager:
             out.append(Loaded(info.name, label, info.vram or info.size, last_used, index in busy, protected))
         for label in set(self.first_seen) - {m.label for m in out}:  # Ollama let it go on its own
             del self.first_seen[label]
+        for index in range(1, self.state.header.model_count):  # what the workers may call without waiting
+            self.board.set_resident(index, index in resident)
         self.surveyed = now
         self.surveyed_once = True
         return out
@@ -281,6 +398,7 @@ class ModelManager:
             log.warning(f"unloading {model.name} failed: {exc.message}", extra={"model": model.label, "reason": reason})
             return False
         self.state.header.model_unloads[self._index(model.label)] += 1
+        self.board.set_resident(self._index(model.label), False)
         self.first_seen.pop(model.label, None)
         self.preloaded.pop(model.label, None)
         log.info(f"model unloaded: {model.label} ({reason})", extra={"model": model.label, "reason": reason,

@@ -70,6 +70,12 @@ class Deadline:
     def left(self) -> float:
         return self.at - time.monotonic()
 
+    def share(self, fraction: float) -> Deadline:
+        """A deadline ``fraction`` of the time left from now: for a call that must leave time after it."""
+        part = Deadline(0.0)
+        part.at = time.monotonic() + max(0.0, self.left()) * fraction
+        return part
+
     def check(self, what: str) -> float:
         """Return the seconds left, or raise a timeout error naming what ran out."""
         left = self.left()

@@ -24,6 +24,7 @@ from contextlib import contextmanager
 
 from llm_worker.backpressure import ProviderTable
 from llm_worker.breaker import Table as BreakerTable
+from llm_worker.loadboard import Board
 from llm_worker.stats import MAX_MODELS, Counters
 
 MAX_POOLS = 16
@@ -69,6 +70,7 @@ class Slot(ctypes.Structure):
         ("model", ctypes.c_int32),  # the model label of the job in hand, for the model manager
         ("paused", ctypes.c_int32),  # why the worker takes no jobs now (a backpressure.Pause), 0 when it does
         ("call", ctypes.c_int32),  # waiting for or in a provider call (a backpressure.Call)
+        ("provider", ctypes.c_int32),  # index of the provider of that call, for per-provider caps
         ("paused_why", ctypes.c_char * 240),  # the pause's reason in words, for readiness and /status
         ("counters", Counters),
     ]
@@ -225,7 +227,7 @@ class SharedState:
 
     def __init__(self, size: int) -> None:
         parts = [("header", Header), ("readings", Readings), ("breakers", BreakerTable), ("providers", ProviderTable),
-                 ("retired", Counters * MAX_POOLS), ("slots", Slot * size)]
+                 ("loads", Board), ("retired", Counters * MAX_POOLS), ("slots", Slot * size)]
         offsets, total = {}, 0
         for name, kind in parts:
             offsets[name] = total
@@ -235,6 +237,7 @@ class SharedState:
         self.readings = Readings.from_buffer(self._map, offsets["readings"])
         self.breakers = BreakerTable.from_buffer(self._map, offsets["breakers"])
         self.providers = ProviderTable.from_buffer(self._map, offsets["providers"])
+        self.loads = Board.from_buffer(self._map, offsets["loads"])
         self.retired = (Counters * MAX_POOLS).from_buffer(self._map, offsets["retired"])
         self.slots = (Slot * size).from_buffer(self._map, offsets["slots"])
         self.lock = ShmLock()

@@ -8,6 +8,7 @@ from typing import Any
 
 from llm_worker import __version__
 from llm_worker.backpressure import Pause, Reachability, in_flight
+from llm_worker.loadboard import LoadBoard
 from llm_worker.breaker import Breakers
 from llm_worker.config import Settings
 from llm_worker.jobs import iso
@@ -39,7 +40,7 @@ def snapshot(settings: Settings, state: SharedState, not_ready: str | None) -> d
         "uptime": round(time.time() - header.started, 3), "phase": Phase(header.phase).name.lower(),
         "ready": not_ready is None, "notReadyBecause": not_ready,
         "pools": {name: _pool(name, header.pool_wanted[i], workers) for i, name in enumerate(pools)},
-        "providerCalls": {"inFlight": in_flight(state)[0], "limit": settings.worker.max_in_flight},
+        "providerCalls": {"inFlight": in_flight(state).calling, "limit": settings.worker.max_in_flight},
         "workers": workers,
         "queues": {
             **{name: {"waiting": r.waiting[i], "processing": r.processing[i]} for i, name in enumerate(pools)},
@@ -54,6 +55,8 @@ def snapshot(settings: Settings, state: SharedState, not_ready: str | None) -> d
         "models": {
             "loaded": [{"name": r.loaded_names[i].value.decode(), "vramBytes": r.loaded_vram[i]} for i in range(r.loaded_count)],
             "labels": state.model_labels(),
+            "loading": [{"model": m.label, "seconds": round(m.seconds, 1), "why": m.why}
+                        for m in LoadBoard(state.loads).in_progress(state.model_labels())],
         },
         "breakers": Breakers(state.breakers, state.lock, settings).rows(),
         "gpu": {

@@ -46,7 +46,7 @@ def _call(state: SharedState, slot: int, limit: int, hold: float, out: Any, prio
     gate = CallGate(state, slot, limit, priority_pool)
     with gate.call("m", Deadline(30)):
         with state.lock.held():
-            now, _ = in_flight(state, priority_pool)
+            now = in_flight(state, priority_pool).calling
         out.put((slot, now, time.monotonic()))
         time.sleep(hold)
 
@@ -62,7 +62,7 @@ def test_the_cap_holds_across_processes_and_every_call_gets_through() -> None:
     seen = [out.get(timeout=5) for _ in procs]
     assert len(seen) == 12 and all(p.exitcode == 0 for p in procs)
     assert max(count for _, count, _ in seen) == 3  # the cap was reached, never passed
-    assert in_flight(state) == (0, 0)
+    assert (in_flight(state).calling, in_flight(state).priority_waiting) == (0, 0)
 
 
 def test_the_priority_pool_is_let_through_first() -> None:
@@ -106,7 +106,7 @@ def test_a_worker_sigkilled_mid_call_frees_its_place_at_once() -> None:
     started = time.monotonic()
     with CallGate(state, 1, 1, -1).call("m", Deadline(5)):
         assert time.monotonic() - started < 1
-        assert in_flight(state)[0] == 1
+        assert in_flight(state).calling == 1
 
 
 def _call_model_and_hang(state: SharedState, slot: int, model: str, out: Any) -> None:

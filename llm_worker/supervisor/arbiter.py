@@ -270,6 +270,13 @@ class Arbiter:
         if ex.child.kind == "http":
             self.state.header.http_bound = 0
         service, delay = self.services.exited(ex)
+        if ex.code == exitcodes.USAGE and not ex.child.term_sent:
+            # A setting the service's own checks passed but the provider refused (the
+            # model manager's preload): respawning would refuse again. Stop, saying so.
+            log.critical(f"the {service.kind} process stopped on a bad setting (its message is above); stopping")
+            self.exit_code = exitcodes.USAGE
+            self.handle_quit()
+            return
         if delay is not None:
             log.error(f"{service.kind} process died; starting another", extra={"exit": ex.describe(), "respawnInSeconds": delay})
 

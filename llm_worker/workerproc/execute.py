@@ -20,12 +20,14 @@ import redis
 
 from llm_worker.attempts import Attempt, Plan
 from llm_worker.backpressure import CallGate, ProviderDown, Reachability
-from llm_worker.breaker import COUNTED, BreakerOpen, Breakers, breaker_record
+from llm_worker.breaker import BreakerOpen, Breakers, breaker_record, counts
 from llm_worker.cache import ResponseCache
 from llm_worker.config import Settings
 from llm_worker.jobs import Answer, ChatRequest, Decoded, EmbeddingsRequest, ErrorKind, GenerateRequest, JobError, Options, Result, Task, iso
+from llm_worker.loadboard import LoadBoard
 from llm_worker.pluginmanager import PluginManager
-from llm_worker.providers import Deadline, OnChunk, Provider, ProviderError
+from llm_worker.providers import INCOMPLETE, Completion, Deadline, Incomplete, OnChunk, Provider, ProviderError
+from llm_worker.stats import model_label
 from llm_worker.queue import STREAM_MAXLEN
 
 log = logging.getLogger("llm_worker.worker")
@@ -52,8 +54,11 @@ class StreamSink:
         if self.client.exists(self.key):
             self._add({"event": "reset"})
 
-    def __call__(self, text: str) -> None:
-        self._add({"event": "chunk", "content": text})
+    def __call__(self, text: str, thinking: str = "") -> None:
+        # A thinking model's reasoning rides in its own field, so that a reader that
+        # knows only "content" never mixes it into the answer (an addition to PROTOCOL.md).
+        self._add({"event": "chunk", "content": text, "thinking": thinking} if thinking else
+                  {"event": "chunk", "content": text})
 
     def _add(self, entry: dict[str, str]) -> None:
         if self.broken:
@@ -77,8 +82,9 @@ class Executor:
 
     def __init__(self, providers: list[Provider], plugins: PluginManager, breakers: Breakers, settings: Settings,
                  worker_id: str, cache: ResponseCache | None = None, gate: CallGate | None = None,
-                 reach: Reachability | None = None) -> None:
+                 reach: Reachability | None = None, loads: LoadBoard | None = None) -> None:
         self.providers = providers
+        self.loads = loads
         self.gate = gate
         self.reach = reach
         self.cache = cache
@@ -117,7 +123,7 @@ class Executor:
                 self.plugins.filter_response(job, hit)
                 return hit
             try:
-                answer = self._attempt(provider, task, deadline, sink)
+                answer = self._attempt(provider, task, deadline, sink, unloaded=unloaded, reduced=reduced)
             except BreakerOpen as exc:  # refused before any call: no attempt spent
                 error: JobError = exc
                 refused.append(exc)
@@ -135,6 +141,14 @@ class Executor:
             self.attempts_used = used
             streamed = sink.published if sink is not None else 0
             spent = job.job.retry_count + used
+            if isinstance(error, Incomplete) and (spent >= job.max_attempts or deadline.left() <= 0):
+                # No attempt left to get it whole: the part there is, said to be a part.
+                log.warning("answer incomplete on the job's last attempt; answering what came",
+                            extra={"jobId": job.job.id, "model": task.model, "error": error.message})
+                answer = _answer(task, error.partial, INCOMPLETE)
+                answer.fallback_used = planned
+                self.plugins.filter_response(job, answer)
+                return answer
             attempt = Attempt(number=spent if used else spent + 1, budget=job.max_attempts, model=task.model,
                               requested_model=requested, tried=list(tried), left=deadline.left(), settings=self.settings,
                               breaker_open=self._refused, reduced=reduced, unloaded=unloaded, streamed=streamed, task=task)
@@ -194,36 +208,78 @@ class Executor:
 
     # ---- the provider call, behind the gate, reachability and breaker ---------------
 
-    def _attempt(self, provider: Provider, task: Task, deadline: Deadline, sink: StreamSink | None) -> Answer:
-        """One provider call, through the host's call gate, the provider's reachability and its breaker."""
+    def _attempt(self, provider: Provider, task: Task, deadline: Deadline, sink: StreamSink | None,
+                 unloaded: bool = False, reduced: bool = False) -> Answer:
+        """One provider call: its reachability, its breaker, its model's load, then the host's call gate.
+
+        ``unloaded``: the memory strategy already unloaded idle models for this
+        job, so a crashed runner now is a broken model, counted by the breaker.
+        ``reduced``: the timeout fallback already shortened the job; until it
+        has, the call may use only part of the job's time (FALLBACK_TIMEOUT_RESERVE).
+        """
         if self.reach is not None and self.reach.is_down(provider.name):
             raise ProviderDown(provider.name, self.reach.error(provider.name))
-        with self.gate.call(task.model, deadline) if self.gate is not None else nullcontext():
-            admission = self.breakers.admit(provider.name, task.model, deadline.left() + LEASE_GRACE)
+        admission = self.breakers.admit(provider.name, task.model, deadline.left() + LEASE_GRACE)
+        self._report_transitions()
+        try:
+            self._await_model(provider, task.model, deadline)
+            with self._gate(provider, task, deadline):
+                call_deadline = self._call_deadline(task, deadline, sink, reduced)
+                answer = self._run_task(provider, task, call_deadline, sink)
+        except JobError as exc:
+            if unloaded and getattr(exc, "crashed", False):
+                exc.counted = True  # type: ignore[attr-defined]
+            self.breakers.record(admission, exc)
             self._report_transitions()
-            try:
-                answer = self._run_task(provider, task, deadline, sink)
-            except JobError as exc:
-                self.breakers.record(admission, exc)
-                self._report_transitions()
-                if admission.probe and exc.kind in COUNTED:
-                    # The half-open breaker's probe failed: the outage goes on. The
-                    # job was the host's test of the provider, so it spends no attempt
-                    # (else the job at the head of the queue would die probing); the
-                    # finisher bounds how often one job may probe for free.
-                    raise BreakerOpen(admission.key, self.breakers.open_until(admission.key),
-                                      f"{exc.message} (the circuit breaker's probe)", probe_failed=True) from exc
-                if isinstance(exc, ProviderError) and exc.unreachable and self.reach is not None:
-                    # Nothing listens: the provider is down, not this job failing. The
-                    # job waits without spending an attempt, and the workers pause.
-                    if self.reach.mark_down(provider.name, exc.message):
-                        log.warning(f"provider {provider.name} is unreachable; workers pause until it answers",
-                                    extra={"error": exc.message})
-                    raise ProviderDown(provider.name, exc.message) from exc
-                raise
-            self.breakers.record(admission, None)
-            self._report_transitions()
-            return answer
+            if admission.probe and counts(exc):
+                # The half-open breaker's probe failed: the outage goes on. The
+                # job was the host's test of the provider, so it spends no attempt
+                # (else the job at the head of the queue would die probing); the
+                # finisher bounds how often one job may probe for free.
+                raise BreakerOpen(admission.key, self.breakers.open_until(admission.key),
+                                  f"{exc.message} (the circuit breaker's probe)", probe_failed=True) from exc
+            if isinstance(exc, ProviderError) and exc.unreachable and self.reach is not None:
+                # Nothing listens: the provider is down, not this job failing. The
+                # job waits without spending an attempt, and the workers pause.
+                if self.reach.mark_down(provider.name, exc.message):
+                    log.warning(f"provider {provider.name} is unreachable; workers pause until it answers",
+                                extra={"error": exc.message})
+                raise ProviderDown(provider.name, exc.message) from exc
+            raise
+        self.breakers.record(admission, None)
+        self._report_transitions()
+        return answer
+
+    def _await_model(self, provider: Provider, model: str, deadline: Deadline) -> None:
+        """Wait until the host has the model loaded, when the model manager loads this provider's models."""
+        if self.loads is None or self.gate is None or not self.loads.manages(provider.name):
+            return
+        index = self.gate.state.model_index(model_label(model), add=self.gate.add_labels)
+        waited = self.loads.wait_resident(index, model, deadline, self.gate.slot.beat)
+        if waited > 0.5:
+            log.info(f"waited {waited:.1f}s for {model} to load", extra={"model": model, "waitSeconds": round(waited, 2)})
+
+    def _gate(self, provider: Provider, task: Task, deadline: Deadline) -> Any:
+        """The host's call gate for this call: its cap, the model's slots and the provider's cap."""
+        if self.gate is None:
+            return nullcontext()
+        slots = getattr(provider, "model_slots", None)
+        model_slots = slots(task.model, isinstance(task.request, EmbeddingsRequest)) if slots is not None else 0
+        return self.gate.call(task.model, deadline, model_slots=model_slots, provider=self.providers.index(provider),
+                              provider_cap=getattr(provider, "max_concurrent", 0) or 0)
+
+    def _call_deadline(self, task: Task, deadline: Deadline, sink: StreamSink | None, reduced: bool) -> Deadline:
+        """The job's deadline, less the share kept back for the timeout fallback while it may still run.
+
+        Without it a call would time out when the job's own time does (with
+        the defaults, OLLAMA_TIMEOUT equals WORKER_TIMEOUT) and a shorter
+        answer could never be asked for. Not for embeddings (nothing to
+        shorten), nor a stream (once text is out, the job is tried again whole).
+        """
+        reserve = self.settings.fallback.timeout_reserve
+        if reduced or reserve <= 0 or sink is not None or isinstance(task.request, EmbeddingsRequest):
+            return deadline
+        return deadline.share(1.0 - reserve)
 
     def _apply(self, plan: Plan, task: Task, provider: Provider, deadline: Deadline) -> Task:
         if plan.unload_idle:
@@ -270,12 +326,10 @@ class Executor:
             return Answer({"embeddings": vectors.vectors}, vectors.model or task.model, vectors.prompt_tokens, None)
         if isinstance(request, ChatRequest):
             done = provider.chat(task.model, request, deadline, on_chunk)
-            response = {"message": done.message or {"role": "assistant", "content": done.text}, "doneReason": done.done_reason}
         else:
             assert isinstance(request, GenerateRequest)
             done = provider.generate(task.model, request, deadline, on_chunk)
-            response = {"response": done.text, "doneReason": done.done_reason}
-        return Answer(response, done.model or task.model, done.prompt_tokens, done.completion_tokens)
+        return _answer(task, done, done.done_reason)
 
     def _batch(self, decoded: Decoded, deadline: Deadline) -> Answer:
         """Run a batch's requests in order; each gets its own result.
@@ -311,6 +365,20 @@ class Executor:
         if errors and len(errors) == len(results) and all(e.retryable for e in errors):
             raise errors[0]
         return Answer({"results": results}, decoded.model, prompt, completion, fallback_used=fallback)
+
+
+def _answer(task: Task, done: Completion, done_reason: str | None) -> Answer:
+    """A chat or generate answer as results carry it; a thinking model's reasoning beside the text."""
+    if isinstance(task.request, ChatRequest):
+        message = dict(done.message or {"role": "assistant", "content": done.text})
+        if done.thinking and "thinking" not in message:
+            message["thinking"] = done.thinking
+        response: dict[str, Any] = {"message": message, "doneReason": done_reason}
+    else:
+        response = {"response": done.text, "doneReason": done_reason}
+        if done.thinking:
+            response["thinking"] = done.thinking
+    return Answer(response, done.model or task.model, done.prompt_tokens, done.completion_tokens)
 
 
 def _ms(seconds: float) -> int:

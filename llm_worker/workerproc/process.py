@@ -27,6 +27,7 @@ import redis
 from llm_worker import exitcodes, jobs, logs
 from llm_worker.config import Settings
 from llm_worker.jobs import Decoded, EmbeddingsRequest, Invalid, JobError, Malformed, decode, iso
+from llm_worker.loadboard import LoadBoard
 from llm_worker.pluginmanager import Found, PluginManager
 from llm_worker.providers import Deadline
 from llm_worker.queue import ClusterRefused, ReliableQueue, WorkerInfo, connect, refuse_cluster, waiting_helps
@@ -178,7 +179,8 @@ class WorkerProcess:
         priority = pools.index(self.settings.queue.priority) if self.settings.queue.priority in pools else -1
         gate = CallGate(state, self.spec.slot, self.settings.worker.max_in_flight, priority,
                         add_labels=not self.settings.models.allowed)
-        self.executor = Executor(providers, self.plugins, breakers, self.settings, self.id, cache, gate, self.reach)
+        self.executor = Executor(providers, self.plugins, breakers, self.settings, self.id, cache, gate, self.reach,
+                                 LoadBoard(state.loads))
         # Embeddings workers gather jobs into shared calls (ENABLE_BATCH_PROCESSING).
         self.gathers = (self.settings.worker.batching and self.settings.worker.batch_size > 1
                         and self.queue_name == self.settings.queue.embeddings)
