@@ -141,8 +141,9 @@ class Executor:
             self.attempts_used = used
             streamed = sink.published if sink is not None else 0
             spent = job.job.retry_count + used
-            if isinstance(error, Incomplete) and (spent >= job.max_attempts or deadline.left() <= 0):
-                # No attempt left to get it whole: the part there is, said to be a part.
+            if isinstance(error, Incomplete) and (streamed or spent >= job.max_attempts or deadline.left() <= 0):
+                # No attempt left to get it whole (or its text already streamed, which a reader
+                # cannot take back): the part there is, said to be a part.
                 log.warning("answer incomplete on the job's last attempt; answering what came",
                             extra={"jobId": job.job.id, "model": task.model, "error": error.message})
                 answer = _answer(task, error.partial, INCOMPLETE)
