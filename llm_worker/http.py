@@ -3,7 +3,9 @@
 It runs in its own child of the supervisor under waitress, so the supervisor
 stays single-threaded. Health, readiness, status and metrics answer from
 shared memory, never from Redis or Ollama on the request path; the admin
-routes, which operators call by hand, read Redis.
+routes, which operators call by hand, read Redis; /health/ollama asks Ollama
+live, as the service this replaced did, through the sampler's LiveProbe (one
+probe in flight, at most one a second).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from llm_worker.admin import QueueAdmin
 from llm_worker.breaker import Breakers, breaker_record
 from llm_worker.config import Settings
 from llm_worker.jobs import iso
+from llm_worker.liveprobe import Answer, LiveProbe
 from llm_worker.metrics import ShmCollector
 from llm_worker.pluginmanager import Found, PluginManager
 from llm_worker.procs import exit_with_parent
@@ -37,6 +40,10 @@ from llm_worker.workerproc.context import WorkerContext
 log = logging.getLogger("llm_worker.http")
 LIVE_STALE = 10.0  # seconds without a supervisor loop turn before liveness fails
 REDIS_STALE = 5.0  # seconds without a Redis check before readiness stops trusting it
+THREADS = 8  # waitress's request threads
+# /health/ollama requests that may wait on a probe at once: a hanging Ollama holds each
+# for up to HEALTHCHECK_TIMEOUT, and the other threads must stay free for liveness.
+OLLAMA_WAITING = THREADS // 2
 
 StartResponse = Callable[..., Any]
 Route = Callable[[dict[str, Any]], tuple[int, Any]]
@@ -91,10 +98,12 @@ class Health:
 class App:
     """The WSGI callable: a route table over Health and the shared tables."""
 
-    def __init__(self, settings: Settings, state: SharedState) -> None:
+    def __init__(self, settings: Settings, state: SharedState, live: LiveProbe) -> None:
         self.settings = settings
         self.state = state
         self.health = Health(settings, state)
+        self.live = live
+        self._ollama_waiting = threading.BoundedSemaphore(OLLAMA_WAITING)
         registry = CollectorRegistry(auto_describe=False)
         registry.register(ShmCollector(settings, state))
         self.metrics = make_wsgi_app(registry)
@@ -174,16 +183,33 @@ class App:
         return 503, {"status": "not ready", "reason": reason, **base}
 
     def ollama(self, environ: dict[str, Any]) -> tuple[int, Any]:
-        r = self.state.readings
+        """Whether Ollama answers a GET now (HEALTHCHECK_TIMEOUT): 200 if it did, else 503.
+
+        Requests that arrive together share one probe, and an answer whose
+        probe started under a second ago is reused (see liveprobe). At most
+        OLLAMA_WAITING requests wait on a probe at once; any more are answered
+        at once with the last probe's answer (``checkedSecondsAgo`` says how
+        old), or 503 "unknown" before there is one.
+        """
         url = self.settings.ollama.base_url
-        if r.provider_checked == 0:
-            return 503, {"status": "unknown", "message": "not probed yet", "url": url, "error_details": None}
-        age = round(time.monotonic() - r.provider_checked, 1)
-        if r.provider_up:
-            return 200, {"status": "healthy", "message": "Ollama is running", "url": url, "error_details": None,
-                         "version": r.provider_version.decode(errors="replace"), "checkedSecondsAgo": age}
-        return 503, {"status": "unhealthy", "message": "Ollama is not reachable", "url": url,
-                     "error_details": r.provider_error.decode(errors="replace"), "checkedSecondsAgo": age}
+        if self._ollama_waiting.acquire(blocking=False):
+            try:
+                answer: Answer | None = self.live.check(self.settings.http.healthcheck_timeout)
+            finally:
+                self._ollama_waiting.release()
+        else:
+            answer = self.live.last()
+        if answer is None:
+            return 503, {"status": "unknown", "message": "not probed yet", "url": url,
+                         "error_details": f"{OLLAMA_WAITING} requests already wait on the first probe; ask again"}
+        health = answer.health
+        age = round(max(0.0, time.monotonic() - answer.finished), 1)
+        if health.ok:
+            return 200, {"status": "healthy", "message": "Ollama server is reachable.", "url": url,
+                         "error_details": None, "version": health.version or "", "checkedSecondsAgo": age}
+        # The provider's own message: "Ollama is not reachable", or what to set when Ollama refused us.
+        return 503, {"status": "unhealthy", "message": health.message, "url": url,
+                     "error_details": health.error_details or health.message, "checkedSecondsAgo": age}
 
     # ---- status and admin -----------------------------------------------------------
 
@@ -242,12 +268,13 @@ def serve(settings: Settings, state: SharedState, supervisor_pid: int, plugins: 
 
     logs.setup(settings.log, role="http", workerId=settings.worker.id)
     threading.Thread(target=exit_with_parent, args=(supervisor_pid,), daemon=True, name="parent-watch").start()
-    app = App(settings, state)
+    sampler = Sampler(settings, state, plugins)
+    app = App(settings, state, sampler.live)
     try:
         # No route reads a body (admin actions take their arguments in the query), so
         # waitress refuses big ones with 413 instead of buffering up to its 1 GiB default.
         server = waitress.create_server(app, host=settings.http.host, port=settings.http.port,
-                                        threads=4, ident="llm-worker", channel_timeout=30,
+                                        threads=THREADS, ident="llm-worker", channel_timeout=30,
                                         max_request_body_size=MAX_BODY, max_request_header_size=MAX_HEADERS)
     except OSError as exc:
         log.error(f"cannot listen on {settings.http.host}:{settings.http.port}: {exc.strerror}")
@@ -257,7 +284,7 @@ def serve(settings: Settings, state: SharedState, supervisor_pid: int, plugins: 
         app.plugins.worker_started(WorkerContext(settings, f"{settings.worker.id}:{os.getpid()}", "http", None, state, None))
     except Exception:
         log.exception("a plugin failed to start in the HTTP process; its sink may be silent here")
-    Sampler(settings, state, plugins).start()
+    sampler.start()
     state.header.http_bound = 1
     log.info("HTTP listening", extra={"host": settings.http.host, "port": settings.http.port})
     try:

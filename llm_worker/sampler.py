@@ -2,8 +2,9 @@
 
 Probing Ollama, Redis queue depths, NVML and psutil can each take from
 microseconds to seconds; here they stall nothing that matters (the supervisor
-never waits on them, and HTTP answers from what was last written). NVML is
-initialised in this process, after fork, on its first sample.
+never waits on them, and HTTP answers from what was last written; only
+/health/ollama asks Ollama live, through the same LiveProbe as the sampler).
+NVML is initialised in this process, after fork, on its first sample.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from llm_worker.chores import Chore
 from llm_worker.config import Settings
 from llm_worker.gpu import GpuReading, GpuSampler, ollama_memory
 from llm_worker.hoststats import OLLAMA_NAMES, ProcessWatcher, find_processes, host_reading
+from llm_worker.liveprobe import Answer, LiveProbe
 from llm_worker.pluginmanager import Found, PluginManager
 from llm_worker.providers import Provider
 from llm_worker.queue import Keys, connect
@@ -26,8 +28,6 @@ from llm_worker.shm import MAX_GPUS, NAME, SharedState
 
 log = logging.getLogger("llm_worker.sampler")
 NVML_MODULE_ENV = "LLM_WORKER_NVML_MODULE"  # tests point this at a fake NVML module
-
-
 
 
 class Sampler(threading.Thread):
@@ -42,6 +42,9 @@ class Sampler(threading.Thread):
         self.processes = ProcessWatcher()
         self.provider: Provider | None = None
         self.reach = Reachability(state.providers, state.lock)
+        # The process's one way to ask the provider for its health: this thread's
+        # periodic probe and /health/ollama's live ones share it (see liveprobe).
+        self.live = LiveProbe(self._provider, on_answer=self._answered)
         every = settings.http.sample_interval / 1000
         self.provider_chore = Chore("provider", settings.ollama.health_check_interval / 1000, self.probe_provider)
         self.chores = [
@@ -75,18 +78,28 @@ class Sampler(threading.Thread):
 
     def probe_provider(self) -> None:
         r = self.state.readings
-        provider = self._provider()
-        health = provider.health(timeout=min(5.0, self.settings.ollama.health_check_interval / 1000))
+        answer = self.live.check(timeout=min(5.0, self.settings.ollama.health_check_interval / 1000))
+        health = answer.health
         r.provider_up = int(health.ok)
-        if health.ok and self.reach.mark_up(provider.name):
-            log.warning(f"provider {provider.name} answers again; workers take jobs")
         # While a provider is down (its workers paused), look every second, so
         # that the host takes jobs again soon after it is back.
-        down = not health.ok or self.reach.is_down(provider.name)
+        down = not health.ok or (answer.provider != "" and self.reach.is_down(answer.provider))
         self.provider_chore.period = PROBE_EVERY if down else self.settings.ollama.health_check_interval / 1000
         r.provider_version = (health.version or "").encode()[:63]
         r.provider_error = (health.error_details or "").encode()[:255]
-        r.provider_checked = time.monotonic()
+        r.provider_checked = answer.finished  # a reused answer is as old as its probe, not as this look
+
+    def _answered(self, answer: Answer) -> None:
+        """Every probe's answer, the sampler's or /health/ollama's: a success marks the provider up.
+
+        A success is the evidence the workers' own probes accept (``health()``
+        ok), so it may end their pause. A failure is never written: the
+        workers mark a provider down only when a call finds nothing listening,
+        and a slow or failed health GET (with HEALTHCHECK_TIMEOUT, an
+        operator's choice for monitoring) must not pause them.
+        """
+        if answer.health.ok and answer.provider and self.reach.mark_up(answer.provider):
+            log.warning(f"provider {answer.provider} answers again; workers take jobs")
 
     def _provider(self) -> Provider:
         if self.provider is None:

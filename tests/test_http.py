@@ -8,14 +8,18 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
+import time
 
 import pytest
 import redis
 import urllib3
 from prometheus_client.parser import text_string_to_metric_families
 
-from llm_worker.http import MAX_BODY
-from llm_worker.simulator import Simulator
+from llm_worker.http import MAX_BODY, OLLAMA_WAITING, THREADS
+from llm_worker.liveprobe import FRESH, LiveProbe
+from llm_worker.providers import Health
+from llm_worker.simulator import Fault, Simulator, SimulatorConfig
 from support import chat, client_for, eventually, wait_all
 
 FAST = {"HOST_SAMPLE_INTERVAL": "200", "OLLAMA_HEALTH_CHECK_INTERVAL": "500"}
@@ -222,15 +226,142 @@ def test_readiness_follows_redis_and_drain_while_liveness_holds(service, sim: Si
 
 def test_ollama_down_shows_in_its_health_route_not_in_liveness(service, sim: Simulator) -> None:
     svc = service(**FAST)
-    eventually(lambda: svc.get("/health/ollama")[0] == 200, what="Ollama probed")
     status, body = svc.get("/health/ollama")
-    assert body["status"] == "healthy" and body["url"] == sim.url and body["error_details"] is None
+    assert status == 200 and body["status"] == "healthy" and body["url"] == sim.url and body["error_details"] is None
+    assert body["message"] == "Ollama server is reachable." and body["version"] and body["checkedSecondsAgo"] >= 0
     sim.stop()
     eventually(lambda: svc.get("/health/ollama")[0] == 503, timeout=15, what="Ollama seen down")
     body = svc.get("/health/ollama")[1]
     assert set(body) >= {"status", "message", "url", "error_details"} and body["error_details"]
+    assert body["status"] == "unhealthy"
     assert svc.get("/health/live")[0] == 200
-    assert value(scrape(svc), "llm_worker_provider_up", provider="ollama") == 0
+    eventually(lambda: value(scrape(svc), "llm_worker_provider_up", provider="ollama") == 0,
+               what="the sampler saw it too")
+
+
+# The sampler's own probe comes every 30 s by default; these tests leave it there
+# (or at an hour), so that only the live probe can make /health/ollama follow Ollama.
+HOUR = {"OLLAMA_HEALTH_CHECK_INTERVAL": "3600000"}
+
+
+def versions_asked(sim: Simulator) -> int:
+    return sim.stats().requests.get("version", 0)
+
+
+def concurrently(svc, n: int, timeout: float = 20.0) -> tuple[list[tuple[int, dict]], threading.Event, list[int]]:  # type: ignore[no-untyped-def]
+    """Start ``n`` GET /health/ollama at once.
+
+    Returns their answers (filled in as they come), an event set when all have come, and their count (a list of one).
+    """
+    http = urllib3.PoolManager(maxsize=n, retries=False, timeout=urllib3.Timeout(connect=2, read=timeout))
+    start = threading.Barrier(n)
+    answers: list[tuple[int, dict]] = []
+    finished = [0]
+    lock = threading.Lock()
+    done = threading.Event()
+
+    def one() -> None:
+        start.wait()
+        resp = http.request("GET", svc.url + "/health/ollama")
+        with lock:
+            answers.append((resp.status, resp.json()))
+            finished[0] += 1
+            if finished[0] == n:
+                done.set()
+
+    for _ in range(n):
+        threading.Thread(target=one, daemon=True).start()
+    return answers, done, finished
+
+
+def test_ollama_health_is_asked_live_503_soon_after_ollama_stops_and_200_once_back(service, sim: Simulator) -> None:
+    svc = service()  # the sampler probes every 30 s: only a live probe sees the stop within the deadline below
+    assert svc.get("/health/ollama")[0] == 200
+    port = sim.port
+    sim.stop()
+    _, body = eventually(lambda: (lambda got: got if got[0] == 503 else None)(svc.get("/health/ollama")),
+                         timeout=10, interval=0.05, what="503 after Ollama stopped")
+    assert body["status"] == "unhealthy" and body["url"] == sim.url and "cannot reach" in body["error_details"]
+    assert svc.get("/health/live")[0] == 200
+    back = Simulator(SimulatorConfig(port=port)).start()
+    try:
+        eventually(lambda: svc.get("/health/ollama")[0] == 200, timeout=10, interval=0.05,
+                   what="200 once Ollama is back")
+    finally:
+        back.stop()
+
+
+def test_requests_that_arrive_together_share_one_probe(service, sim: Simulator) -> None:
+    svc = service(**HOUR)
+    assert svc.get("/health/ollama")[0] == 200
+    time.sleep(FRESH + 0.2)  # let that answer age, so the burst below needs a probe of its own
+    # The burst's one probe hangs 3 s, so every request of the burst arrives while it is in flight.
+    sim.set_faults([Fault(kind="hang", endpoints=("version",), seconds=3.0, count=1)])
+    before = versions_asked(sim)
+    answers, done, _ = concurrently(svc, OLLAMA_WAITING)
+    assert done.wait(30), answers
+    assert [status for status, _ in answers] == [200] * OLLAMA_WAITING
+    assert versions_asked(sim) - before == 1
+    assert sim.stats().faults_fired == 1
+
+
+def test_a_healthcheck_timeout_shorter_than_a_hanging_ollama_answers_503(service, sim: Simulator) -> None:
+    svc = service(HEALTHCHECK_TIMEOUT="0.5")
+    assert svc.get("/health/ollama")[0] == 200
+    sim.set_faults([Fault(kind="hang", endpoints=("version",))])
+    _, body = eventually(lambda: (lambda got: got if got[0] == 503 else None)(svc.get("/health/ollama")),
+                         timeout=15, what="503 while Ollama hangs")
+    assert body["status"] == "unhealthy" and "no answer within 0.5s" in body["error_details"]
+    assert svc.get("/health/live")[0] == 200
+    sim.clear_faults()
+    eventually(lambda: svc.get("/health/ollama")[0] == 200, timeout=15, what="200 once Ollama answers again")
+
+
+def test_liveness_answers_while_health_ollama_requests_wait_on_a_hanging_ollama(service, sim: Simulator) -> None:
+    svc = service(HEALTHCHECK_TIMEOUT="8", **HOUR)
+    assert svc.get("/health/ollama")[0] == 200
+    time.sleep(FRESH + 0.2)
+    sim.set_faults([Fault(kind="hang", endpoints=("version",))])
+    before = versions_asked(sim)
+    # As many as waitress has threads: OLLAMA_WAITING wait on the probe, the rest get the last answer at once.
+    answers, done, finished = concurrently(svc, THREADS)
+    eventually(lambda: finished[0] == THREADS - OLLAMA_WAITING, what="the requests past the cap answered")
+    assert [status for status, _ in answers] == [200] * (THREADS - OLLAMA_WAITING)
+    assert svc.get("/health/live")[0] == 200 and svc.get("/health/ready")[0] == 200
+    assert finished[0] == THREADS - OLLAMA_WAITING  # the waiting ones still wait: liveness did not queue behind them
+    assert done.wait(30)
+    late = answers[THREADS - OLLAMA_WAITING:]
+    assert all(status == 503 and "no answer within 8.0s" in body["error_details"] for status, body in late), late
+    assert versions_asked(sim) - before == 1
+
+
+class _Stuck:
+    """A provider whose health() ignores its timeout until released (a plugin's bug)."""
+
+    name = "stuck"
+    url = "http://stuck.invalid"
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.calls = 0
+
+    def health(self, timeout: float) -> Health:
+        self.calls += 1
+        self.release.wait(30)
+        return Health(ok=True, message="up", url=self.url, version="1")
+
+
+def test_a_health_probe_that_overruns_holds_no_caller_past_its_timeout() -> None:
+    stuck = _Stuck()
+    probe = LiveProbe(lambda: stuck)
+    first = probe.check(0.1)
+    assert not first.health.ok and "no answer within 0.1s" in first.health.error_details
+    second = probe.check(0.1)  # joins the probe still in flight instead of starting one
+    assert not second.health.ok and stuck.calls == 1
+    stuck.release.set()
+    eventually(lambda: probe.last() is not None, what="the overrunning probe's answer")
+    answer = probe.check(5.0)
+    assert answer.health.ok and answer.provider == "stuck"
 
 
 def test_status_shows_pools_workers_and_the_job_in_hand(service, sim: Simulator, redis_url: str) -> None:
