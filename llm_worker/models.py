@@ -32,13 +32,13 @@ import time
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from llm_worker import logs, modelpolicy, records
+from llm_worker import exitcodes, logs, modelpolicy, records
 from llm_worker.config import Settings
 from llm_worker.jobs import ErrorKind, iso
 from llm_worker.loadboard import ASKED, PRELOAD, WHY, LoadBoard
 from llm_worker.modelpolicy import Loaded
 from llm_worker.pluginmanager import Found, PluginManager
-from llm_worker.plugins.ollama import OllamaProvider
+from llm_worker.plugins.ollama import LoadOptionsRefused, OllamaProvider
 from llm_worker.procs import exit_with_parent
 from llm_worker.pullprogress import PullProgress
 from llm_worker.providers import Deadline, ProviderError
@@ -182,6 +182,12 @@ class ModelManager:
         self._began(index, model, PRELOAD)
         try:
             seconds = self.provider.load(model, Deadline(self.settings.models.load_timeout / 1000), keep_alive=-1)
+        except LoadOptionsRefused as exc:
+            # Our settings check each option's type as Ollama v0.33 does; a server that
+            # still refuses one is another version. Every load would fail the same way.
+            log.critical(f"Ollama refused {exc.setting} while preloading {model}: {exc.message}; fix {exc.setting}")
+            self._load_failed(LoadOutcome(index, model, PRELOAD, None, exc))
+            raise SystemExit(exitcodes.USAGE) from None
         except ProviderError as exc:
             self._load_failed(LoadOutcome(index, model, PRELOAD, None, exc))
             delay = self._retry_later(model)

@@ -273,3 +273,63 @@ def test_every_breaker_of_a_pool_open_pauses_it_until_one_closes(service, r) -> 
     http.request("POST", svc.url + "/admin/breakers/reset?key=ollama:llama3.2", headers=admin)
     assert wait_all(client, [job])[job]["success"]
     assert not _status(svc)["pools"]["llm-chat"]["paused"]
+
+
+# ---- per-model slots and per-provider caps ---------------------------------------------
+
+
+def _call_capped(state: SharedState, slot: int, model: str, out: Any, model_slots: int = 0, provider: int = -1,
+                 provider_cap: int = 0) -> None:
+    state.slots[slot].pid = os.getpid()
+    gate = CallGate(state, slot, 100, -1)
+    with gate.call(model, Deadline(30), model_slots=model_slots, provider=provider, provider_cap=provider_cap):
+        with state.lock.held():
+            load = in_flight(state, -1, state.slots[slot].model, provider)
+        out.put((model, load.model, load.provider))
+        time.sleep(0.05)
+
+
+def test_each_model_gets_no_more_calls_than_its_slots_and_another_model_goes_ahead() -> None:
+    # Ollama serves OLLAMA_NUM_PARALLEL requests per loaded model and queues the rest inside itself.
+    state = host(8)
+    out = CTX.Queue()
+    procs = [CTX.Process(target=_call_capped, args=(state, i, "a" if i < 6 else "b", out, 2)) for i in range(8)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(30)
+    seen = [out.get(timeout=5) for _ in procs]
+    assert all(p.exitcode == 0 for p in procs)
+    assert max(n for model, n, _ in seen if model == "a") == 2  # reached, never passed
+    assert max(n for model, n, _ in seen if model == "b") <= 2
+
+
+def test_a_provider_with_one_place_gets_one_call_at_a_time() -> None:
+    # llama-cpp-python's server interrupts a running generation for a new request: one call at a time.
+    state = host(6)
+    out = CTX.Queue()
+    procs = [CTX.Process(target=_call_capped, args=(state, i, f"m{i}", out, 0, 1, 1)) for i in range(6)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(30)
+    seen = [out.get(timeout=5) for _ in procs]
+    assert all(p.exitcode == 0 for p in procs) and max(n for _, _, n in seen) == 1
+
+
+def test_a_wait_for_a_models_slot_says_which_cap_was_full_and_is_not_a_breaker_failure() -> None:
+    state = host(2)
+    out = CTX.Queue()
+    holder = CTX.Process(target=_call_model_and_hang, args=(state, 0, "a", out))
+    holder.start()
+    assert out.get(timeout=10) == "in"
+    try:
+        state.slots[1].pid = os.getpid()
+        with pytest.raises(ProviderError) as caught:
+            with CallGate(state, 1, 10, -1).call("a", Deadline(0.2), model_slots=1):
+                pass
+        assert "one of the model's 1 slots (OLLAMA_NUM_PARALLEL" in caught.value.message
+        assert caught.value.counted is False
+    finally:
+        holder.kill()
+        holder.join(10)

@@ -130,7 +130,7 @@ def test_failures_retries_and_rejections_are_counted(service, sim: Simulator, re
     from llm_worker.simulator import Fault
 
     svc = service(WORKER_POOLS="llm-chat=1", QUEUE_DELAY="10", QUEUE_MAX_ATTEMPTS="2", OLLAMA_MAX_RETRIES="0", **FAST)
-    sim.set_faults([Fault(status=500, reason="internal")])
+    sim.set_faults([Fault(status=500, message="error reading llama-server response: unexpected EOF")])
     client = client_for(redis_url)
     wait_all(client, [chat(client)])
     r.lpush("llm-chat", b"not a job")

@@ -120,7 +120,7 @@ def test_a_retry_that_would_cross_max_job_bytes_is_answered_not_lost(service, si
     # The retry count we add would push the payload over the limit, and its id is
     # not its first key: retried, the next take would dead-letter it with no result.
     service(WORKER_POOLS="llm-chat=1", MAX_JOB_BYTES="4096", QUEUE_DELAY="50", OLLAMA_MAX_RETRIES="0")
-    sim.set_faults([Fault(kind="status", status=500, reason="internal", count=1)])
+    sim.set_faults([Fault(kind="status", status=500, message="error reading llama-server response: unexpected EOF", count=1)])
     body = {"type": "chat", "userId": "u", "model": "llama3.2", "request": {"messages": [{"role": "user", "content": ""}]},
             "id": "near-limit"}
     body["request"]["messages"][0]["content"] = "x" * (4096 - 4 - len(msgspec.json.encode(body)))

@@ -70,8 +70,9 @@ class JsonHttp:
         self._open.clear()
         self._local.__dict__.clear()
 
-    def request(self, method: str, path: str, body: Any, deadline: Deadline) -> Response:
-        """Send one request; return its 2xx response, unread."""
+    def request(self, method: str, path: str, body: Any, deadline: Deadline, retries: int | None = None) -> Response:
+        """Send one request; return its 2xx response, unread. ``retries``: in place of max_retries."""
+        retries = self.max_retries if retries is None else retries
         payload = _encode(body) if body is not None else None
         what = f"{method} {path}"
         attempt = 0
@@ -94,7 +95,7 @@ class JsonHttp:
                 if resp.status not in self.retry_statuses:
                     raise error
             attempt += 1
-            if attempt > self.max_retries:
+            if attempt > retries:
                 raise error
             pause = self.retry_delay * 2 ** (attempt - 1)
             if pause >= deadline.left():
@@ -162,8 +163,9 @@ class JsonHttp:
         message = _message(data) or f"HTTP {resp.status}"
         return ProviderError(f"{what}: {message}", self.classify(resp.status, message), status=resp.status)
 
-    def json(self, method: str, path: str, body: Any, deadline: Deadline, type: Any = Any) -> Any:
-        resp = self.request(method, path, body, deadline)
+    def json(self, method: str, path: str, body: Any, deadline: Deadline, type: Any = Any,
+             retries: int | None = None) -> Any:
+        resp = self.request(method, path, body, deadline, retries)
         try:
             data = resp.read()
         except socket.timeout:

@@ -1,18 +1,41 @@
 """The Ollama provider: chat, generate, embeddings, and models (list, show, pull, load, unload) over Ollama's HTTP API.
 
-Ollama's failures are mapped to error kinds from what it really answers:
-404 ``model "x" not found, try pulling it first`` and ``model 'x' not found``
-(model); 400 (validation, or model when the model cannot do the task); 503
-``server busy`` (retried, then provider); 500 out of memory or a terminated
-runner (memory); an ``{"error": ...}`` line inside a 200 stream; a stream that
-ends without ``done``; refused connections (network); read timeouts (timeout).
+What Ollama's error answers mean is one table, ``TABLE`` in ollama_errors.py,
+each row citing the Ollama source it comes from: messages are matched before
+statuses, so /api/embed's 400 for a crashed runner is a crash (memory, retried
+once the memory strategy has unloaded idle models), a model Ollama lacks, cannot
+run or cannot do the task with is a model error (the model fallback, no
+retries), an option of the wrong type in the host's settings is
+``LoadOptionsRefused``, and a 403 (Ollama's Host check) pauses the host with
+the setting to change. Refused connections are network errors, read timeouts
+timeouts (the HTTP client's).
+
+An answer without its end is never a success: a stream that stops before its
+``done: true`` line, or a whole answer with ``done: false`` (Ollama ends a
+generation that way when llama-server's stream stops with no stop event, or it
+aborts a token loop: llm/llama_server.go Completion, v0.33), raises
+``Incomplete`` with what came so far.
+
+A thinking model's reasoning (``message.thinking`` of /api/chat, ``thinking``
+of /api/generate) is kept apart from the answer: ``Completion.thinking``, the
+chat message's ``thinking``, and ``on_chunk("", thinking=piece)`` while
+streaming. ``think`` is sent as the job gives it (true/false or a level).
+
+Options: a request carries the host's load-time options, EMBEDDING_LOAD_OPTIONS
+to an embedding model and MODEL_LOAD_OPTIONS to the others (which kind a model
+is, /api/show says once; it is remembered), never a job's own. A job's options
+that Ollama's api.Options (api/types.go, v0.33) no longer has are dropped here
+(tfs_z gone in v0.5.2, penalize_newline in v0.5.5, mirostat, mirostat_tau and
+mirostat_eta in v0.7.0): Ollama would only ignore them with a warning in its log.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Collection
-from typing import Any
+from collections.abc import Callable, Collection, Generator, Iterator
+from contextlib import contextmanager
+from typing import Any, cast
+from urllib.parse import urlsplit
 
 import msgspec
 
@@ -20,28 +43,20 @@ from llm_worker.config import LOAD_OPTIONS, Settings
 from llm_worker.hookspecs import hookimpl
 from llm_worker.jobs import ChatRequest, ErrorKind, GenerateRequest
 from llm_worker.plugins.httpclient import JsonHttp
-from llm_worker.providers import Completion, Deadline, Embeddings, Health, ModelInfo, OnChunk, ProviderError
+from llm_worker.plugins.ollama_errors import LoadOptionsRefused, OllamaError, classify, error_for
+from llm_worker.providers import Completion, Deadline, Embeddings, Health, Incomplete, ModelInfo, OnChunk, ProviderError
 from llm_worker.stats import model_label
 
-_MEMORY_SIGNS = (
-    "requires more system memory", "out of memory", "insufficient memory", "cuda error",
-    "unable to allocate", "runner process has terminated", "runner has unexpectedly stopped",
-    "failed to allocate",
-)
+__all__ = ["LoadOptionsRefused", "OllamaError", "OllamaProvider", "classify", "pinned", "residency"]
 
-
-def classify(status: int, message: str) -> ErrorKind:
-    """Map an Ollama error answer to an error kind."""
-    low = message.lower()
-    if status == 404:
-        return ErrorKind.MODEL
-    if status == 400:
-        return ErrorKind.MODEL if "does not support" in low else ErrorKind.VALIDATION
-    if any(sign in low for sign in _MEMORY_SIGNS):
-        return ErrorKind.MEMORY
-    if status == 408:
-        return ErrorKind.TIMEOUT
-    return ErrorKind.PROVIDER
+# The options Ollama's api.Options has (api/types.go, v0.33.0-rc2): its api.Runner (the load-time
+# options, LOAD_OPTIONS) and the options a request may change. Ollama ignores any other key.
+SAMPLING_OPTIONS = frozenset({
+    "num_keep", "seed", "num_predict", "top_k", "top_p", "min_p", "typical_p", "repeat_last_n", "temperature",
+    "repeat_penalty", "presence_penalty", "frequency_penalty", "stop",
+})
+OLLAMA_OPTIONS = SAMPLING_OPTIONS | LOAD_OPTIONS
+SHOW_SECONDS = 10.0  # the most of a job's time that asking /api/show which kind its model is may take
 
 
 class _Message(msgspec.Struct):
@@ -88,6 +103,52 @@ _decode_line = msgspec.json.Decoder(_Line).decode
 _decode_progress = msgspec.json.Decoder(dict[str, Any]).decode
 
 
+class _Answer:
+    """A chat or generate answer as it arrives: text, reasoning and tool calls so far, and the last line."""
+
+    def __init__(self, model: str, chat: bool) -> None:
+        self.model = model
+        self.chat = chat
+        self.text: list[str] = []
+        self.thinking: list[str] = []
+        self.tool_calls: list[dict[str, Any]] = []
+        self.last: _Line | None = None
+
+    def add(self, line: _Line, on_chunk: OnChunk | None) -> None:
+        """Take one line; stream its reasoning, then its text (Ollama may send both in one line)."""
+        self.last = line
+        thinking = (line.message.thinking if line.message is not None else line.thinking) or ""
+        text = (line.message.content if line.message is not None else line.response) or ""
+        if thinking:
+            self.thinking.append(thinking)
+            if on_chunk is not None:
+                on_chunk("", thinking=thinking)
+        if text:
+            self.text.append(text)
+            if on_chunk is not None:
+                on_chunk(text)
+        if line.message is not None and line.message.tool_calls:
+            self.tool_calls.extend(line.message.tool_calls)
+
+    def completion(self) -> Completion:
+        """The answer so far: whole once the done line came, the partial of an Incomplete before."""
+        line = self.last or _Line()
+        text, thinking = "".join(self.text), "".join(self.thinking) or None
+        message: dict[str, Any] | None = None
+        if self.chat:
+            message = {"role": "assistant", "content": text}
+            if thinking:
+                message["thinking"] = thinking
+            if self.tool_calls:
+                message["tool_calls"] = self.tool_calls
+        return Completion(
+            model=line.model or self.model, text=text, thinking=thinking,
+            done_reason=line.done_reason if line.done else None, message=message,
+            prompt_tokens=line.prompt_eval_count, completion_tokens=line.eval_count,
+            load_seconds=line.load_duration / 1e9 if line.load_duration else None,
+        )
+
+
 class OllamaProvider:
     """Ollama at OLLAMA_BASE_URL; serves every model, so it is the catch-all."""
 
@@ -96,8 +157,11 @@ class OllamaProvider:
     def __init__(self, settings: Settings) -> None:
         o = settings.ollama
         self.url = o.base_url.rstrip("/")
+        self.host = urlsplit(self.url).hostname or ""
         self.load_options = dict(settings.models.load_options)
+        self.embedding_load_options = dict(settings.models.embedding_load_options)
         self.keep_alive = residency(settings)
+        self.num_parallel = o.num_parallel
         self._embedding: dict[str, bool] = {}  # model -> whether it embeds, from /api/show
         self.http = JsonHttp(
             self.url, max_connections=o.max_connections, connect_timeout=o.connect_timeout / 1000,
@@ -108,60 +172,97 @@ class OllamaProvider:
     def serves(self, model: str) -> bool:
         return True
 
+    def model_slots(self, model: str, embedding: bool) -> int:
+        """Requests Ollama serves at once for ``model``, for the host's call gate.
+
+        OLLAMA_NUM_PARALLEL per loaded model; 1 for a model without the
+        completion capability, an embedding model (server/sched.go load,
+        v0.33). Ollama also forces 1 for a few architectures (mllama,
+        qwen3vl, ...); for those, OLLAMA_NUM_PARALLEL=1 here keeps in step.
+        """
+        return 1 if embedding or self._embedding.get(model) else self.num_parallel
+
     # ---- jobs --------------------------------------------------------------
 
     def chat(self, model: str, request: ChatRequest, deadline: Deadline, on_chunk: OnChunk | None) -> Completion:
-        body = _common(model, request, on_chunk, self.load_options, self.keep_alive)
+        embedding = self._is_embedding(model, deadline, guess=False)
+        body = _common(model, request, on_chunk, self._load_options(embedding), self.keep_alive)
         body["messages"] = request.messages
         if request.tools is not None:
             body["tools"] = request.tools
-        return self._complete("/api/chat", body, deadline, on_chunk)
+        return self._complete("/api/chat", model, body, deadline, on_chunk, embedding)
 
-    def generate(self, model: str, request: GenerateRequest, deadline: Deadline, on_chunk: OnChunk | None) -> Completion:
-        body = _common(model, request, on_chunk, self.load_options, self.keep_alive)
+    def generate(self, model: str, request: GenerateRequest, deadline: Deadline,
+                 on_chunk: OnChunk | None) -> Completion:
+        embedding = self._is_embedding(model, deadline, guess=False)
+        body = _common(model, request, on_chunk, self._load_options(embedding), self.keep_alive)
         body["prompt"] = request.prompt
         if request.system is not None:
             body["system"] = request.system
         if request.images is not None:
             body["images"] = request.images
-        return self._complete("/api/generate", body, deadline, on_chunk)
+        return self._complete("/api/generate", model, body, deadline, on_chunk, embedding)
 
-    def embed(self, model: str, inputs: list[str], deadline: Deadline, options: dict[str, Any] | None = None) -> Embeddings:
+    def embed(self, model: str, inputs: list[str], deadline: Deadline,
+              options: dict[str, Any] | None = None) -> Embeddings:
+        embedding = self._is_embedding(model, deadline, guess=True)
         body: dict[str, Any] = {"model": model, "input": inputs, **(options or {}), "keep_alive": self.keep_alive}
         body.pop("options", None)
-        if (pinned_options := pinned((options or {}).get("options"), self.load_options)) is not None:
+        if (pinned_options := pinned((options or {}).get("options"), self._load_options(embedding))) is not None:
             body["options"] = pinned_options
-        answer = self.http.json("POST", "/api/embed", body, deadline, _Embed)
+        with self._answers("/api/embed", embedding):
+            answer = self.http.json("POST", "/api/embed", body, deadline, _Embed)
         if len(answer.embeddings) != len(inputs):
-            raise ProviderError(f"/api/embed returned {len(answer.embeddings)} vectors for {len(inputs)} inputs", ErrorKind.PROVIDER)
-        return Embeddings(model=answer.model or model, vectors=answer.embeddings, prompt_tokens=answer.prompt_eval_count)
+            raise ProviderError(f"/api/embed returned {len(answer.embeddings)} vectors for {len(inputs)} inputs",
+                                ErrorKind.PROVIDER)
+        return Embeddings(model=answer.model or model, vectors=answer.embeddings,
+                          prompt_tokens=answer.prompt_eval_count)
 
-    def _complete(self, path: str, body: dict[str, Any], deadline: Deadline, on_chunk: OnChunk | None) -> Completion:
+    def _complete(self, path: str, model: str, body: dict[str, Any], deadline: Deadline, on_chunk: OnChunk | None,
+                  embedding: bool) -> Completion:
         what = f"POST {path}"
+        answer = _Answer(model, chat=path == "/api/chat")
         if on_chunk is None:
-            line = self.http.json("POST", path, body, deadline, _Line)
-            _raise_if_error(line, what)
-            return _completion(line, _text(line), line.message)
-        resp = self.http.request("POST", path, body, deadline)
-        parts: list[str] = []
-        tool_calls: list[dict[str, Any]] = []
-        for raw in self.http.lines(resp, deadline, what):
-            try:
-                line = _decode_line(raw)
-            except msgspec.MsgspecError as exc:
-                raise ProviderError(f"{what}: unreadable stream line: {exc}", ErrorKind.PROVIDER) from None
-            _raise_if_error(line, what)
-            piece = _text(line)
-            if piece:
-                parts.append(piece)
-                on_chunk(piece)
-            if line.message is not None and line.message.tool_calls:
-                tool_calls.extend(line.message.tool_calls)
-            if line.done:
-                self.http.finish(resp)
-                message = _Message(content="".join(parts), tool_calls=tool_calls or None) if path == "/api/chat" else None
-                return _completion(line, "".join(parts), message)
-        raise ProviderError(f"{what}: stream ended before done", ErrorKind.PROVIDER)
+            with self._answers(path, embedding):
+                line = self.http.json("POST", path, body, deadline, _Line)
+            self._raise_if_error(line, what, path, embedding)
+            answer.add(line, None)
+            if not line.done:
+                # Ollama's non-streamed reply is its last line with the text joined: done is false when
+                # the generation ended without a stop event (server/routes.go writeChatResponse and
+                # GenerateHandler, after llm/llama_server.go Completion returned nil with no final line).
+                raise Incomplete(f"{what}: the answer came with done: false", answer.completion())
+            return answer.completion()
+        with self._answers(path, embedding):
+            resp = self.http.request("POST", path, body, deadline)
+        # A generator: closed below however the loop ends, so a half-read connection is dropped at once.
+        lines = cast(Generator[bytes, None, None], self.http.lines(resp, deadline, what))
+        try:
+            while True:
+                try:
+                    raw = next(lines, None)
+                except ProviderError as exc:
+                    # Cut mid-answer: what came is kept for the partial. A stalled stream stays a
+                    # timeout, and a connection that broke before any line stays the provider's failure.
+                    if exc.kind is ErrorKind.TIMEOUT or answer.last is None:
+                        raise
+                    raise Incomplete(exc.message, answer.completion()) from exc
+                if raw is None:
+                    # The stream closed with no done line: Ollama ends it so when llama-server's stream
+                    # stops without a stop event or it aborts a repeating token (llm/llama_server.go
+                    # Completion returns nil; server/routes.go streamResponse closes the stream).
+                    raise Incomplete(f"{what}: stream ended before done", answer.completion())
+                try:
+                    line = _decode_line(raw)
+                except msgspec.MsgspecError as exc:
+                    raise ProviderError(f"{what}: unreadable stream line: {exc}", ErrorKind.PROVIDER) from None
+                self._raise_if_error(line, what, path, embedding)
+                answer.add(line, on_chunk)
+                if line.done:
+                    self.http.finish(resp)
+                    return answer.completion()
+        finally:
+            lines.close()
 
     # ---- models and health -------------------------------------------------
 
@@ -177,54 +278,66 @@ class OllamaProvider:
 
     def available(self, deadline: Deadline) -> list[ModelInfo]:
         """Models Ollama has on disk (/api/tags)."""
-        tags = self.http.json("GET", "/api/tags", None, deadline, _Tags).models
+        with self._answers("/api/tags", False):
+            tags = self.http.json("GET", "/api/tags", None, deadline, _Tags).models
         return [ModelInfo(name=t.name, size=t.size, details=t.details) for t in tags]
 
     def running(self, deadline: Deadline) -> list[ModelInfo]:
         """Models Ollama has in memory now (/api/ps): the truth, since Ollama also evicts on its own."""
-        ps = self.http.json("GET", "/api/ps", None, deadline, _Tags).models
+        with self._answers("/api/ps", False):
+            ps = self.http.json("GET", "/api/ps", None, deadline, _Tags).models
         return [ModelInfo(name=m.name, size=m.size, details=m.details, loaded=True, vram=m.size_vram,
                           expires_at=m.expires_at) for m in ps]
 
     def show(self, model: str, deadline: Deadline) -> dict[str, Any]:
         """Ollama's description of a model (/api/show): details, capabilities, parameters."""
-        answer: dict[str, Any] = self.http.json("POST", "/api/show", {"model": model}, deadline, dict[str, Any])
+        with self._answers("/api/show", False):
+            answer: dict[str, Any] = self.http.json("POST", "/api/show", {"model": model}, deadline, dict[str, Any])
         return answer
 
     def load(self, model: str, deadline: Deadline, keep_alive: int | str | None = None) -> float:
         """Load a model into memory with the host's load-time options; return the seconds it took.
 
-        A chat or generate model is loaded by /api/generate with no prompt, an
-        embedding model by /api/embed with no input (Ollama refuses the other).
+        A chat or generate model is loaded by /api/generate with no prompt and
+        MODEL_LOAD_OPTIONS, an embedding model by /api/embed with no input and
+        EMBEDDING_LOAD_OPTIONS (Ollama refuses the other). Options Ollama
+        refuses raise ``LoadOptionsRefused``.
         """
         started = time.monotonic()
+        embedding = self._embeds(model, deadline)
         body: dict[str, Any] = {"model": model}
-        if self.load_options:
-            body["options"] = self.load_options
+        if options := self._load_options(embedding):
+            body["options"] = options
         if keep_alive is not None:
             body["keep_alive"] = keep_alive
-        if self._embeds(model, deadline):
-            self.http.json("POST", "/api/embed", {**body, "input": []}, deadline, _Embed)
+        if embedding:
+            with self._answers("/api/embed", True):
+                self.http.json("POST", "/api/embed", {**body, "input": []}, deadline, _Embed)
         else:
-            _raise_if_error(self.http.json("POST", "/api/generate", {**body, "stream": False}, deadline, _Line), "load")
+            with self._answers("/api/generate", False):
+                line = self.http.json("POST", "/api/generate", {**body, "stream": False}, deadline, _Line)
+            self._raise_if_error(line, "load", "/api/generate", False)
         return time.monotonic() - started
 
     def unload(self, model: str, deadline: Deadline) -> None:
         """Ask Ollama to unload a model now (keep_alive 0); it finishes the requests in flight first."""
-        line = self.http.json("POST", "/api/generate", {"model": model, "keep_alive": 0, "stream": False}, deadline, _Line)
-        _raise_if_error(line, "unload")
+        with self._answers("/api/generate", False):
+            body = {"model": model, "keep_alive": 0, "stream": False}
+            line = self.http.json("POST", "/api/generate", body, deadline, _Line)
+        self._raise_if_error(line, "unload", "/api/generate", False)
 
     def pull(self, model: str, deadline: Deadline, on_progress: Callable[[dict[str, Any]], None]) -> None:
         """Pull a model from the registry, calling ``on_progress`` with each of Ollama's progress lines."""
         what = f"pull {model}"
-        resp = self.http.request("POST", "/api/pull", {"model": model, "stream": True}, deadline)
+        with self._answers("/api/pull", False):
+            resp = self.http.request("POST", "/api/pull", {"model": model, "stream": True}, deadline)
         for raw in self.http.lines(resp, deadline, what):
             try:
                 progress = _decode_progress(raw)
             except msgspec.MsgspecError as exc:
                 raise ProviderError(f"{what}: unreadable progress line: {exc}", ErrorKind.PROVIDER) from None
             if "error" in progress:
-                raise ProviderError(f"{what}: {progress['error']}", classify(500, str(progress["error"])))
+                raise error_for(what, None, str(progress["error"]), "/api/pull", host=self.host)
             on_progress(progress)
             if progress.get("status") == "success":
                 self.http.finish(resp)
@@ -246,6 +359,44 @@ class OllamaProvider:
             self._embedding[model] = known
         return known
 
+    def _is_embedding(self, model: str, deadline: Deadline, *, guess: bool) -> bool:
+        """Whether a job's request to ``model`` goes to an embedding model, for its load-time options.
+
+        Asked of /api/show once per model, and only when the two settings
+        differ. If /api/show fails the call goes ahead with ``guess`` (what
+        the endpoint suggests), not remembered: a model Ollama lacks fails with
+        the call's own answer, and a passing failure is not the job's.
+        """
+        if self.load_options == self.embedding_load_options:
+            return self._embedding.get(model, guess)
+        try:
+            return self._embeds(model, Deadline(min(SHOW_SECONDS, deadline.left())))
+        except ProviderError:
+            return guess
+
+    def _load_options(self, embedding: bool) -> dict[str, Any]:
+        return self.embedding_load_options if embedding else self.load_options
+
+    @contextmanager
+    def _answers(self, path: str, embedding: bool) -> Iterator[None]:
+        """Turn Ollama's error answers (status 400 and up) into what TABLE says they are."""
+        try:
+            yield
+        except OllamaError:
+            raise
+        except ProviderError as exc:
+            if exc.status is None or exc.status < 400:
+                raise
+            what, _, text = exc.message.partition(": ")
+            if text == f"HTTP {exc.status}":  # the HTTP client's words for an empty body
+                text = ""
+            raise error_for(what, exc.status, text, path, embedding=embedding, host=self.host) from None
+
+    def _raise_if_error(self, line: _Line, what: str, path: str, embedding: bool) -> None:
+        """Raise the error line of a 200 answer: Ollama's error once a stream has begun (no status then)."""
+        if line.error is not None:
+            raise error_for(what, None, line.error, path, embedding=embedding, host=self.host)
+
     def unload_idle(self, keep: Collection[str], deadline: Deadline) -> list[str]:
         """Ask Ollama to unload every loaded model but those in ``keep`` (keep_alive 0); return their names.
 
@@ -261,27 +412,35 @@ class OllamaProvider:
         return unloaded
 
     def health(self, timeout: float) -> Health:
+        """Probe /api/version. Not ok when Ollama cannot be reached or refuses us; a refusal says what to set."""
         try:
-            version = self.http.json("GET", "/api/version", None, Deadline(timeout), dict[str, Any])
+            with self._answers("/api/version", False):
+                # One try: a refused connect is the answer, not a reason to ask again (retries
+                # with OLLAMA_RETRY_DELAY made a stopped Ollama look up for three more seconds).
+                version = self.http.json("GET", "/api/version", None, Deadline(timeout), dict[str, Any], retries=0)
         except ProviderError as exc:
-            return Health(ok=False, message="Ollama is not reachable", url=self.url, error_details=exc.message)
+            advice = exc.advice if isinstance(exc, OllamaError) and exc.unreachable else ""
+            return Health(ok=False, message=advice or "Ollama is not reachable", url=self.url,
+                          error_details=exc.message)
         return Health(ok=True, message="Ollama is running", url=self.url, version=str(version.get("version", "")))
 
     def close(self) -> None:
         self.http.close()
 
 
-def pinned(options: Any, load_options: dict[str, int]) -> dict[str, Any] | None:
-    """A job's options with the host's load-time options in place of its own.
+def pinned(options: Any, load_options: dict[str, Any]) -> dict[str, Any] | None:
+    """A job's options with the host's load-time options in place of its own, and only those Ollama has.
 
     Ollama reloads a model whenever a request's load-time options (num_ctx,
     num_batch, num_gpu, ...) differ from those it was loaded with: two jobs
     that disagree would swap it in and out of memory turn by turn. So jobs
-    never choose them; every request carries MODEL_LOAD_OPTIONS (or none,
-    Ollama's defaults), the same as the model manager's preload.
+    never choose them; every request carries the host's (MODEL_LOAD_OPTIONS,
+    or EMBEDDING_LOAD_OPTIONS for an embedding model; none: Ollama's
+    defaults), the same as the model manager's preload. A job's option that
+    Ollama's api.Options no longer has (mirostat, tfs_z, ...) is dropped.
     """
     own = msgspec.structs.asdict(options) if isinstance(options, msgspec.Struct) else dict(options or {})
-    merged = {k: v for k, v in own.items() if k not in LOAD_OPTIONS and v is not None}
+    merged = {k: v for k, v in own.items() if k in SAMPLING_OPTIONS and v is not None}
     merged.update(load_options)
     return merged or None
 
@@ -303,7 +462,7 @@ def residency(settings: Settings) -> int | str:
 
 
 def _common(model: str, request: ChatRequest | GenerateRequest, on_chunk: OnChunk | None,
-            load_options: dict[str, int], keep_alive: int | str) -> dict[str, Any]:
+            load_options: dict[str, Any], keep_alive: int | str) -> dict[str, Any]:
     body: dict[str, Any] = {"model": model, "stream": on_chunk is not None, "keep_alive": keep_alive}
     options = pinned(request.options, load_options)
     if options is not None:
@@ -311,34 +470,8 @@ def _common(model: str, request: ChatRequest | GenerateRequest, on_chunk: OnChun
     if request.format is not None:
         body["format"] = request.format
     if request.think is not None:
-        body["think"] = request.think
+        body["think"] = request.think  # as given: true/false, or a level (api.ThinkValue)
     return body
-
-
-def _text(line: _Line) -> str:
-    if line.message is not None:
-        return line.message.content
-    return line.response or ""
-
-
-def _raise_if_error(line: _Line, what: str) -> None:
-    if line.error is not None:
-        raise ProviderError(f"{what}: {line.error}", classify(500, line.error))
-
-
-def _completion(line: _Line, text: str, message: _Message | None) -> Completion:
-    msg = None
-    if message is not None:
-        msg = {"role": message.role, "content": text}
-        if message.tool_calls:
-            msg["tool_calls"] = message.tool_calls
-        if message.thinking:
-            msg["thinking"] = message.thinking
-    return Completion(
-        model=line.model, text=text, done_reason=line.done_reason, message=msg,
-        prompt_tokens=line.prompt_eval_count, completion_tokens=line.eval_count,
-        load_seconds=line.load_duration / 1e9 if line.load_duration else None,
-    )
 
 
 @hookimpl

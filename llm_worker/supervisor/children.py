@@ -73,12 +73,15 @@ class Children:
         """Fork; the child runs ``in_child`` (which must never return)."""
         pid = os.fork()
         if pid == 0:  # pragma: no cover - runs in the child, which never returns
+            code = exitcodes.SUPERVISOR_ERROR
             try:
                 in_child()
+            except SystemExit as exc:  # a child's own verdict, named by its exit code (exitcodes.py)
+                code = exc.code if isinstance(exc.code, int) else exitcodes.SUPERVISOR_ERROR
             except BaseException:
                 traceback.print_exc()
             finally:
-                os._exit(exitcodes.SUPERVISOR_ERROR)
+                os._exit(code)
         child.pid = pid
         self.by_pid[pid] = child
         return child
