@@ -1,4 +1,4 @@
-"""Deterministic stand-ins for what a model says: reply tokens and embedding vectors."""
+"""Deterministic stand-ins for what a model says: its reasoning, reply tokens and embedding vectors."""
 
 from __future__ import annotations
 
@@ -25,9 +25,33 @@ def reply_tokens(prompt: str, natural: int, num_predict: int | None) -> tuple[li
     limit = natural if num_predict is None or num_predict < 0 else min(natural, num_predict)
     words = prompt.split()[:min(ECHO_WORDS, limit)]
     words += [str(i) for i in range(len(words) + 1, limit + 1)]
-    tokens = [w if i == 0 else " " + w for i, w in enumerate(words)]
+    tokens = _tokens(words)
     reason = "length" if num_predict is not None and 0 <= num_predict < natural else "stop"
     return tokens, reason
+
+
+def thought_tokens(level: str) -> list[str]:
+    """Return a thinking model's reasoning at a think level ("medium" for ``think: true``), as tokens."""
+    return _tokens(f"Thinking at {level} effort.".split())
+
+
+def think_then_reply(prompt: str, natural: int, num_predict: int | None,
+                     level: str | None) -> tuple[list[str], list[str], str]:
+    """Return (thoughts, reply tokens, done_reason) of a model that thinks first when ``level`` is set.
+
+    ``num_predict`` bounds both together, as Ollama counts every generated
+    token: a low one can end the turn while the model still thinks.
+    """
+    thoughts = thought_tokens(level) if level else []
+    if num_predict is None or num_predict < 0 or num_predict >= len(thoughts):
+        left = None if num_predict is None or num_predict < 0 else num_predict - len(thoughts)
+        tokens, reason = reply_tokens(prompt, natural, left)
+        return thoughts, tokens, reason
+    return thoughts[:num_predict], [], "length"
+
+
+def _tokens(words: list[str]) -> list[str]:
+    return [w if i == 0 else " " + w for i, w in enumerate(words)]
 
 
 def embedding(model: str, text: str, dims: int) -> list[float]:

@@ -1,4 +1,22 @@
-"""Armed faults: which request each one hits, and what Ollama (or OpenAI) would have said."""
+"""Armed faults: which request each one hits, and what Ollama (or OpenAI) would have said.
+
+A fault's text is Ollama's for its reason, in the words of ``ollama_version``
+(versions.py). Its status, unless the fault sets one, is Ollama's for where the
+error arises:
+
+- ``oom`` and ``runner`` fail the model's load, in the scheduler: every
+  endpoint answers 500 (server/routes.go handleScheduleError, default case).
+- ``crash``, ``run_oom`` and ``internal`` fail the call itself, once the model
+  is loaded: /api/chat, /api/generate and /api/embeddings answer 500, but
+  /api/embed (and /v1/embeddings, which runs it) 400: EmbedHandler answers
+  every error of the embedding call that carries no status of its own with
+  400 (v0.13.3 on; 500 before).
+- ``busy`` 503, ``bad_request`` 400, ``not_found`` 404, ``rate_limit`` 429.
+
+A stream_error breaks a 200 stream off, which only the runner dying under the
+answer does in Ollama: its text is then "an error was encountered while
+running the model: " and the runner's last error line (versions.py).
+"""
 
 from __future__ import annotations
 
@@ -9,41 +27,53 @@ from http import HTTPStatus
 
 from msgspec import structs
 
-from llm_worker.simulator.config import INFERENCE_ENDPOINTS, Fault
+from llm_worker.simulator.config import Fault
 from llm_worker.simulator.models import normalize_name, not_found_message
+from llm_worker.simulator.versions import OllamaVersion
 
-# Ollama's own words for each failure the simulator imitates.
-MESSAGES = {
-    "oom": "model requires more system memory (12.3 GiB) than is available (4.0 GiB)",
-    "runner": "llama runner process has terminated: signal: killed",
-    "busy": "server busy, please try again.  maximum pending requests exceeded",
-    "bad_request": "invalid request",
-    "internal": "an error was encountered while running the model: unexpected EOF",
-    "rate_limit": "Rate limit reached for requests. Please try again in 1s.",  # OpenAI's, for /v1 drills
-}
-REASON_STATUS = {"oom": 500, "runner": 500, "busy": 503, "bad_request": 400, "not_found": 404, "internal": 500,
-                 "rate_limit": 429}
+REASON_STATUS = {"oom": 500, "runner": 500, "crash": 500, "run_oom": 500, "busy": 503, "bad_request": 400,
+                 "not_found": 404, "internal": 500, "rate_limit": 429}
 STATUS_REASON = {400: "bad_request", 404: "not_found", 429: "rate_limit", 500: "runner", 503: "busy"}
+RUN_REASONS = frozenset({"crash", "run_oom", "internal"})  # errors of the call itself, not of the load
+MIDSTREAM_REASONS = RUN_REASONS | {"oom", "runner"}  # a stream_error with one: the runner died mid-answer
+EMBED_ENDPOINTS = frozenset({"embed", "openai_embeddings"})  # the routes that run EmbedHandler
 
 
-def fault_status(fault: Fault) -> int:
-    """Return the HTTP status a status fault answers with."""
+def fault_reason(fault: Fault) -> str:
+    """Return the reason a fault speaks for: its own, else one that fits its kind and status."""
+    if fault.reason:
+        return fault.reason
+    if fault.kind == "stream_error":
+        return "internal"
+    return STATUS_REASON.get(fault.status or 500, "")
+
+
+def fault_status(fault: Fault, endpoint: str, version: OllamaVersion) -> int:
+    """Return the HTTP status a status fault answers with on this endpoint."""
     if fault.status is not None:
         return fault.status
-    return REASON_STATUS[fault.reason] if fault.reason else 500
+    reason = fault_reason(fault)
+    if reason in RUN_REASONS and endpoint in EMBED_ENDPOINTS:
+        return version.embed_error_status()
+    return REASON_STATUS.get(reason, 500)
 
 
-def fault_message(fault: Fault, model: str | None, style: str) -> str:
-    """Return the error text a fault sends, in Ollama's words where it has some."""
+def fault_message(fault: Fault, model: str | None, wording: str, version: OllamaVersion) -> str:
+    """Return the error text a fault sends; ``wording`` is the missing-model text for its endpoint.
+
+    A stream_error with a runner reason (or none) is the runner dying under
+    the answer, whatever the reason's text would be at load time.
+    """
     if fault.message is not None:
         return fault.message
-    reason: str = fault.reason or ("internal" if fault.kind == "stream_error" else
-                                   STATUS_REASON.get(fault_status(fault), ""))
+    reason = fault_reason(fault)
+    if fault.kind == "stream_error" and reason in MIDSTREAM_REASONS:
+        return version.midstream_message(reason)
     if reason == "not_found":
-        return not_found_message(model or "", style)
+        return not_found_message(model or "", wording)
     if reason:
-        return MESSAGES[reason]
-    return HTTPStatus(fault_status(fault)).phrase.lower()
+        return version.messages()[reason]
+    return HTTPStatus(fault.status or 500).phrase.lower()
 
 
 class _Armed:
@@ -53,7 +83,7 @@ class _Armed:
         self.fault = fault
         self.left = fault.count
         self.model = normalize_name(fault.model) if fault.model else None
-        self.endpoints = frozenset(fault.endpoints or INFERENCE_ENDPOINTS)
+        self.endpoints = frozenset(fault.hits())
 
 
 class FaultBook:

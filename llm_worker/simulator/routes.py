@@ -35,7 +35,8 @@ ROUTES: dict[tuple[str, str], Route] = {
     ("POST", "/api/embeddings"): Route("embeddings", inference.embeddings, EmbeddingsRequest),
     # OpenAI's API, which Ollama serves beside its own.
     ("GET", "/v1/models"): Route("openai_models", openai.models, None, OPENAI),
-    ("POST", "/v1/chat/completions"): Route("openai_chat", openai.chat_completions, openai.ChatCompletionRequest, OPENAI),
+    ("POST", "/v1/chat/completions"): Route("openai_chat", openai.chat_completions, openai.ChatCompletionRequest,
+                                            OPENAI),
     ("POST", "/v1/embeddings"): Route("openai_embeddings", openai.embeddings, openai.EmbeddingsRequest, OPENAI),
     ("GET", "/_sim/stats"): Route("_sim", admin.sim_stats, None),
     ("GET", "/_sim/faults"): Route("_sim", admin.sim_faults, None),

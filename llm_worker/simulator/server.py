@@ -1,7 +1,18 @@
-"""HTTP on top of the engine: a keep-alive ThreadingHTTPServer, and the Simulator that runs it."""
+"""HTTP on top of the engine: a keep-alive ThreadingHTTPServer, and the Simulator that runs it.
+
+Bound to a loopback address, it refuses requests whose Host header names a
+host Ollama would not serve there, as server/routes.go allowedHostsMiddleware
+does (v0.33), before any route, with an empty 403: allowed are a missing
+host, "localhost", the machine's own hostname, names ending in .localhost,
+.local or .internal, and IP addresses that are loopback, private (10/8,
+172.16/12, 192.168/16, fc00::/7), unspecified or the machine's own. Bound to
+any other address it serves every Host. The /_sim control routes are never
+refused.
+"""
 
 from __future__ import annotations
 
+import ipaddress
 import select
 import socket
 import socketserver
@@ -17,25 +28,30 @@ from typing import Any
 import msgspec
 
 from llm_worker.simulator.config import Fault, SimulatorConfig
-from llm_worker.simulator.engine import Engine
-from llm_worker.simulator.faults import fault_message, fault_status
+from llm_worker.simulator.engine import Engine, RequestContext
+from llm_worker.simulator.faults import RUN_REASONS, fault_message, fault_reason, fault_status
 from llm_worker.simulator.models import normalize_name
-from llm_worker.simulator.protocol import NDJSON, OLLAMA, SSE, TEXT, ApiError, Dialect, Reply, StreamReply
+from llm_worker.simulator.protocol import NDJSON, OLLAMA, SSE, ApiError, Dialect, Reply, StreamReply
 from llm_worker.simulator.routes import ROUTES, Route
-from llm_worker.simulator.stats import SimStats, Stopping
+from llm_worker.simulator.stats import ClientGone, SimStats, Stopping
+from llm_worker.simulator.versions import is_out_of_memory
 
 # Response heads are assembled from bytes made once: this path bounds every benchmark.
 _STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in HTTPStatus}
 _STREAM_HEADS = {kind: _STATUS_LINES[200] + b"Content-Type: " + kind + b"\r\nTransfer-Encoding: chunked\r\n\r\n"
                  for kind in (NDJSON, SSE)}
 _STREAM_END = b"0\r\n\r\n"
-_NOT_FOUND = Reply(404, b"404 page not found", TEXT)  # what Go's router says
-_DECODERS: dict[type, msgspec.json.Decoder[Any]] = {route.body: msgspec.json.Decoder(route.body) for route in ROUTES.values() if route.body}
+# gin's serveError, with HandleMethodNotAllowed as Ollama sets it: plain text, no charset.
+_NOT_FOUND = Reply(404, b"404 page not found", b"text/plain")
+_NOT_ALLOWED = Reply(405, b"405 method not allowed", b"text/plain")
+_PATHS = frozenset(path for _, path in ROUTES)
+_FORBIDDEN = Reply(403, b"", b"")  # gin's AbortWithStatus: no body, no Content-Type
+_DECODERS: dict[type, msgspec.json.Decoder[Any]] = {
+    route.body: msgspec.json.Decoder(route.body) for route in ROUTES.values() if route.body}
 HANG_POLL_SECONDS = 0.5  # how often a hung request checks whether its client has left
-
-
-class ClientGone(Exception):
-    """The client closed its connection while its request was held."""
+# netip.Addr.IsPrivate: RFC 1918 and RFC 4193 only (Python's is_private takes in much more).
+_PRIVATE = tuple(ipaddress.ip_network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7"))
+_LOCAL_SUFFIXES = (".localhost", ".local", ".internal")
 
 
 class SimRequestHandler(BaseHTTPRequestHandler):
@@ -74,12 +90,24 @@ class SimRequestHandler(BaseHTTPRequestHandler):
         route = ROUTES.get((method, self.path.partition("?")[0]))
         self._counted = route is None or route.name != "_sim"  # stats tell of Ollama traffic only
         self._dialect: Dialect = route.dialect if route is not None else OLLAMA
+        self._endpoint = route.name if route is not None else ""
         body = self._read_body()
         if body is None:
             return
+        if self._counted and not self.server.host_allowed(self.headers.get("Host")):
+            self._send(_FORBIDDEN, head_only=method == "HEAD")
+            return
+        engine = self.server.engine
+        engine.bind(RequestContext(endpoint=self._endpoint, gone=self._client_left))
+        try:
+            self._answer(method, route, body)
+        finally:
+            engine.unbind()
+
+    def _answer(self, method: str, route: Route | None, body: bytes) -> None:
         fault = None
         if route is None:
-            reply: Reply | StreamReply = _NOT_FOUND
+            reply: Reply | StreamReply = _NOT_ALLOWED if self.path.partition("?")[0] in _PATHS else _NOT_FOUND
         else:
             try:
                 request, fault = self._admit(route, body)
@@ -94,7 +122,7 @@ class SimRequestHandler(BaseHTTPRequestHandler):
                 self._send_stream(reply, fault)
             else:
                 self._send_whole(reply, fault, head_only=method == "HEAD")
-        except (Stopping, OSError):
+        except (Stopping, ClientGone, OSError):
             self.close_connection = True
 
     def _read_body(self) -> bytes | None:
@@ -114,8 +142,9 @@ class SimRequestHandler(BaseHTTPRequestHandler):
     def _admit(self, route: Route, body: bytes) -> tuple[Any, Fault | None]:
         """Decode and count the request, then act on its fault.
 
-        A status fault raises its ApiError, a hang holds the request here;
-        a stream fault is returned for the sender to act on.
+        A status fault raises its ApiError, a hang holds the request here, an
+        abort goes to the handler (through the request's context); a stream
+        fault is returned for the sender to act on.
         """
         if route.name == "_sim":
             return _decode(route, body), None
@@ -134,8 +163,11 @@ class SimRequestHandler(BaseHTTPRequestHandler):
         if fault is None or fault.kind in ("stream_error", "cut"):
             return request, fault
         if fault.kind == "status":
-            raise ApiError(fault_status(fault), fault_message(fault, asked, engine.config.not_found_style))
-        self._hang(fault.seconds)
+            raise ApiError(fault_status(fault, route.name, engine.version), self._fault_text(fault, asked))
+        if fault.kind == "abort":
+            engine.context().abort = fault
+        else:
+            self._hang(fault.seconds)
         return request, None
 
     def _hang(self, seconds: float | None) -> None:
@@ -168,17 +200,24 @@ class SimRequestHandler(BaseHTTPRequestHandler):
     def _send(self, reply: Reply, head_only: bool = False) -> None:
         if self._counted:
             self.server.engine.counters.response(reply.status)
-        head = b"%sContent-Type: %s\r\nContent-Length: %d\r\n%s\r\n" % (
-            _status_line(reply.status), reply.content_type, len(reply.body),
+        kind = b"Content-Type: %s\r\n" % reply.content_type if reply.content_type else b""
+        head = b"%s%sContent-Length: %d\r\n%s\r\n" % (
+            _status_line(reply.status), kind, len(reply.body),
             b"Connection: close\r\n" if self.close_connection else b"")
         self.wfile.write(head if head_only else head + reply.body)
 
     def _send_stream(self, reply: StreamReply, fault: Fault | None) -> None:
         """Send each line as its own chunk as soon as it is produced."""
-        self.server.engine.counters.response(200)
-        # The head goes out with the first chunk, after the first-byte latency.
-        self._head = _STREAM_HEADS[self._dialect.stream_type]
         try:
+            if fault is not None and fault.kind == "stream_error" and fault.after_chunks == 0 \
+                    and self._dialect is OLLAMA:
+                # routes.go streamResponse: an error before any line is written goes out as the
+                # whole answer, JSON with its status (500: the error carries none of its own).
+                self._send(self._dialect.error(500, self._fault_text(fault)))
+                return
+            self.server.engine.counters.response(200)
+            # The head goes out with the first chunk, after the first-byte latency.
+            self._head = _STREAM_HEADS[self._dialect.stream_type]
             if fault is None:
                 for chunk in reply.lines:
                     self._send_chunk(chunk)
@@ -211,8 +250,32 @@ class SimRequestHandler(BaseHTTPRequestHandler):
         self.wfile.write(b"%s%x\r\n%s\r\n" % (self._head, len(chunk), chunk))
         self._head = b""
 
-    def _fault_text(self, fault: Fault) -> str:
-        return fault_message(fault, None, self.server.engine.config.not_found_style)
+    def _fault_text(self, fault: Fault, model: str | None = None) -> str:
+        """Return the fault's error text; one of the call itself that says out of memory expires every model."""
+        engine = self.server.engine
+        text = fault_message(fault, model, engine.config.not_found_style or
+                             engine.version.not_found_wording(self._endpoint), engine.version)
+        if (fault.kind == "stream_error" or fault_reason(fault) in RUN_REASONS) and is_out_of_memory(text):
+            engine.scheduler.expire_all()  # routes.go: s.sched.expireRunnersForRuntimeOOM
+        return text
+
+
+def _split_host_port(host: str) -> str:
+    """Return the host of a Host header as Go's net.SplitHostPort does; on its error, the whole header."""
+    if host.startswith("["):
+        inside, bracket, rest = host[1:].partition("]")
+        return inside if bracket and rest.startswith(":") and ":" not in rest[1:] else host
+    name, colon, _ = host.partition(":")
+    return name if colon and host.count(":") == 1 else host
+
+
+def _own_addresses(hostname: str) -> frozenset[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """The machine's own addresses, as far as its name resolves (Go's isLocalIP asks the interfaces)."""
+    try:
+        infos = socket.getaddrinfo(hostname, None)
+    except OSError:
+        return frozenset()
+    return frozenset(ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos)
 
 
 def _status_line(status: int) -> bytes:
@@ -251,6 +314,37 @@ class SimHTTPServer(ThreadingHTTPServer):
         # HTTPServer.server_bind looks up the host's FQDN, which can stall for seconds without DNS.
         socketserver.TCPServer.server_bind(self)
         self.server_name, self.server_port = str(self.server_address[0]), int(self.server_address[1])
+        # allowedHostsMiddleware checks Host only on a loopback listener.
+        self._check_hosts = ipaddress.ip_address(self.server_name.split("%")[0]).is_loopback
+        self._hostname = socket.gethostname().lower()
+        self._own_addresses: frozenset[ipaddress.IPv4Address | ipaddress.IPv6Address] | None = None
+        self._hosts_seen: dict[str | None, bool] = {}
+
+    def host_allowed(self, header: str | None) -> bool:
+        """Return whether Ollama would serve a request with this Host header here (remembered: a hot path)."""
+        if not self._check_hosts:
+            return True
+        allowed = self._hosts_seen.get(header)
+        if allowed is None:
+            if len(self._hosts_seen) > 1024:
+                self._hosts_seen.clear()
+            allowed = self._hosts_seen[header] = self._judge_host(header)
+        return allowed
+
+    def _judge_host(self, header: str | None) -> bool:
+        host = _split_host_port(header or "")
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            name = host.lower()
+            return name in ("", "localhost", self._hostname) or name.endswith(_LOCAL_SUFFIXES)
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped  # netip unmaps before IsLoopback and IsPrivate
+        if address.is_loopback or address.is_unspecified or any(address in net for net in _PRIVATE):
+            return True
+        if self._own_addresses is None:  # resolved on first need: a lookup can stall without DNS
+            self._own_addresses = _own_addresses(self._hostname)
+        return address in self._own_addresses
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         if not isinstance(sys.exc_info()[1], OSError):  # clients that vanish are business as usual
