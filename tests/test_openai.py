@@ -19,7 +19,7 @@ from llm_worker.jobs import ChatRequest, ErrorKind, GenerateRequest
 from llm_worker.pluginmanager import PluginManager
 from llm_worker.plugins import openai as plugin
 from llm_worker.plugins.openai import OpenAIProvider, classify
-from llm_worker.providers import Completion, Deadline, ProviderError
+from llm_worker.providers import INCOMPLETE, Completion, Deadline, Incomplete, ProviderError
 from llm_worker.simulator import Fault, Simulator, SimulatorConfig
 from support import chat, client_for, wait_all
 
@@ -174,9 +174,10 @@ def test_streamed_tool_calls_are_joined_and_returned_as_ollama_writes_them() -> 
             {"index": 1, "id": "call_b", "function": {"name": "time", "arguments": "oops"}}]}}]},
         {"choices": [{"delta": {}, "finish_reason": "tool_calls"}]},
     ]:
-        assert got.add(msgspec.convert(chunk, plugin._Answer)) == ""
+        assert got.add(msgspec.convert(chunk, plugin._Answer)) == ("", "")
     done = got.completion(chat=True)
     assert done.done_reason == "tool_calls" and done.text == ""
+    assert done.completion_tokens == 4  # no usage came: the chunks that carried a piece of a call, an estimate
     assert done.message == {"role": "assistant", "content": "", "tool_calls": [
         {"id": "call_a", "function": {"name": "weather", "arguments": {"city": "Paris"}}},
         {"id": "call_b", "function": {"name": "time", "arguments": "oops"}}]}  # not JSON: kept as the text
@@ -368,7 +369,8 @@ def test_an_error_event_mid_stream_raises_after_the_chunks_already_delivered(ope
 
 
 @pytest.mark.parametrize("after_chunks", [2, 1000], ids=["early", "after-the-finish"])
-def test_a_stream_cut_before_done_is_a_provider_error(openai: OpenAIProvider, sim: Simulator, after_chunks: int) -> None:
+def test_a_stream_cut_before_done_is_incomplete_with_what_arrived(
+        openai: OpenAIProvider, sim: Simulator, after_chunks: int) -> None:
     sim.set_faults([Fault(kind="cut", after_chunks=after_chunks, count=1)])
     chunks: list[str] = []
     error = raised(lambda: call(openai, "chat", chunks=chunks))
@@ -377,15 +379,17 @@ def test_a_stream_cut_before_done_is_a_provider_error(openai: OpenAIProvider, si
     else:
         assert len(chunks) == 12 and "".join(chunks) == REPLY  # every piece, and the finish: still not an answer
     # http.client may read a cut as the end of the body: either way, no [DONE] means no answer.
-    assert error.kind is ErrorKind.PROVIDER
+    assert isinstance(error, Incomplete) and error.kind is ErrorKind.PROVIDER and error.counted is False
     assert error.message.startswith(("POST /chat/completions: stream ended before", "POST /chat/completions: stream cut"))
+    assert error.partial.text == "".join(chunks) and error.partial.done_reason == INCOMPLETE
+    assert error.partial.message == {"role": "assistant", "content": "".join(chunks)}
     assert requests_to(sim) == 1
     assert call(openai, "chat").text == REPLY
 
 
-@pytest.mark.parametrize("ends_after, missing", [(4, "finish_reason"), (13, "[DONE]")])
-def test_a_stream_that_ends_cleanly_before_done_is_a_provider_error(
-        openai: OpenAIProvider, monkeypatch: pytest.MonkeyPatch, ends_after: int, missing: str) -> None:
+@pytest.mark.parametrize("ends_after, missing, text", [(4, "finish_reason", "Why is the sky"), (13, "[DONE]", REPLY)])
+def test_a_stream_that_ends_cleanly_before_done_is_incomplete(
+        openai: OpenAIProvider, monkeypatch: pytest.MonkeyPatch, ends_after: int, missing: str, text: str) -> None:
     lines = openai.http.lines
 
     def ends_early(*args: Any) -> Iterator[bytes]:  # a server that closes its stream cleanly, too soon
@@ -396,7 +400,146 @@ def test_a_stream_that_ends_cleanly_before_done_is_a_provider_error(
 
     monkeypatch.setattr(openai.http, "lines", ends_early)
     error = raised(lambda: call(openai, "chat", chunks=[]))
-    assert error.kind is ErrorKind.PROVIDER and error.message == f"POST /chat/completions: stream ended before {missing}"
+    assert isinstance(error, Incomplete) and error.kind is ErrorKind.PROVIDER
+    assert error.message == f"POST /chat/completions: stream ended before {missing}"
+    assert error.partial.text == text
+
+
+# ---- what llama-cpp-python's server does (tests/test_llamacpp.py meets the real one) ------------------------
+
+
+LLAMACPP = "openai:llamacpp-tiny"  # the simulator streams this one as llama-cpp-python does (its docstring)
+
+
+@pytest.fixture
+def llamacpp_sim() -> Iterator[Simulator]:
+    """The simulator with a model it streams as llama-cpp-python does, long answers, and one without pooling."""
+    config = SimulatorConfig(port=0, models=["llamacpp-tiny", "nomic-embed-text", "nopool-embed"],
+                             reply_tokens=400, token_ms=5)
+    with Simulator(config) as sim:
+        yield sim
+
+
+def test_a_stream_stopped_by_a_newer_request_is_incomplete_not_an_empty_success(
+        provider_for: ProviderFactory, llamacpp_sim: Simulator) -> None:
+    """llama-cpp-python stops a running stream for any newer request: [DONE], no finish_reason.
+
+    Seen against llama-cpp-python 0.3.36 with two workers streaming at once:
+    the provider took that [DONE] for a whole answer, and the job succeeded
+    with what had come so far (nothing, when it came first).
+    """
+    first, second = provider_for(llamacpp_sim.url + "/v1"), provider_for(llamacpp_sim.url + "/v1")
+    newer: list[Completion] = []
+    chunks: list[str] = []
+
+    def on_chunk(text: str, thinking: str = "") -> None:
+        chunks.append(text)
+        if len(chunks) == 1:  # a request arrives while the stream runs (400 pieces of 5 ms)
+            newer.append(call(second, "chat", model=LLAMACPP, text="newer", options={"num_predict": 3}))
+
+    request = msgspec.convert({"messages": [{"role": "user", "content": PROMPT}]}, ChatRequest)
+    with pytest.raises(Incomplete) as caught:
+        first.chat(LLAMACPP, request, Deadline(30), on_chunk)
+    error = caught.value
+    assert "[DONE] came without a finish_reason" in error.message
+    assert error.kind is ErrorKind.PROVIDER and error.retryable and error.counted is False
+    assert 1 <= len(chunks) < 400 and error.partial.text == "".join(chunks)
+    assert error.partial.done_reason == INCOMPLETE
+    assert newer[0].text == "newer 2 3" and newer[0].done_reason == "length"
+    # The next stream, alone, is whole.
+    assert call(first, "chat", model=LLAMACPP, chunks=[], options={"num_predict": 5}).done_reason == "length"
+
+
+def test_a_stream_without_usage_counts_its_pieces_as_completion_tokens(
+        openai: OpenAIProvider, provider_for: ProviderFactory, llamacpp_sim: Simulator) -> None:
+    # llama-cpp-python ignores stream_options.include_usage: its streams carry no token counts.
+    chunks: list[str] = []
+    done = call(provider_for(llamacpp_sim.url + "/v1"), "chat", model=LLAMACPP, chunks=chunks,
+                options={"num_predict": 7})
+    assert done.done_reason == "length" and len(chunks) == 7
+    assert (done.prompt_tokens, done.completion_tokens) == (None, 7)
+    # Where the server counts, its usage is taken, not the estimate.
+    assert call(openai, "chat", chunks=[]).completion_tokens == 12
+
+
+def test_embeddings_of_a_model_without_pooling_are_a_model_error_that_says_what_to_do(
+        provider_for: ProviderFactory, llamacpp_sim: Simulator) -> None:
+    # llama.cpp answers a vector per token of each input, a list of lists, for a model without a pooling type.
+    openai = provider_for(llamacpp_sim.url + "/v1")
+    error = raised(lambda: openai.embed("openai:nopool-embed", ["one two three", "four"], Deadline(30)))
+    assert (error.kind, error.retryable, error.counted) == (ErrorKind.MODEL, False, False)
+    assert error.message == (
+        "POST /embeddings: the server answered 3 vectors for input 0 (one per token), not one: model 'nopool-embed'"
+        " has no pooling; serve it with a pooling type (llama-server --pooling mean; llama-cpp-python kv_overrides"
+        " <arch>.pooling_type=int:1) or use an embedding model")
+    assert len(openai.embed("openai:nomic-embed-text", ["one two three"], Deadline(30)).vectors[0]) == 16
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["whole", "streamed"])
+def test_a_prompt_over_a_llamacpp_context_is_a_validation_error_streamed_or_not(
+        provider_for: ProviderFactory, llamacpp_sim: Simulator, streaming: bool) -> None:
+    # Streamed, llama-cpp-python answers 200 and an empty stream: asked again unstreamed, it says why.
+    openai = provider_for(llamacpp_sim.url + "/v1")
+    chunks: list[str] | None = [] if streaming else None
+    error = raised(lambda: call(openai, "chat", model=LLAMACPP, text="blue " * 4100, chunks=chunks))
+    assert (error.kind, error.status, error.retryable) == (ErrorKind.VALIDATION, 400, False)
+    assert error.message == ("POST /chat/completions: This model's maximum context length is 4096 tokens. However,"
+                             " you requested 4100 tokens (4100 in the messages, None in the completion). Please"
+                             " reduce the length of the messages or completion.")
+    assert requests_to(llamacpp_sim) == (2 if streaming else 1) and chunks in ([], None)
+
+
+def test_a_stream_cut_before_its_first_event_is_asked_again_unstreamed(openai: OpenAIProvider, sim: Simulator) -> None:
+    sim.set_faults([Fault(kind="cut", after_chunks=0, count=1)])
+    chunks: list[str] = []
+    done = call(openai, "chat", chunks=chunks)
+    assert done.text == REPLY and done.done_reason == "stop" and chunks == [REPLY]  # the whole answer, at once
+    assert (done.prompt_tokens, done.completion_tokens) == (5, 12)
+    assert requests_to(sim) == 2
+
+
+def test_the_provider_offers_openai_max_concurrent_to_the_hosts_gate() -> None:
+    assert provider().max_concurrent == 0  # no limit of its own
+    assert provider(OPENAI_MAX_CONCURRENT="1").max_concurrent == 1
+
+
+# ---- thinking ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["whole", "streamed"])
+def test_reasoning_is_the_completions_thinking_apart_from_the_text(openai: OpenAIProvider, streaming: bool) -> None:
+    pieces: list[tuple[str, str]] = []
+    on_chunk = (lambda text, thinking="": pieces.append((text, thinking))) if streaming else None
+    request = msgspec.convert({"messages": [{"role": "user", "content": PROMPT}], "think": "max"}, ChatRequest)
+    done = openai.chat(CHAT, request, Deadline(30), on_chunk)
+    # Ollama's /v1 sends a thinking model's thoughts as "reasoning"; "max" went as the top effort, "high".
+    assert done.text == REPLY and done.thinking == "Thinking at high effort."
+    assert done.message == {"role": "assistant", "content": REPLY, "thinking": "Thinking at high effort."}
+    assert done.completion_tokens == 12 + 4  # the server's count: thoughts are generated tokens too
+    if streaming:
+        assert pieces[:4] == [("", "Thinking"), ("", " at"), ("", " high"), ("", " effort.")]
+        assert "".join(text for text, _ in pieces[4:]) == REPLY and all(not t for _, t in pieces[4:])
+
+
+def test_reasoning_content_as_llama_cpp_vllm_and_deepseek_send_it_is_thinking_too() -> None:
+    whole = msgspec.json.decode(b'{"choices": [{"message": {"content": "4", "reasoning_content": "2+2"},'
+                                b' "finish_reason": "stop"}]}', type=plugin._Answer)
+    assert whole.choices[0].message.thinking() == "2+2"
+    got = plugin._Streamed("m")
+    for delta in ({"reasoning_content": "2+"}, {"reasoning_content": "2"}, {"content": "4"}):
+        got.add(msgspec.convert({"choices": [{"delta": delta}]}, plugin._Answer))
+    got.add(msgspec.convert({"choices": [{"delta": {}, "finish_reason": "stop"}]}, plugin._Answer))
+    done = got.completion(chat=False)
+    assert (done.text, done.thinking, done.message, done.completion_tokens) == ("4", "2+2", None, 3)
+
+
+@pytest.mark.parametrize("think, effort", [("low", "low"), ("medium", "medium"), ("high", "high"), ("max", "high"),
+                                           (True, None), (False, None), (None, None)])
+def test_think_levels_are_sent_as_reasoning_effort_and_booleans_are_not(
+        openai: OpenAIProvider, think: object, effort: str | None) -> None:
+    fields = {} if think is None else {"think": think}
+    body = openai._body(CHAT, msgspec.convert({"prompt": "x", **fields}, GenerateRequest), None)
+    assert body.get("reasoning_effort") == effort
 
 
 def test_a_refused_connection_is_a_network_error_after_the_retries(provider_for: ProviderFactory, closed_url: str) -> None:

@@ -151,6 +151,80 @@ def test_embeddings_are_api_embeds_vectors_in_input_order(sim: Simulator) -> Non
     assert [d["embedding"] for d in single["data"]] == [ollama["embeddings"][1]]
 
 
+# ---- thinking ---------------------------------------------------------------------------
+
+
+def test_reasoning_effort_makes_the_answer_reason_first_as_ollamas_v1_sends_it(sim: Simulator) -> None:
+    whole = completions(sim, reasoning_effort="low").json()
+    assert whole["choices"][0]["message"] == {"role": "assistant", "content": REPLY,
+                                              "reasoning": "Thinking at low effort."}
+    assert whole["usage"]["completion_tokens"] == 12 + 4  # thoughts are generated tokens
+    got = events(completions(sim, stream=True, reasoning_effort="high"))
+    deltas = [c["choices"][0]["delta"] for c in got[:-1]]
+    assert "".join(d.get("reasoning", "") for d in deltas[:4]) == "Thinking at high effort."
+    assert all(d["content"] == "" for d in deltas[:4]) and "".join(d["content"] for d in deltas) == REPLY
+    assert "reasoning" not in completions(sim, reasoning_effort="none").json()["choices"][0]["message"]
+
+
+def test_an_unknown_reasoning_effort_is_refused(sim: Simulator) -> None:
+    reply = completions(sim, reasoning_effort="max")
+    assert reply.status_code == 400 and "invalid reasoning value: 'max'" in reply.json()["error"]["message"]
+
+
+# ---- llama-cpp-python's ways, by model name (tests/test_llamacpp.py meets the real server) ----------
+
+
+@pytest.fixture
+def llamacpp_sim() -> Iterator[Simulator]:
+    with simulator(models=["llamacpp-tiny", "nopool-embed"], reply_tokens=400, token_ms=5, num_ctx=64) as running:
+        yield running
+
+
+def test_a_llamacpp_model_streams_as_llama_cpp_python_does_without_usage(llamacpp_sim: Simulator) -> None:
+    # As llama-cpp-python 0.3.36 streamed: the role alone, a piece each, an empty delta with the reason, [DONE].
+    got = events(completions(llamacpp_sim, model="llamacpp-tiny", stream=True, max_tokens=2,
+                             stream_options={"include_usage": True}))
+    assert [(c["choices"][0]["delta"], c["choices"][0]["finish_reason"]) for c in got[:-1]] == [
+        ({"role": "assistant"}, None), ({"content": "Why"}, None), ({"content": " is"}, None), ({}, "length")]
+    assert got[-1] == "[DONE]" and all("usage" not in c for c in got[:-1])  # stream_options is not read
+
+
+@pytest.mark.parametrize("newer", ["chat", "models"])
+def test_a_newer_request_stops_a_llamacpp_stream_with_done_and_no_finish_reason(
+        llamacpp_sim: Simulator, newer: str) -> None:
+    reply = completions(llamacpp_sim, model="llamacpp-tiny", stream=True)
+    lines = reply.iter_lines()
+    first = next(line for line in lines if line)
+    assert json.loads(first[len(b"data: "):])["choices"][0]["delta"] == {"role": "assistant"}
+    # 400 pieces of 5 ms to go: a chat, or a listing of the models (a health probe), arrives meanwhile.
+    if newer == "chat":
+        answer = completions(llamacpp_sim, model="llamacpp-tiny", text="newer", max_tokens=1)
+        assert answer.json()["choices"][0]["message"]["content"] == "newer"
+    else:
+        assert requests.get(llamacpp_sim.url + "/v1/models", timeout=10).status_code == 200
+    rest = [json.loads(line[6:]) if line != b"data: [DONE]" else "[DONE]" for line in lines if line]
+    assert rest[-1] == "[DONE]" and len(rest) < 400
+    assert all(c["choices"][0]["finish_reason"] is None for c in rest[:-1])
+
+
+def test_a_prompt_over_a_llamacpp_context_is_400_whole_and_an_empty_stream_streamed(llamacpp_sim: Simulator) -> None:
+    long = " ".join(["blue"] * 64)
+    whole = completions(llamacpp_sim, long, model="llamacpp-tiny", max_tokens=8)
+    assert whole.status_code == 400 and whole.json()["error"]["message"] == (
+        "This model's maximum context length is 64 tokens. However, you requested 72 tokens (64 in the messages,"
+        " 8 in the completion). Please reduce the length of the messages or completion.")
+    streamed = completions(llamacpp_sim, long, model="llamacpp-tiny", stream=True)
+    assert streamed.status_code == 200 and streamed.content == b""
+    assert completions(llamacpp_sim, " ".join(["blue"] * 63), model="llamacpp-tiny").status_code == 200
+
+
+def test_a_nopool_model_answers_a_vector_per_token_of_each_input(llamacpp_sim: Simulator) -> None:
+    # As llama.cpp answers for a model without a pooling type: a list of lists per input.
+    body = requests.post(llamacpp_sim.url + "/v1/embeddings", json={"model": "nopool-embed", "input": [
+        "one two three", "four"]}, timeout=10).json()
+    assert [(d["index"], len(d["embedding"]), len(d["embedding"][0])) for d in body["data"]] == [(0, 3, 16), (1, 1, 16)]
+
+
 # ---- one engine for both APIs ---------------------------------------------------------
 
 
