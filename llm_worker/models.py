@@ -67,6 +67,7 @@ def run_manager(settings: Settings, state: SharedState, supervisor_pid: int, plu
         log.exception("a plugin failed to start in the model manager; its sink may be silent here")
     provider = next((p for p in manager.providers(settings) if isinstance(p, OllamaProvider)), None)
     if provider is None:  # the Ollama plugin is disabled: there are no models to manage
+        LoadBoard(state.loads).serve("")  # nor loads to wait for
         log.warning("no Ollama provider: the model manager has nothing to manage")
         state.header.models_ready = 1
         while True:

@@ -47,7 +47,7 @@ def test_waiting_jobs_share_one_call_and_each_gets_its_own_vectors(service, sim:
     ids = queue_all(r, [embed_job(n, t) for n, t in enumerate(texts)])
     service(**POOLS)
     results = wait_all(client_for(redis_url), ids)
-    assert sim.stats().requests.get("embed") == 1  # ten jobs, one provider call
+    assert sim.stats().requests.get("embed") == 1 + 1  # the host's load of the model; ten jobs, one provider call
     for job_id, text in zip(ids, texts):
         res = results[job_id]
         assert res["success"] and res["response"]["embeddings"] == [direct_embedding(sim, text)]
@@ -67,7 +67,7 @@ def test_one_bad_input_fails_only_its_own_job(service, r: redis.Redis, redis_url
         assert not bad["success"] and bad["errorType"] == "validation" and "context length" in bad["error"]
         assert all(results[i]["success"] for n, i in enumerate(ids) if n != 4)
         # One shared call, refused whole; then each job on its own.
-        assert sim.stats().requests.get("embed") == 1 + 10
+        assert sim.stats().requests.get("embed") == 1 + 1 + 10  # the load, the shared call, then each job
         assert results[ids[0]]["response"]["embeddings"] == [direct_embedding(sim, "fine 0")]
     assert r.llen("llm-dead-letter") == 1
     assert_each_answered_once(r, ids)
@@ -84,8 +84,10 @@ def test_jobs_of_other_models_options_and_types_are_not_mixed(service, r: redis.
         results = wait_all(client_for(redis_url), ids)
         assert all(res["success"] for res in results.values())
         stats = sim.stats()
-        assert stats.requests.get("embed") == 3 and stats.requests.get("chat") == 1
-        assert stats.requests_by_model.get("all-minilm:latest") == 1
+        # The host loaded each model once (an embedding model through an empty /api/embed), then:
+        # one call of nomic-embed-text per set of options, one of all-minilm, and the chat.
+        assert stats.loads == {"nomic-embed-text:latest": 1, "all-minilm:latest": 1, "llama3.2:latest": 1}
+        assert stats.requests.get("embed") == 2 + 3 and stats.requests.get("chat") == 1
 
 
 def test_with_batching_off_each_job_makes_its_own_call(service, sim: Simulator, r: redis.Redis, redis_url: str) -> None:
@@ -93,7 +95,7 @@ def test_with_batching_off_each_job_makes_its_own_call(service, sim: Simulator, 
     service(ENABLE_BATCH_PROCESSING="false", **POOLS)
     results = wait_all(client_for(redis_url), ids)
     assert all(res["success"] for res in results.values())
-    assert sim.stats().requests.get("embed") == 6
+    assert sim.stats().requests.get("embed") == 1 + 6  # the host's load of the model, then each job
 
 
 def test_a_lone_job_waits_at_most_batch_timeout_for_company(service, sim: Simulator, r: redis.Redis, redis_url: str) -> None:
@@ -104,7 +106,7 @@ def test_a_lone_job_waits_at_most_batch_timeout_for_company(service, sim: Simula
     assert result["success"]
     pushed_late = client.submit("embeddings", {"input": "second"}, model="nomic-embed-text")
     assert wait_all(client, [pushed_late])[pushed_late]["success"]
-    assert sim.stats().requests.get("embed") == 2
+    assert sim.stats().requests.get("embed") == 3  # the host's load of the model, then the two jobs' calls
 
 
 def test_gathered_jobs_are_held_reliably_when_their_worker_is_sigkilled(service, sim: Simulator, r: redis.Redis, redis_url: str) -> None:

@@ -30,7 +30,7 @@ def test_a_model_failing_every_call_trips_its_breaker_and_every_job_is_answered_
         service, sim: Simulator, redis_url: str, r: redis.Redis) -> None:
     # Given llama3.2 failing every call, and mistral to fall back to
     pull(sim, "mistral")
-    sim.set_faults([Fault(status=500, reason="internal", model="llama3.2")])
+    sim.set_faults([Fault(status=500, message="error reading llama-server response: unexpected EOF", model="llama3.2")])
     svc = service(WORKER_POOLS="llm-chat=2", FALLBACK_MODELS="mistral", CIRCUIT_BREAKER_THRESHOLD="3",
                   CIRCUIT_BREAKER_RESET_TIMEOUT="600000", CIRCUIT_BREAKER_MAX_RESET_TIMEOUT="600000",
                   OLLAMA_MAX_RETRIES="0", **TOKEN)
@@ -42,7 +42,8 @@ def test_a_model_failing_every_call_trips_its_breaker_and_every_job_is_answered_
     assert all(res["requestedModel"] == "llama3.2" for res in results.values())
     # And llama3.2 was called only until its breaker opened, then spared
     # Two workers: a call may be in flight as the third failure opens the breaker.
-    assert 3 <= sim.stats().requests_by_model["llama3.2:latest"] <= 4
+    # One more request: the host's load of llama3.2, before the first call.
+    assert 4 <= sim.stats().requests_by_model["llama3.2:latest"] <= 5
     (row,) = [b for b in breakers(svc) if b["key"] == "ollama:llama3.2"]
     assert row["state"] == "open" and row["openedTotal"] == 1
     opened = eventually(lambda: events(r, "llm.breaker.opened"), what="the breaker event")
@@ -94,7 +95,9 @@ def test_a_sink_that_raises_never_fails_a_job_and_is_logged_once_a_minute(servic
     client = client_for(redis_url)
     results = wait_all(client, [chat(client, f"n{n}") for n in range(10)])
     assert all(res["success"] for res in results.values())
-    assert svc.tail(400).count("metric sink testplugins raised") == 1
+    # Once a minute in each process whose sink raised: the worker, and the model manager (its load events).
+    said = [line.split()[2] for line in svc.tail(400).splitlines() if "metric sink testplugins raised" in line]
+    assert said and len(said) == len(set(said)), said
 
 
 def test_a_filter_that_breaks_fails_the_job_with_an_error_naming_it(service, redis_url: str) -> None:

@@ -41,10 +41,10 @@ def opened_breakers(r) -> list[dict]:  # type: ignore[no-untyped-def]
 def test_a_slow_load_is_loaded_once_for_every_job_and_never_trips_the_breaker(service, sim: Simulator, redis_url: str,
                                                                                 r) -> None:
     # Given: a model that takes 4 s to load and a breaker that opens after two failures.
-    service(CIRCUIT_BREAKER_THRESHOLD="2", **FAST)
+    service(CIRCUIT_BREAKER_THRESHOLD="2", QUEUE_MAX_ATTEMPTS="8", **FAST)
     client = client_for(redis_url)
     # When: two jobs that may wait only 1.5 s each ask for it.
-    short = [chat(client, model="slowpoke", timeout_ms=1500, max_retries=6) for _ in range(2)]
+    short = [chat(client, model="slowpoke", timeout_ms=1500, max_retries=7) for _ in range(2)]
     results = wait_all(client, short, timeout=60)
     # Then: they waited for the host's one load (their attempts timed out waiting, and were tried
     # again), and answered once it was done; the load was never aborted nor counted as a failure.

@@ -58,7 +58,8 @@ def model_events(r, kind: str) -> list[dict]:  # type: ignore[no-untyped-def]
 def test_preloading_holds_readiness_until_the_models_are_loaded(service, sim: Simulator, r) -> None:
     # Given: a chat model that takes 2.5 s to load and an embedding model, both to preload, with load-time options.
     started = time.monotonic()
-    svc = service(ready=False, MODEL_PRELOAD_LIST="slowpoke,nomic-embed-text", MODEL_LOAD_OPTIONS="num_ctx=2048", **MANAGED)
+    svc = service(ready=False, MODEL_PRELOAD_LIST="slowpoke,nomic-embed-text", MODEL_LOAD_OPTIONS="num_ctx=2048",
+                  EMBEDDING_LOAD_OPTIONS="num_ctx=1024", **MANAGED)
     # Then: the host says it is preloading, and is ready only once both are in /api/ps.
     reasons = set()
     while True:
@@ -75,7 +76,8 @@ def test_preloading_holds_readiness_until_the_models_are_loaded(service, sim: Si
     assert time.monotonic() - started >= SLOW_LOAD
     assert loaded(sim) == {"slowpoke", "nomic-embed-text"}
     ps = urllib3.request("GET", sim.url + "/api/ps").json()["models"]
-    assert {m["context_length"] for m in ps} == {2048}  # the host's pinned load-time options
+    # The host's pinned load-time options, each kind of model its own.
+    assert {m["name"]: m["context_length"] for m in ps} == {"slowpoke:latest": 2048, "nomic-embed-text:latest": 1024}
     # The embedding model is loaded through /api/embed (Ollama's generate refuses it), the other through /api/generate.
     requests = sim.stats().requests
     assert requests.get("embed") == 1 and requests.get("generate") == 1

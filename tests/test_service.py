@@ -70,8 +70,9 @@ def test_events_say_what_happened_without_prompt_or_completion_text(service, red
     assert kinds == ["llm.request.started", "llm.request.completed"]
     for _, fields in r.xrange("llm:events"):
         assert b"secret" not in fields[b"data"]
-    for entry in events(r):
-        assert {"jobId", "workerId", "timestamp"} <= set(entry)
+    for entry in events(r):  # model events (the host's load of llama3.2) belong to no job
+        assert {"workerId", "timestamp"} <= set(entry)
+        assert "jobId" in entry or entry["type"].startswith("llm.model.")
 
 
 def test_malformed_and_oversized_payloads_are_dead_lettered_and_workers_unharmed(service, redis_url: str, r: redis.Redis) -> None:
@@ -103,7 +104,7 @@ def test_malformed_and_oversized_payloads_are_dead_lettered_and_workers_unharmed
 
 def test_a_retryable_failure_is_retried_with_growing_delays_then_answered(service, sim: Simulator, redis_url: str, r: redis.Redis) -> None:
     service(WORKER_POOLS="llm-chat=1", QUEUE_DELAY="200", QUEUE_MAX_ATTEMPTS="4", OLLAMA_MAX_RETRIES="0")
-    sim.set_faults([Fault(kind="status", status=500, reason="internal", count=2)])
+    sim.set_faults([Fault(kind="status", status=500, message="error reading llama-server response: unexpected EOF", count=2)])
     client = client_for(redis_url)
     job_id = chat(client)
     result = wait_all(client, [job_id], timeout=20)[job_id]

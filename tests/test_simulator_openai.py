@@ -14,6 +14,7 @@ import requests
 
 from llm_worker.simulator import Fault, Simulator, SimulatorConfig, parse_fault
 from llm_worker.simulator.cli import build_parser, config_from_args
+from test_simulator import OOM, raw_request
 
 CHAT_MODEL = "llama3.2"
 EMBED_MODEL = "nomic-embed-text"
@@ -255,12 +256,14 @@ def test_one_slot_serializes_requests_of_both_apis() -> None:
 
 
 def test_a_full_queue_answers_503_in_openais_shape() -> None:
-    with simulator(slots=1, max_queue=0, latency_ms=1000) as sim:
-        first = threading.Thread(target=completions, args=(sim,))
-        first.start()
-        wait_for(lambda: sim.stats().in_slots == 1)
+    # OLLAMA_MAX_QUEUE counts requests waiting for the scheduler (server/sched.go getRunner): with
+    # none allowed, a request for a model that is not loaded, while another loads, is refused.
+    with simulator(models=["slow", CHAT_MODEL], model_load_ms={"slow": 60_000}, max_queue=0) as sim:
+        loading = raw_request(sim, "slow")
+        wait_for(lambda: sim.stats().loading == "slow:latest")
         reply = completions(sim)
-        first.join(30)
+        loading.close()  # the load is aborted with its client
+        wait_for(lambda: sim.stats().loading is None)
     assert reply.status_code == 503
     assert reply.json() == openai_error("server busy, please try again.  maximum pending requests exceeded")
 
@@ -309,7 +312,7 @@ def test_an_unknown_v1_path_is_go_routers_404(sim: Simulator) -> None:
     (Fault(reason="rate_limit"), 429, openai_error("Rate limit reached for requests. Please try again in 1s.",
                                                    "requests", "rate_limit_exceeded")),
     (Fault(status=429, message="slow down"), 429, openai_error("slow down", "requests", "rate_limit_exceeded")),
-    (Fault(reason="oom"), 500, openai_error("model requires more system memory (12.3 GiB) than is available (4.0 GiB)")),
+    (Fault(reason="oom"), 500, openai_error(OOM)),
     (Fault(reason="busy"), 503, openai_error("server busy, please try again.  maximum pending requests exceeded")),
     (Fault(status=400, message="bad"), 400, openai_error("bad", "invalid_request_error")),
     (Fault(status=404), 404, openai_error("model 'llama3.2' not found")),
@@ -325,7 +328,10 @@ def test_a_fault_naming_no_endpoints_hits_the_inference_routes_of_both_apis(sim:
     sim.set_faults([Fault(status=500, message="down")])
     assert completions(sim).status_code == 500
     assert requests.post(sim.url + "/v1/embeddings", json={"model": EMBED_MODEL, "input": "x"}, timeout=10).status_code == 500
-    assert requests.post(sim.url + "/api/chat", json={"model": CHAT_MODEL, "messages": []}, timeout=10).status_code == 500
+    ask = {"model": CHAT_MODEL, "messages": [{"role": "user", "content": "x"}], "stream": False}
+    assert requests.post(sim.url + "/api/chat", json=ask, timeout=10).status_code == 500
+    # A request with nothing to answer only loads the model: hit only by a fault that names "load".
+    assert requests.post(sim.url + "/api/chat", json={"model": CHAT_MODEL, "messages": []}, timeout=10).status_code == 200
     assert requests.get(sim.url + "/v1/models", timeout=10).status_code == 200  # listing is not inference
 
 

@@ -17,7 +17,10 @@ Reason = Literal["oom", "runner", "crash", "run_oom", "busy", "bad_request", "no
 # Endpoints a fault may name; a fault that names none hits the inference ones, of both APIs.
 INFERENCE_ENDPOINTS = ("chat", "generate", "embed", "embeddings", "openai_chat", "openai_embeddings")
 ABORT_ENDPOINTS = ("chat", "generate")  # where an answer can end without its done line
-ENDPOINTS = INFERENCE_ENDPOINTS + ("pull", "show", "delete", "tags", "ps", "version", "root", "openai_models")
+# "load": a chat, generate or embed request with nothing to answer, which only loads (or unloads) its model,
+# as llm-worker's model manager sends. Faults hit it only when they name it, so that a fault meant for the
+# jobs' calls does not keep the host from loading the model they need.
+ENDPOINTS = INFERENCE_ENDPOINTS + ("load", "pull", "show", "delete", "tags", "ps", "version", "root", "openai_models")
 
 DEFAULT_MODELS = ("llama3.2:latest", "nomic-embed-text:latest")
 MODELS_PER_GPU = 3  # server/sched.go defaultModelsPerGPU: OLLAMA_MAX_LOADED_MODELS when unset

@@ -29,6 +29,7 @@ _NUM_GPU = LOAD_OPTIONS.index("num_gpu")
 LoadKey = tuple[Any, ...]
 
 THINKING = ("qwen3", "deepseek-r1", "gpt-oss", "qwq", "magistral")
+EMBEDDING_NAMES = ("embed", "minilm", "bge")  # names of embedding models (nomic-embed-text, all-minilm, bge-m3)
 # Name prefixes whose GGUF architecture differs from the name's letters, for the families
 # Ollama treats apart: one slot only (server/sched.go load), or thinking always (gpt-oss).
 _FAMILIES = (("qwen3-vl", "qwen3vl"), ("qwen3-next", "qwen3next"), ("qwen3.5", "qwen35"), ("lfm2", "lfm2"),
@@ -92,7 +93,9 @@ class ModelInfo:
     @classmethod
     def describe(cls, name: str) -> ModelInfo:
         base = name.rsplit("/", 1)[-1].split(":")[0]
-        embedding = "embed" in base
+        # Embedding models by their usual names (nomic-embed-text, mxbai-embed-large, all-minilm, bge-m3):
+        # the real Ollama reads the capability from the model file, the simulator from its name.
+        embedding = any(sign in base for sign in EMBEDDING_NAMES)
         family = _family(base, embedding)
         details = {
             "parent_model": "", "format": "gguf", "family": family, "families": [family],

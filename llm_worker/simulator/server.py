@@ -159,7 +159,7 @@ class SimRequestHandler(BaseHTTPRequestHandler):
         asked = getattr(request, "model", "") or None
         model = normalize_name(asked) if asked else None
         engine.counters.request(route.name, model)
-        fault = engine.faults.pick(route.name, model)
+        fault = engine.faults.pick("load" if _loads_only(route.name, request) else route.name, model)
         if fault is None or fault.kind in ("stream_error", "cut"):
             return request, fault
         if fault.kind == "status":
@@ -433,3 +433,14 @@ class Simulator:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.stop()
+
+
+def _loads_only(endpoint: str, request: Any) -> bool:
+    """Whether a request has nothing to answer and only loads or unloads its model (Ollama's empty request)."""
+    if endpoint == "chat":
+        return not getattr(request, "messages", None)
+    if endpoint == "generate":
+        return not getattr(request, "prompt", None)
+    if endpoint == "embed":
+        return not getattr(request, "input", None)
+    return False

@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 import redis
 
 from llm_worker import exitcodes
+from llm_worker.loadboard import LoadBoard
 from llm_worker.config import SettingError, Settings
 from llm_worker.jobs import iso
 from llm_worker.pluginmanager import Found
@@ -52,6 +53,10 @@ class Arbiter:
         total = sum(self.targets.values())
         self.state = SharedState(max(64, 2 * total))
         self._register_labels(settings)
+        if any(p.name == "ollama" for p in plugins):
+            # Before any worker runs: jobs wait for the model manager's loads, never load through their
+            # own calls (loadboard.py); the manager clears this if it finds no Ollama provider after all.
+            LoadBoard(self.state.loads).serve("ollama")
         self.signals = SignalQueue()
         self.children = Children()
         self.exit_code = exitcodes.OK
