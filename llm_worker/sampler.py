@@ -15,7 +15,7 @@ import os
 import threading
 import time
 
-from llm_worker.backpressure import PROBE_EVERY, Reachability
+from llm_worker.backpressure import PROBE_EVERY, Reachability, in_flight
 from llm_worker.chores import Chore
 from llm_worker.config import Settings
 from llm_worker.gpu import GpuReading, GpuSampler, ollama_memory
@@ -41,6 +41,7 @@ class Sampler(threading.Thread):
         self.gpus = GpuSampler(os.environ.get(NVML_MODULE_ENV, "pynvml"))
         self.processes = ProcessWatcher()
         self.provider: Provider | None = None
+        self.provider_index = 0  # its place among the providers, as the workers number them
         self.reach = Reachability(state.providers, state.lock)
         # The process's one way to ask the provider for its health: this thread's
         # periodic probe and /health/ollama's live ones share it (see liveprobe).
@@ -78,6 +79,12 @@ class Sampler(threading.Thread):
 
     def probe_provider(self) -> None:
         r = self.state.readings
+        provider = self._provider()
+        if getattr(provider, "max_concurrent", 0) and self._calls_in_flight(provider):
+            # A server with few slots (llama-cpp-python's interrupts a running generation for any
+            # request, a listing included) is probed only while idle: calls in flight show it answers.
+            r.provider_checked = time.monotonic()
+            return
         answer = self.live.check(timeout=min(5.0, self.settings.ollama.health_check_interval / 1000))
         health = answer.health
         r.provider_up = int(health.ok)
@@ -101,10 +108,18 @@ class Sampler(threading.Thread):
         if answer.health.ok and answer.provider and self.reach.mark_up(answer.provider):
             log.warning(f"provider {answer.provider} answers again; workers take jobs")
 
+    def _calls_in_flight(self, provider: Provider) -> bool:
+        """Whether a worker is in a call to ``provider`` now (the slots name the provider of each call).
+
+        Workers number the providers in the order the plugins give them, as ``_provider`` does here.
+        """
+        return in_flight(self.state, provider=self.provider_index).provider > 0
+
     def _provider(self) -> Provider:
         if self.provider is None:
             providers = PluginManager().load(self.plugins).providers(self.settings)
-            self.provider = next((p for p in providers if p.name == "ollama"), providers[0])
+            self.provider_index = next((i for i, p in enumerate(providers) if p.name == "ollama"), 0)
+            self.provider = providers[self.provider_index]
         return self.provider
 
     def read_queues(self) -> None:

@@ -152,7 +152,7 @@ def utilization(seconds: float, workdir: Path) -> dict[str, float]:
     slots, latency = 4, 0.050
     with LocalRedis(workdir / "redis-ut") as store, \
             simulator("--slots", str(slots), "--latency-ms", str(latency * 1000)) as url, \
-            service(store.url, url, "llm-chat=4", workdir):
+            service(store.url, url, "llm-chat=4", workdir, OLLAMA_NUM_PARALLEL=str(slots)):
         r = store.client()
         _push_and_wait(r, 40)  # warm up
         n = int(seconds * slots / latency)
@@ -166,7 +166,7 @@ def utilization(seconds: float, workdir: Path) -> dict[str, float]:
                 "slot_busy_fraction": busy / (slots * elapsed)}
 
 
-POOL_SIZES = (1, 2, 4, 8, 12, 16)  # past the provider's 8 slots: more workers only queue inside it
+POOL_SIZES = (1, 2, 4, 8, 12, 16)  # past the provider's 8 slots: more workers only wait on the host for one
 
 
 def pool_sweep(seconds: float, workdir: Path) -> list[dict[str, float]]:
@@ -174,14 +174,14 @@ def pool_sweep(seconds: float, workdir: Path) -> list[dict[str, float]]:
 
     For each size, jobs are queued at once (enough for ``seconds`` at the
     ideal rate) and each job's processing time (take to outcome, from its
-    result) is collected: past 8 workers it includes waiting inside the provider.
+    result) is collected: past 8 workers it includes waiting on the host for one of the model's slots.
     """
     slots, latency = 8, 0.020
     rows = []
     for size in POOL_SIZES:
         with LocalRedis(workdir / f"redis-ps{size}") as store, \
                 simulator("--slots", str(slots), "--latency-ms", str(latency * 1000)) as url, \
-                service(store.url, url, f"llm-chat={size}", workdir):
+                service(store.url, url, f"llm-chat={size}", workdir, OLLAMA_NUM_PARALLEL=str(slots)):
             r = store.client()
             _push_and_wait(r, 4 * size)  # warm up every worker's connections
             ideal = min(size, slots) / latency
@@ -249,7 +249,7 @@ def _percentiles(times: list[float]) -> dict[str, float]:
 def liveness_while_busy(samples: int, workdir: Path) -> dict[str, float]:
     """/health/live latency while every worker holds a job (4 workers, slow provider)."""
     with LocalRedis(workdir / "redis-lv") as store, simulator("--latency-ms", "2000", "--slots", "4") as url, \
-            service(store.url, url, "llm-chat=4", workdir) as svc:
+            service(store.url, url, "llm-chat=4", workdir, OLLAMA_NUM_PARALLEL="4") as svc:
         r = store.client()
         r.lpush("llm-chat", *[_job() for _ in range(200)])
         while sum(1 for w in svc.get("/status")[1]["workers"] if w["state"] == "busy") < 4:

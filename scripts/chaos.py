@@ -90,6 +90,7 @@ def host_env(redis_url: str, sim_url: str, duration: float) -> dict[str, str]:
         "LOG_LEVEL": "warning", "WORKER_HEARTBEAT_TIMEOUT": str(HEARTBEAT_MS), "WORKER_TIMEOUT": str(JOB_TIMEOUT_MS),
         "WORKER_TIMEOUT_GRACE": str(TIMEOUT_GRACE_MS), "QUEUE_DELAY": "200", "QUEUE_MAX_DELAY": "2000",
         "OLLAMA_MAX_RETRIES": "2", "OLLAMA_RETRY_DELAY": "100", "CIRCUIT_BREAKER_RESET_TIMEOUT": "2000",
+        "OLLAMA_NUM_PARALLEL": "8",  # as the simulator is started (--slots 8)
         "CIRCUIT_BREAKER_MAX_RESET_TIMEOUT": "8000", "MAX_JOB_BYTES": str(MAX_JOB_BYTES),
         "RESULT_TTL": str(int(max(7200, 3 * duration))), "MODEL_MEMORY_THRESHOLD": "1", "HOST_SAMPLE_INTERVAL": "2000",
     }

@@ -453,3 +453,34 @@ def test_check_config_table_prints_the_markdown_table(tmp_path: Path) -> None:
     done = llm_worker(tmp_path, "check-config", "--table")
     assert done.returncode == exitcodes.OK, done.stderr
     assert done.stdout == config.markdown_table() + "\n"
+
+
+# ---- load-time options, typed as Ollama types them (api/types.go, v0.33) ---------------------------
+
+
+def test_load_options_take_booleans_and_integers_as_ollama_types_them() -> None:
+    s = config.load({"MODEL_LOAD_OPTIONS": "num_ctx=8192,use_mmap=false,num_gpu=-1",
+                     "EMBEDDING_LOAD_OPTIONS": "num_ctx=2048,num_batch=2048"}).settings
+    assert s.models.load_options == {"num_ctx": 8192, "use_mmap": False, "num_gpu": -1}
+    assert s.models.embedding_load_options == {"num_ctx": 2048, "num_batch": 2048}
+
+
+@pytest.mark.parametrize(("value", "said"), [
+    ("use_mmap=1", "use_mmap as true or false"),  # Ollama: option "use_mmap" must be of type boolean (500)
+    ("num_ctx=1.5", "num_ctx as an integer"),
+    ("num_ctx=true", "num_ctx as an integer"),
+    ("low_vram=true", "no low_vram"),  # no longer in api.Runner
+    ("numa=true", "no numa"),
+    ("temperature=0.5", "load-time options among"),  # not a load option: a job's to set
+])
+def test_a_load_option_of_the_wrong_type_or_gone_from_ollama_stops_start_up(value: str, said: str) -> None:
+    with pytest.raises(SettingError) as caught:
+        config.load({"MODEL_LOAD_OPTIONS": value})
+    assert caught.value.source == "MODEL_LOAD_OPTIONS" and said in str(caught.value)
+
+
+def test_an_embedding_num_batch_below_its_num_ctx_is_refused_since_ollama_would_cut_inputs() -> None:
+    for value in ("num_ctx=8192,num_batch=512", "num_batch=512"):
+        with pytest.raises(SettingError) as caught:
+            config.load({"EMBEDDING_LOAD_OPTIONS": value})
+        assert caught.value.source == "EMBEDDING_LOAD_OPTIONS" and "num_batch of at least num_ctx" in str(caught.value)

@@ -485,7 +485,7 @@ def test_an_option_of_the_wrong_type_in_the_settings_is_refused_naming_the_setti
     ollama = provider_for(sim.url, OLLAMA_MAX_RETRIES="3", MODEL_LOAD_OPTIONS="num_ctx=2048",
                           EMBEDDING_LOAD_OPTIONS="num_ctx=512,num_batch=512")
     sim.set_faults([Fault(status=500, message='option "use_mmap" must be of type boolean',
-                          endpoints=("chat", "generate", "embed"))])
+                          endpoints=("chat", "generate", "embed", "load"))])
     for run, setting in [(lambda: call(ollama, "chat"), "MODEL_LOAD_OPTIONS"),
                          (lambda: ollama.load(CHAT, Deadline(30)), "MODEL_LOAD_OPTIONS"),
                          (lambda: ollama.embed(EMBED, ["x"], Deadline(30)), "EMBEDDING_LOAD_OPTIONS"),
