@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+import urllib3
 
 from llm_worker.config import load
 from llm_worker.models import ModelManager
@@ -32,6 +33,10 @@ def sim() -> Iterator[Simulator]:
         yield simulator
 
 
+def metrics_text(svc) -> str:  # type: ignore[no-untyped-def]
+    return urllib3.request("GET", svc.url + "/metrics").data.decode()
+
+
 def opened_breakers(r) -> list[dict]:  # type: ignore[no-untyped-def]
     return events(r, "llm.breaker.opened")
 
@@ -42,18 +47,22 @@ def opened_breakers(r) -> list[dict]:  # type: ignore[no-untyped-def]
 def test_a_slow_load_is_loaded_once_for_every_job_and_never_trips_the_breaker(service, sim: Simulator, redis_url: str,
                                                                                 r) -> None:
     # Given: a model that takes 4 s to load and a breaker that opens after two failures.
-    service(CIRCUIT_BREAKER_THRESHOLD="2", QUEUE_MAX_ATTEMPTS="8", **FAST)
+    svc = service(CIRCUIT_BREAKER_THRESHOLD="2", QUEUE_MAX_ATTEMPTS="8", **FAST)
     client = client_for(redis_url)
     # When: two jobs that may wait only 1.5 s each ask for it.
     short = [chat(client, model="slowpoke", timeout_ms=1500, max_retries=7) for _ in range(2)]
+    # Then: /status and /metrics show the load while it runs, why it started and for how long.
+    (loading,) = eventually(lambda: svc.get("/status")[1]["models"]["loading"], timeout=10, what="the load shown")
+    assert loading["model"] == "slowpoke" and loading["why"] == "a job asked" and loading["seconds"] >= 0
+    assert 'llm_worker_model_loading_seconds{model="slowpoke",reason="a job asked"}' in metrics_text(svc)
     results = wait_all(client, short, timeout=60)
     # Then: they waited for the host's one load (their attempts timed out waiting, and were tried
     # again), and answered once it was done; the load was never aborted nor counted as a failure.
     assert all(res["success"] for res in results.values()), results
     assert sim.stats().loads.get("slowpoke:latest") == 1
     assert not opened_breakers(r)
-    loading = [e for e in events(r, "llm.model.loading") if e["model"] == "slowpoke"]
-    assert [e["reason"] for e in loading] == ["a job asked"]
+    began = [e for e in events(r, "llm.model.loading") if e["model"] == "slowpoke"]
+    assert [e["reason"] for e in began] == ["a job asked"]
     (loaded,) = [e for e in events(r, "llm.model.loaded") if e["model"] == "slowpoke"]
     assert loaded["loadSeconds"] >= SLOW_LOAD_MS / 1000
     # And: later jobs with time to spare find it resident.
