@@ -36,8 +36,8 @@ import msgspec
 import psutil
 import urllib3
 
-from llm_worker.harness import Service
-from llm_worker.localredis import LocalRedis
+from llm_worker.devtools.harness import Service
+from llm_worker.devtools.localredis import LocalRedis
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}]}
 
@@ -45,8 +45,12 @@ CHAT = {"messages": [{"role": "user", "content": "hi"}]}
 @contextmanager
 def simulator(*args: str) -> Iterator[str]:
     """The simulator as its own process, as operators run it; yields its URL."""
-    proc = subprocess.Popen([sys.executable, "-m", "llm_worker.cli", "simulate", "--port", "0", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llm_worker.cli", "simulate", "--port", "0", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     assert proc.stdout is not None
     line = proc.stdout.readline()
     try:
@@ -58,8 +62,15 @@ def simulator(*args: str) -> Iterator[str]:
 
 @contextmanager
 def service(redis_url: str, sim_url: str, pools: str, logdir: Path, **extra: str) -> Iterator[Service]:
-    env = {"REDIS_URL": redis_url, "OLLAMA_BASE_URL": sim_url, "WORKER_POOLS": pools, "WORKER_ID": "bench",
-           "LOG_LEVEL": "warning", "HOST_SAMPLE_INTERVAL": "1000", **extra}
+    env = {
+        "REDIS_URL": redis_url,
+        "OLLAMA_BASE_URL": sim_url,
+        "WORKER_POOLS": pools,
+        "WORKER_ID": "bench",
+        "LOG_LEVEL": "warning",
+        "HOST_SAMPLE_INTERVAL": "1000",
+        **extra,
+    }
     svc = Service(env, log_path=logdir / f"service-{uuid.uuid4().hex[:6]}.log").start(timeout=120)
     try:
         yield svc
@@ -74,7 +85,13 @@ def sim_ceiling(requests_per_client: int) -> dict[str, float]:
 
 
 def _job() -> bytes:
-    job: dict[str, Any] = {"id": uuid.uuid4().hex, "type": "chat", "userId": "bench", "model": "llama3.2", "request": CHAT}
+    job: dict[str, Any] = {
+        "id": uuid.uuid4().hex,
+        "type": "chat",
+        "userId": "bench",
+        "model": "llama3.2",
+        "request": CHAT,
+    }
     return msgspec.json.encode(job)
 
 
@@ -93,7 +110,7 @@ def _push_and_wait(r: Any, n: int) -> float:
     start = time.perf_counter()
     pipe = r.pipeline(transaction=False)
     for i in range(0, n, 1000):
-        pipe.lpush("llm-chat", *payloads[i:i + 1000])
+        pipe.lpush("llm-chat", *payloads[i : i + 1000])
     pipe.execute()
     while r.xlen("llm:events") < 2 * n:  # started + completed per job
         time.sleep(0.002)
@@ -107,7 +124,9 @@ def pickup(samples: int, workdir: Path) -> dict[str, float]:
         latencies = []
         for i in range(samples + 20):
             job_id = uuid.uuid4().hex
-            payload = msgspec.json.encode({"id": job_id, "type": "chat", "userId": "bench", "model": "llama3.2", "request": CHAT})
+            payload = msgspec.json.encode(
+                {"id": job_id, "type": "chat", "userId": "bench", "model": "llama3.2", "request": CHAT}
+            )
             time.sleep(0.005)  # let the workers block on their queue again: an idle service
             sent = time.time()
             r.lpush("llm-chat", payload)
@@ -117,8 +136,12 @@ def pickup(samples: int, workdir: Path) -> dict[str, float]:
             if i >= 20:
                 latencies.append((taken - sent) * 1000)
         latencies.sort()
-        return {"p50_ms": statistics.median(latencies), "p99_ms": latencies[int(len(latencies) * 0.99) - 1],
-                "max_ms": latencies[-1], "samples": len(latencies)}
+        return {
+            "p50_ms": statistics.median(latencies),
+            "p99_ms": latencies[int(len(latencies) * 0.99) - 1],
+            "max_ms": latencies[-1],
+            "samples": len(latencies),
+        }
 
 
 def _plain_clients(url: str, clients: int, per_client: int) -> float:
@@ -137,7 +160,7 @@ def _count_loop(url: str, n: int, out: Any) -> None:
     pool = urllib3.connection_from_url(url, maxsize=1)
     body = msgspec.json.encode({"model": "llama3.2", "stream": False, **CHAT})
     for _ in range(n):
-        pool.urlopen("POST", "/api/chat", body=body, headers={"Content-Type": "application/json"}).data
+        _ = pool.urlopen("POST", "/api/chat", body=body, headers={"Content-Type": "application/json"}).data
     out.put(n)
 
 
@@ -150,9 +173,11 @@ def utilization(seconds: float, workdir: Path) -> dict[str, float]:
     request); and as the fraction of time the provider's slots were busy.
     """
     slots, latency = 4, 0.050
-    with LocalRedis(workdir / "redis-ut") as store, \
-            simulator("--slots", str(slots), "--latency-ms", str(latency * 1000)) as url, \
-            service(store.url, url, "llm-chat=4", workdir, OLLAMA_NUM_PARALLEL=str(slots)):
+    with (
+        LocalRedis(workdir / "redis-ut") as store,
+        simulator("--slots", str(slots), "--latency-ms", str(latency * 1000)) as url,
+        service(store.url, url, "llm-chat=4", workdir, OLLAMA_NUM_PARALLEL=str(slots)),
+    ):
         r = store.client()
         _push_and_wait(r, 40)  # warm up
         n = int(seconds * slots / latency)
@@ -161,9 +186,14 @@ def utilization(seconds: float, workdir: Path) -> dict[str, float]:
         elapsed = _push_and_wait(r, n)
         busy = _sim_stats(url)["busy_slot_seconds"] - busy_before
         nominal = slots / latency
-        return {"jobs_per_s": n / elapsed, "nominal_per_s": nominal, "of_nominal": n / elapsed / nominal,
-                "plain_clients_per_s": plain, "of_measured_capacity": n / elapsed / plain,
-                "slot_busy_fraction": busy / (slots * elapsed)}
+        return {
+            "jobs_per_s": n / elapsed,
+            "nominal_per_s": nominal,
+            "of_nominal": n / elapsed / nominal,
+            "plain_clients_per_s": plain,
+            "of_measured_capacity": n / elapsed / plain,
+            "slot_busy_fraction": busy / (slots * elapsed),
+        }
 
 
 POOL_SIZES = (1, 2, 4, 8, 12, 16)  # past the provider's 8 slots: more workers only wait on the host for one
@@ -179,26 +209,43 @@ def pool_sweep(seconds: float, workdir: Path) -> list[dict[str, float]]:
     slots, latency = 8, 0.020
     rows = []
     for size in POOL_SIZES:
-        with LocalRedis(workdir / f"redis-ps{size}") as store, \
-                simulator("--slots", str(slots), "--latency-ms", str(latency * 1000)) as url, \
-                service(store.url, url, f"llm-chat={size}", workdir, OLLAMA_NUM_PARALLEL=str(slots)):
+        with (
+            LocalRedis(workdir / f"redis-ps{size}") as store,
+            simulator("--slots", str(slots), "--latency-ms", str(latency * 1000)) as url,
+            service(store.url, url, f"llm-chat={size}", workdir, OLLAMA_NUM_PARALLEL=str(slots)),
+        ):
             r = store.client()
             _push_and_wait(r, 4 * size)  # warm up every worker's connections
             ideal = min(size, slots) / latency
             n = max(50, int(seconds * ideal))
             jobs = [uuid.uuid4().hex for _ in range(n)]
             start = time.perf_counter()
-            r.lpush("llm-chat", *[msgspec.json.encode({"id": i, "type": "chat", "userId": "bench", "model": "llama3.2",
-                                                       "request": CHAT}) for i in jobs])
+            r.lpush(
+                "llm-chat",
+                *[
+                    msgspec.json.encode(
+                        {"id": i, "type": "chat", "userId": "bench", "model": "llama3.2", "request": CHAT}
+                    )
+                    for i in jobs
+                ],
+            )
             processing = []
             for job_id in jobs:
                 r.blpop([f"llm:done:{job_id}"], timeout=120)
                 processing.append(float(msgspec.json.decode(r.get(f"llm:result:{job_id}"))["processingTime"]))
             elapsed = time.perf_counter() - start
             processing.sort()
-            rows.append({"workers": size, "jobs_per_s": n / elapsed, "ideal_per_s": ideal, "of_ideal": n / elapsed / ideal,
-                         "processing_p50_ms": statistics.median(processing),
-                         "processing_p99_ms": processing[max(0, int(len(processing) * 0.99) - 1)], "jobs": n})
+            rows.append(
+                {
+                    "workers": size,
+                    "jobs_per_s": n / elapsed,
+                    "ideal_per_s": ideal,
+                    "of_ideal": n / elapsed / ideal,
+                    "processing_p50_ms": statistics.median(processing),
+                    "processing_p99_ms": processing[max(0, int(len(processing) * 0.99) - 1)],
+                    "jobs": n,
+                }
+            )
     return rows
 
 
@@ -213,14 +260,18 @@ def chart(rows: list[dict[str, float]], path: Path) -> bool:
         return False
     sizes = [row["workers"] for row in rows]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    left.plot(sizes, [row["ideal_per_s"] for row in rows], "--", color="grey", label="nominal capacity (8 slots ÷ 20 ms)")
+    left.plot(
+        sizes, [row["ideal_per_s"] for row in rows], "--", color="grey", label="nominal capacity (8 slots ÷ 20 ms)"
+    )
     left.plot(sizes, [row["jobs_per_s"] for row in rows], "o-", label="llm-worker")
     left.set(xlabel="chat workers", ylabel="jobs/s", title="Throughput (8 slots of 20 ms)", xticks=sizes)
     left.legend()
     right.plot(sizes, [row["processing_p50_ms"] for row in rows], "o-", label="p50")
     right.plot(sizes, [row["processing_p99_ms"] for row in rows], "o-", label="p99")
     right.axhline(20, linestyle="--", color="grey", label="provider latency")
-    right.set(xlabel="chat workers", ylabel="ms", title="Job processing time, take to outcome", xticks=sizes, ylim=(0, None))
+    right.set(
+        xlabel="chat workers", ylabel="ms", title="Job processing time, take to outcome", xticks=sizes, ylim=(0, None)
+    )
     right.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -242,14 +293,21 @@ def _timed_gets(url: str, n: int) -> list[float]:
 
 
 def _percentiles(times: list[float]) -> dict[str, float]:
-    return {"p50_ms": statistics.median(times), "p99_ms": times[max(0, int(len(times) * 0.99) - 1)], "max_ms": times[-1],
-            "samples": len(times)}
+    return {
+        "p50_ms": statistics.median(times),
+        "p99_ms": times[max(0, int(len(times) * 0.99) - 1)],
+        "max_ms": times[-1],
+        "samples": len(times),
+    }
 
 
 def liveness_while_busy(samples: int, workdir: Path) -> dict[str, float]:
     """/health/live latency while every worker holds a job (4 workers, slow provider)."""
-    with LocalRedis(workdir / "redis-lv") as store, simulator("--latency-ms", "2000", "--slots", "4") as url, \
-            service(store.url, url, "llm-chat=4", workdir, OLLAMA_NUM_PARALLEL="4") as svc:
+    with (
+        LocalRedis(workdir / "redis-lv") as store,
+        simulator("--latency-ms", "2000", "--slots", "4") as url,
+        service(store.url, url, "llm-chat=4", workdir, OLLAMA_NUM_PARALLEL="4") as svc,
+    ):
         r = store.client()
         r.lpush("llm-chat", *[_job() for _ in range(200)])
         while sum(1 for w in svc.get("/status")[1]["workers"] if w["state"] == "busy") < 4:
@@ -262,17 +320,22 @@ def metrics_render(samples: int, workdir: Path) -> dict[str, float]:
     chat_models = [f"chat-{n}" for n in range(12)]
     embed_models = [f"embed-{n}" for n in range(4)]
     pools = "llm-chat=40,llm-embeddings=16,llm-batch=4,llm-priority=4"
-    with LocalRedis(workdir / "redis-mr") as store, \
-            simulator("--models", ",".join(chat_models + embed_models)) as url, \
-            service(store.url, url, pools, workdir) as svc:
+    with (
+        LocalRedis(workdir / "redis-mr") as store,
+        simulator("--models", ",".join(chat_models + embed_models)) as url,
+        service(store.url, url, pools, workdir) as svc,
+    ):
         r = store.client()
         jobs = []
         for n in range(640):
             model = chat_models[n % 12]
-            kind, queue, request = [("chat", "llm-chat", CHAT), ("generate", "llm-chat", {"prompt": "hi"}),
-                                    ("embeddings", "llm-embeddings", {"input": "hi"}),
-                                    ("batch", "llm-batch", {"requests": [{"type": "chat", "request": CHAT}]}),
-                                    ("chat", "llm-priority", CHAT)][n % 5]
+            kind, queue, request = [
+                ("chat", "llm-chat", CHAT),
+                ("generate", "llm-chat", {"prompt": "hi"}),
+                ("embeddings", "llm-embeddings", {"input": "hi"}),
+                ("batch", "llm-batch", {"requests": [{"type": "chat", "request": CHAT}]}),
+                ("chat", "llm-priority", CHAT),
+            ][n % 5]
             if kind == "embeddings":
                 model = embed_models[n % 4]
             job = {"id": uuid.uuid4().hex, "type": kind, "userId": "bench", "model": model, "request": request}
@@ -298,9 +361,11 @@ def batching(n: int, lone: int, workdir: Path) -> dict[str, Any]:
     """
     out: dict[str, Any] = {}
     for mode, on in (("off", "false"), ("on", "true")):
-        with LocalRedis(workdir / f"redis-b{mode}") as store, \
-                simulator("--embed-call-ms", "20", "--embed-input-ms", "1", "--slots", "1") as url, \
-                service(store.url, url, "llm-embeddings=1", workdir, ENABLE_BATCH_PROCESSING=on):
+        with (
+            LocalRedis(workdir / f"redis-b{mode}") as store,
+            simulator("--embed-call-ms", "20", "--embed-input-ms", "1", "--slots", "1") as url,
+            service(store.url, url, "llm-embeddings=1", workdir, ENABLE_BATCH_PROCESSING=on),
+        ):
             r = store.client()
             _embed_and_wait(r, 20)  # warm up: connections, the model's load
             before = _sim_stats(url)["requests"].get("embed", 0)
@@ -309,15 +374,22 @@ def batching(n: int, lone: int, workdir: Path) -> dict[str, Any]:
             latencies = sorted(_lone_embed(r) for _ in range(lone))
             out[mode] = {"jobs_per_s": n / seconds, "provider_calls": calls, "lone_latency": _percentiles(latencies)}
     out["speedup"] = out["on"]["jobs_per_s"] / out["off"]["jobs_per_s"]
-    out["added_latency_ms"] = {q: out["on"]["lone_latency"][q] - out["off"]["lone_latency"][q] for q in ("p50_ms", "p99_ms")}
+    out["added_latency_ms"] = {
+        q: out["on"]["lone_latency"][q] - out["off"]["lone_latency"][q] for q in ("p50_ms", "p99_ms")
+    }
     return out
 
 
 def _embed_job() -> tuple[str, bytes]:
     job_id = uuid.uuid4().hex
     # Every input its own, so the response cache answers none of them.
-    job = {"id": job_id, "type": "embeddings", "userId": "bench", "model": "nomic-embed-text",
-           "request": {"input": f"text {job_id}"}}
+    job = {
+        "id": job_id,
+        "type": "embeddings",
+        "userId": "bench",
+        "model": "nomic-embed-text",
+        "request": {"input": f"text {job_id}"},
+    }
     return job_id, msgspec.json.encode(job)
 
 
@@ -347,52 +419,86 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="shorter runs (for a smoke check, not for figures)")
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
-    parser.add_argument("--chart", metavar="PNG", default="docs/benchmarks-pool.png",
-                        help="where to draw throughput and latency against pool size (needs matplotlib; default %(default)s)")
+    parser.add_argument(
+        "--chart",
+        metavar="PNG",
+        default="docs/benchmarks-pool.png",
+        help="where to draw throughput and latency against pool size (needs matplotlib; default %(default)s)",
+    )
     args = parser.parse_args(argv)
     scale = 0.25 if args.quick else 1.0
     with tempfile.TemporaryDirectory(prefix="llm-worker-bench-") as tmp:
         workdir = Path(tmp)
         figures: dict[str, Any] = {
             "date": datetime.now().astimezone().isoformat(timespec="seconds"),
-            "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
-                        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1)},
+            "machine": {
+                "cpus": os.cpu_count(),
+                "python": platform.python_version(),
+                "platform": platform.platform(),
+                "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+            },
         }
         figures["simulator_ceiling_rps"] = sim_ceiling(int(6000 * scale))
-        print(f"simulator ceiling: {figures['simulator_ceiling_rps']['1_client']:.0f} req/s from one client, "
-              f"{figures['simulator_ceiling_rps']['2_client']:.0f} req/s from two", flush=True)
+        print(
+            f"simulator ceiling: {figures['simulator_ceiling_rps']['1_client']:.0f} req/s from one client, "
+            f"{figures['simulator_ceiling_rps']['2_client']:.0f} req/s from two",
+            flush=True,
+        )
         runs = [throughput(int(8000 * scale), workdir) for _ in range(3)]
         figures["throughput_jobs_per_s"] = {"median": statistics.median(runs), "runs": runs}
-        print(f"throughput: {statistics.median(runs):.0f} jobs/s median of {', '.join(f'{x:.0f}' for x in runs)} "
-              f"(2 workers, provider latency 0)", flush=True)
+        print(
+            f"throughput: {statistics.median(runs):.0f} jobs/s median of {', '.join(f'{x:.0f}' for x in runs)} "
+            f"(2 workers, provider latency 0)",
+            flush=True,
+        )
         figures["pickup"] = pickup(int(1000 * scale), workdir)
         p = figures["pickup"]
-        print(f"pickup latency (idle): p50 {p['p50_ms']:.3f} ms, p99 {p['p99_ms']:.3f} ms, max {p['max_ms']:.3f} ms", flush=True)
+        print(
+            f"pickup latency (idle): p50 {p['p50_ms']:.3f} ms, p99 {p['p99_ms']:.3f} ms, max {p['max_ms']:.3f} ms",
+            flush=True,
+        )
         figures["utilization"] = utilization(10 * scale, workdir)
         u = figures["utilization"]
-        print(f"provider utilization (4 workers, 4 slots x 50 ms): {u['jobs_per_s']:.1f} jobs/s = "
-              f"{u['of_measured_capacity']:.1%} of the {u['plain_clients_per_s']:.1f} jobs/s four plain clients get, "
-              f"{u['of_nominal']:.1%} of the nominal {u['nominal_per_s']:.0f}; slots busy {u['slot_busy_fraction']:.1%} of the time",
-              flush=True)
+        print(
+            f"provider utilization (4 workers, 4 slots x 50 ms): {u['jobs_per_s']:.1f} jobs/s = "
+            f"{u['of_measured_capacity']:.1%} of the {u['plain_clients_per_s']:.1f} jobs/s four plain clients get, "
+            f"{u['of_nominal']:.1%} of the nominal {u['nominal_per_s']:.0f}; slots busy "
+            f"{u['slot_busy_fraction']:.1%} of the time",
+            flush=True,
+        )
         figures["liveness_while_busy"] = liveness_while_busy(int(2000 * scale), workdir)
         lv = figures["liveness_while_busy"]
-        print(f"/health/live while every worker is busy: p50 {lv['p50_ms']:.2f} ms, p99 {lv['p99_ms']:.2f} ms, "
-              f"max {lv['max_ms']:.2f} ms", flush=True)
+        print(
+            f"/health/live while every worker is busy: p50 {lv['p50_ms']:.2f} ms, p99 {lv['p99_ms']:.2f} ms, "
+            f"max {lv['max_ms']:.2f} ms",
+            flush=True,
+        )
         figures["metrics_render"] = metrics_render(int(100 * scale), workdir)
         mr = figures["metrics_render"]
-        print(f"/metrics with 64 worker slots and 16 models: p50 {mr['p50_ms']:.1f} ms, p99 {mr['p99_ms']:.1f} ms "
-              f"({mr['lines']} lines)", flush=True)
+        print(
+            f"/metrics with 64 worker slots and 16 models: p50 {mr['p50_ms']:.1f} ms, p99 {mr['p99_ms']:.1f} ms "
+            f"({mr['lines']} lines)",
+            flush=True,
+        )
         figures["batching"] = batching(int(1000 * scale), int(200 * scale), workdir)
         b = figures["batching"]
-        print(f"embeddings, one slot of 20 ms/call + 1 ms/input: {b['off']['jobs_per_s']:.0f} jobs/s batching off "
-              f"({b['off']['provider_calls']} calls), {b['on']['jobs_per_s']:.0f} jobs/s on ({b['on']['provider_calls']} calls): "
-              f"{b['speedup']:.1f}x; a lone job waits {b['added_latency_ms']['p50_ms']:.1f} ms more at p50, "
-              f"{b['added_latency_ms']['p99_ms']:.1f} ms at p99 (BATCH_TIMEOUT 20 ms)", flush=True)
+        print(
+            f"embeddings, one slot of 20 ms/call + 1 ms/input: {b['off']['jobs_per_s']:.0f} jobs/s batching off "
+            f"({b['off']['provider_calls']} calls), {b['on']['jobs_per_s']:.0f} jobs/s on "
+            f"({b['on']['provider_calls']} calls): "
+            f"{b['speedup']:.1f}x; a lone job waits {b['added_latency_ms']['p50_ms']:.1f} ms more at p50, "
+            f"{b['added_latency_ms']['p99_ms']:.1f} ms at p99 (BATCH_TIMEOUT 20 ms)",
+            flush=True,
+        )
         figures["pool_sweep"] = pool_sweep(5 * scale, workdir)
         for row in figures["pool_sweep"]:
-            print(f"{row['workers']} chat worker(s), 8 slots x 20 ms: {row['jobs_per_s']:.0f} jobs/s = {row['of_ideal']:.1%} "
-                  f"of {row['ideal_per_s']:.0f}; processing p50 {row['processing_p50_ms']:.1f} ms, "
-                  f"p99 {row['processing_p99_ms']:.1f} ms", flush=True)
+            print(
+                f"{row['workers']} chat worker(s), 8 slots x 20 ms: {row['jobs_per_s']:.0f} jobs/s = "
+                f"{row['of_ideal']:.1%} "
+                f"of {row['ideal_per_s']:.0f}; processing p50 {row['processing_p50_ms']:.1f} ms, "
+                f"p99 {row['processing_p99_ms']:.1f} ms",
+                flush=True,
+            )
         if chart(figures["pool_sweep"], Path(args.chart)):
             print(f"chart: {args.chart}", flush=True)
         else:

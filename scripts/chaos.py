@@ -37,15 +37,21 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-
-from llm_worker.localredis import LocalRedis, LocalSentinelGroup, free_port
-
 from chaosdrill.count import drain, report, summarize
 from chaosdrill.disruptions import run_schedule
 from chaosdrill.drill import (
-    HEARTBEAT_MS, HOSTS, JOB_TIMEOUT_MS, MAX_JOB_BYTES, POOLS, TIMEOUT_GRACE_MS, Drill, Host, feed
+    HEARTBEAT_MS,
+    HOSTS,
+    JOB_TIMEOUT_MS,
+    MAX_JOB_BYTES,
+    POOLS,
+    TIMEOUT_GRACE_MS,
+    Drill,
+    Host,
+    feed,
 )
 
+from llm_worker.devtools.localredis import LocalRedis, LocalSentinelGroup, free_port
 
 # ---- setting up -----------------------------------------------------------------------------------
 
@@ -72,10 +78,33 @@ def steady_port() -> int:
 @contextmanager
 def simulator(args: argparse.Namespace) -> Iterator[str]:
     """The simulator as its own process, slow enough that workers hold jobs when they are hit."""
-    proc = subprocess.Popen([sys.executable, "-m", "llm_worker.cli", "simulate", "--port", "0", "--slots", "8",
-                             "--latency-ms", "150", "--token-ms", "15", "--embed-call-ms", "30", "--embed-input-ms", "2",
-                             "--load-ms", str(args.load_ms), "--seed", str(args.seed)],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "llm_worker.cli",
+            "simulate",
+            "--port",
+            "0",
+            "--slots",
+            "8",
+            "--latency-ms",
+            "150",
+            "--token-ms",
+            "15",
+            "--embed-call-ms",
+            "30",
+            "--embed-input-ms",
+            "2",
+            "--load-ms",
+            str(args.load_ms),
+            "--seed",
+            str(args.seed),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     assert proc.stdout is not None
     try:
         yield proc.stdout.readline().rsplit(" ", 1)[-1].strip()
@@ -86,13 +115,25 @@ def simulator(args: argparse.Namespace) -> Iterator[str]:
 
 def host_env(redis_url: str, sim_url: str, duration: float) -> dict[str, str]:
     return {
-        "REDIS_URL": redis_url, "OLLAMA_BASE_URL": sim_url, "WORKER_POOLS": POOLS, "LOG_FORMAT": "json",
-        "LOG_LEVEL": "warning", "WORKER_HEARTBEAT_TIMEOUT": str(HEARTBEAT_MS), "WORKER_TIMEOUT": str(JOB_TIMEOUT_MS),
-        "WORKER_TIMEOUT_GRACE": str(TIMEOUT_GRACE_MS), "QUEUE_DELAY": "200", "QUEUE_MAX_DELAY": "2000",
-        "OLLAMA_MAX_RETRIES": "2", "OLLAMA_RETRY_DELAY": "100", "CIRCUIT_BREAKER_RESET_TIMEOUT": "2000",
+        "REDIS_URL": redis_url,
+        "OLLAMA_BASE_URL": sim_url,
+        "WORKER_POOLS": POOLS,
+        "LOG_FORMAT": "json",
+        "LOG_LEVEL": "warning",
+        "WORKER_HEARTBEAT_TIMEOUT": str(HEARTBEAT_MS),
+        "WORKER_TIMEOUT": str(JOB_TIMEOUT_MS),
+        "WORKER_TIMEOUT_GRACE": str(TIMEOUT_GRACE_MS),
+        "QUEUE_DELAY": "200",
+        "QUEUE_MAX_DELAY": "2000",
+        "OLLAMA_MAX_RETRIES": "2",
+        "OLLAMA_RETRY_DELAY": "100",
+        "CIRCUIT_BREAKER_RESET_TIMEOUT": "2000",
         "OLLAMA_NUM_PARALLEL": "8",  # as the simulator is started (--slots 8)
-        "CIRCUIT_BREAKER_MAX_RESET_TIMEOUT": "8000", "MAX_JOB_BYTES": str(MAX_JOB_BYTES),
-        "RESULT_TTL": str(int(max(7200, 3 * duration))), "MODEL_MEMORY_THRESHOLD": "1", "HOST_SAMPLE_INTERVAL": "2000",
+        "CIRCUIT_BREAKER_MAX_RESET_TIMEOUT": "8000",
+        "MAX_JOB_BYTES": str(MAX_JOB_BYTES),
+        "RESULT_TTL": str(int(max(7200, 3 * duration))),
+        "MODEL_MEMORY_THRESHOLD": "1",
+        "HOST_SAMPLE_INTERVAL": "2000",
     }
 
 
@@ -111,8 +152,16 @@ def drill_once(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             hosts = [Host(name, env, workdir / f"{name}.log") for name in HOSTS]
             for host in hosts:
                 host.start()
-            drill = Drill(args, workdir, store, sim_url, hosts, random.Random(args.seed), f"{random.getrandbits(24):06x}",
-                          group=group)
+            drill = Drill(
+                args,
+                workdir,
+                store,
+                sim_url,
+                hosts,
+                random.Random(args.seed),
+                f"{random.getrandbits(24):06x}",
+                group=group,
+            )
             stop = threading.Event()
             feeder = threading.Thread(target=feed, args=(drill, stop), name="feeder", daemon=True)
             feeder.start()
@@ -136,16 +185,29 @@ def drill_once(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--duration", type=float, default=90.0, help="seconds of jobs and disruptions (default %(default)s)")
+    parser.add_argument(
+        "--duration", type=float, default=90.0, help="seconds of jobs and disruptions (default %(default)s)"
+    )
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
-    parser.add_argument("--seed", type=int, default=1, help="seed of the job mix and the schedule (default %(default)s)")
+    parser.add_argument(
+        "--seed", type=int, default=1, help="seed of the job mix and the schedule (default %(default)s)"
+    )
     parser.add_argument("--rate", type=float, default=6.0, help="jobs pushed per second (default %(default)s)")
-    parser.add_argument("--load-ms", type=int, default=1500, help="the simulator's model load time (default %(default)s)")
+    parser.add_argument(
+        "--load-ms", type=int, default=1500, help="the simulator's model load time (default %(default)s)"
+    )
     parser.add_argument("--drain-timeout", type=float, default=180.0, help="longest wait for the last outcomes")
-    parser.add_argument("--sentinel", action="store_true", help="Redis as a master, a replica and three sentinels: "
-                        "'kill and restart Redis' kills the master, and a planned failover joins the disruptions")
-    parser.add_argument("--workdir", help="keep Redis's data and the service logs here (default: a temporary "
-                                          "directory, removed unless conservation breaks or an old master does not rejoin)")
+    parser.add_argument(
+        "--sentinel",
+        action="store_true",
+        help="Redis as a master, a replica and three sentinels: "
+        "'kill and restart Redis' kills the master, and a planned failover joins the disruptions",
+    )
+    parser.add_argument(
+        "--workdir",
+        help="keep Redis's data and the service logs here (default: a temporary "
+        "directory, removed unless conservation breaks or an old master does not rejoin)",
+    )
     args = parser.parse_args(argv)
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="llm-worker-chaos-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -157,8 +219,11 @@ def main(argv: list[str] | None = None) -> int:
     holds = figures["conservation"]["holds"]
     # An old master that never rejoined is Redis's business, not a broken drill,
     # but its cause is only in the sentinels' and servers' logs: keep them.
-    stuck = [d for d in figures["disruptions"] if "oldMasterReplicaAfterSeconds" in d
-             and d["oldMasterReplicaAfterSeconds"] is None]
+    stuck = [
+        d
+        for d in figures["disruptions"]
+        if "oldMasterReplicaAfterSeconds" in d and d["oldMasterReplicaAfterSeconds"] is None
+    ]
     if holds and not stuck and not args.workdir:
         shutil.rmtree(workdir, ignore_errors=True)
     elif not holds or stuck:

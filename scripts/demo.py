@@ -23,10 +23,10 @@ from pathlib import Path
 import msgspec
 import urllib3
 
-from llm_worker.client import Client
-from llm_worker.config import load
-from llm_worker.harness import Service
-from llm_worker.localredis import LocalRedis
+from llm_worker.devtools.harness import Service
+from llm_worker.devtools.localredis import LocalRedis
+from llm_worker.queue.client import Client
+from llm_worker.settings.config import load
 
 BOLD, DIM, RESET = ("\033[1m", "\033[2m", "\033[0m") if sys.stdout.isatty() else ("", "", "")
 
@@ -50,10 +50,38 @@ def real_ollama(url: str) -> tuple[str, str] | None:
     return chat, embed
 
 
+def _describe(kind: str, shape: dict) -> str:  # type: ignore[type-arg]
+    """One line of what a job's response holds."""
+    if kind == "generate":
+        return repr(shape.get("response", "")[:60])
+    if kind == "embeddings":
+        return f"{len(shape.get('embeddings', []))} vectors of {len(shape.get('embeddings', [[]])[0])}"
+    return f"{[x['success'] for x in shape.get('results', [])]}"
+
+
 def start_simulator(stack: ExitStack) -> str:
-    proc = subprocess.Popen([sys.executable, "-m", "llm_worker.cli", "simulate", "--port", "0", "--latency-ms", "300",
-                             "--token-ms", "60", "--reply-tokens", "16", "--embed-call-ms", "20",
-                             "--models", "llama3.2,nomic-embed-text"], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "llm_worker.cli",
+            "simulate",
+            "--port",
+            "0",
+            "--latency-ms",
+            "300",
+            "--token-ms",
+            "60",
+            "--reply-tokens",
+            "16",
+            "--embed-call-ms",
+            "20",
+            "--models",
+            "llama3.2,nomic-embed-text",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     stack.callback(lambda: (proc.terminate(), proc.wait(5)))
     assert proc.stdout is not None
     return proc.stdout.readline().rsplit(" ", 1)[-1].strip()
@@ -80,10 +108,17 @@ def main() -> int:
         chat_model, embed_model = models
 
         say("llm-worker run: a supervisor, its worker pools and the HTTP process")
-        env = {"REDIS_URL": store.url, "OLLAMA_BASE_URL": ollama, "WORKER_ID": "demo-host",
-               "WORKER_POOLS": "llm-chat=2,llm-embeddings=1,llm-batch=1,llm-priority=1",
-               "DEFAULT_CHAT_MODEL": chat_model, "DEFAULT_EMBEDDING_MODEL": embed_model, "LOG_LEVEL": "info",
-               "OLLAMA_HEALTH_CHECK_INTERVAL": "1000", "HOST_SAMPLE_INTERVAL": "500"}
+        env = {
+            "REDIS_URL": store.url,
+            "OLLAMA_BASE_URL": ollama,
+            "WORKER_ID": "demo-host",
+            "WORKER_POOLS": "llm-chat=2,llm-embeddings=1,llm-batch=1,llm-priority=1",
+            "DEFAULT_CHAT_MODEL": chat_model,
+            "DEFAULT_EMBEDDING_MODEL": embed_model,
+            "LOG_LEVEL": "info",
+            "OLLAMA_HEALTH_CHECK_INTERVAL": "1000",
+            "HOST_SAMPLE_INTERVAL": "500",
+        }
         svc = Service(env, log_path=workdir / "llm-worker.log").start()
         stack.callback(svc.stop)
         r = store.client()
@@ -92,40 +127,56 @@ def main() -> int:
         client = Client.from_settings(load(env).settings)
 
         say("A streaming chat job: the tokens arrive through llm:stream:<id>")
-        job = client.submit("chat", {"messages": [{"role": "user", "content": "Why is the sky blue?"}], "stream": True},
-                            model=chat_model, correlation_id="demo-1")
+        job = client.submit(
+            "chat",
+            {"messages": [{"role": "user", "content": "Why is the sky blue?"}], "stream": True},
+            model=chat_model,
+            correlation_id="demo-1",
+        )
         print(f"LPUSH llm-chat job {job}\n  ", end="")
         for piece in client.stream(job, timeout=120):
             print(piece, end="", flush=True)
         result = client.wait(job, 10) or {}
-        print(f"\n  result: success={result.get('success')} tokens={result.get('tokensUsed')} "
-              f"processingTime={result.get('processingTime')} ms worker={result.get('workerId')}")
+        print(
+            f"\n  result: success={result.get('success')} tokens={result.get('tokensUsed')} "
+            f"processingTime={result.get('processingTime')} ms worker={result.get('workerId')}"
+        )
 
         say("generate, embeddings and batch jobs, each answered by its own pool")
         ids = {
             "generate": client.submit("generate", {"prompt": "Write a haiku about queues."}, model=chat_model),
             "embeddings": client.submit("embeddings", {"input": ["first text", "second text"]}, model=embed_model),
-            "batch": client.submit("batch", {"requests": [
-                {"type": "chat", "request": {"messages": [{"role": "user", "content": "Say hi"}]}},
-                {"type": "embeddings", "model": embed_model, "request": {"input": "a third text"}}]}, model=chat_model),
+            "batch": client.submit(
+                "batch",
+                {
+                    "requests": [
+                        {"type": "chat", "request": {"messages": [{"role": "user", "content": "Say hi"}]}},
+                        {"type": "embeddings", "model": embed_model, "request": {"input": "a third text"}},
+                    ]
+                },
+                model=chat_model,
+            ),
         }
         for kind, job_id in ids.items():
             res = client.wait(job_id, 120) or {}
             shape = res.get("response") or {}
-            detail = {"generate": lambda: repr(shape.get("response", "")[:60]),
-                      "embeddings": lambda: f"{len(shape.get('embeddings', []))} vectors of {len(shape.get('embeddings', [[]])[0])}",
-                      "batch": lambda: f"{[x['success'] for x in shape.get('results', [])]}"}[kind]()
+            detail = _describe(kind, shape)
             print(f"  {kind:<10} success={res.get('success')} by {res.get('workerId')}: {detail}")
 
         say("Bad input loses nothing: a payload that is not a job goes to the dead-letter list")
-        r.lpush("llm-chat", b'{"id": "demo-bad", "type": "chat", "userId": "u", "request": {"messages": [{"role": "wizard"}]}}')
+        r.lpush(
+            "llm-chat",
+            b'{"id": "demo-bad", "type": "chat", "userId": "u", "request": {"messages": [{"role": "wizard"}]}}',
+        )
         res = client.wait("demo-bad", 10) or {}
         print(f"  result: {res.get('errorType')}: {res.get('error')}")
         print(f"  LLEN llm-dead-letter = {r.llen('llm-dead-letter')}")
 
         say("A worker SIGKILLed mid-job: its job goes back to the queue and runs again")
-        slow = [client.submit("chat", {"messages": [{"role": "user", "content": f"a long answer {n}"}]}, model=chat_model)
-                for n in range(2)]
+        slow = [
+            client.submit("chat", {"messages": [{"role": "user", "content": f"a long answer {n}"}]}, model=chat_model)
+            for n in range(2)
+        ]
         victim = _busy_worker(svc, r)
         if victim:
             pid, held = victim
@@ -142,9 +193,17 @@ def main() -> int:
             print(f"  GET {path} -> {status} {msgspec.json.encode(body).decode()}")
         time.sleep(1.5)  # one more turn of the sampler: queue depths, loaded models
         metrics = urllib3.request("GET", svc.url + "/metrics").data.decode()
-        shown = ("llm_worker_jobs_total", "llm_worker_workers{", "llm_worker_jobs_reclaimed", "llm_worker_worker_crashes",
-                 "llm_worker_dead_letter_jobs", "llm_worker_redis_up", "llm_worker_provider_up", "llm_worker_models_loaded",
-                 "llm_worker_gpu_collector_up")
+        shown = (
+            "llm_worker_jobs_total",
+            "llm_worker_workers{",
+            "llm_worker_jobs_reclaimed",
+            "llm_worker_worker_crashes",
+            "llm_worker_dead_letter_jobs",
+            "llm_worker_redis_up",
+            "llm_worker_provider_up",
+            "llm_worker_models_loaded",
+            "llm_worker_gpu_collector_up",
+        )
         for line in metrics.splitlines():
             if line.startswith(shown) and not line.endswith(" 0.0") or line.startswith(shown[5:]):
                 print(f"  {line}")

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from llm_worker.config import markdown_table
+from llm_worker.settings.config import markdown_table
 
 readme = Path(__file__).resolve().parent.parent / "README.md"
 text = readme.read_text()

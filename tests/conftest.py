@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import redis
 
-from llm_worker.config import Settings, load
-from llm_worker.harness import Service
-from llm_worker.localredis import LocalRedis
-from llm_worker.simulator import Simulator, SimulatorConfig
+from llm_worker.devtools.harness import Service
+from llm_worker.devtools.localredis import LocalRedis
+from llm_worker.devtools.simulator import Simulator, SimulatorConfig
+from llm_worker.settings.config import Settings, load
 
 TESTS = Path(__file__).parent
 
@@ -67,10 +67,14 @@ def service(redis_url: str, sim: Simulator, tmp_path: Path, request: pytest.Fixt
 
     def start(ready: bool = True, args: tuple[str, ...] = (), **env: str) -> Service:
         base = {
-            "REDIS_URL": redis_url, "OLLAMA_BASE_URL": sim.url, "WORKER_ID": f"t{uuid.uuid4().hex[:8]}",
-            "WORKER_POOLS": "llm-chat=2,llm-embeddings=1,llm-batch=1,llm-priority=1", "LOG_LEVEL": "info",
+            "REDIS_URL": redis_url,
+            "OLLAMA_BASE_URL": sim.url,
+            "WORKER_ID": f"t{uuid.uuid4().hex[:8]}",
+            "WORKER_POOLS": "llm-chat=2,llm-embeddings=1,llm-batch=1,llm-priority=1",
+            "LOG_LEVEL": "info",
             "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")])),
-            "WORKER_HEARTBEAT_TIMEOUT": "5000", "OLLAMA_RETRY_DELAY": "50",
+            "WORKER_HEARTBEAT_TIMEOUT": "5000",
+            "OLLAMA_RETRY_DELAY": "50",
             "MODEL_MEMORY_THRESHOLD": "1",  # the test machine's own memory must not unload models
         }
         base.update(env)

@@ -273,7 +273,9 @@ def nvmlDeviceGetTotalEnergyConsumption(handle: _Handle) -> int:
 def nvmlDeviceGetComputeRunningProcesses(handle: _Handle) -> list[SimpleNamespace]:
     _enter("nvmlDeviceGetComputeRunningProcesses")
     procs = [
-        SimpleNamespace(pid=p["pid"], usedGpuMemory=p.get("used"), gpuInstanceId=0xFFFFFFFF, computeInstanceId=0xFFFFFFFF)
+        SimpleNamespace(
+            pid=p["pid"], usedGpuMemory=p.get("used"), gpuInstanceId=0xFFFFFFFF, computeInstanceId=0xFFFFFFFF
+        )
         for p in _scenario["gpus"][handle.index]["processes"]
     ]
     return _read(handle, "processes", procs)

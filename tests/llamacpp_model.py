@@ -28,11 +28,15 @@ LAYERS = 2
 HEADS = 4
 FFN = 128
 TRAIN_CONTEXT = 4096
-WORDS = ("the sky is blue why hello world a an of to and in on it that this for with as was are be at by not"
-         " or from but what all were when we there can more if no out so said up its about into than them"
-         " only some could time these two may then do first any my now such like our over man me even most").split()
-TEMPLATE = ("{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
-            "{% if add_generation_prompt %}assistant:{% endif %}")
+WORDS = (
+    "the sky is blue why hello world a an of to and in on it that this for with as was are be at by not"
+    " or from but what all were when we there can more if no out so said up its about into than them"
+    " only some could time these two may then do first any my now such like our over man me even most"
+).split()
+TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
 
 
 def vocabulary() -> tuple[list[str], list[float], list[int]]:
@@ -90,11 +94,11 @@ def write(path: str, pooling: bool) -> None:
         block = f"blk.{layer}"
         w.add_tensor(f"{block}.attn_norm.weight", np.ones(EMBED, dtype=np.float32))
         for name in ("attn_q", "attn_k", "attn_v", "attn_output"):
-            w.add_tensor(f"{block}.{name}.weight", weights(EMBED, EMBED, scale=EMBED ** -0.5))
+            w.add_tensor(f"{block}.{name}.weight", weights(EMBED, EMBED, scale=EMBED**-0.5))
         w.add_tensor(f"{block}.ffn_norm.weight", np.ones(EMBED, dtype=np.float32))
-        w.add_tensor(f"{block}.ffn_gate.weight", weights(FFN, EMBED, scale=EMBED ** -0.5))
-        w.add_tensor(f"{block}.ffn_up.weight", weights(FFN, EMBED, scale=EMBED ** -0.5))
-        w.add_tensor(f"{block}.ffn_down.weight", weights(EMBED, FFN, scale=FFN ** -0.5))
+        w.add_tensor(f"{block}.ffn_gate.weight", weights(FFN, EMBED, scale=EMBED**-0.5))
+        w.add_tensor(f"{block}.ffn_up.weight", weights(FFN, EMBED, scale=EMBED**-0.5))
+        w.add_tensor(f"{block}.ffn_down.weight", weights(EMBED, FFN, scale=FFN**-0.5))
     w.add_tensor("output_norm.weight", np.ones(EMBED, dtype=np.float32))
     # Output rows: zero (a logit of 0) for all but the word pieces, which come in pairs +v, -v:
     # whatever the hidden state, one of each pair scores at least 0, so a word always beats the end.

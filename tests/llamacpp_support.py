@@ -32,9 +32,11 @@ CONTEXT = 2048  # tokens: the server's n_ctx for both models
 START_SECONDS = 120.0  # importing llama_cpp and loading the model take a second or two; a loaded machine more
 # llama_cpp.server, leaving as soon as its stdin closes: when the test process ends, however it ends,
 # so that no server outlives the tests on a shared machine.
-LAUNCH = ("import os, runpy, sys, threading\n"
-          "threading.Thread(target=lambda: (sys.stdin.buffer.read(), os._exit(0)), daemon=True).start()\n"
-          "runpy.run_module('llama_cpp.server', run_name='__main__', alter_sys=True)\n")
+LAUNCH = (
+    "import os, runpy, sys, threading\n"
+    "threading.Thread(target=lambda: (sys.stdin.buffer.read(), os._exit(0)), daemon=True).start()\n"
+    "runpy.run_module('llama_cpp.server', run_name='__main__', alter_sys=True)\n"
+)
 
 
 def default_python() -> Path:
@@ -50,8 +52,10 @@ def server_python() -> Path:
     python = Path(named) if named else default_python()
     if python.is_file() and os.access(python, os.X_OK):
         return python
-    why = (f"no llama-cpp-python environment at {python} (LLAMACPP_PYTHON={named!r}): scripts/test prepares it"
-           " with scripts/llamacpp (its first run builds llama.cpp, minutes)")
+    why = (
+        f"no llama-cpp-python environment at {python} (LLAMACPP_PYTHON={named!r}): scripts/test prepares it"
+        " with scripts/llamacpp (its first run builds llama.cpp, minutes)"
+    )
     if os.environ.get("CI") == "true":
         pytest.fail(f"CI: {why}", pytrace=False)
     pytest.skip(why)
@@ -94,15 +98,37 @@ class LlamaServer:
         for _ in range(3):  # a port taken between our look and the server's bind: once more, elsewhere
             self.port = free_port()
             config = self.workdir / "server.json"
-            config.write_text(json.dumps({
-                "host": "127.0.0.1", "port": self.port, "interrupt_requests": True, "models": [
-                    {"model": str(path), "model_alias": alias, "n_ctx": CONTEXT, "n_threads": 1, "n_threads_batch": 1,
-                     "embedding": True, "verbose": False, "seed": 1}
-                    for alias, path in models.items()]}))
+            config.write_text(
+                json.dumps(
+                    {
+                        "host": "127.0.0.1",
+                        "port": self.port,
+                        "interrupt_requests": True,
+                        "models": [
+                            {
+                                "model": str(path),
+                                "model_alias": alias,
+                                "n_ctx": CONTEXT,
+                                "n_threads": 1,
+                                "n_threads_batch": 1,
+                                "embedding": True,
+                                "verbose": False,
+                                "seed": 1,
+                            }
+                            for alias, path in models.items()
+                        ],
+                    }
+                )
+            )
             with open(self.log_path, "ab") as log:
-                self.proc = subprocess.Popen([str(self.python), "-c", LAUNCH, "--config_file", str(config)],
-                                             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.PIPE,
-                                             start_new_session=True, cwd=self.workdir)
+                self.proc = subprocess.Popen(
+                    [str(self.python), "-c", LAUNCH, "--config_file", str(config)],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.PIPE,
+                    start_new_session=True,
+                    cwd=self.workdir,
+                )
             if self._wait_ready():
                 return self
             self.stop()
@@ -145,4 +171,3 @@ class LlamaServer:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return ""
-

@@ -9,8 +9,8 @@ from collections.abc import Callable, Iterable
 import msgspec
 import redis
 
-from llm_worker.client import Client
-from llm_worker.config import load
+from llm_worker.queue.client import Client
+from llm_worker.settings.config import load
 
 
 def client_for(redis_url: str, **env: str) -> Client:
@@ -70,7 +70,9 @@ def nothing_held(r: redis.Redis) -> bool:
     return not any(r.llen(key) for key in r.scan_iter("llm:processing:*"))
 
 
-def eventually(check: Callable[[], object], timeout: float = 10.0, interval: float = 0.02, what: str = "condition") -> object:
+def eventually(
+    check: Callable[[], object], timeout: float = 10.0, interval: float = 0.02, what: str = "condition"
+) -> object:
     deadline = time.monotonic() + timeout
     while True:
         value = check()

@@ -15,16 +15,16 @@ from typing import Any
 
 import pytest
 import urllib3
+from support import client_for, events, eventually, wait_all
 
-from llm_worker.backpressure import CallGate, Pause, ProviderDown, Reachability, in_flight, pause_reason
-from llm_worker.breaker import Breakers
-from llm_worker.config import load
-from llm_worker.jobs import ErrorKind, JobError
-from llm_worker.providers import Deadline, ProviderError
-from llm_worker.shm import SharedState
-from llm_worker.simulator import Simulator, SimulatorConfig
-
-from support import client_for, eventually, events, wait_all
+from llm_worker.devtools.simulator import Simulator, SimulatorConfig
+from llm_worker.host.backpressure import CallGate, ProviderDown, Reachability, in_flight, pause_reason
+from llm_worker.host.breaker import Breakers
+from llm_worker.host.layout import Pause
+from llm_worker.host.shm import SharedState
+from llm_worker.plugin.providers import Deadline, ProviderError
+from llm_worker.protocol.jobs import ErrorKind, JobError
+from llm_worker.settings.config import load
 
 CTX = multiprocessing.get_context("fork")
 FAIL = ProviderError("HTTP 500", ErrorKind.PROVIDER, status=500)
@@ -230,7 +230,9 @@ def test_with_the_provider_stopped_workers_pause_jobs_wait_and_all_complete_afte
     wait_all(client, warm)
     port = sim.port
     sim.stop()  # Ollama goes away
-    ids = [client.submit("chat", {"messages": [{"role": "user", "content": f"q{i}"}]}, model="llama3.2") for i in range(20)]
+    ids = [
+        client.submit("chat", {"messages": [{"role": "user", "content": f"q{i}"}]}, model="llama3.2") for i in range(20)
+    ]
 
     def paused() -> dict[str, Any] | None:
         pool = _status(svc)["pools"]["llm-chat"]
@@ -278,8 +280,9 @@ def test_every_breaker_of_a_pool_open_pauses_it_until_one_closes(service, r) -> 
 # ---- per-model slots and per-provider caps ---------------------------------------------
 
 
-def _call_capped(state: SharedState, slot: int, model: str, out: Any, model_slots: int = 0, provider: int = -1,
-                 provider_cap: int = 0) -> None:
+def _call_capped(
+    state: SharedState, slot: int, model: str, out: Any, model_slots: int = 0, provider: int = -1, provider_cap: int = 0
+) -> None:
     state.slots[slot].pid = os.getpid()
     gate = CallGate(state, slot, 100, -1)
     with gate.call(model, Deadline(30), model_slots=model_slots, provider=provider, provider_cap=provider_cap):

@@ -14,10 +14,9 @@ from typing import Any
 import msgspec
 import redis
 import urllib3
-
-from llm_worker.simulator import Simulator, SimulatorConfig
-
 from support import assert_each_answered_once, client_for, eventually, wait_all
+
+from llm_worker.devtools.simulator import Simulator, SimulatorConfig
 
 POOLS = {"WORKER_POOLS": "llm-embeddings=1", "WORKER_BATCH_SIZE": "10", "BATCH_TIMEOUT": "200"}
 
@@ -32,8 +31,16 @@ def queue_all(r: redis.Redis, jobs: list[dict[str, Any]], queue: str = "llm-embe
 
 
 def embed_job(n: int, text: str, model: str = "nomic-embed-text", **request: Any) -> dict[str, Any]:
-    return {"id": f"e{n}-{os.urandom(3).hex()}", "type": "embeddings", "model": model, "userId": "u",
-            "request": {"input": text, **request}, "createdAt": "2026-11-23T00:00:00Z", "retryCount": 0, "priority": 0}
+    return {
+        "id": f"e{n}-{os.urandom(3).hex()}",
+        "type": "embeddings",
+        "model": model,
+        "userId": "u",
+        "request": {"input": text, **request},
+        "createdAt": "2026-11-23T00:00:00Z",
+        "retryCount": 0,
+        "priority": 0,
+    }
 
 
 def direct_embedding(sim: Simulator, text: str, model: str = "nomic-embed-text") -> list[float]:
@@ -42,7 +49,9 @@ def direct_embedding(sim: Simulator, text: str, model: str = "nomic-embed-text")
     return resp.json()["embeddings"][0]
 
 
-def test_waiting_jobs_share_one_call_and_each_gets_its_own_vectors(service, sim: Simulator, r: redis.Redis, redis_url: str) -> None:
+def test_waiting_jobs_share_one_call_and_each_gets_its_own_vectors(
+    service, sim: Simulator, r: redis.Redis, redis_url: str
+) -> None:
     texts = [f"text number {n} " + "word " * n for n in range(10)]
     ids = queue_all(r, [embed_job(n, t) for n, t in enumerate(texts)])
     service(**POOLS)
@@ -75,10 +84,18 @@ def test_one_bad_input_fails_only_its_own_job(service, r: redis.Redis, redis_url
 
 def test_jobs_of_other_models_options_and_types_are_not_mixed(service, r: redis.Redis, redis_url: str) -> None:
     with Simulator(SimulatorConfig(models=["llama3.2:latest", "nomic-embed-text:latest", "all-minilm:latest"])) as sim:
-        jobs = ([embed_job(n, f"a {n}") for n in range(4)] + [embed_job(n, f"b {n}", model="all-minilm") for n in range(4)]
-                + [embed_job(n, f"c {n}", truncate=False) for n in range(2)])
-        chat = {"id": "chat-in-the-embeddings-queue", "type": "chat", "model": "llama3.2", "userId": "u",
-                "request": {"messages": [{"role": "user", "content": "hi"}]}}
+        jobs = (
+            [embed_job(n, f"a {n}") for n in range(4)]
+            + [embed_job(n, f"b {n}", model="all-minilm") for n in range(4)]
+            + [embed_job(n, f"c {n}", truncate=False) for n in range(2)]
+        )
+        chat = {
+            "id": "chat-in-the-embeddings-queue",
+            "type": "chat",
+            "model": "llama3.2",
+            "userId": "u",
+            "request": {"messages": [{"role": "user", "content": "hi"}]},
+        }
         ids = queue_all(r, jobs + [chat])
         service(OLLAMA_BASE_URL=sim.url, **{**POOLS, "WORKER_BATCH_SIZE": "11"})
         results = wait_all(client_for(redis_url), ids)
@@ -98,7 +115,9 @@ def test_with_batching_off_each_job_makes_its_own_call(service, sim: Simulator, 
     assert sim.stats().requests.get("embed") == 1 + 6  # the host's load of the model, then each job
 
 
-def test_a_lone_job_waits_at_most_batch_timeout_for_company(service, sim: Simulator, r: redis.Redis, redis_url: str) -> None:
+def test_a_lone_job_waits_at_most_batch_timeout_for_company(
+    service, sim: Simulator, r: redis.Redis, redis_url: str
+) -> None:
     service(**{**POOLS, "BATCH_TIMEOUT": "300"})
     client = client_for(redis_url)
     job_id = client.submit("embeddings", {"input": "alone"}, model="nomic-embed-text")
@@ -109,7 +128,9 @@ def test_a_lone_job_waits_at_most_batch_timeout_for_company(service, sim: Simula
     assert sim.stats().requests.get("embed") == 3  # the host's load of the model, then the two jobs' calls
 
 
-def test_gathered_jobs_are_held_reliably_when_their_worker_is_sigkilled(service, sim: Simulator, r: redis.Redis, redis_url: str) -> None:
+def test_gathered_jobs_are_held_reliably_when_their_worker_is_sigkilled(
+    service, sim: Simulator, r: redis.Redis, redis_url: str
+) -> None:
     sim.config.embed_call_ms = 5000  # the shared call hangs long enough to kill the worker inside it
     ids = queue_all(r, [embed_job(n, f"held {n}") for n in range(10)])
     svc = service(**POOLS)

@@ -10,20 +10,26 @@ import time
 import pytest
 import urllib3
 
-from llm_worker.breaker import COUNTED, BreakerOpen, Breakers
-from llm_worker.config import load
-from llm_worker.jobs import ErrorKind, JobError
-from llm_worker.providers import ProviderError
-from llm_worker.shm import SharedState
-from llm_worker.simulator import Simulator
+from llm_worker.devtools.simulator import Simulator
+from llm_worker.host.breaker import COUNTED, BreakerOpen, Breakers
+from llm_worker.host.shm import SharedState
+from llm_worker.plugin.providers import ProviderError
+from llm_worker.protocol.jobs import ErrorKind, JobError
+from llm_worker.settings.config import load
 
 FAIL = ProviderError("HTTP 500", ErrorKind.PROVIDER, status=500)
 CTX = multiprocessing.get_context("fork")
 
 
 def breakers(state: SharedState, **env: str) -> Breakers:
-    settings = load({"CIRCUIT_BREAKER_THRESHOLD": "3", "CIRCUIT_BREAKER_RESET_TIMEOUT": "200",
-                     "CIRCUIT_BREAKER_MAX_RESET_TIMEOUT": "400", **env}).settings
+    settings = load(
+        {
+            "CIRCUIT_BREAKER_THRESHOLD": "3",
+            "CIRCUIT_BREAKER_RESET_TIMEOUT": "200",
+            "CIRCUIT_BREAKER_MAX_RESET_TIMEOUT": "400",
+            **env,
+        }
+    ).settings
     return Breakers(state.breakers, state.lock, settings)
 
 
@@ -62,8 +68,12 @@ def test_threshold_consecutive_failures_trip_and_a_success_resets_the_count() ->
 
 
 def test_a_failure_rate_over_the_window_trips_without_consecutive_failures() -> None:
-    b = breakers(SharedState(4), CIRCUIT_BREAKER_THRESHOLD="1000", CIRCUIT_BREAKER_MIN_CALLS="10",
-                 CIRCUIT_BREAKER_FAILURE_RATE="0.5")
+    b = breakers(
+        SharedState(4),
+        CIRCUIT_BREAKER_THRESHOLD="1000",
+        CIRCUIT_BREAKER_MIN_CALLS="10",
+        CIRCUIT_BREAKER_FAILURE_RATE="0.5",
+    )
     for n in range(10):
         b.record(b.admit("ollama", "m", 5), FAIL if n % 2 else None)
     assert state_of(b) == "open"
@@ -116,8 +126,11 @@ def _probe_at_half_open(state: SharedState, url: str, line, out) -> None:  # typ
     except BreakerOpen:
         out.put("refused")
         return
-    urllib3.request("POST", url + "/api/chat", json={"model": "llama3.2", "stream": False,
-                                                     "messages": [{"role": "user", "content": "probe"}]})
+    urllib3.request(
+        "POST",
+        url + "/api/chat",
+        json={"model": "llama3.2", "stream": False, "messages": [{"role": "user", "content": "probe"}]},
+    )
     b.record(admission, None)
     out.put("probe" if admission.probe else "after the probe closed it")
 

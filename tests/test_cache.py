@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import redis
-
-from llm_worker.simulator import Simulator
 from support import client_for, eventually, wait_all
 from test_http import FAST, scrape, value
 
+from llm_worker.devtools.simulator import Simulator
+
 
 def ask(client, text: str, **options: object) -> str:  # type: ignore[no-untyped-def]
-    return client.submit("chat", {"messages": [{"role": "user", "content": text}], "options": options}, model="llama3.2")
+    return client.submit(
+        "chat", {"messages": [{"role": "user", "content": text}], "options": options}, model="llama3.2"
+    )
 
 
-def test_a_deterministic_request_is_answered_from_the_cache_the_second_time(service, sim: Simulator, redis_url: str,
-                                                                          r: redis.Redis) -> None:
+def test_a_deterministic_request_is_answered_from_the_cache_the_second_time(
+    service, sim: Simulator, redis_url: str, r: redis.Redis
+) -> None:
     svc = service(WORKER_POOLS="llm-chat=1,llm-embeddings=1", **FAST)
     client = client_for(redis_url)
     first = wait_all(client, [ask(client, "same words", temperature=0)])
@@ -29,11 +32,15 @@ def test_a_deterministic_request_is_answered_from_the_cache_the_second_time(serv
     other = wait_all(client, [ask(client, "other words", temperature=0)])
     assert not next(iter(other.values()))["cacheHit"]
     # One after the other: two submitted together are gathered into one call, both misses.
-    embeds = [wait_all(client, [client.submit("embeddings", {"input": ["x"]}, model="nomic-embed-text")]) for _ in range(2)]
+    embeds = [
+        wait_all(client, [client.submit("embeddings", {"input": ["x"]}, model="nomic-embed-text")]) for _ in range(2)
+    ]
     assert [next(iter(res.values()))["cacheHit"] for res in embeds] == [False, True]
     assert 0 < r.ttl(next(iter(r.scan_iter("llm:cache:*")))) <= 3600
-    samples = eventually(lambda: (lambda s: s if value(s, "llm_worker_cache_hits_total", queue="llm-chat") == 2 else None)(scrape(svc)),
-                         what="the hits counted")
+    samples = eventually(
+        lambda: (lambda s: s if value(s, "llm_worker_cache_hits_total", queue="llm-chat") == 2 else None)(scrape(svc)),
+        what="the hits counted",
+    )
     assert value(samples, "llm_worker_cache_misses_total", queue="llm-chat") == 3
     assert value(samples, "llm_worker_cache_hits_total", queue="llm-embeddings") == 1
 

@@ -24,9 +24,23 @@ DURATION = 90
 def drill(tmp_path: Path, duration: int, *options: str) -> tuple[dict[str, Any], str]:
     """Run the drill as ``scripts/chaos`` does; its figures, and the end of its report for failure messages."""
     figures_path = tmp_path / "chaos.json"
-    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "chaos.py"), "--duration", str(duration),
-                           "--json", str(figures_path), "--workdir", str(tmp_path / "drill"), *options],
-                          capture_output=True, text=True, timeout=duration + 420, cwd=ROOT)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "chaos.py"),
+            "--duration",
+            str(duration),
+            "--json",
+            str(figures_path),
+            "--workdir",
+            str(tmp_path / "drill"),
+            *options,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=duration + 420,
+        cwd=ROOT,
+    )
     report = done.stdout[-6000:] + done.stderr[-3000:]
     assert done.returncode == 0, report
     assert "CONSERVATION HOLDS" in done.stdout, report
@@ -48,8 +62,9 @@ def test_ninety_seconds_of_chaos_lose_nothing_and_answer_nothing_twice(tmp_path:
     assert len(names) == 11, names
     kills = figures["kills"]
     assert kills["workersSigkilled"] >= 2 and kills["hostsKilled"] >= 1 and kills["redisKilled"] >= 1, kills
-    assert any(r["what"] == "worker stopped past its job's timeout" and r["seconds"] is not None
-               for r in figures["reclaims"]), figures["reclaims"]
+    assert any(
+        r["what"] == "worker stopped past its job's timeout" and r["seconds"] is not None for r in figures["reclaims"]
+    ), figures["reclaims"]
     assert figures["serviceLogs"]["recoveries"] >= 1, figures["serviceLogs"]
 
     # Two hosts shared the work, and a dead host's jobs were taken up by the other.
@@ -77,8 +92,9 @@ def test_chaos_under_sentinel_failovers_loses_nothing(tmp_path: Path) -> None:
     assert c["holds"] and c["lost"] == 0 and c["answeredTwice"] == 0, report
     assert c["leftovers"] == {"queued": 0, "processing": 0, "delayed": 0}, report
     assert c["outcomesCounted"] == c["jobsAnswered"] > 50, report
-    failovers = [d for d in figures["disruptions"]
-                 if d["name"] in ("kill and restart Redis", "planned Sentinel failover")]
+    failovers = [
+        d for d in figures["disruptions"] if d["name"] in ("kill and restart Redis", "planned Sentinel failover")
+    ]
     assert {d["name"] for d in failovers} == {"kill and restart Redis", "planned Sentinel failover"}, failovers
     # How soon the old master rejoins as a replica is Redis's pace (the sentinels' 10-s look at roles, the
     # master's diskless-sync delay), so it is reported, not asserted.

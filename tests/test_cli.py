@@ -14,10 +14,10 @@ from typing import Any
 import msgspec
 import pytest
 import redis
-
-from llm_worker import config
-from llm_worker.simulator import Fault, Simulator
 from support import client_for, eventually
+
+from llm_worker.devtools.simulator import Fault, Simulator
+from llm_worker.settings import config
 
 TESTS = Path(__file__).parent
 REPLY = "Why is the sky blue? 6 7 8 9 10 11 12"  # the simulator echoes the prompt, then counts to 12
@@ -37,8 +37,14 @@ def cli(redis_url: str) -> Cli:
         environ["REDIS_URL"] = redis_url
         environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))  # testplugins
         environ.update(env)
-        return subprocess.run([sys.executable, "-m", "llm_worker.cli", *args], env=environ, input=stdin,
-                              capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(
+            [sys.executable, "-m", "llm_worker.cli", *args],
+            env=environ,
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
     return run
 
@@ -66,9 +72,17 @@ def counts(stdout: str) -> dict[str, int]:
 
 
 def dead_job(job_id: str, queue: str = "llm-chat") -> bytes:
-    return msgspec.json.encode({"job": {"id": job_id, "type": "chat", "userId": "u", "model": "llama3.2", "request": {}},
-                                "queue": queue, "error": "boom", "errorType": "model", "failedAt": "2026-01-01T00:00:00.000Z",
-                                "attempts": 1, "workerId": "w:1"})
+    return msgspec.json.encode(
+        {
+            "job": {"id": job_id, "type": "chat", "userId": "u", "model": "llama3.2", "request": {}},
+            "queue": queue,
+            "error": "boom",
+            "errorType": "model",
+            "failedAt": "2026-01-01T00:00:00.000Z",
+            "attempts": 1,
+            "workerId": "w:1",
+        }
+    )
 
 
 def no_traceback(proc: subprocess.CompletedProcess) -> bool:
@@ -78,19 +92,48 @@ def no_traceback(proc: subprocess.CompletedProcess) -> bool:
 # ---- submit -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("args, check", [
-    (["--type", "chat", "--model", "llama3.2", "--prompt", "Why is the sky blue?"],
-     lambda r: r["response"]["message"] == {"role": "assistant", "content": REPLY} and r["response"]["doneReason"] == "stop"),
-    (["--type", "generate", "--model", "llama3.2", "--prompt", "Once upon a time", "--system", "be brief"],
-     lambda r: r["response"]["response"] == "Once upon a time 5 6 7 8 9 10 11 12" and r["promptTokens"] == 6),
-    (["--type", "embeddings", "--model", "nomic-embed-text", "--input", "a", "--input", "b c"],
-     lambda r: [len(v) for v in r["response"]["embeddings"]] == [16, 16] and r["promptTokens"] == 3),
-    # Options reach Ollama: num_predict cuts the reply short there.
-    (["--model", "llama3.2", "--prompt", "Why is the sky blue?", "--option", "temperature=0", "--option", "num_predict=3"],
-     lambda r: r["response"]["message"]["content"] == "Why is the" and r["response"]["doneReason"] == "length"
-     and r["completionTokens"] == 3),
-], ids=["chat", "generate", "embeddings", "chat-options"])
-def test_submit_prints_the_result_json_and_exits_0(service, cli: Cli, args: list[str], check: Callable[[dict], bool]) -> None:
+@pytest.mark.parametrize(
+    "args, check",
+    [
+        (
+            ["--type", "chat", "--model", "llama3.2", "--prompt", "Why is the sky blue?"],
+            lambda r: (
+                r["response"]["message"] == {"role": "assistant", "content": REPLY}
+                and r["response"]["doneReason"] == "stop"
+            ),
+        ),
+        (
+            ["--type", "generate", "--model", "llama3.2", "--prompt", "Once upon a time", "--system", "be brief"],
+            lambda r: r["response"]["response"] == "Once upon a time 5 6 7 8 9 10 11 12" and r["promptTokens"] == 6,
+        ),
+        (
+            ["--type", "embeddings", "--model", "nomic-embed-text", "--input", "a", "--input", "b c"],
+            lambda r: [len(v) for v in r["response"]["embeddings"]] == [16, 16] and r["promptTokens"] == 3,
+        ),
+        # Options reach Ollama: num_predict cuts the reply short there.
+        (
+            [
+                "--model",
+                "llama3.2",
+                "--prompt",
+                "Why is the sky blue?",
+                "--option",
+                "temperature=0",
+                "--option",
+                "num_predict=3",
+            ],
+            lambda r: (
+                r["response"]["message"]["content"] == "Why is the"
+                and r["response"]["doneReason"] == "length"
+                and r["completionTokens"] == 3
+            ),
+        ),
+    ],
+    ids=["chat", "generate", "embeddings", "chat-options"],
+)
+def test_submit_prints_the_result_json_and_exits_0(
+    service, cli: Cli, args: list[str], check: Callable[[dict], bool]
+) -> None:
     service(WORKER_POOLS="llm-chat=1,llm-embeddings=1")
     proc = cli("submit", *args, "--wait", "60")
     assert proc.returncode == 0, proc.stderr
@@ -124,16 +167,36 @@ def test_submit_of_a_job_that_fails_exits_1_with_its_failure_result(service, cli
 
 
 def test_submit_no_wait_prints_only_the_job_id_of_the_job_it_queued(cli: Cli, r: redis.Redis) -> None:
-    proc = cli("submit", "--model", "llama3.2", "--prompt", "hi", "--system", "be brief", "--no-wait",
-               "--option", "temperature=0", "--option", "num_predict=3", "--option", 'stop=["x"]',
-               "--correlation-id", "corr-7", "--timeout-ms", "5000")
+    proc = cli(
+        "submit",
+        "--model",
+        "llama3.2",
+        "--prompt",
+        "hi",
+        "--system",
+        "be brief",
+        "--no-wait",
+        "--option",
+        "temperature=0",
+        "--option",
+        "num_predict=3",
+        "--option",
+        'stop=["x"]',
+        "--correlation-id",
+        "corr-7",
+        "--timeout-ms",
+        "5000",
+    )
     assert proc.returncode == 0, proc.stderr
     job_id = proc.stdout.strip()
     assert re.fullmatch(r"[0-9a-f-]{36}", job_id) and proc.stdout == job_id + "\n"
     [queued] = [msgspec.json.decode(raw) for raw in r.lrange("llm-chat", 0, -1)]
     assert queued["id"] == job_id and queued["type"] == "chat" and queued["model"] == "llama3.2"
-    assert queued["request"] == {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}],
-                                 "stream": False, "options": {"temperature": 0, "num_predict": 3, "stop": ["x"]}}
+    assert queued["request"] == {
+        "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}],
+        "stream": False,
+        "options": {"temperature": 0, "num_predict": 3, "stop": ["x"]},
+    }
     assert (queued["correlationId"], queued["timeout"]) == ("corr-7", 5000)
 
 
@@ -154,8 +217,15 @@ def test_queues_prints_the_depth_of_every_queue_the_delayed_set_and_dead_letters
     r.lpush("llm:processing:host-a:4711", "held")
     proc = cli("queues")
     assert proc.returncode == 0, proc.stderr
-    assert counts(proc.stdout) == {"llm-chat": 2, "llm-embeddings": 0, "llm-batch": 0, "llm-priority": 3,
-                                   "llm:delayed": 2, DEAD: 1, "processing host-a:4711": 1}
+    assert counts(proc.stdout) == {
+        "llm-chat": 2,
+        "llm-embeddings": 0,
+        "llm-batch": 0,
+        "llm-priority": 3,
+        "llm:delayed": 2,
+        DEAD: 1,
+        "processing host-a:4711": 1,
+    }
 
 
 def test_queues_follows_the_configured_names(cli: Cli, r: redis.Redis) -> None:
@@ -163,17 +233,32 @@ def test_queues_follows_the_configured_names(cli: Cli, r: redis.Redis) -> None:
     r.lpush("extra", "b", "c")
     r.zadd("app:delayed", {"x": 1})
     r.lpush("my-dead", dead_job("gone"))
-    proc = cli("queues", "depths", QUEUE_CHAT_NAME="my-chat", WORKER_POOLS="my-chat=1,extra=1", REDIS_KEY_PREFIX="app:",
-               DEAD_LETTER_QUEUE_NAME="my-dead")
+    proc = cli(
+        "queues",
+        "depths",
+        QUEUE_CHAT_NAME="my-chat",
+        WORKER_POOLS="my-chat=1,extra=1",
+        REDIS_KEY_PREFIX="app:",
+        DEAD_LETTER_QUEUE_NAME="my-dead",
+    )
     assert proc.returncode == 0, proc.stderr
-    assert counts(proc.stdout) == {"my-chat": 1, "llm-embeddings": 0, "llm-batch": 0, "llm-priority": 0, "extra": 2,
-                                   "app:delayed": 1, "my-dead": 1}
+    assert counts(proc.stdout) == {
+        "my-chat": 1,
+        "llm-embeddings": 0,
+        "llm-batch": 0,
+        "llm-priority": 0,
+        "extra": 2,
+        "app:delayed": 1,
+        "my-dead": 1,
+    }
 
 
 def test_queues_dead_lists_what_workers_dead_lettered(service, cli: Cli, r: redis.Redis, redis_url: str) -> None:
     service(WORKER_POOLS="llm-chat=1")
     r.lpush("llm-chat", b"this is not json")
-    job_id = client_for(redis_url).submit("chat", {"messages": [{"role": "user", "content": "hi"}]}, model="missing-model")
+    job_id = client_for(redis_url).submit(
+        "chat", {"messages": [{"role": "user", "content": "hi"}]}, model="missing-model"
+    )
     eventually(lambda: r.llen(DEAD) == 2, timeout=30, what="both payloads dead-lettered")
 
     proc = cli("queues", "dead")
@@ -188,13 +273,18 @@ def test_queues_dead_lists_what_workers_dead_lettered(service, cli: Cli, r: redi
 
 
 def test_queues_requeue_moves_dead_jobs_back_and_clears_their_old_results(
-        service, cli: Cli, r: redis.Redis, redis_url: str, sim: Simulator) -> None:
+    service, cli: Cli, r: redis.Redis, redis_url: str, sim: Simulator
+) -> None:
     # Given two jobs that failed for good (Ollama said not found) and a payload that was never a job
     sim.set_faults([Fault(reason="not_found", count=2)])
     svc = service(WORKER_POOLS="llm-chat=1")
     client = client_for(redis_url)
-    first, second = (client.submit("chat", {"messages": [{"role": "user", "content": "Why is the sky blue?"}]},
-                                   model="llama3.2", job_id=name) for name in ("job-first", "job-second"))
+    first, second = (
+        client.submit(
+            "chat", {"messages": [{"role": "user", "content": "Why is the sky blue?"}]}, model="llama3.2", job_id=name
+        )
+        for name in ("job-first", "job-second")
+    )
     r.lpush("llm-chat", b"{not json")
     eventually(lambda: r.llen(DEAD) == 3, timeout=30, what="three dead letters")
     assert client.result(first)["errorType"] == "model" and client.result(second)["errorType"] == "model"
@@ -282,19 +372,40 @@ def test_plugins_lists_extra_plugins_and_says_which_are_disabled(cli: Cli) -> No
 # ---- bad settings ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("args, env, named", [
-    (["submit", "--prompt", "hi"], {"OLLAMA_MAX_RETRIES": "99"}, "OLLAMA_MAX_RETRIES='99': expected an integer from 0 to 20"),
-    (["submit", "--prompt", "hi", "--no-wait"], {"QUEUE_CHAT_NAME": "bad name!"}, "QUEUE_CHAT_NAME='bad name!'"),
-    (["submit", "--prompt", "hi", "--redis-port", "abc"], {}, "--redis-port='abc': expected an integer"),
-    (["submit", "--prompt", "hi", "--config", "/nonexistent/llm-worker.toml"], {}, "--config='/nonexistent/llm-worker.toml'"),
-    (["queues"], {"REDIS_URL": "http://localhost:6379"}, "REDIS_URL='http://localhost:6379': expected a redis://"),
-    (["queues", "dead"], {"LOG_LEVEL": "loud"}, "LOG_LEVEL='loud': expected one of debug"),
-    (["queues", "requeue", "--all"], {"DEAD_LETTER_QUEUE_NAME": "llm-chat"}, "DEAD_LETTER_QUEUE_NAME='llm-chat'"),
-    (["queues", "purge", "llm-chat", "--yes"], {"WORKER_POOLS": "llm-chat=many"}, "WORKER_POOLS='llm-chat=many'"),
-], ids=["submit-range", "submit-pattern", "submit-flag", "submit-config-file", "queues-url", "dead-choice",
-        "requeue-consistency", "purge-pools"])
+@pytest.mark.parametrize(
+    "args, env, named",
+    [
+        (
+            ["submit", "--prompt", "hi"],
+            {"OLLAMA_MAX_RETRIES": "99"},
+            "OLLAMA_MAX_RETRIES='99': expected an integer from 0 to 20",
+        ),
+        (["submit", "--prompt", "hi", "--no-wait"], {"QUEUE_CHAT_NAME": "bad name!"}, "QUEUE_CHAT_NAME='bad name!'"),
+        (["submit", "--prompt", "hi", "--redis-port", "abc"], {}, "--redis-port='abc': expected an integer"),
+        (
+            ["submit", "--prompt", "hi", "--config", "/nonexistent/llm-worker.toml"],
+            {},
+            "--config='/nonexistent/llm-worker.toml'",
+        ),
+        (["queues"], {"REDIS_URL": "http://localhost:6379"}, "REDIS_URL='http://localhost:6379': expected a redis://"),
+        (["queues", "dead"], {"LOG_LEVEL": "loud"}, "LOG_LEVEL='loud': expected one of debug"),
+        (["queues", "requeue", "--all"], {"DEAD_LETTER_QUEUE_NAME": "llm-chat"}, "DEAD_LETTER_QUEUE_NAME='llm-chat'"),
+        (["queues", "purge", "llm-chat", "--yes"], {"WORKER_POOLS": "llm-chat=many"}, "WORKER_POOLS='llm-chat=many'"),
+    ],
+    ids=[
+        "submit-range",
+        "submit-pattern",
+        "submit-flag",
+        "submit-config-file",
+        "queues-url",
+        "dead-choice",
+        "requeue-consistency",
+        "purge-pools",
+    ],
+)
 def test_a_bad_setting_exits_2_naming_it_without_a_traceback_and_does_nothing(
-        cli: Cli, r: redis.Redis, args: list[str], env: dict[str, str], named: str) -> None:
+    cli: Cli, r: redis.Redis, args: list[str], env: dict[str, str], named: str
+) -> None:
     r.lpush("llm-chat", "keep me")
     proc = cli(*args, **env)
     assert proc.returncode == 2, (proc.stdout, proc.stderr)
@@ -310,7 +421,9 @@ def test_plugins_with_a_plugin_that_does_not_import_exits_2_naming_it(cli: Cli) 
 
 
 @pytest.mark.parametrize("args", [["queues"], ["submit", "--prompt", "hi", "--no-wait"]], ids=["queues", "submit"])
-def test_an_unreachable_redis_is_a_one_line_message_not_a_traceback(cli: Cli, closed_port: int, args: list[str]) -> None:
+def test_an_unreachable_redis_is_a_one_line_message_not_a_traceback(
+    cli: Cli, closed_port: int, args: list[str]
+) -> None:
     proc = cli(*args, REDIS_URL=f"redis://127.0.0.1:{closed_port}/0", timeout=60)
     assert no_traceback(proc), proc.stderr
     assert proc.returncode in (1, 2) and f"127.0.0.1:{closed_port}" in proc.stderr

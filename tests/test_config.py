@@ -13,8 +13,11 @@ from typing import Any
 import msgspec
 import pytest
 
-from llm_worker import cli, config, exitcodes
-from llm_worker.config import SettingError
+from llm_worker import exitcodes
+from llm_worker.cli import flags
+from llm_worker.cli import main as cli
+from llm_worker.settings import config
+from llm_worker.settings.config import SettingError
 
 DECLARATIONS = list(config.declarations())
 BY_ENV = {decl.env: decl for decl in DECLARATIONS}
@@ -25,7 +28,9 @@ def load(**env: Any) -> config.Settings:
     return config.load({key: str(value) for key, value in env.items()}).settings
 
 
-def refused(environ: dict[str, str], config_file: Path | None = None, flags: dict[str, str] | None = None) -> SettingError:
+def refused(
+    environ: dict[str, str], config_file: Path | None = None, flags: dict[str, str] | None = None
+) -> SettingError:
     with pytest.raises(SettingError) as caught:
         config.load(environ, str(config_file) if config_file else None, flags)
     return caught.value
@@ -65,7 +70,7 @@ def test_every_declaration_is_complete_and_its_default_valid(decl: config.Declar
 @pytest.mark.parametrize("decl", DECLARATIONS, ids=lambda d: d.env)
 def test_every_declaration_has_a_command_line_flag(decl: config.Declaration) -> None:
     args = PARSER.parse_args(["check-config", decl.flag, "some-value"])
-    assert cli._flags(args) == {decl.env: "some-value"}
+    assert flags.setting_flags(args) == {decl.env: "some-value"}
 
 
 INT_RANGES = [d for d in DECLARATIONS if isinstance(d.info, msgspec.inspect.IntType) and d.info.le is not None]
@@ -110,7 +115,7 @@ def test_markdown_table_has_one_well_formed_row_per_declaration() -> None:
 
 
 def test_precedence_is_default_then_env_then_toml_then_flags(tmp_path: Path) -> None:
-    path = write_toml(tmp_path, "[worker]\nconcurrency = 7\ntimeout = 2000\n\n[log]\nlevel = \"error\"\n")
+    path = write_toml(tmp_path, '[worker]\nconcurrency = 7\ntimeout = 2000\n\n[log]\nlevel = "error"\n')
     environ = {"WORKER_CONCURRENCY": "6", "WORKER_TIMEOUT": "1500", "WORKER_TIMEOUT_GRACE": "5", "LOG_LEVEL": "debug"}
     flags = {"WORKER_CONCURRENCY": "8", "LOG_FORMAT": "text"}
 
@@ -129,13 +134,16 @@ def test_precedence_is_default_then_env_then_toml_then_flags(tmp_path: Path) -> 
 
 
 def test_toml_values_of_every_shape(tmp_path: Path) -> None:
-    path = write_toml(tmp_path, (
-        "[worker]\nid = \"gpu-1\"\npools = {llm-chat = 3, llm-embeddings = 0}\n"
-        "[models]\nallowed = [\"llama3.2\", \"mistral:7b\"]\n"
-        "[http]\nmin_ready_workers = 0.25\n"
-        "[log]\nprompts = true\nlevel = \"DEBUG\"\n"
-        "[queue]\nmax_attempts = \"4\"\n"
-    ))
+    path = write_toml(
+        tmp_path,
+        (
+            '[worker]\nid = "gpu-1"\npools = {llm-chat = 3, llm-embeddings = 0}\n'
+            '[models]\nallowed = ["llama3.2", "mistral:7b"]\n'
+            "[http]\nmin_ready_workers = 0.25\n"
+            '[log]\nprompts = true\nlevel = "DEBUG"\n'
+            '[queue]\nmax_attempts = "4"\n'
+        ),
+    )
     s = config.load({}, str(path)).settings
     assert s.worker.id == "gpu-1"
     assert s.worker.pools == {"llm-chat": 3, "llm-embeddings": 0}
@@ -144,8 +152,14 @@ def test_toml_values_of_every_shape(tmp_path: Path) -> None:
 
 
 def test_a_value_from_env_is_parsed_from_text() -> None:
-    s = load(WORKER_CONCURRENCY=" 12 ", READY_MIN_WORKERS="0.75", LOG_LEVEL="WARNING", LOG_PROMPTS="Yes",
-             ALLOWED_MODELS=" llama3.2 , mistral:7b,, hf.co/u/r:Q4 ", QUEUE_BACKOFF_TYPE="Fixed")
+    s = load(
+        WORKER_CONCURRENCY=" 12 ",
+        READY_MIN_WORKERS="0.75",
+        LOG_LEVEL="WARNING",
+        LOG_PROMPTS="Yes",
+        ALLOWED_MODELS=" llama3.2 , mistral:7b,, hf.co/u/r:Q4 ",
+        QUEUE_BACKOFF_TYPE="Fixed",
+    )
     assert s.worker.concurrency == 12
     assert s.http.min_ready_workers == 0.75
     assert (s.log.level, s.log.prompts, s.queue.backoff) == ("warning", True, "fixed")
@@ -153,10 +167,13 @@ def test_a_value_from_env_is_parsed_from_text() -> None:
     assert load(ALLOWED_MODELS="").models.allowed == []
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    *[(word, True) for word in ("yes", "on", "1", "true", "YES", "On", "TRUE", " true ")],
-    *[(word, False) for word in ("no", "off", "0", "false", "NO", "Off", "FALSE", "")],
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        *[(word, True) for word in ("yes", "on", "1", "true", "YES", "On", "TRUE", " true ")],
+        *[(word, False) for word in ("no", "off", "0", "false", "NO", "Off", "FALSE", "")],
+    ],
+)
 def test_boolean_words(text: str, expected: bool) -> None:
     assert load(LOG_PROMPTS=text).log.prompts is expected
 
@@ -227,14 +244,17 @@ def test_a_bad_toml_value_names_the_key_and_the_file(tmp_path: Path) -> None:
     assert str(error) == f"worker.concurrency in {path}='0': expected an integer from 1 to 256"
 
 
-@pytest.mark.parametrize(("toml", "allowed"), [
-    ("[worker]\nconcurrency = true\n", "an integer from 1 to 256"),
-    ("[worker]\nconcurrency = [1]\n", "an integer from 1 to 256"),
-    ("[worker]\nid = 5\n", "text matching"),
-    ("[models]\nallowed = [\"llama3.2\", 3]\n", "a comma-separated list"),
-    ("[worker]\npools = {llm-chat = 300}\n", "each count from 0 to 256"),
-    ("[log]\nlevel = \"loud\"\n", "one of debug, error, info"),
-])
+@pytest.mark.parametrize(
+    ("toml", "allowed"),
+    [
+        ("[worker]\nconcurrency = true\n", "an integer from 1 to 256"),
+        ("[worker]\nconcurrency = [1]\n", "an integer from 1 to 256"),
+        ("[worker]\nid = 5\n", "text matching"),
+        ('[models]\nallowed = ["llama3.2", 3]\n', "a comma-separated list"),
+        ("[worker]\npools = {llm-chat = 300}\n", "each count from 0 to 256"),
+        ('[log]\nlevel = "loud"\n', "one of debug, error, info"),
+    ],
+)
 def test_a_toml_value_of_the_wrong_type_is_refused(tmp_path: Path, toml: str, allowed: str) -> None:
     path = write_toml(tmp_path, toml)
     error = refused({}, path)
@@ -280,25 +300,58 @@ def test_a_toml_section_that_is_not_a_table_is_refused(tmp_path: Path) -> None:
 # ---- rules across settings ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("environ", "source", "value", "allowed"), [
-    ({"DEAD_LETTER_QUEUE_NAME": "llm-chat"}, "DEAD_LETTER_QUEUE_NAME", "llm-chat", "a list other than the job queues"),
-    ({"QUEUE_PRIORITY_NAME": "llm-dead-letter"}, "DEAD_LETTER_QUEUE_NAME", "llm-dead-letter", "a list other than the job queues"),
-    ({"QUEUE_EMBEDDINGS_NAME": "llm-chat"}, "QUEUE_CHAT_NAME", "llm-chat,llm-chat,llm-batch,llm-priority", "four different queue names"),
-    ({"WORKER_POOLS": "llm-chat=2,llm-dead-letter=1"}, "WORKER_POOLS", {"llm-chat": 2, "llm-dead-letter": 1}, "pools that do not serve the dead-letter list"),
-    ({"WORKER_POOLS": "llm-chat=0,llm-embeddings=0"}, "WORKER_POOLS", {"llm-chat": 0, "llm-embeddings": 0}, "at least one worker in all"),
-    ({"WORKER_POOLS": "a=256,b=256,c=256,d=256,e=1"}, "WORKER_POOLS", 1025, "at most 1024 workers per host"),
-    ({"QUEUE_DELAY": "5000", "QUEUE_MAX_DELAY": "1000"}, "QUEUE_MAX_DELAY", 1000, "at least QUEUE_DELAY (5000)"),
-    ({"QUEUE_DELAY": "400000"}, "QUEUE_MAX_DELAY", 300_000, "at least QUEUE_DELAY (400000)"),
-    ({"REDIS_URL": "http://cache:6379/0"}, "REDIS_URL", "http://cache:6379/0", "a redis://, rediss:// or unix:// URL"),
-    ({"REDIS_URL": "cache:6379"}, "REDIS_URL", "cache:6379", "a redis://, rediss:// or unix:// URL"),
-])
+@pytest.mark.parametrize(
+    ("environ", "source", "value", "allowed"),
+    [
+        (
+            {"DEAD_LETTER_QUEUE_NAME": "llm-chat"},
+            "DEAD_LETTER_QUEUE_NAME",
+            "llm-chat",
+            "a list other than the job queues",
+        ),
+        (
+            {"QUEUE_PRIORITY_NAME": "llm-dead-letter"},
+            "DEAD_LETTER_QUEUE_NAME",
+            "llm-dead-letter",
+            "a list other than the job queues",
+        ),
+        (
+            {"QUEUE_EMBEDDINGS_NAME": "llm-chat"},
+            "QUEUE_CHAT_NAME",
+            "llm-chat,llm-chat,llm-batch,llm-priority",
+            "four different queue names",
+        ),
+        (
+            {"WORKER_POOLS": "llm-chat=2,llm-dead-letter=1"},
+            "WORKER_POOLS",
+            {"llm-chat": 2, "llm-dead-letter": 1},
+            "pools that do not serve the dead-letter list",
+        ),
+        (
+            {"WORKER_POOLS": "llm-chat=0,llm-embeddings=0"},
+            "WORKER_POOLS",
+            {"llm-chat": 0, "llm-embeddings": 0},
+            "at least one worker in all",
+        ),
+        ({"WORKER_POOLS": "a=256,b=256,c=256,d=256,e=1"}, "WORKER_POOLS", 1025, "at most 1024 workers per host"),
+        ({"QUEUE_DELAY": "5000", "QUEUE_MAX_DELAY": "1000"}, "QUEUE_MAX_DELAY", 1000, "at least QUEUE_DELAY (5000)"),
+        ({"QUEUE_DELAY": "400000"}, "QUEUE_MAX_DELAY", 300_000, "at least QUEUE_DELAY (400000)"),
+        (
+            {"REDIS_URL": "http://cache:6379/0"},
+            "REDIS_URL",
+            "http://cache:6379/0",
+            "a redis://, rediss:// or unix:// URL",
+        ),
+        ({"REDIS_URL": "cache:6379"}, "REDIS_URL", "cache:6379", "a redis://, rediss:// or unix:// URL"),
+    ],
+)
 def test_rules_across_settings(environ: dict[str, str], source: str, value: Any, allowed: str) -> None:
     error = refused(environ)
     assert (error.source, error.value, error.allowed) == (source, value, allowed)
 
 
 def test_a_cross_field_error_names_where_the_value_came_from(tmp_path: Path) -> None:
-    path = write_toml(tmp_path, "[queue]\ndead_letter = \"llm-batch\"\n")
+    path = write_toml(tmp_path, '[queue]\ndead_letter = "llm-batch"\n')
     assert refused({}, path).source == f"queue.dead_letter in {path}"
     assert refused({}, flags={"QUEUE_MAX_DELAY": "10"}).source == "--queue-max-delay"
 
@@ -353,12 +406,19 @@ def test_effective_values_mask_every_secret() -> None:
 def test_unset_secrets_show_as_empty_and_secret_flags_are_declared() -> None:
     shown = dict((decl.env, value) for decl, value in config.effective(config.Settings()))
     assert shown["REDIS_PASSWORD"] == shown["ADMIN_TOKEN"] == shown["REDIS_URL"] == ""
-    assert {decl.env for decl in DECLARATIONS if decl.secret} == {"REDIS_URL", "REDIS_PASSWORD", "ADMIN_TOKEN", "OPENAI_API_KEY",
-                                                                     "REDIS_SENTINEL_PASSWORD"}
+    assert {decl.env for decl in DECLARATIONS if decl.secret} == {
+        "REDIS_URL",
+        "REDIS_PASSWORD",
+        "ADMIN_TOKEN",
+        "OPENAI_API_KEY",
+        "REDIS_SENTINEL_PASSWORD",
+    }
 
 
-@pytest.mark.parametrize(("name", "toml"), [("REDIS_PASSWORD", '["s3cr3t"]'), ("ADMIN_TOKEN", "123456789"),
-                                            ("OPENAI_API_KEY", '{ k = "s3cr3t" }')])
+@pytest.mark.parametrize(
+    ("name", "toml"),
+    [("REDIS_PASSWORD", '["s3cr3t"]'), ("ADMIN_TOKEN", "123456789"), ("OPENAI_API_KEY", '{ k = "s3cr3t" }')],
+)
 def test_a_secret_of_the_wrong_shape_is_refused_without_echoing_it(tmp_path: Path, name: str, toml: str) -> None:
     decl = next(d for d in DECLARATIONS if d.env == name)
     path = write_toml(tmp_path, f"[{decl.section}]\n{decl.name} = {toml}\n")
@@ -388,11 +448,20 @@ def test_credentials_in_a_provider_url_are_refused_not_dropped(name: str) -> Non
 # ---- the command line, as a user runs it ------------------------------------------------------
 
 
-def llm_worker(tmp_path: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+def llm_worker(
+    tmp_path: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
     """Run `llm-worker ARGS` with only the given environment; kill its whole group if it hangs."""
     environ = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path), "LANG": "C.UTF-8", **(env or {})}
-    proc = subprocess.Popen([sys.executable, "-m", "llm_worker.cli", *args], env=environ, cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llm_worker.cli", *args],
+        env=environ,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -425,16 +494,30 @@ def test_check_config_reads_a_toml_file(tmp_path: Path) -> None:
     assert f"(worker.concurrency in {path})" in done.stdout
 
 
-@pytest.mark.parametrize(("args", "env", "expected"), [
-    (["check-config"], {"WORKER_CONCURRENCY": "0"}, "WORKER_CONCURRENCY='0': expected an integer from 1 to 256"),
-    (["check-config"], {"LOG_LEVEL": "loud"}, "LOG_LEVEL='loud': expected one of debug, error, info, warn, warning"),
-    (["check-config", "--redis-port", "99999"], {}, "--redis-port='99999': expected an integer from 1 to 65535"),
-    (["check-config", "--config", "missing.toml"], {}, "--config='missing.toml': expected a readable TOML file"),
-    (["run"], {"WORKER_CONCURRENCY": "0"}, "WORKER_CONCURRENCY='0': expected an integer from 1 to 256"),
-    (["run", "--worker-concurrency", "0"], {}, "--worker-concurrency='0': expected an integer from 1 to 256"),
-    (["check-config"], {"DEAD_LETTER_QUEUE_NAME": "llm-chat"}, "DEAD_LETTER_QUEUE_NAME='llm-chat': expected a list other than the job queues"),
-], ids=["check-env", "check-literal", "check-flag", "check-file", "run-env", "run-flag", "check-rule"])
-def test_a_bad_setting_exits_2_with_a_message_and_no_traceback(tmp_path: Path, args: list[str], env: dict[str, str], expected: str) -> None:
+@pytest.mark.parametrize(
+    ("args", "env", "expected"),
+    [
+        (["check-config"], {"WORKER_CONCURRENCY": "0"}, "WORKER_CONCURRENCY='0': expected an integer from 1 to 256"),
+        (
+            ["check-config"],
+            {"LOG_LEVEL": "loud"},
+            "LOG_LEVEL='loud': expected one of debug, error, info, warn, warning",
+        ),
+        (["check-config", "--redis-port", "99999"], {}, "--redis-port='99999': expected an integer from 1 to 65535"),
+        (["check-config", "--config", "missing.toml"], {}, "--config='missing.toml': expected a readable TOML file"),
+        (["run"], {"WORKER_CONCURRENCY": "0"}, "WORKER_CONCURRENCY='0': expected an integer from 1 to 256"),
+        (["run", "--worker-concurrency", "0"], {}, "--worker-concurrency='0': expected an integer from 1 to 256"),
+        (
+            ["check-config"],
+            {"DEAD_LETTER_QUEUE_NAME": "llm-chat"},
+            "DEAD_LETTER_QUEUE_NAME='llm-chat': expected a list other than the job queues",
+        ),
+    ],
+    ids=["check-env", "check-literal", "check-flag", "check-file", "run-env", "run-flag", "check-rule"],
+)
+def test_a_bad_setting_exits_2_with_a_message_and_no_traceback(
+    tmp_path: Path, args: list[str], env: dict[str, str], expected: str
+) -> None:
     # REDIS_URL points nowhere, so a run that wrongly starts fails fast instead of finding a Redis.
     done = llm_worker(tmp_path, *args, env={"REDIS_URL": "redis://127.0.0.1:1/0", **env}, timeout=30)
     assert done.returncode == exitcodes.USAGE, done.stdout + done.stderr
@@ -459,20 +542,27 @@ def test_check_config_table_prints_the_markdown_table(tmp_path: Path) -> None:
 
 
 def test_load_options_take_booleans_and_integers_as_ollama_types_them() -> None:
-    s = config.load({"MODEL_LOAD_OPTIONS": "num_ctx=8192,use_mmap=false,num_gpu=-1",
-                     "EMBEDDING_LOAD_OPTIONS": "num_ctx=2048,num_batch=2048"}).settings
+    s = config.load(
+        {
+            "MODEL_LOAD_OPTIONS": "num_ctx=8192,use_mmap=false,num_gpu=-1",
+            "EMBEDDING_LOAD_OPTIONS": "num_ctx=2048,num_batch=2048",
+        }
+    ).settings
     assert s.models.load_options == {"num_ctx": 8192, "use_mmap": False, "num_gpu": -1}
     assert s.models.embedding_load_options == {"num_ctx": 2048, "num_batch": 2048}
 
 
-@pytest.mark.parametrize(("value", "said"), [
-    ("use_mmap=1", "use_mmap as true or false"),  # Ollama: option "use_mmap" must be of type boolean (500)
-    ("num_ctx=1.5", "num_ctx as an integer"),
-    ("num_ctx=true", "num_ctx as an integer"),
-    ("low_vram=true", "no low_vram"),  # no longer in api.Runner
-    ("numa=true", "no numa"),
-    ("temperature=0.5", "load-time options among"),  # not a load option: a job's to set
-])
+@pytest.mark.parametrize(
+    ("value", "said"),
+    [
+        ("use_mmap=1", "use_mmap as true or false"),  # Ollama: option "use_mmap" must be of type boolean (500)
+        ("num_ctx=1.5", "num_ctx as an integer"),
+        ("num_ctx=true", "num_ctx as an integer"),
+        ("low_vram=true", "no low_vram"),  # no longer in api.Runner
+        ("numa=true", "no numa"),
+        ("temperature=0.5", "load-time options among"),  # not a load option: a job's to set
+    ],
+)
 def test_a_load_option_of_the_wrong_type_or_gone_from_ollama_stops_start_up(value: str, said: str) -> None:
     with pytest.raises(SettingError) as caught:
         config.load({"MODEL_LOAD_OPTIONS": value})

@@ -10,9 +10,9 @@ from datetime import datetime
 import msgspec
 import psutil
 import redis
-
-from llm_worker.simulator import Simulator
 from support import assert_each_answered_once, chat, client_for, events, eventually, held_by, nothing_held, wait_all
+
+from llm_worker.devtools.simulator import Simulator
 
 
 def _epoch(stamp: str) -> float:
@@ -45,7 +45,9 @@ def _dead(pid: int) -> bool:
         return True
 
 
-def test_sigkilled_busy_workers_lose_nothing_and_their_jobs_restart_within_a_second(service, sim: Simulator, redis_url: str, r: redis.Redis) -> None:
+def test_sigkilled_busy_workers_lose_nothing_and_their_jobs_restart_within_a_second(
+    service, sim: Simulator, redis_url: str, r: redis.Redis
+) -> None:
     # Given three chat workers busy with slow jobs and more jobs waiting
     sim.config.latency_ms = 400
     svc = service(WORKER_POOLS="llm-chat=3", JOB_MAX_CRASHES="5")
@@ -61,10 +63,12 @@ def test_sigkilled_busy_workers_lose_nothing_and_their_jobs_restart_within_a_sec
             os.kill(pid, signal.SIGKILL)
         # Then each job they held starts again on another worker within a second
         for job_id, before in starts_before.items():
+
             def restarted(job_id: str = job_id, before: int = before) -> float | None:
                 # Skip a start that raced the snapshot; timestamps are truncated to ms.
-                later = [t for t in _starts(r, job_id)[before:] if t >= killed_at - 0.001]
+                later = [t for t in _starts(r, job_id)[before:] if t >= killed_at - 0.001]  # noqa: B023 - this turn's
                 return later[0] if later else None
+
             restarts.append(eventually(restarted, timeout=5, what=f"restart of {job_id}") - killed_at)
     results = wait_all(client, ids, timeout=60)
     assert all(res["success"] for res in results.values())
@@ -74,12 +78,14 @@ def test_sigkilled_busy_workers_lose_nothing_and_their_jobs_restart_within_a_sec
     assert len(svc.worker_pids(r)) == 3  # the slots were respawned
 
 
-def test_a_worker_stopped_past_its_jobs_timeout_is_killed_and_its_job_recovered(service, sim: Simulator, redis_url: str, r: redis.Redis) -> None:
+def test_a_worker_stopped_past_its_jobs_timeout_is_killed_and_its_job_recovered(
+    service, sim: Simulator, redis_url: str, r: redis.Redis
+) -> None:
     sim.config.latency_ms = 300
     svc = service(WORKER_POOLS="llm-chat=2", WORKER_TIMEOUT_GRACE="500")
     client = client_for(redis_url)
     job_id = chat(client, timeout_ms=1500)
-    (pid, held), = _busy_workers(svc, r, 1).items()
+    ((pid, held),) = _busy_workers(svc, r, 1).items()
     assert held == job_id
     os.kill(pid, signal.SIGSTOP)
     try:
@@ -95,7 +101,9 @@ def test_a_worker_stopped_past_its_jobs_timeout_is_killed_and_its_job_recovered(
     assert_each_answered_once(r, [job_id])
 
 
-def test_a_job_that_kills_its_worker_every_time_is_dead_lettered_and_others_unaffected(service, redis_url: str, r: redis.Redis) -> None:
+def test_a_job_that_kills_its_worker_every_time_is_dead_lettered_and_others_unaffected(
+    service, redis_url: str, r: redis.Redis
+) -> None:
     service(WORKER_POOLS="llm-chat=2", LLM_WORKER_PLUGINS="testplugins", JOB_MAX_CRASHES="3")
     client = client_for(redis_url)
     poison = chat(client, model="crash-me", correlation_id="poison")
@@ -110,7 +118,9 @@ def test_a_job_that_kills_its_worker_every_time_is_dead_lettered_and_others_unaf
     assert_each_answered_once(r, [poison, *others])
 
 
-def test_a_second_host_recovers_the_jobs_of_a_host_that_died(service, sim: Simulator, redis_url: str, r: redis.Redis) -> None:
+def test_a_second_host_recovers_the_jobs_of_a_host_that_died(
+    service, sim: Simulator, redis_url: str, r: redis.Redis
+) -> None:
     # Given host A holding two slow jobs
     sim.config.latency_ms = 1500
     host_a = service(WORKER_ID="host-a", WORKER_POOLS="llm-chat=2", WORKER_HEARTBEAT_TIMEOUT="2000")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from llm_worker import config
+from llm_worker.settings import config
 
 ROOT = Path(__file__).parent.parent
 
@@ -17,10 +17,17 @@ def test_the_readme_settings_table_is_the_generated_one() -> None:
 
 def test_ci_runs_the_readmes_test_command() -> None:
     readme = (ROOT / "README.md").read_text()
-    commands = [line.split("#")[0].strip() for line in readme.split("```sh", 1)[1].split("```", 1)[0].splitlines() if line.strip()]
+    commands = [
+        line.split("#")[0].strip()
+        for line in readme.split("```sh", 1)[1].split("```", 1)[0].splitlines()
+        if line.strip()
+    ]
     assert commands == ["./scripts/demo", "./scripts/test"]
-    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()
-          if line.strip() and not line.startswith(("#", "set ", "cd ", "export "))]
+    ci = [
+        line.strip()
+        for line in (ROOT / ".ci" / "run").read_text().splitlines()
+        if line.strip() and not line.startswith(("#", "set ", "cd ", "export "))
+    ]
     assert ci == ["./scripts/test"]
 
 

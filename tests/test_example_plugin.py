@@ -24,33 +24,56 @@ from pathlib import Path
 
 import pytest
 import urllib3
-
-from llm_worker import config, hookspecs
-from llm_worker.harness import Service
-from llm_worker.pluginmanager import Found, PluginManager
-from llm_worker.simulator import Simulator
 from support import chat, client_for
+
+from llm_worker.devtools.harness import Service
+from llm_worker.devtools.simulator import Simulator
+from llm_worker.plugin import spec as hookspecs
+from llm_worker.plugin.manager import Found, PluginManager
+from llm_worker.settings import config
 
 ROOT = Path(__file__).parent.parent
 EXAMPLE = ROOT / "examples" / "llm-worker-statsd"
 GUIDE = ROOT / "docs" / "plugins.md"
 # What a build needs of a source tree, without what a checkout also holds.
-NOT_SOURCE = shutil.ignore_patterns(".git", ".venv", ".demo", ".bench", ".*_cache", ".hypothesis", "__pycache__",
-                                    "build", "dist", "*.egg-info", "tests", "examples")
+NOT_SOURCE = shutil.ignore_patterns(
+    ".git",
+    ".venv",
+    ".demo",
+    ".bench",
+    ".*_cache",
+    ".hypothesis",
+    "__pycache__",
+    "build",
+    "dist",
+    "*.egg-info",
+    "tests",
+    "examples",
+)
 # The environment of this run that must not reach the new one: our settings, our import path, our venv.
-OURS = {d.env for d in config.declarations()} | {"LLM_WORKER_PLUGINS", "LLM_WORKER_DISABLE_PLUGINS", "PYTHONPATH",
-                                                 "PYTHONHOME", "VIRTUAL_ENV", "PIP_NO_CACHE_DIR", "PIP_REQUIRE_VIRTUALENV"}
+OURS = {d.env for d in config.declarations()} | {
+    "LLM_WORKER_PLUGINS",
+    "LLM_WORKER_DISABLE_PLUGINS",
+    "PYTHONPATH",
+    "PYTHONHOME",
+    "VIRTUAL_ENV",
+    "PIP_NO_CACHE_DIR",
+    "PIP_REQUIRE_VIRTUALENV",
+}
 PREFIX = "ci"
 TOKEN = "example-plugin-token"
 
-needs_venv = pytest.mark.skipif(importlib.util.find_spec("venv") is None or importlib.util.find_spec("ensurepip") is None,
-                                reason="python -m venv is unavailable here (no venv or ensurepip module; Debian's python3-venv)")
+needs_venv = pytest.mark.skipif(
+    importlib.util.find_spec("venv") is None or importlib.util.find_spec("ensurepip") is None,
+    reason="python -m venv is unavailable here (no venv or ensurepip module; Debian's python3-venv)",
+)
 
 
 @pytest.mark.slow
 @needs_venv
 def test_the_statsd_example_installs_lists_and_sends_metrics_from_a_real_service(
-        tmp_path: Path, redis_url: str, sim: Simulator) -> None:
+    tmp_path: Path, redis_url: str, sim: Simulator
+) -> None:
     # Given: llm-worker and the example, pip-installed into a new virtual environment.
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True, timeout=120)
@@ -59,29 +82,59 @@ def test_the_statsd_example_installs_lists_and_sends_metrics_from_a_real_service
     env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
     shutil.copytree(ROOT, tmp_path / "llm-worker", ignore=NOT_SOURCE)
     shutil.copytree(EXAMPLE, tmp_path / "llm-worker-statsd", ignore=NOT_SOURCE)
-    pip = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet",
-                          str(tmp_path / "llm-worker"), str(tmp_path / "llm-worker-statsd")],
-                         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    pip = subprocess.run(
+        [
+            str(venv / "bin" / "python"),
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            str(tmp_path / "llm-worker"),
+            str(tmp_path / "llm-worker-statsd"),
+        ],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert pip.returncode == 0, pip.stdout + pip.stderr
 
     # Then: its `llm-worker plugins` finds the plugin by its entry point, with its distribution and hooks.
-    listed = subprocess.run([str(venv / "bin" / "llm-worker"), "plugins"], env=env, cwd=tmp_path,
-                            capture_output=True, text=True, timeout=60)
+    listed = subprocess.run(
+        [str(venv / "bin" / "llm-worker"), "plugins"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
     assert listed.returncode == 0, listed.stderr
     rows = listed.stdout.splitlines()
-    assert any(re.fullmatch(r"statsd\s+llm-worker-statsd 0\.1\.0\s+llm_worker_record, llm_worker_worker_started", row)
-               for row in rows), listed.stdout
-    assert any(re.match(r"ollama\s+llm-worker 0\.1\.0\s", row) for row in rows), listed.stdout  # installed, not our tree
+    assert any(
+        re.fullmatch(r"statsd\s+llm-worker-statsd 0\.1\.0\s+llm_worker_record, llm_worker_worker_started", row)
+        for row in rows
+    ), listed.stdout
+    assert any(re.match(r"ollama\s+llm-worker 0\.1\.0\s", row) for row in rows), (
+        listed.stdout
+    )  # installed, not our tree
 
     # When: its `llm-worker run` serves a chat job with STATSD_PORT at a socket of ours.
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as statsd:
         statsd.bind(("127.0.0.1", 0))
         # That environment's own `llm-worker`, with none of our settings, import path or venv.
-        service = Service({
-            "REDIS_URL": redis_url, "OLLAMA_BASE_URL": sim.url, "WORKER_ID": f"t{uuid.uuid4().hex[:8]}",
-            "WORKER_POOLS": "llm-chat=1", "ADMIN_TOKEN": TOKEN, "LOG_LEVEL": "info",
-            "STATSD_HOST": "127.0.0.1", "STATSD_PORT": str(statsd.getsockname()[1]), "STATSD_PREFIX": PREFIX,
-        }, log_path=tmp_path / "service.log", command=[str(venv / "bin" / "llm-worker")], base_env=env, cwd=tmp_path)
+        service = Service(
+            {
+                "REDIS_URL": redis_url,
+                "OLLAMA_BASE_URL": sim.url,
+                "WORKER_ID": f"t{uuid.uuid4().hex[:8]}",
+                "WORKER_POOLS": "llm-chat=1",
+                "ADMIN_TOKEN": TOKEN,
+                "LOG_LEVEL": "info",
+                "STATSD_HOST": "127.0.0.1",
+                "STATSD_PORT": str(statsd.getsockname()[1]),
+                "STATSD_PREFIX": PREFIX,
+            },
+            log_path=tmp_path / "service.log",
+            command=[str(venv / "bin" / "llm-worker")],
+            base_env=env,
+            cwd=tmp_path,
+        )
         try:
             service.start(timeout=60)
             client = client_for(redis_url)
@@ -98,11 +151,15 @@ def test_the_statsd_example_installs_lists_and_sends_metrics_from_a_real_service
             assert float(ms.group(1)) >= result["processingTime"] - 1  # milliseconds, take to outcome
 
             # And: the HTTP process's sink sends breaker events (an operator forcing one open).
-            forced = urllib3.request("POST", service.url + "/admin/breakers/force-open?key=ollama:llama3.2",
-                                     headers={"Authorization": f"Bearer {TOKEN}"})
+            forced = urllib3.request(
+                "POST",
+                service.url + "/admin/breakers/force-open?key=ollama:llama3.2",
+                headers={"Authorization": f"Bearer {TOKEN}"},
+            )
             assert forced.status == 200, forced.data
             assert datagram_with(statsd, f"{PREFIX}.breaker.opened:1|c|#model:llama3.2") == [
-                f"{PREFIX}.breaker.opened:1|c|#model:llama3.2"]
+                f"{PREFIX}.breaker.opened:1|c|#model:llama3.2"
+            ]
         except BaseException:
             print(f"---- service log (last lines) ----\n{service.tail(60)}")
             raise

@@ -9,9 +9,9 @@ from pathlib import Path
 import msgspec
 import redis
 import urllib3
-
-from llm_worker.simulator import Fault, Simulator
 from support import assert_each_answered_once, chat, client_for, events, eventually, wait_all
+
+from llm_worker.devtools.simulator import Fault, Simulator
 
 TOKEN = {"ADMIN_TOKEN": "t0ken"}
 AUTH = {"Authorization": "Bearer t0ken"}
@@ -27,13 +27,20 @@ def breakers(svc) -> list[dict]:  # type: ignore[no-untyped-def]
 
 
 def test_a_model_failing_every_call_trips_its_breaker_and_every_job_is_answered_by_the_fallback(
-        service, sim: Simulator, redis_url: str, r: redis.Redis) -> None:
+    service, sim: Simulator, redis_url: str, r: redis.Redis
+) -> None:
     # Given llama3.2 failing every call, and mistral to fall back to
     pull(sim, "mistral")
     sim.set_faults([Fault(status=500, message="error reading llama-server response: unexpected EOF", model="llama3.2")])
-    svc = service(WORKER_POOLS="llm-chat=2", FALLBACK_MODELS="mistral", CIRCUIT_BREAKER_THRESHOLD="3",
-                  CIRCUIT_BREAKER_RESET_TIMEOUT="600000", CIRCUIT_BREAKER_MAX_RESET_TIMEOUT="600000",
-                  OLLAMA_MAX_RETRIES="0", **TOKEN)
+    svc = service(
+        WORKER_POOLS="llm-chat=2",
+        FALLBACK_MODELS="mistral",
+        CIRCUIT_BREAKER_THRESHOLD="3",
+        CIRCUIT_BREAKER_RESET_TIMEOUT="600000",
+        CIRCUIT_BREAKER_MAX_RESET_TIMEOUT="600000",
+        OLLAMA_MAX_RETRIES="0",
+        **TOKEN,
+    )
     client = client_for(redis_url)
     ids = [chat(client, f"question {n}", model="llama3.2") for n in range(12)]
     # Then every job is answered, by mistral, and says so
@@ -53,11 +60,19 @@ def test_a_model_failing_every_call_trips_its_breaker_and_every_job_is_answered_
 
 
 def test_with_every_breaker_open_jobs_wait_and_complete_once_the_provider_recovers(
-        service, sim: Simulator, redis_url: str, r: redis.Redis) -> None:
+    service, sim: Simulator, redis_url: str, r: redis.Redis
+) -> None:
     # Given a provider that answers nothing but 503s, and no fallback model
     sim.set_faults([Fault(status=503, reason="busy")])
-    service(WORKER_POOLS="llm-chat=2", CIRCUIT_BREAKER_THRESHOLD="2", CIRCUIT_BREAKER_RESET_TIMEOUT="1000",
-            CIRCUIT_BREAKER_MAX_RESET_TIMEOUT="2000", OLLAMA_MAX_RETRIES="0", QUEUE_DELAY="100", QUEUE_MAX_ATTEMPTS="3")
+    service(
+        WORKER_POOLS="llm-chat=2",
+        CIRCUIT_BREAKER_THRESHOLD="2",
+        CIRCUIT_BREAKER_RESET_TIMEOUT="1000",
+        CIRCUIT_BREAKER_MAX_RESET_TIMEOUT="2000",
+        OLLAMA_MAX_RETRIES="0",
+        QUEUE_DELAY="100",
+        QUEUE_MAX_ATTEMPTS="3",
+    )
     client = client_for(redis_url)
     ids = [chat(client, f"during the outage {n}") for n in range(8)]
     eventually(lambda: events(r, "llm.breaker.opened"), timeout=30, what="the breaker open")
@@ -74,11 +89,19 @@ def test_with_every_breaker_open_jobs_wait_and_complete_once_the_provider_recove
 
 
 def test_a_job_whose_probes_keep_failing_spends_attempts_after_two_free_probes(
-        service, sim: Simulator, redis_url: str, r: redis.Redis) -> None:
+    service, sim: Simulator, redis_url: str, r: redis.Redis
+) -> None:
     # Given a model that fails every call, and a breaker that opens on the first failure
     sim.set_faults([Fault(status=503, reason="busy")])
-    service(WORKER_POOLS="llm-chat=1", CIRCUIT_BREAKER_THRESHOLD="1", CIRCUIT_BREAKER_RESET_TIMEOUT="200",
-            CIRCUIT_BREAKER_MAX_RESET_TIMEOUT="400", OLLAMA_MAX_RETRIES="0", QUEUE_DELAY="50", QUEUE_MAX_ATTEMPTS="3")
+    service(
+        WORKER_POOLS="llm-chat=1",
+        CIRCUIT_BREAKER_THRESHOLD="1",
+        CIRCUIT_BREAKER_RESET_TIMEOUT="200",
+        CIRCUIT_BREAKER_MAX_RESET_TIMEOUT="400",
+        OLLAMA_MAX_RETRIES="0",
+        QUEUE_DELAY="50",
+        QUEUE_MAX_ATTEMPTS="3",
+    )
     client = client_for(redis_url)
     # When one job keeps being the half-open breaker's probe
     job = chat(client, "a probe that never succeeds")
@@ -115,7 +138,9 @@ def test_a_timeout_is_tried_once_more_with_reduced_parameters(service, sim: Simu
     assert sim.stats().loads["llama3.2:latest"] == 1
     sim.set_faults([Fault(kind="hang", count=1, model="llama3.2")])
     request = {"messages": [{"role": "user", "content": "long answer"}], "options": {"num_predict": 10}}
-    (result,) = wait_all(client, [client.submit("chat", request, model="llama3.2", timeout_ms=20_000)], timeout=30).values()
+    (result,) = wait_all(
+        client, [client.submit("chat", request, model="llama3.2", timeout_ms=20_000)], timeout=30
+    ).values()
     assert result["success"] and result["fallbackUsed"] and result["retryCount"] == 1
     assert result["model"] == "llama3.2"
     # The reduced call really went out: half the tokens, and no reload (load-time options untouched).
@@ -135,18 +160,32 @@ def test_out_of_memory_unloads_idle_models_then_tries_again(service, sim: Simula
 
 
 def test_blocked_patterns_refuse_a_prompt_naming_the_pattern_and_long_answers_are_cut(service, redis_url: str) -> None:
-    service(WORKER_POOLS="llm-chat=1", ENABLE_CONTENT_FILTERING="true", BLOCKED_PATTERNS='["(?i)credit card", "ssn: \\\\d+"]',
-            MAX_RESPONSE_LENGTH="10")
+    service(
+        WORKER_POOLS="llm-chat=1",
+        ENABLE_CONTENT_FILTERING="true",
+        BLOCKED_PATTERNS='["(?i)credit card", "ssn: \\\\d+"]',
+        MAX_RESPONSE_LENGTH="10",
+    )
     client = client_for(redis_url)
-    refused, cut = wait_all(client, [chat(client, "my CREDIT CARD is 4111"), chat(client, "tell me a long story")]).values()
+    refused, cut = wait_all(
+        client, [chat(client, "my CREDIT CARD is 4111"), chat(client, "tell me a long story")]
+    ).values()
     assert refused["errorType"] == "validation" and "'(?i)credit card'" in refused["error"]
     assert "4111" not in refused["error"]
-    assert cut["success"] and len(cut["response"]["message"]["content"]) == 10 and cut["response"]["doneReason"] == "length"
+    assert (
+        cut["success"]
+        and len(cut["response"]["message"]["content"]) == 10
+        and cut["response"]["doneReason"] == "length"
+    )
 
 
 def test_disabled_plugins_do_not_run(service, redis_url: str) -> None:
-    service(WORKER_POOLS="llm-chat=1", ENABLE_CONTENT_FILTERING="true", BLOCKED_PATTERNS="blocked",
-            LLM_WORKER_DISABLE_PLUGINS="content")
+    service(
+        WORKER_POOLS="llm-chat=1",
+        ENABLE_CONTENT_FILTERING="true",
+        BLOCKED_PATTERNS="blocked",
+        LLM_WORKER_DISABLE_PLUGINS="content",
+    )
     client = client_for(redis_url)
     (result,) = wait_all(client, [chat(client, "blocked words")]).values()
     assert result["success"]
@@ -158,18 +197,31 @@ def test_the_audit_log_has_a_line_per_outcome_and_no_prompt_text(service, redis_
     client = client_for(redis_url)
     ids = [chat(client, f"private words {n}") for n in range(6)] + [chat(client, model="no-such-model")]
     wait_all(client, ids)
-    lines = eventually(lambda: (lambda ls: ls if len(ls) == 7 else None)(audit.read_text().splitlines() if audit.exists() else []),
-                       what="seven audit lines")
+    lines = eventually(
+        lambda: (lambda ls: ls if len(ls) == 7 else None)(audit.read_text().splitlines() if audit.exists() else []),
+        what="seven audit lines",
+    )
     entries = [msgspec.json.decode(line) for line in lines]
     assert {e["jobId"] for e in entries} == set(ids)
     assert sum(e["success"] for e in entries) == 6 and {e["action"] for e in entries} == {"completed", "failed"}
     for e in entries:
-        assert {"timestamp", "workerId", "userId", "model", "processingTime", "tokensUsed", "error", "memoryBytes",
-                "cpuSeconds"} <= set(e) and e["memoryBytes"] > 0
+        assert {
+            "timestamp",
+            "workerId",
+            "userId",
+            "model",
+            "processingTime",
+            "tokensUsed",
+            "error",
+            "memoryBytes",
+            "cpuSeconds",
+        } <= set(e) and e["memoryBytes"] > 0
     assert "private words" not in audit.read_text()
 
 
-def test_operators_force_reset_and_list_breakers_by_token(service, sim: Simulator, redis_url: str, r: redis.Redis) -> None:
+def test_operators_force_reset_and_list_breakers_by_token(
+    service, sim: Simulator, redis_url: str, r: redis.Redis
+) -> None:
     pull(sim, "mistral")
     svc = service(WORKER_POOLS="llm-chat=1", FALLBACK_MODELS="mistral", **TOKEN)
     key = "ollama:llama3.2"
@@ -180,7 +232,9 @@ def test_operators_force_reset_and_list_breakers_by_token(service, sim: Simulato
     (result,) = wait_all(client, [chat(client)]).values()
     assert result["model"] == "mistral" and result["fallbackUsed"]  # the forced breaker is honoured
     # Forced state survives a worker's death: a new worker sees it.
-    import os, signal  # noqa: E401
+    import os  # noqa: E401
+    import signal
+
     (pid,) = svc.worker_pids(r)
     os.kill(pid, signal.SIGKILL)
     eventually(lambda: svc.worker_pids(r) and svc.worker_pids(r) != [pid], what="a new worker")
@@ -197,6 +251,13 @@ def test_operators_force_reset_and_list_breakers_by_token(service, sim: Simulato
 
 def test_a_misspelled_hook_stops_start_up_naming_it(tmp_path: Path, redis_url: str) -> None:
     tests = Path(__file__).parent
-    env = {"PATH": "/usr/bin:/bin", "REDIS_URL": redis_url, "LLM_WORKER_PLUGINS": "testplugins_typo", "PYTHONPATH": str(tests)}
-    proc = subprocess.run([sys.executable, "-m", "llm_worker.cli", "run"], env=env, capture_output=True, text=True, timeout=60)
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "REDIS_URL": redis_url,
+        "LLM_WORKER_PLUGINS": "testplugins_typo",
+        "PYTHONPATH": str(tests),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "llm_worker.cli", "run"], env=env, capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 2 and "llm_worker_recrod" in proc.stderr and "Traceback" not in proc.stderr

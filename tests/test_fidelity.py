@@ -12,23 +12,28 @@ from collections.abc import Iterator
 
 import pytest
 import urllib3
+from support import chat, client_for, events, eventually, wait_all
 
-from llm_worker.config import load
-from llm_worker.models import ModelManager
-from llm_worker.shm import SharedState
-from llm_worker.simulator import Fault, Simulator, SimulatorConfig
-from support import chat, client_for, eventually, events, wait_all
+from llm_worker.devtools.simulator import Fault, Simulator, SimulatorConfig
+from llm_worker.host.shm import SharedState
+from llm_worker.models.manager import ModelManager
+from llm_worker.settings.config import load
 
 SLOW_LOAD_MS = 4000
-FAST = {"MODEL_MANAGER_INTERVAL": "200", "QUEUE_DELAY": "200", "MODEL_UNLOAD_TIMEOUT": "0",
-        "WORKER_POOLS": "llm-chat=2,llm-embeddings=1"}
+FAST = {
+    "MODEL_MANAGER_INTERVAL": "200",
+    "QUEUE_DELAY": "200",
+    "MODEL_UNLOAD_TIMEOUT": "0",
+    "WORKER_POOLS": "llm-chat=2,llm-embeddings=1",
+}
 
 
 @pytest.fixture
 def sim() -> Iterator[Simulator]:
     """Ollama with a model that takes 4 s to load, one that rambles on, and a broken one."""
-    config = SimulatorConfig(port=0, models=["llama3.2", "slowpoke", "broken", "nomic-embed-text"],
-                             model_load_ms={"slowpoke": SLOW_LOAD_MS})
+    config = SimulatorConfig(
+        port=0, models=["llama3.2", "slowpoke", "broken", "nomic-embed-text"], model_load_ms={"slowpoke": SLOW_LOAD_MS}
+    )
     with Simulator(config) as simulator:
         yield simulator
 
@@ -44,8 +49,9 @@ def opened_breakers(r) -> list[dict]:  # type: ignore[no-untyped-def]
 # ---- 1. a load belongs to the host ----------------------------------------------------
 
 
-def test_a_slow_load_is_loaded_once_for_every_job_and_never_trips_the_breaker(service, sim: Simulator, redis_url: str,
-                                                                                r) -> None:
+def test_a_slow_load_is_loaded_once_for_every_job_and_never_trips_the_breaker(
+    service, sim: Simulator, redis_url: str, r
+) -> None:
     # Given: a model that takes 4 s to load and a breaker that opens after two failures.
     svc = service(CIRCUIT_BREAKER_THRESHOLD="2", QUEUE_MAX_ATTEMPTS="8", **FAST)
     client = client_for(redis_url)
@@ -71,8 +77,9 @@ def test_a_slow_load_is_loaded_once_for_every_job_and_never_trips_the_breaker(se
     assert sim.stats().loads.get("slowpoke:latest") == 1
 
 
-def test_a_job_whose_model_is_missing_fails_as_a_model_error_without_waiting(service, sim: Simulator,
-                                                                           redis_url: str) -> None:
+def test_a_job_whose_model_is_missing_fails_as_a_model_error_without_waiting(
+    service, sim: Simulator, redis_url: str
+) -> None:
     service(**FAST)
     client = client_for(redis_url)
     (result,) = wait_all(client, [chat(client, model="nowhere", max_retries=0)], timeout=30).values()
@@ -113,17 +120,30 @@ def test_a_too_slow_answer_becomes_a_shorter_one_within_the_jobs_time_by_default
     assert result["completionTokens"] == 256 and result["response"]["doneReason"] == "length"
 
 
-
 # ---- 4. a runner that crashes every time ---------------------------------------------------
 
 
-def test_a_runner_that_crashes_every_time_opens_its_breaker_and_is_then_left_alone(service, sim: Simulator,
-                                                                                  redis_url: str, r) -> None:
+def test_a_runner_that_crashes_every_time_opens_its_breaker_and_is_then_left_alone(
+    service, sim: Simulator, redis_url: str, r
+) -> None:
     # Given: a model whose runner dies on every call (Ollama v0.30+ wording), and a breaker of three.
-    sim.set_faults([Fault(status=500, message="llama-server process has terminated: exit status 2", model="broken",
-                          endpoints=("chat",))])
-    service(CIRCUIT_BREAKER_THRESHOLD="3", CIRCUIT_BREAKER_RESET_TIMEOUT="600000",
-            CIRCUIT_BREAKER_MAX_RESET_TIMEOUT="600000", OLLAMA_MAX_RETRIES="0", **FAST)
+    sim.set_faults(
+        [
+            Fault(
+                status=500,
+                message="llama-server process has terminated: exit status 2",
+                model="broken",
+                endpoints=("chat",),
+            )
+        ]
+    )
+    service(
+        CIRCUIT_BREAKER_THRESHOLD="3",
+        CIRCUIT_BREAKER_RESET_TIMEOUT="600000",
+        CIRCUIT_BREAKER_MAX_RESET_TIMEOUT="600000",
+        OLLAMA_MAX_RETRIES="0",
+        **FAST,
+    )
     client = client_for(redis_url)
     # When: thirty jobs ask for it.
     ids = [chat(client, f"q{n}", model="broken", max_retries=1) for n in range(30)]
@@ -142,14 +162,17 @@ def test_a_runner_that_crashes_every_time_opens_its_breaker_and_is_then_left_alo
 # ---- 5. per-model slots ----------------------------------------------------------------------
 
 
-def test_no_call_waits_inside_ollama_for_its_models_slot_while_another_model_goes_ahead(service, redis_url: str) -> None:
+def test_no_call_waits_inside_ollama_for_its_models_slot_while_another_model_goes_ahead(
+    service, redis_url: str
+) -> None:
     # Given: Ollama with one slot per model (its default OLLAMA_NUM_PARALLEL), answers taking 0.3 s.
     with Simulator(SimulatorConfig(port=0, models=["llama3.2", "qwen2.5"], latency_ms=300)) as ollama:
         service(OLLAMA_BASE_URL=ollama.url, **{**FAST, "WORKER_POOLS": "llm-chat=4"})
         client = client_for(redis_url)
         # When: four jobs for one model and two for another come at once, with room for ten calls on the host.
-        ids = [chat(client, f"a{n}", model="llama3.2") for n in range(4)] + [chat(client, f"b{n}", model="qwen2.5")
-                                                                             for n in range(2)]
+        ids = [chat(client, f"a{n}", model="llama3.2") for n in range(4)] + [
+            chat(client, f"b{n}", model="qwen2.5") for n in range(2)
+        ]
         results = wait_all(client, ids, timeout=30)
         stats = ollama.stats()
     # Then: every job answered, no request ever waited inside Ollama for a slot (the host held them),
@@ -163,16 +186,18 @@ def test_no_call_waits_inside_ollama_for_its_models_slot_while_another_model_goe
 # ---- 8. answers without their end ---------------------------------------------------------------
 
 
-def test_an_answer_without_its_done_line_is_retried_then_answered_as_incomplete(service, sim: Simulator,
-                                                                              redis_url: str, r) -> None:
+def test_an_answer_without_its_done_line_is_retried_then_answered_as_incomplete(
+    service, sim: Simulator, redis_url: str, r
+) -> None:
     # Given: Ollama ending every answer of llama3.2 without its done line (its repeated-token abort).
     sim.set_faults([Fault(kind="abort", model="llama3.2", after_chunks=3)])
     service(CIRCUIT_BREAKER_THRESHOLD="1", **FAST)
     client = client_for(redis_url)
     # When: a job with two attempts asks, once whole and once streamed.
     whole = chat(client, "tell me", model="llama3.2", max_retries=1)
-    streamed = client.submit("chat", {"messages": [{"role": "user", "content": "tell me"}], "stream": True},
-                             model="llama3.2", max_retries=1)
+    streamed = client.submit(
+        "chat", {"messages": [{"role": "user", "content": "tell me"}], "stream": True}, model="llama3.2", max_retries=1
+    )
     results = wait_all(client, [whole, streamed], timeout=30)
     # Then: never a silent success: tried again, and on its last attempt answered as the part it is.
     assert results[whole]["success"] and results[whole]["response"]["doneReason"] == "incomplete"
@@ -192,8 +217,9 @@ def test_a_thinking_models_reasoning_is_kept_apart_in_results_and_streams(servic
     with Simulator(SimulatorConfig(port=0, models=["qwen3", "llama3.2"])) as ollama:
         service(OLLAMA_BASE_URL=ollama.url, **FAST)
         client = client_for(redis_url)
-        chat_id = client.submit("chat", {"messages": [{"role": "user", "content": "why"}], "think": "high",
-                                         "stream": True}, model="qwen3")
+        chat_id = client.submit(
+            "chat", {"messages": [{"role": "user", "content": "why"}], "think": "high", "stream": True}, model="qwen3"
+        )
         generate_id = client.submit("generate", {"prompt": "why"}, model="qwen3")
         results = wait_all(client, [chat_id, generate_id], timeout=30)
     message = results[chat_id]["response"]["message"]

@@ -27,23 +27,30 @@ from typing import Any
 
 import msgspec
 import pytest
-from hypothesis import HealthCheck, example, given, settings, strategies as st
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
-from llm_worker import config, jobs
-from llm_worker.breaker import BreakerOpen
-from llm_worker.cache import ResponseCache
-from llm_worker.jobs import Answer, Decoded, ErrorKind, Invalid, JobError, Malformed, RequestRejected
-from llm_worker.pluginmanager import PluginManager
+from llm_worker.host.breaker import BreakerOpen
+from llm_worker.plugin.manager import PluginManager
 from llm_worker.plugins import limits, ollama
-from llm_worker.queue import Finished
+from llm_worker.protocol import jobs
+from llm_worker.protocol.jobs import Answer, Decoded, ErrorKind, Invalid, JobError, Malformed, RequestRejected
+from llm_worker.queue.cache import ResponseCache
+from llm_worker.queue.reliable import Finished
+from llm_worker.settings import config
 from llm_worker.workerproc.finish import Finisher
 
 SCALE = float(os.environ.get("LLM_WORKER_FUZZ_SCALE", "1"))
 
 
 def fuzz(examples: int) -> settings:
-    return settings(max_examples=max(1, int(examples * SCALE)), deadline=None, derandomize=True, database=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example])
+    return settings(
+        max_examples=max(1, int(examples * SCALE)),
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example],
+    )
 
 
 DEFAULT = config.load({}).settings
@@ -76,7 +83,9 @@ class Written:
         self.retried.append(payload)
         return Finished(True, None)
 
-    def dead_letter(self, worker_id: str, raw: bytes, entry: jobs.DeadLetter, result: jobs.Result | None, **_: Any) -> Finished:
+    def dead_letter(
+        self, worker_id: str, raw: bytes, entry: jobs.DeadLetter, result: jobs.Result | None, **_: Any
+    ) -> Finished:
         encoded = jobs.encode(entry)
         try:
             self.dead.append(jobs.loose(encoded))
@@ -100,8 +109,15 @@ PLUGINS = PluginManager()  # no sinks: the finish paths run, their events go now
 
 
 def finisher(written: Written, s: config.Settings) -> Finisher:
-    return Finisher(written, s, "fuzz-host:1", "llm-chat", lambda call, *a, **kw: call(*a, **kw),  # type: ignore[arg-type]
-                    lambda: False, PLUGINS)
+    return Finisher(
+        written,
+        s,
+        "fuzz-host:1",
+        "llm-chat",
+        lambda call, *a, **kw: call(*a, **kw),  # type: ignore[arg-type]
+        lambda: False,
+        PLUGINS,
+    )
 
 
 def assert_readable(reason: str, raw: bytes) -> None:
@@ -131,7 +147,7 @@ def outcome(raw: bytes, s: config.Settings = DEFAULT) -> str | Decoded:
         finish.malformed(raw, refusal)
         (entry,) = written.dead
         assert (entry["error"], entry["errorType"], entry["queue"]) == (refusal.reason, "validation", "llm-chat")
-        assert "job" not in entry and raw[:jobs.RAW_KEEP].decode(errors="replace") == entry["raw"]
+        assert "job" not in entry and raw[: jobs.RAW_KEEP].decode(errors="replace") == entry["raw"]
         assert [r["jobId"] for r in written.results] == ([refusal.job_id] if refusal.job_id else [])
         return "malformed"
     except Invalid as refusal:
@@ -144,7 +160,11 @@ def outcome(raw: bytes, s: config.Settings = DEFAULT) -> str | Decoded:
         assert (entry["error"], entry["errorType"], entry["job"]) == (refusal.reason, "validation", refusal.job)
         (result,) = written.results
         assert (result["jobId"], result["success"], result["errorType"], result["error"]) == (
-            refusal.job["id"], False, "validation", refusal.reason)
+            refusal.job["id"],
+            False,
+            "validation",
+            refusal.reason,
+        )
         return "invalid"
     # The request-limits filter refuses what is over a limit; the worker dead-letters that too.
     try:
@@ -179,7 +199,9 @@ def run_like_a_worker(d: Decoded, s: config.Settings) -> None:
     finish.failed(d, taken, JobError("provider busy", ErrorKind.PROVIDER))  # retried, or dead when out of attempts
     finish.failed(d, taken, BreakerOpen(f"ollama:{d.model}", time.monotonic(), probe_failed=True))
     finish.failed(d, taken, JobError("model not found", ErrorKind.MODEL))  # dead at once
-    assert [r["success"] for r in written.results][:1] == [True] and all(r["jobId"] == d.job.id for r in written.results)
+    assert [r["success"] for r in written.results][:1] == [True] and all(
+        r["jobId"] == d.job.id for r in written.results
+    )
     assert len(written.retried) + len(written.dead) == 3
     for payload in written.retried:  # a retry is taken again later: it must decode to the same job, one retry on
         _, _, job = payload.partition(b"\n") if payload.startswith(b"llm-chat\n") else (b"", b"", payload)
@@ -191,78 +213,214 @@ def run_like_a_worker(d: Decoded, s: config.Settings) -> None:
 # ---- strategies: values, valid jobs of every type, and ways to break them ----------------------
 
 TEXT = st.text(max_size=30)
-TRICKY_TEXT = st.sampled_from([
-    "", " ", "\x00", "\n", "\r\n", "\t", "\x1b[31m", "\u2028", "\ufeff", "\U0001f600", "é", "' - at `$.x`", '"', "\\",
-    "`$", "Traceback (most recent call last):", "ValueError('x')", "<object at 0x1>", "%s%n", "{}", "null",
-    "chat", "user", "json", "5m", "llama3.2", "a" * 300,
-])
+TRICKY_TEXT = st.sampled_from(
+    [
+        "",
+        " ",
+        "\x00",
+        "\n",
+        "\r\n",
+        "\t",
+        "\x1b[31m",
+        "\u2028",
+        "\ufeff",
+        "\U0001f600",
+        "é",
+        "' - at `$.x`",
+        '"',
+        "\\",
+        "`$",
+        "Traceback (most recent call last):",
+        "ValueError('x')",
+        "<object at 0x1>",
+        "%s%n",
+        "{}",
+        "null",
+        "chat",
+        "user",
+        "json",
+        "5m",
+        "llama3.2",
+        "a" * 300,
+    ]
+)
 STRINGS = TEXT | TRICKY_TEXT
-NUMBERS = (st.integers(-(2**70), 2**70) | st.floats(allow_nan=False, allow_infinity=False)
-           | st.sampled_from([0, -1, 1, 2**63 - 1, 2**63, 2**64 - 1, 2**64, -(2**63) - 1, 1e308, -1e308, 5e-324, 0.5, -0.0]))
+NUMBERS = (
+    st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.sampled_from([0, -1, 1, 2**63 - 1, 2**63, 2**64 - 1, 2**64, -(2**63) - 1, 1e308, -1e308, 5e-324, 0.5, -0.0])
+)
 SCALARS = st.none() | st.booleans() | NUMBERS | STRINGS
-FIELD_NAMES = st.sampled_from([
-    "id", "type", "userId", "request", "model", "priority", "correlationId", "createdAt", "timeout", "retryCount",
-    "maxRetries", "messages", "role", "content", "images", "tool_calls", "tool_name", "options", "stream", "format",
-    "keepAlive", "tools", "think", "prompt", "system", "input", "truncate", "requests", "temperature", "num_ctx",
-    "stop", "seed", "mirostat", "probeFailures",
-])
+FIELD_NAMES = st.sampled_from(
+    [
+        "id",
+        "type",
+        "userId",
+        "request",
+        "model",
+        "priority",
+        "correlationId",
+        "createdAt",
+        "timeout",
+        "retryCount",
+        "maxRetries",
+        "messages",
+        "role",
+        "content",
+        "images",
+        "tool_calls",
+        "tool_name",
+        "options",
+        "stream",
+        "format",
+        "keepAlive",
+        "tools",
+        "think",
+        "prompt",
+        "system",
+        "input",
+        "truncate",
+        "requests",
+        "temperature",
+        "num_ctx",
+        "stop",
+        "seed",
+        "mirostat",
+        "probeFailures",
+    ]
+)
 KEYS = FIELD_NAMES | TEXT
-JSON = st.recursive(SCALARS, lambda children: st.lists(children, max_size=4) | st.dictionaries(KEYS, children, max_size=4),
-                    max_leaves=12)
+JSON = st.recursive(
+    SCALARS,
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(KEYS, children, max_size=4),
+    max_leaves=12,
+)
 
 ROLES = st.sampled_from(["system", "user", "assistant", "tool"])
 MODELS = st.sampled_from(["llama3.2", "nomic-embed-text", "mistral:7b", "hf.co/u/r:Q4_K_M", "a"]) | st.from_regex(
-    r"\A[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,40}\Z")
+    r"\A[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,40}\Z"
+)
 JOB_IDS = st.sampled_from(["job-1", "a", "a-Z_0.9:" * 16]) | st.from_regex(r"\A[A-Za-z0-9._:-]{1,128}\Z")
 UNIT = st.floats(0, 1)
-OPTIONS = st.fixed_dictionaries({}, optional={
-    "temperature": st.floats(0, 2), "top_p": UNIT, "top_k": st.integers(0, 100_000), "min_p": UNIT, "typical_p": UNIT,
-    "num_predict": st.integers(-2, 16_384), "num_ctx": st.integers(1, 131_072), "num_keep": st.integers(-1, 10**6),
-    "stop": st.lists(st.text(min_size=1, max_size=20), max_size=16), "seed": st.integers(-(2**63), 2**63 - 1),
-    "repeat_penalty": st.floats(0, 10), "repeat_last_n": st.integers(-1, 10**6), "presence_penalty": st.floats(-2, 2),
-    "frequency_penalty": st.floats(-2, 2), "mirostat": st.sampled_from([0, 1, 2]), "mirostat_tau": st.floats(0, 100),
-    "mirostat_eta": UNIT, "num_gpu": st.integers(0, 99), "new_knob": JSON,
-})
+OPTIONS = st.fixed_dictionaries(
+    {},
+    optional={
+        "temperature": st.floats(0, 2),
+        "top_p": UNIT,
+        "top_k": st.integers(0, 100_000),
+        "min_p": UNIT,
+        "typical_p": UNIT,
+        "num_predict": st.integers(-2, 16_384),
+        "num_ctx": st.integers(1, 131_072),
+        "num_keep": st.integers(-1, 10**6),
+        "stop": st.lists(st.text(min_size=1, max_size=20), max_size=16),
+        "seed": st.integers(-(2**63), 2**63 - 1),
+        "repeat_penalty": st.floats(0, 10),
+        "repeat_last_n": st.integers(-1, 10**6),
+        "presence_penalty": st.floats(-2, 2),
+        "frequency_penalty": st.floats(-2, 2),
+        "mirostat": st.sampled_from([0, 1, 2]),
+        "mirostat_tau": st.floats(0, 100),
+        "mirostat_eta": UNIT,
+        "num_gpu": st.integers(0, 99),
+        "new_knob": JSON,
+    },
+)
 KEEP_ALIVE = st.sampled_from(["5m", "0", "-1", "1.5h", "300ms", "10s"]) | st.integers(-1, 10**6) | st.floats(-1, 1e6)
 FORMAT = st.just("json") | st.dictionaries(st.text(max_size=8), JSON, max_size=3)
 CALL = st.dictionaries(st.text(max_size=8), JSON, max_size=3)
-MESSAGE = st.fixed_dictionaries({"role": ROLES}, optional={
-    "content": TEXT, "images": st.lists(TEXT, max_size=2), "tool_calls": st.lists(CALL, max_size=2), "tool_name": TEXT,
-    "name": TEXT,
-})
+MESSAGE = st.fixed_dictionaries(
+    {"role": ROLES},
+    optional={
+        "content": TEXT,
+        "images": st.lists(TEXT, max_size=2),
+        "tool_calls": st.lists(CALL, max_size=2),
+        "tool_name": TEXT,
+        "name": TEXT,
+    },
+)
 SHARED = {"options": OPTIONS, "keepAlive": KEEP_ALIVE}
-CHAT = st.fixed_dictionaries({"messages": st.lists(MESSAGE, min_size=1, max_size=4)}, optional={
-    **SHARED, "stream": st.booleans(), "format": FORMAT, "tools": st.lists(CALL, max_size=2), "think": st.booleans()})
-GENERATE = st.fixed_dictionaries({"prompt": TEXT}, optional={
-    **SHARED, "system": TEXT, "stream": st.booleans(), "format": FORMAT, "images": st.lists(TEXT, max_size=2),
-    "think": st.booleans()})
-EMBEDDINGS = st.fixed_dictionaries({"input": TEXT | st.lists(TEXT, min_size=1, max_size=5)}, optional={
-    **SHARED, "truncate": st.booleans(), "stream": st.booleans(), "prompt": TEXT}) | st.fixed_dictionaries(
-    {"prompt": TEXT}, optional=SHARED)
+CHAT = st.fixed_dictionaries(
+    {"messages": st.lists(MESSAGE, min_size=1, max_size=4)},
+    optional={
+        **SHARED,
+        "stream": st.booleans(),
+        "format": FORMAT,
+        "tools": st.lists(CALL, max_size=2),
+        "think": st.booleans(),
+    },
+)
+GENERATE = st.fixed_dictionaries(
+    {"prompt": TEXT},
+    optional={
+        **SHARED,
+        "system": TEXT,
+        "stream": st.booleans(),
+        "format": FORMAT,
+        "images": st.lists(TEXT, max_size=2),
+        "think": st.booleans(),
+    },
+)
+EMBEDDINGS = st.fixed_dictionaries(
+    {"input": TEXT | st.lists(TEXT, min_size=1, max_size=5)},
+    optional={**SHARED, "truncate": st.booleans(), "stream": st.booleans(), "prompt": TEXT},
+) | st.fixed_dictionaries({"prompt": TEXT}, optional=SHARED)
 REQUESTS = {"chat": CHAT, "generate": GENERATE, "embeddings": EMBEDDINGS}
-ITEM = st.one_of(*(st.fixed_dictionaries({"type": st.just(kind), "request": request}, optional={"model": MODELS})
-                   for kind, request in REQUESTS.items()))
+ITEM = st.one_of(
+    *(
+        st.fixed_dictionaries({"type": st.just(kind), "request": request}, optional={"model": MODELS})
+        for kind, request in REQUESTS.items()
+    )
+)
 BATCH = st.fixed_dictionaries({"requests": st.lists(ITEM, min_size=1, max_size=4)}, optional={"stream": st.booleans()})
-CREATED = (st.datetimes(timezones=st.none() | st.just(timezone.utc)).map(lambda d: d.isoformat())
-           | st.integers(0, 4 * 10**12) | st.floats(0, 4e12))
+CREATED = (
+    st.datetimes(timezones=st.none() | st.just(timezone.utc)).map(lambda d: d.isoformat())
+    | st.integers(0, 4 * 10**12)
+    | st.floats(0, 4e12)
+)
 JOB_FIELDS = {
-    "model": MODELS, "priority": st.integers(-1_000_000, 1_000_000), "correlationId": st.text(max_size=40),
-    "createdAt": CREATED, "timeout": st.integers(1, 10**9), "retryCount": st.integers(0, 10), "maxRetries": st.integers(0, 10),
-    "probeFailures": st.integers(0, 5), "futureField": JSON,
+    "model": MODELS,
+    "priority": st.integers(-1_000_000, 1_000_000),
+    "correlationId": st.text(max_size=40),
+    "createdAt": CREATED,
+    "timeout": st.integers(1, 10**9),
+    "retryCount": st.integers(0, 10),
+    "maxRetries": st.integers(0, 10),
+    "probeFailures": st.integers(0, 5),
+    "futureField": JSON,
 }
 
 
 def job_of(kind: str, request: st.SearchStrategy[Any]) -> st.SearchStrategy[dict[str, Any]]:
-    return st.fixed_dictionaries({"id": JOB_IDS, "type": st.just(kind), "userId": st.text(min_size=1, max_size=20),
-                                  "request": request}, optional=JOB_FIELDS)
+    return st.fixed_dictionaries(
+        {"id": JOB_IDS, "type": st.just(kind), "userId": st.text(min_size=1, max_size=20), "request": request},
+        optional=JOB_FIELDS,
+    )
 
 
 VALID_JOBS = st.one_of(*(job_of(kind, request) for kind, request in {**REQUESTS, "batch": BATCH}.items()))
 
 # Values that break a field: any JSON, the wrong type, out of range, huge, unreadable when decoded loosely.
-BAD_VALUES = JSON | st.sampled_from([
-    None, True, [], {}, "", -1, 0, 1.5, 2**64, -(2**63) - 1, 10**30, 1e308, "x" * 5000, ["x"] * 300, [[[[]]]], {"": None},
-])
+BAD_VALUES = JSON | st.sampled_from(
+    [
+        None,
+        True,
+        [],
+        {},
+        "",
+        -1,
+        0,
+        1.5,
+        2**64,
+        -(2**63) - 1,
+        10**30,
+        1e308,
+        "x" * 5000,
+        ["x"] * 300,
+        [[[[]]]],
+        {"": None},
+    ]
+)
 
 
 def paths(value: Any, at: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
@@ -324,7 +482,11 @@ def mutated_jobs(draw: st.DrawFn) -> dict[str, Any] | list[Any]:
             for step in parent:
                 holder = holder[step]
             if isinstance(holder, dict):
-                job = replaced(job, (*parent, draw(KEYS)), draw(BAD_VALUES)) if parent else {**job, draw(KEYS): draw(BAD_VALUES)}
+                job = (
+                    replaced(job, (*parent, draw(KEYS)), draw(BAD_VALUES))
+                    if parent
+                    else {**job, draw(KEYS): draw(BAD_VALUES)}
+                )
     return job
 
 
@@ -340,11 +502,47 @@ def test_valid_jobs_of_every_type_decode_and_can_be_run(job: dict[str, Any]) -> 
 
 
 @fuzz(600)
-@given(st.binary(max_size=2000) | st.lists(st.sampled_from([
-    b"{", b"}", b"[", b"]", b",", b":", b'"id"', b'"job-1"', b'"type"', b'"chat"', b'"request"', b'"messages"', b'"role"',
-    b'"user"', b'"userId"', b'"u"', b"null", b"true", b"1", b"-0", b"1e400", b"NaN", b'"\\ud800"', b'"\\u0000"', b"\xff",
-    b"\xc3", b"\xef\xbb\xbf", b" ", b"\x00", b'"', b"\\",
-]), max_size=60).map(b"".join))
+@given(
+    st.binary(max_size=2000)
+    | st.lists(
+        st.sampled_from(
+            [
+                b"{",
+                b"}",
+                b"[",
+                b"]",
+                b",",
+                b":",
+                b'"id"',
+                b'"job-1"',
+                b'"type"',
+                b'"chat"',
+                b'"request"',
+                b'"messages"',
+                b'"role"',
+                b'"user"',
+                b'"userId"',
+                b'"u"',
+                b"null",
+                b"true",
+                b"1",
+                b"-0",
+                b"1e400",
+                b"NaN",
+                b'"\\ud800"',
+                b'"\\u0000"',
+                b"\xff",
+                b"\xc3",
+                b"\xef\xbb\xbf",
+                b" ",
+                b"\x00",
+                b'"',
+                b"\\",
+            ]
+        ),
+        max_size=60,
+    ).map(b"".join)
+)
 @example(b"")
 @example(b"\xef\xbb\xbf{}")
 @example(b'{"id":"job-1","type":"chat","userId":"u","request":{"messages":[{"role":"user"}]}} {}')
@@ -372,17 +570,39 @@ def test_byte_level_damage_to_valid_jobs_is_refused_cleanly_or_run(job: dict[str
         at = data.draw(st.integers(0, len(raw)))
         how = data.draw(st.sampled_from(["insert", "delete", "flip", "truncate", "number", "junk-after"]))
         if how == "insert":
-            raw[at:at] = data.draw(st.sampled_from([b"\xff", b"\xc3", b"\x00", b"\\", b'"', b",", b"}", b"]", b"\\ud800",
-                                                    b"1e400", b"\xef\xbb\xbf", b"\n"]))
+            raw[at:at] = data.draw(
+                st.sampled_from(
+                    [
+                        b"\xff",
+                        b"\xc3",
+                        b"\x00",
+                        b"\\",
+                        b'"',
+                        b",",
+                        b"}",
+                        b"]",
+                        b"\\ud800",
+                        b"1e400",
+                        b"\xef\xbb\xbf",
+                        b"\n",
+                    ]
+                )
+            )
         elif how == "delete":
-            del raw[at:at + data.draw(st.integers(1, 8))]
+            del raw[at : at + data.draw(st.integers(1, 8))]
         elif how == "flip" and at < len(raw):
             raw[at] ^= 1 << data.draw(st.integers(0, 7))
         elif how == "truncate":
             del raw[at:]
         elif how == "number":  # a number only a loose decoder chokes on, where any value is
-            raw = bytearray(re.sub(rb":(-?\d+(\.\d+)?)", data.draw(st.sampled_from([b":1e400", b":-1e999", b":1" + b"0" * 40])),
-                                   bytes(raw), count=1))
+            raw = bytearray(
+                re.sub(
+                    rb":(-?\d+(\.\d+)?)",
+                    data.draw(st.sampled_from([b":1e400", b":-1e999", b":1" + b"0" * 40])),
+                    bytes(raw),
+                    count=1,
+                )
+            )
         else:
             raw += data.draw(st.sampled_from([b" ", b"x", b"{}", b"\x00"]))
     outcome(bytes(raw))
@@ -404,7 +624,9 @@ SLOTS = {  # where deep nesting hides, with HOLE for it
 
 
 @fuzz(300)
-@given(st.sampled_from(sorted(SLOTS)), st.integers(1, 3000), st.sampled_from([b"[", b'{"a":', b'[{"b":']), st.booleans())
+@given(
+    st.sampled_from(sorted(SLOTS)), st.integers(1, 3000), st.sampled_from([b"[", b'{"a":', b'[{"b":']), st.booleans()
+)
 @example("unknown-field", 100_000, b"[", True)
 @example("root", 100_000, b'{"a":', False)
 @example("format", 2000, b'{"a":', True)
@@ -429,15 +651,19 @@ HUGE_SLOTS = {  # where a huge string hides, with HOLE for it (a JSON string, qu
     "prompt": b'{"id":"huge-1","type":"generate","userId":"u","request":{"prompt":HOLE}}',
     "input": b'{"id":"huge-1","type":"embeddings","userId":"u","request":{"input":[HOLE]}}',
     "item-type": b'{"id":"huge-1","type":"batch","userId":"u","request":{"requests":[{"type":HOLE,"request":{}}]}}',
-    "item-model": (b'{"id":"huge-1","type":"batch","userId":"u","request":{"requests":[{"type":"generate","model":HOLE,'
-                   b'"request":{"prompt":"p"}}]}}'),
+    "item-model": (
+        b'{"id":"huge-1","type":"batch","userId":"u","request":{"requests":[{"type":"generate","model":HOLE,'
+        b'"request":{"prompt":"p"}}]}}'
+    ),
     "key": b'{"id":"huge-1","type":"chat","userId":"u","request":{"messages":[{"role":"user"}]},HOLE:1}',
     "mirostat": b'{"id":"huge-1","type":"chat","userId":"u","request":{"messages":[{"role":"user"}],"options":{"mirostat":HOLE}}}',
 }
 
 
 @fuzz(300)
-@given(st.sampled_from(sorted(HUGE_SLOTS)), st.integers(1, 100_000), st.characters(exclude_categories=["Cs"]) | TRICKY_TEXT)
+@given(
+    st.sampled_from(sorted(HUGE_SLOTS)), st.integers(1, 100_000), st.characters(exclude_categories=["Cs"]) | TRICKY_TEXT
+)
 @example("type", 2 * 1024 * 1024, "x")
 @example("role", 60_000, "\n")
 @example("item-type", 60_000, "é")
@@ -449,23 +675,88 @@ def test_huge_strings_anywhere_are_refused_cleanly_or_run(slot: str, size: int, 
 # ---- wrong types, field by field: the reason names the field's path ------------------------------
 
 FULL_JOBS = [  # one job of each type with every field the schema knows, each with a valid value
-    {"id": "full-1", "type": "chat", "userId": "u", "model": "llama3.2", "priority": 1, "correlationId": "c",
-     "createdAt": "2026-11-23T15:04:05Z", "timeout": 1000, "retryCount": 0, "maxRetries": 1, "request": {
-         "messages": [{"role": "user", "content": "hi", "images": ["aGk="], "tool_calls": [{"function": {}}], "tool_name": "t"}],
-         "options": {"temperature": 0.5, "top_p": 0.9, "top_k": 40, "min_p": 0.1, "typical_p": 0.5, "num_predict": 10,
-                     "num_ctx": 2048, "num_keep": 1, "stop": ["END"], "seed": 7, "repeat_penalty": 1.1, "repeat_last_n": 64,
-                     "presence_penalty": 0.5, "frequency_penalty": 0.5, "mirostat": 1, "mirostat_tau": 5.0, "mirostat_eta": 0.1},
-         "stream": False, "format": "json", "keepAlive": "5m", "tools": [{"type": "function"}], "think": False}},
-    {"id": "full-2", "type": "generate", "userId": "u", "request": {
-        "prompt": "p", "system": "s", "options": {"num_predict": 5}, "stream": True, "format": {"type": "object"},
-        "keepAlive": 300, "images": ["aGk="], "think": True}},
-    {"id": "full-3", "type": "embeddings", "userId": "u", "request": {"input": ["a", "b"], "options": {"seed": 1},
-                                                                       "keepAlive": 1.5, "truncate": True, "stream": False}},
-    {"id": "full-4", "type": "batch", "userId": "u", "model": "llama3.2", "request": {"stream": False, "requests": [
-        {"type": "chat", "model": "llama3.2", "request": {"messages": [{"role": "user", "content": "a"}]}},
-        {"type": "generate", "request": {"prompt": "b"}},
-        {"type": "embeddings", "model": "nomic-embed-text", "request": {"prompt": "c"}},
-    ]}},
+    {
+        "id": "full-1",
+        "type": "chat",
+        "userId": "u",
+        "model": "llama3.2",
+        "priority": 1,
+        "correlationId": "c",
+        "createdAt": "2026-11-23T15:04:05Z",
+        "timeout": 1000,
+        "retryCount": 0,
+        "maxRetries": 1,
+        "request": {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": "hi",
+                    "images": ["aGk="],
+                    "tool_calls": [{"function": {}}],
+                    "tool_name": "t",
+                }
+            ],
+            "options": {
+                "temperature": 0.5,
+                "top_p": 0.9,
+                "top_k": 40,
+                "min_p": 0.1,
+                "typical_p": 0.5,
+                "num_predict": 10,
+                "num_ctx": 2048,
+                "num_keep": 1,
+                "stop": ["END"],
+                "seed": 7,
+                "repeat_penalty": 1.1,
+                "repeat_last_n": 64,
+                "presence_penalty": 0.5,
+                "frequency_penalty": 0.5,
+                "mirostat": 1,
+                "mirostat_tau": 5.0,
+                "mirostat_eta": 0.1,
+            },
+            "stream": False,
+            "format": "json",
+            "keepAlive": "5m",
+            "tools": [{"type": "function"}],
+            "think": False,
+        },
+    },
+    {
+        "id": "full-2",
+        "type": "generate",
+        "userId": "u",
+        "request": {
+            "prompt": "p",
+            "system": "s",
+            "options": {"num_predict": 5},
+            "stream": True,
+            "format": {"type": "object"},
+            "keepAlive": 300,
+            "images": ["aGk="],
+            "think": True,
+        },
+    },
+    {
+        "id": "full-3",
+        "type": "embeddings",
+        "userId": "u",
+        "request": {"input": ["a", "b"], "options": {"seed": 1}, "keepAlive": 1.5, "truncate": True, "stream": False},
+    },
+    {
+        "id": "full-4",
+        "type": "batch",
+        "userId": "u",
+        "model": "llama3.2",
+        "request": {
+            "stream": False,
+            "requests": [
+                {"type": "chat", "model": "llama3.2", "request": {"messages": [{"role": "user", "content": "a"}]}},
+                {"type": "generate", "request": {"prompt": "b"}},
+                {"type": "embeddings", "model": "nomic-embed-text", "request": {"prompt": "c"}},
+            ],
+        },
+    },
 ]
 WRONG = [None, True, 7, 1.5, "x", [], [1], {}, {"k": 1}]
 FREE_FORM = ("format", "tool_calls", "tools")  # objects of any content: only their own type is checked

@@ -18,8 +18,8 @@ from typing import Any
 
 import msgspec
 import redis
-from hypothesis import HealthCheck, Phase, given, settings, strategies as st
-
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
 from support import eventually, nothing_held
 from test_fuzz_jobs import JSON, MAX_REASON, VALID_JOBS, mutated_jobs
 
@@ -30,8 +30,14 @@ def sample(strategy: st.SearchStrategy[Any], n: int) -> list[Any]:
     """``n`` values of a strategy, the same ones on every run."""
     found: list[Any] = []
 
-    @settings(max_examples=n, derandomize=True, database=None, phases=[Phase.generate], deadline=None,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=n,
+        derandomize=True,
+        database=None,
+        phases=[Phase.generate],
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+    )
     @given(strategy)
     def collect(value: Any) -> None:
         found.append(value)
@@ -50,7 +56,7 @@ def damaged(job: dict[str, Any], n: int) -> bytes:
     elif how == 1:
         del raw[at:]
     else:
-        raw[at:at] = raw[at:at + 1] * 3
+        raw[at:at] = raw[at : at + 1] * 3
     return bytes(raw)
 
 
@@ -79,16 +85,30 @@ def terminal(r: redis.Redis) -> int:
 
 
 def test_fuzzed_payloads_each_end_once_and_no_worker_dies(service, r: redis.Redis) -> None:
-    svc = service(WORKER_POOLS="llm-chat=2", MAX_JOB_BYTES="65536", DEFAULT_CHAT_MODEL="llama3.2",
-                  DEFAULT_EMBEDDING_MODEL="nomic-embed-text", QUEUE_DELAY="50", QUEUE_MAX_DELAY="200",
-                  QUEUE_MAX_ATTEMPTS="2", OLLAMA_MAX_RETRIES="0", LOG_LEVEL="info")
+    svc = service(
+        WORKER_POOLS="llm-chat=2",
+        MAX_JOB_BYTES="65536",
+        DEFAULT_CHAT_MODEL="llama3.2",
+        DEFAULT_EMBEDDING_MODEL="nomic-embed-text",
+        QUEUE_DELAY="50",
+        QUEUE_MAX_DELAY="200",
+        QUEUE_MAX_ATTEMPTS="2",
+        OLLAMA_MAX_RETRIES="0",
+        LOG_LEVEL="info",
+    )
     pids = svc.worker_pids(r)
     pushed = payloads()
     for start in range(0, len(pushed), 50):
-        r.lpush("llm-chat", *pushed[start:start + 50])
+        r.lpush("llm-chat", *pushed[start : start + 50])
 
-    eventually(lambda: terminal(r) >= len(pushed) and nothing_held(r) and not r.llen("llm-chat") and not r.zcard("llm:delayed"),
-               timeout=120, interval=0.2, what="every payload ended")
+    eventually(
+        lambda: (
+            terminal(r) >= len(pushed) and nothing_held(r) and not r.llen("llm-chat") and not r.zcard("llm:delayed")
+        ),
+        timeout=120,
+        interval=0.2,
+        what="every payload ended",
+    )
     assert terminal(r) == len(pushed)  # exactly one outcome each
     completed = sum(int(r.hget(key, "completed") or 0) for key in r.scan_iter("llm:stats:*"))
     # Both roads were taken: broken payloads refused, and jobs that survived their damage run.

@@ -17,16 +17,19 @@ import math
 import os
 import subprocess
 import sys
-from datetime import date, datetime, time as clock
+from datetime import date, datetime
+from datetime import time as clock
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import pytest
-from hypothesis import HealthCheck, example, given, settings, strategies as st
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
-from llm_worker import cli, config
-from llm_worker.config import SettingError
+from llm_worker.cli import main as cli
+from llm_worker.settings import config
+from llm_worker.settings.config import SettingError
 
 SCALE = float(os.environ.get("LLM_WORKER_FUZZ_SCALE", "1"))
 DECLS = list(config.declarations())
@@ -37,21 +40,91 @@ SOURCES = {*ENV_NAMES, *(d.flag for d in DECLS), "--config"}  # where a value ca
 
 
 def fuzz(examples: int) -> settings:
-    return settings(max_examples=max(1, int(examples * SCALE)), deadline=None, derandomize=True, database=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    return settings(
+        max_examples=max(1, int(examples * SCALE)),
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
 
 
 # Values an operator might write, or mistype: numbers out of every range, the wrong shapes of lists
 # and pairs, URLs of the wrong kind, control characters, huge text.
-TRICKY = st.sampled_from([
-    "", " ", "\t", "-1", "0", "1", "2", "1.5", "-0", "1e309", "-1e309", "nan", "inf", "0x10", "1_000", "9" * 400,
-    "99999999999999999999", "true", "false", "yes", "off", "maybe", "TRUE ", "a=b", "a=1,a=2", "=1", "a=", ",,,", "a,b",
-    "[1,2", '["x"]', "[]", "{}", "[{}]", "llm-chat=0", "llm-chat=-1", "llm-chat=2000", "llm-dead-letter=1",
-    "redis://", "rediss://:@/", "unix://", "unix:///tmp/r.sock", "http://u:pw@h/0", "redis://h:99999/0", "redis://[::1/0",
-    "redis://h/99", "::", "[::1]:0", "h:", ":1", "h:1,h", "(", "*", "[a-", "\\", "\x00", "\x1b[31m", "é", "\u2028",
-    "num_ctx=abc", "num_ctx=8192,bogus=1", "debug", "WARN", "json", "xml", "exponential", "linear", "llama3.2",
-    "llm:{x}", "a" * 5000,
-])
+TRICKY = st.sampled_from(
+    [
+        "",
+        " ",
+        "\t",
+        "-1",
+        "0",
+        "1",
+        "2",
+        "1.5",
+        "-0",
+        "1e309",
+        "-1e309",
+        "nan",
+        "inf",
+        "0x10",
+        "1_000",
+        "9" * 400,
+        "99999999999999999999",
+        "true",
+        "false",
+        "yes",
+        "off",
+        "maybe",
+        "TRUE ",
+        "a=b",
+        "a=1,a=2",
+        "=1",
+        "a=",
+        ",,,",
+        "a,b",
+        "[1,2",
+        '["x"]',
+        "[]",
+        "{}",
+        "[{}]",
+        "llm-chat=0",
+        "llm-chat=-1",
+        "llm-chat=2000",
+        "llm-dead-letter=1",
+        "redis://",
+        "rediss://:@/",
+        "unix://",
+        "unix:///tmp/r.sock",
+        "http://u:pw@h/0",
+        "redis://h:99999/0",
+        "redis://[::1/0",
+        "redis://h/99",
+        "::",
+        "[::1]:0",
+        "h:",
+        ":1",
+        "h:1,h",
+        "(",
+        "*",
+        "[a-",
+        "\\",
+        "\x00",
+        "\x1b[31m",
+        "é",
+        "\u2028",
+        "num_ctx=abc",
+        "num_ctx=8192,bogus=1",
+        "debug",
+        "WARN",
+        "json",
+        "xml",
+        "exponential",
+        "linear",
+        "llama3.2",
+        "llm:{x}",
+        "a" * 5000,
+    ]
+)
 VALUES = TRICKY | st.text(max_size=40) | st.integers(-(10**20), 10**20).map(str) | st.floats().map(repr)
 
 
@@ -93,7 +166,13 @@ def secrets_in(given: dict[str, str]) -> dict[str, str]:
 @example({"REDIS_SENTINEL_MASTER": "m"})
 @example({"BLOCKED_PATTERNS": '["(", "a"]'})
 @example({"MODEL_LOAD_OPTIONS": "num_ctx=99999999999999999999999"})
-@example({"ADMIN_TOKEN": "an admin token of length", "REDIS_PASSWORD": "s3cr3t-pass\n", "REDIS_URL": "http://u:s3cr3t-pass@h/0"})
+@example(
+    {
+        "ADMIN_TOKEN": "an admin token of length",
+        "REDIS_PASSWORD": "s3cr3t-pass\n",
+        "REDIS_URL": "http://u:s3cr3t-pass@h/0",
+    }
+)
 def test_any_environment_loads_or_names_what_is_wrong(environ: dict[str, str]) -> None:
     try:
         config.load(environ)
@@ -121,10 +200,21 @@ PARTNERS = {"REDIS_SENTINEL_MASTER": ["REDIS_SENTINELS"], "REDIS_SENTINELS": ["R
 
 # ---- TOML files ----------------------------------------------------------------------------------
 
-TOML_SCALARS = (st.integers(-(2**63), 2**63 - 1) | st.floats() | st.booleans() | st.text(max_size=30) | TRICKY
-                | st.dates() | st.times() | st.datetimes())
-TOML_VALUES = st.recursive(TOML_SCALARS, lambda inner: st.lists(inner, max_size=3)
-                           | st.dictionaries(st.from_regex(r"\A[a-z_]{1,10}\Z"), inner, max_size=3), max_leaves=6)
+TOML_SCALARS = (
+    st.integers(-(2**63), 2**63 - 1)
+    | st.floats()
+    | st.booleans()
+    | st.text(max_size=30)
+    | TRICKY
+    | st.dates()
+    | st.times()
+    | st.datetimes()
+)
+TOML_VALUES = st.recursive(
+    TOML_SCALARS,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.from_regex(r"\A[a-z_]{1,10}\Z"), inner, max_size=3),
+    max_leaves=6,
+)
 
 
 def toml_value(value: Any) -> str:
@@ -143,13 +233,15 @@ def toml_value(value: Any) -> str:
 
 
 KEYS = st.sampled_from([(d.section, d.name) for d in DECLS]) | st.tuples(
-    st.sampled_from(sorted({d.section for d in DECLS}) + ["nosuch"]), st.from_regex(r"\A[a-z_]{1,12}\Z"))
+    st.sampled_from(sorted({d.section for d in DECLS}) + ["nosuch"]), st.from_regex(r"\A[a-z_]{1,12}\Z")
+)
 
 
 @fuzz(400)
 @given(st.dictionaries(KEYS, TOML_VALUES, min_size=1, max_size=4))
-def test_any_toml_file_loads_or_names_what_is_wrong(tmp_path_factory: pytest.TempPathFactory,
-                                                    table: dict[tuple[str, str], Any]) -> None:
+def test_any_toml_file_loads_or_names_what_is_wrong(
+    tmp_path_factory: pytest.TempPathFactory, table: dict[tuple[str, str], Any]
+) -> None:
     sections: dict[str, list[str]] = {}
     for (section, key), value in table.items():
         sections.setdefault(section, []).append(f"{key} = {toml_value(value)}")
@@ -182,8 +274,10 @@ def test_a_file_that_is_not_toml_is_refused_as_such(tmp_path_factory: pytest.Tem
 
 
 @fuzz(300)
-@given(st.dictionaries(st.sampled_from(ENV_NAMES), VALUES, min_size=1, max_size=3),
-       st.dictionaries(st.sampled_from(ENV_NAMES), VALUES, max_size=3))
+@given(
+    st.dictionaries(st.sampled_from(ENV_NAMES), VALUES, min_size=1, max_size=3),
+    st.dictionaries(st.sampled_from(ENV_NAMES), VALUES, max_size=3),
+)
 def test_flags_over_the_environment_load_or_name_what_is_wrong(flags: dict[str, str], environ: dict[str, str]) -> None:
     try:
         config.load(environ, None, flags)
@@ -213,19 +307,37 @@ def test_check_config_exits_0_or_2_with_one_line(environ: dict[str, str]) -> Non
 
 
 @pytest.mark.parametrize("command", [["check-config"], ["run"]])
-@pytest.mark.parametrize("env", [
-    {"WORKER_POOLS": "llm-chat=-1"},
-    {"REDIS_URL": "http://user:hunter2hunter2@cache/0"},
-    {"REDIS_SENTINELS": "10.0.0.1:26379,nonsense"},
-    {"BLOCKED_PATTERNS": "(unclosed"},
-    {"HEALTH_CHECK_PORT": "\u0661\u0662"},  # Arabic-Indic digits: int() takes them, a port setting must not crash on them
-], ids=lambda e: ",".join(e))
-def test_a_bad_setting_stops_the_real_command_with_exit_2_and_no_traceback(command: list[str], env: dict[str, str],
-                                                                           tmp_path: Path) -> None:
-    base = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path), "LANG": "C.UTF-8",
-            "REDIS_URL": "redis://127.0.0.1:1/0", "HEALTH_CHECK_PORT": "0"}
-    done = subprocess.run([sys.executable, "-m", "llm_worker.cli", *command], env={**base, **env}, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=60)
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"WORKER_POOLS": "llm-chat=-1"},
+        {"REDIS_URL": "http://user:hunter2hunter2@cache/0"},
+        {"REDIS_SENTINELS": "10.0.0.1:26379,nonsense"},
+        {"BLOCKED_PATTERNS": "(unclosed"},
+        {
+            "HEALTH_CHECK_PORT": "\u0661\u0662"
+        },  # Arabic-Indic digits: int() takes them, a port setting must not crash on them
+    ],
+    ids=lambda e: ",".join(e),
+)
+def test_a_bad_setting_stops_the_real_command_with_exit_2_and_no_traceback(
+    command: list[str], env: dict[str, str], tmp_path: Path
+) -> None:
+    base = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(tmp_path),
+        "LANG": "C.UTF-8",
+        "REDIS_URL": "redis://127.0.0.1:1/0",
+        "HEALTH_CHECK_PORT": "0",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "llm_worker.cli", *command],
+        env={**base, **env},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert "Traceback" not in done.stderr, done.stderr
     if done.returncode == 0 and command == ["check-config"]:
         return  # a value that turned out to be allowed

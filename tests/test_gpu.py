@@ -12,12 +12,12 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import fake_pynvml
 import msgspec
 import pytest
-
-import fake_pynvml
 from fake_pynvml import GiB, gpu
-from llm_worker.gpu import GpuReading, GpuSampler, ollama_memory
+
+from llm_worker.http.gpu import GpuReading, GpuSampler, ollama_memory
 
 FAKE = "fake_pynvml"
 TESTS = Path(__file__).parent
@@ -47,18 +47,36 @@ def clock() -> Clock:
 
 def two_gpus() -> list[dict[str, Any]]:
     return [
-        gpu(0, utilization=37, memory_used=12 * GiB, memory_total=24 * GiB, temperature=71,
-            power_mw=215_500, energy_mj=3_600_000_000, name="NVIDIA GeForce RTX 4090",
-            processes=[{"pid": 4242, "name": "/usr/local/bin/ollama", "used": 9 * GiB},
-                       {"pid": 777, "name": "python3", "used": 2 * GiB}]),
-        gpu(1, utilization=100, memory_used=30 * GiB, memory_total=80 * GiB, temperature=55,
-            power_mw=400_000, energy_mj=1_500, name="NVIDIA H100 80GB HBM3",
-            processes=[{"pid": 4243, "name": "/usr/local/bin/ollama", "used": 28 * GiB}]),
+        gpu(
+            0,
+            utilization=37,
+            memory_used=12 * GiB,
+            memory_total=24 * GiB,
+            temperature=71,
+            power_mw=215_500,
+            energy_mj=3_600_000_000,
+            name="NVIDIA GeForce RTX 4090",
+            processes=[
+                {"pid": 4242, "name": "/usr/local/bin/ollama", "used": 9 * GiB},
+                {"pid": 777, "name": "python3", "used": 2 * GiB},
+            ],
+        ),
+        gpu(
+            1,
+            utilization=100,
+            memory_used=30 * GiB,
+            memory_total=80 * GiB,
+            temperature=55,
+            power_mw=400_000,
+            energy_mj=1_500,
+            name="NVIDIA H100 80GB HBM3",
+            processes=[{"pid": 4243, "name": "/usr/local/bin/ollama", "used": 28 * GiB}],
+        ),
     ]
 
 
 def nvml_log(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
-    return [r for r in caplog.records if r.name == "llm_worker.gpu"]
+    return [r for r in caplog.records if r.name == "llm_worker.http.gpu"]
 
 
 def test_two_gpus_every_field_in_si_units(fake: ModuleType) -> None:
@@ -76,7 +94,9 @@ def test_two_gpus_every_field_in_si_units(fake: ModuleType) -> None:
     assert first.power_watts == pytest.approx(215.5)
     assert first.energy_joules == pytest.approx(3_600_000.0)
     assert [(p.pid, p.name, p.used_bytes) for p in first.processes or []] == [
-        (4242, "/usr/local/bin/ollama", 9 * GiB), (777, "python3", 2 * GiB)]
+        (4242, "/usr/local/bin/ollama", 9 * GiB),
+        (777, "python3", 2 * GiB),
+    ]
     assert second.index == 1 and second.utilization_ratio == 1.0 and second.energy_joules == pytest.approx(1.5)
     assert ollama_memory(reading, pids=[4242, 4243]) == {0: 9 * GiB, 1: 28 * GiB}
     assert ollama_memory(reading, pids=[4243]) == {1: 28 * GiB}
@@ -91,16 +111,24 @@ def test_reading_is_a_plain_value_that_encodes(fake: ModuleType) -> None:
     assert msgspec.json.decode(msgspec.json.encode(reading), type=GpuReading) == reading
 
 
-@pytest.mark.parametrize(("module", "fail_init", "reason"), [
-    ("llm_worker_no_such_nvml_binding", None, "cannot import llm_worker_no_such_nvml_binding"),
-    (FAKE, "driver_not_loaded", "DriverNotLoaded"),
-    (FAKE, "library_not_found", "LibraryNotFound"),
-    (FAKE, "unknown", "nvmlInit failed"),
-])
+@pytest.mark.parametrize(
+    ("module", "fail_init", "reason"),
+    [
+        ("llm_worker_no_such_nvml_binding", None, "cannot import llm_worker_no_such_nvml_binding"),
+        (FAKE, "driver_not_loaded", "DriverNotLoaded"),
+        (FAKE, "library_not_found", "LibraryNotFound"),
+        (FAKE, "unknown", "nvmlInit failed"),
+    ],
+)
 def test_no_driver_is_a_state_told_once(
-    fake: ModuleType, clock: Clock, caplog: pytest.LogCaptureFixture, module: str, fail_init: str | None, reason: str,
+    fake: ModuleType,
+    clock: Clock,
+    caplog: pytest.LogCaptureFixture,
+    module: str,
+    fail_init: str | None,
+    reason: str,
 ) -> None:
-    caplog.set_level(logging.DEBUG, logger="llm_worker.gpu")
+    caplog.set_level(logging.DEBUG, logger="llm_worker.http.gpu")
     fake.configure(fail_init=fail_init)
     sampler = GpuSampler(module, clock=clock)
 
@@ -116,14 +144,21 @@ def test_no_driver_is_a_state_told_once(
 
 
 def test_partly_unsupported_reads_the_rest(fake: ModuleType) -> None:
-    fake.configure(gpus=[
-        gpu(0, errors={"temperature": "unknown"}, processes=[
-            {"pid": 10, "name": "ollama", "used": None},
-            {"pid": 11, "name": "ollama", "used": fake.NVML_VALUE_NOT_AVAILABLE},  # older bindings' raw -1
-            {"pid": 12, "name": "ollama", "used": 3 * GiB},
-        ]),
-        gpu(1, unsupported=["utilization", "memory", "processes", "uuid"]),
-    ], unsupported={"power", "energy"})
+    fake.configure(
+        gpus=[
+            gpu(
+                0,
+                errors={"temperature": "unknown"},
+                processes=[
+                    {"pid": 10, "name": "ollama", "used": None},
+                    {"pid": 11, "name": "ollama", "used": fake.NVML_VALUE_NOT_AVAILABLE},  # older bindings' raw -1
+                    {"pid": 12, "name": "ollama", "used": 3 * GiB},
+                ],
+            ),
+            gpu(1, unsupported=["utilization", "memory", "processes", "uuid"]),
+        ],
+        unsupported={"power", "energy"},
+    )
 
     reading = GpuSampler(FAKE).sample()
 
@@ -139,7 +174,7 @@ def test_partly_unsupported_reads_the_rest(fake: ModuleType) -> None:
 
 
 def test_zero_gpus_is_down_with_a_reason(fake: ModuleType, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="llm_worker.gpu")
+    caplog.set_level(logging.INFO, logger="llm_worker.http.gpu")
     fake.configure(gpus=[])
     sampler = GpuSampler(FAKE)
 
@@ -150,14 +185,16 @@ def test_zero_gpus_is_down_with_a_reason(fake: ModuleType, caplog: pytest.LogCap
     assert fake.calls.count("nvmlInit") == 1 and fake.calls.count("nvmlShutdown") == 1
 
 
-def test_init_is_retried_at_most_once_a_minute(fake: ModuleType, clock: Clock, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="llm_worker.gpu")
+def test_init_is_retried_at_most_once_a_minute(
+    fake: ModuleType, clock: Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="llm_worker.http.gpu")
     fake.configure(fail_init="driver_not_loaded")
     sampler = GpuSampler(FAKE, clock=clock)
 
     # Given a failed initialisation, samples within the minute do not try again.
     sampler.sample()
-    for step in range(59):
+    for _ in range(59):
         clock.now += 1
         assert not sampler.sample().collector_up
     assert fake.calls.count("nvmlInit") == 1
@@ -173,10 +210,14 @@ def test_init_is_retried_at_most_once_a_minute(fake: ModuleType, clock: Clock, c
     sampler.sample()
     assert fake.calls.count("nvmlInit") == 1
     assert [r.getMessage().split(":")[0] for r in nvml_log(caplog)] == [
-        "GPU readings unavailable (retrying every 60s)", "GPU readings available"]
+        "GPU readings unavailable (retrying every 60s)",
+        "GPU readings available",
+    ]
 
 
-def test_gpu_lost_after_init_is_down_then_retried(fake: ModuleType, clock: Clock, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_gpu_lost_after_init_is_down_then_retried(
+    fake: ModuleType, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
     sampler = GpuSampler(FAKE, clock=clock)
     assert sampler.sample().collector_up
 
@@ -270,12 +311,20 @@ def test_sampler_initialised_before_fork_initialises_again_in_the_child(fake: Mo
 
 
 def test_end_to_end_in_another_process_from_the_environment() -> None:
-    scenario = {"gpus": [gpu(0, utilization=80, processes=[{"pid": 99, "name": "ollama", "used": 5 * GiB}])],
-                "unsupported": ["energy"], "driver_version": "535.1"}
-    env = {**os.environ, "FAKE_NVML_SCENARIO": json.dumps(scenario),
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))}
-    script = ("import sys, msgspec; from llm_worker.gpu import GpuSampler; "
-              "sys.stdout.buffer.write(msgspec.json.encode(GpuSampler('fake_pynvml').sample()))")
+    scenario = {
+        "gpus": [gpu(0, utilization=80, processes=[{"pid": 99, "name": "ollama", "used": 5 * GiB}])],
+        "unsupported": ["energy"],
+        "driver_version": "535.1",
+    }
+    env = {
+        **os.environ,
+        "FAKE_NVML_SCENARIO": json.dumps(scenario),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")])),
+    }
+    script = (
+        "import sys, msgspec; from llm_worker.http.gpu import GpuSampler; "
+        "sys.stdout.buffer.write(msgspec.json.encode(GpuSampler('fake_pynvml').sample()))"
+    )
 
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, timeout=60, check=True)
 

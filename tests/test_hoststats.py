@@ -14,7 +14,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from llm_worker.hoststats import HostReading, ProcessWatcher, find_processes, host_reading, process_reading
+from llm_worker.http.hoststats import HostReading, ProcessWatcher, find_processes, host_reading, process_reading
 
 MB = 1_000_000
 HOLDS_50MB = "import time; x = bytearray(50_000_000); print('ready', flush=True); time.sleep(30)"
@@ -144,8 +144,10 @@ def test_find_processes_by_name_and_argv0(tmp_path: Path) -> None:
     (tmp_path / "bin").mkdir()
     os.symlink(sleep, tmp_path / "bin" / "ollama")
     shutil.copy(sleep, tmp_path / "ollama-notreally")
-    started = [subprocess.Popen([str(path), "30"]) for path in
-               (tmp_path / "ollama", tmp_path / "bin" / "ollama", tmp_path / "ollama-notreally")]
+    started = [
+        subprocess.Popen([str(path), "30"])
+        for path in (tmp_path / "ollama", tmp_path / "bin" / "ollama", tmp_path / "ollama-notreally")
+    ]
     try:
         # When the host is scanned for Ollama.
         found = find_processes()

@@ -15,12 +15,12 @@ import pytest
 import redis
 import urllib3
 from prometheus_client.parser import text_string_to_metric_families
-
-from llm_worker.http import MAX_BODY, OLLAMA_WAITING, THREADS
-from llm_worker.liveprobe import FRESH, LiveProbe
-from llm_worker.providers import Health
-from llm_worker.simulator import Fault, Simulator, SimulatorConfig
 from support import chat, client_for, eventually, wait_all
+
+from llm_worker.devtools.simulator import Fault, Simulator, SimulatorConfig
+from llm_worker.http.app import MAX_BODY, OLLAMA_WAITING, THREADS
+from llm_worker.http.liveprobe import FRESH, LiveProbe
+from llm_worker.plugin.providers import Health
 
 FAST = {"HOST_SAMPLE_INTERVAL": "200", "OLLAMA_HEALTH_CHECK_INTERVAL": "500"}
 
@@ -28,7 +28,11 @@ FAST = {"HOST_SAMPLE_INTERVAL": "200", "OLLAMA_HEALTH_CHECK_INTERVAL": "500"}
 def scrape(svc, accept: str | None = None) -> dict[tuple[str, tuple], float]:
     headers = {"Accept": accept} if accept else {}
     text = urllib3.request("GET", svc.url + "/metrics", headers=headers).data.decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+    }
 
 
 def value(samples: dict, name: str, **labels: str) -> float:
@@ -55,9 +59,14 @@ def test_health_liveness_readiness_answer_with_the_services_shapes(service) -> N
 
 
 def test_not_ready_while_workers_boot_but_live_and_healthy(service) -> None:
-    svc = service(ready=False, LLM_WORKER_PLUGINS="testplugins", TESTPLUGINS_BOOT_SECONDS="3", WORKER_POOLS="llm-chat=2")
-    status, body = eventually(lambda: (lambda got: got if got[0] in (200, 503) else None)(_get_or_none(svc, "/health/ready")),
-                              timeout=20, what="the HTTP process up")
+    svc = service(
+        ready=False, LLM_WORKER_PLUGINS="testplugins", TESTPLUGINS_BOOT_SECONDS="3", WORKER_POOLS="llm-chat=2"
+    )
+    status, body = eventually(
+        lambda: (lambda got: got if got[0] in (200, 503) else None)(_get_or_none(svc, "/health/ready")),
+        timeout=20,
+        what="the HTTP process up",
+    )
     assert status == 503 and body["reason"] == "0 of 2 workers up, 1 needed"
     assert svc.get("/health/live")[0] == 200
     assert svc.get("/status")[1]["workers"][0]["state"] == "booting"
@@ -72,15 +81,33 @@ def _get_or_none(svc, path: str):  # type: ignore[no-untyped-def]
 
 
 def test_metrics_exist_at_zero_before_the_first_job(service) -> None:
-    svc = service(WORKER_POOLS="llm-chat=2,llm-embeddings=1", DEFAULT_CHAT_MODEL="llama3.2",
-                  DEFAULT_EMBEDDING_MODEL="nomic-embed-text", **FAST)
+    svc = service(
+        WORKER_POOLS="llm-chat=2,llm-embeddings=1",
+        DEFAULT_CHAT_MODEL="llama3.2",
+        DEFAULT_EMBEDDING_MODEL="nomic-embed-text",
+        **FAST,
+    )
     samples = scrape(svc)
     for job_type in ("chat", "generate"):
         for outcome in ("completed", "failed", "retried"):
-            assert value(samples, "llm_worker_jobs_total", queue="llm-chat", type=job_type, model="llama3.2", outcome=outcome) == 0
+            assert (
+                value(
+                    samples, "llm_worker_jobs_total", queue="llm-chat", type=job_type, model="llama3.2", outcome=outcome
+                )
+                == 0
+            )
         assert value(samples, "llm_worker_job_duration_seconds_count", queue="llm-chat", type=job_type) == 0
-    assert value(samples, "llm_worker_jobs_total", queue="llm-embeddings", type="embeddings", model="nomic-embed-text",
-                 outcome="completed") == 0
+    assert (
+        value(
+            samples,
+            "llm_worker_jobs_total",
+            queue="llm-embeddings",
+            type="embeddings",
+            model="nomic-embed-text",
+            outcome="completed",
+        )
+        == 0
+    )
     assert value(samples, "llm_worker_tokens_total", model="llama3.2", kind="prompt") == 0
     assert value(samples, "llm_worker_model_job_duration_seconds_count", model="nomic-embed-text") == 0
     assert value(samples, "llm_worker_workers", pool="llm-chat", state="idle") == 2
@@ -91,19 +118,40 @@ def test_metrics_exist_at_zero_before_the_first_job(service) -> None:
     assert value(samples, "llm_worker_cache_hits_total", queue="llm-chat") == 0
     assert value(samples, "llm_worker_jobs_reclaimed_total") == 0
     assert value(samples, "llm_worker_redis_up") == 1
-    assert value(samples, "llm_worker_build_info", version=__import__("llm_worker").__version__,
-                 python=__import__("platform").python_version()) == 1
+    assert (
+        value(
+            samples,
+            "llm_worker_build_info",
+            version=__import__("llm_worker").__version__,
+            python=__import__("platform").python_version(),
+        )
+        == 1
+    )
     slots = [dict(labels) for name, labels in samples if name == "llm_worker_worker_resident_memory_bytes"]
     assert sorted(s["pool"] for s in slots) == ["llm-chat", "llm-chat", "llm-embeddings"]
     assert all(name.startswith("llm_worker_") for name, _ in samples)
 
 
-def test_counters_count_jobs_and_stay_monotonic_across_a_sigkilled_worker(service, sim: Simulator, redis_url: str, r: redis.Redis) -> None:
+def test_counters_count_jobs_and_stay_monotonic_across_a_sigkilled_worker(
+    service, sim: Simulator, redis_url: str, r: redis.Redis
+) -> None:
     svc = service(WORKER_POOLS="llm-chat=2", **FAST)
     client = client_for(redis_url)
     wait_all(client, [chat(client, f"one {n}") for n in range(6)])
-    eventually(lambda: value(scrape(svc), "llm_worker_jobs_total", queue="llm-chat", type="chat", model="llama3.2",
-                             outcome="completed") == 6, what="six jobs counted")
+    eventually(
+        lambda: (
+            value(
+                scrape(svc),
+                "llm_worker_jobs_total",
+                queue="llm-chat",
+                type="chat",
+                model="llama3.2",
+                outcome="completed",
+            )
+            == 6
+        ),
+        what="six jobs counted",
+    )
     before = scrape(svc)
     done = value(before, "llm_worker_jobs_total", queue="llm-chat", type="chat", model="llama3.2", outcome="completed")
     assert done == 6
@@ -114,7 +162,9 @@ def test_counters_count_jobs_and_stay_monotonic_across_a_sigkilled_worker(servic
     killed = svc.worker_pids(r)
     for pid in killed:
         os.kill(pid, signal.SIGKILL)
-    eventually(lambda: (lambda now: len(now) == 2 and not set(now) & set(killed))(svc.worker_pids(r)), what="respawned workers")
+    eventually(
+        lambda: (lambda now: len(now) == 2 and not set(now) & set(killed))(svc.worker_pids(r)), what="respawned workers"
+    )
     after = scrape(svc)
     for key, count in before.items():
         if key[0].endswith(("_total", "_count", "_sum", "_bucket")) and "cpu_seconds" not in key[0]:
@@ -122,12 +172,24 @@ def test_counters_count_jobs_and_stay_monotonic_across_a_sigkilled_worker(servic
     assert value(after, "llm_worker_worker_crashes_total", pool="llm-chat") == 2
     wait_all(client, [chat(client, "after")])
     # The worker counts a job just after its result is written: look again if need be.
-    eventually(lambda: value(scrape(svc), "llm_worker_jobs_total", queue="llm-chat", type="chat", model="llama3.2",
-                             outcome="completed") == 7, what="the seventh job counted")
+    eventually(
+        lambda: (
+            value(
+                scrape(svc),
+                "llm_worker_jobs_total",
+                queue="llm-chat",
+                type="chat",
+                model="llama3.2",
+                outcome="completed",
+            )
+            == 7
+        ),
+        what="the seventh job counted",
+    )
 
 
 def test_failures_retries_and_rejections_are_counted(service, sim: Simulator, redis_url: str, r: redis.Redis) -> None:
-    from llm_worker.simulator import Fault
+    from llm_worker.devtools.simulator import Fault
 
     svc = service(WORKER_POOLS="llm-chat=1", QUEUE_DELAY="10", QUEUE_MAX_ATTEMPTS="2", OLLAMA_MAX_RETRIES="0", **FAST)
     sim.set_faults([Fault(status=500, message="error reading llama-server response: unexpected EOF")])
@@ -135,16 +197,24 @@ def test_failures_retries_and_rejections_are_counted(service, sim: Simulator, re
     wait_all(client, [chat(client)])
     r.lpush("llm-chat", b"not a job")
     eventually(lambda: r.llen("llm-dead-letter") == 2, what="two dead letters")
-    samples = eventually(lambda: (lambda s: s if value(s, "llm_worker_payloads_rejected_total", queue="llm-chat") else None)(scrape(svc)),
-                         what="the rejection counted")
-    assert value(samples, "llm_worker_jobs_total", queue="llm-chat", type="chat", model="llama3.2", outcome="retried") == 1
-    assert value(samples, "llm_worker_jobs_total", queue="llm-chat", type="chat", model="llama3.2", outcome="failed") == 1
+    samples = eventually(
+        lambda: (lambda s: s if value(s, "llm_worker_payloads_rejected_total", queue="llm-chat") else None)(
+            scrape(svc)
+        ),
+        what="the rejection counted",
+    )
+    assert (
+        value(samples, "llm_worker_jobs_total", queue="llm-chat", type="chat", model="llama3.2", outcome="retried") == 1
+    )
+    assert (
+        value(samples, "llm_worker_jobs_total", queue="llm-chat", type="chat", model="llama3.2", outcome="failed") == 1
+    )
     assert value(samples, "llm_worker_payloads_rejected_total", queue="llm-chat") == 1
     eventually(lambda: value(scrape(svc), "llm_worker_dead_letter_jobs") == 2, what="dead letters sampled")
 
 
 def test_model_labels_are_bounded_and_the_rest_count_as_other(service, redis_url: str) -> None:
-    from llm_worker.stats import MAX_MODELS
+    from llm_worker.host.layout import MAX_MODELS
 
     svc = service(WORKER_POOLS="llm-chat=2", **FAST)
     client = client_for(redis_url)
@@ -156,15 +226,21 @@ def test_model_labels_are_bounded_and_the_rest_count_as_other(service, redis_url
 
     def counted() -> dict | None:
         samples = scrape(svc)
-        failed = {dict(labels)["model"]: v for (name, labels), v in samples.items()
-                  if name == "llm_worker_jobs_total" and dict(labels)["outcome"] == "failed" and v}
+        failed = {
+            dict(labels)["model"]: v
+            for (name, labels), v in samples.items()
+            if name == "llm_worker_jobs_total" and dict(labels)["outcome"] == "failed" and v
+        }
         return samples if sum(failed.values()) == 30 else None
 
     samples = eventually(counted, what="thirty failures counted")
     models = {dict(labels)["model"] for name, labels in samples if name == "llm_worker_jobs_total"}
     assert len(models) <= MAX_MODELS and "other" in models
     assert value(samples, "llm_worker_jobs_total", queue="llm-chat", type="chat", model="other", outcome="failed") > 0
-    assert value(samples, "llm_worker_jobs_total", queue="llm-chat", type="chat", model="llama3.2", outcome="completed") == 1
+    assert (
+        value(samples, "llm_worker_jobs_total", queue="llm-chat", type="chat", model="llama3.2", outcome="completed")
+        == 1
+    )
 
 
 def test_models_outside_allowed_models_are_refused_not_labelled(service, redis_url: str) -> None:
@@ -173,9 +249,20 @@ def test_models_outside_allowed_models_are_refused_not_labelled(service, redis_u
     results = wait_all(client, [chat(client, model="llama3.2:latest"), chat(client, model="gemma")])
     assert [r["success"] for r in results.values()] == [True, False]
     # Refused by the allow-list filter: a failed job (validation), counted under "other".
-    samples = eventually(lambda: (lambda s: s if count(s, "llm_worker_jobs_total", queue="llm-chat", type="chat", model="other",
-                                                       outcome="failed") else None)(scrape(svc)), what="the refusal counted")
-    assert value(samples, "llm_worker_jobs_total", queue="llm-chat", type="chat", model="llama3.2", outcome="completed") == 1
+    samples = eventually(
+        lambda: (
+            lambda s: (
+                s
+                if count(s, "llm_worker_jobs_total", queue="llm-chat", type="chat", model="other", outcome="failed")
+                else None
+            )
+        )(scrape(svc)),
+        what="the refusal counted",
+    )
+    assert (
+        value(samples, "llm_worker_jobs_total", queue="llm-chat", type="chat", model="llama3.2", outcome="completed")
+        == 1
+    )
     assert not any(dict(labels).get("model") == "gemma" for _, labels in samples)
 
 
@@ -184,7 +271,9 @@ def test_exposition_negotiates_openmetrics_and_gzip(service) -> None:
     plain = urllib3.request("GET", svc.url + "/metrics")
     assert plain.headers["Content-Type"].startswith("text/plain; version=0.0.4")
     om = urllib3.request("GET", svc.url + "/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"})
-    assert om.headers["Content-Type"].startswith("application/openmetrics-text") and om.data.decode().endswith("# EOF\n")
+    assert om.headers["Content-Type"].startswith("application/openmetrics-text") and om.data.decode().endswith(
+        "# EOF\n"
+    )
     zipped = urllib3.request("GET", svc.url + "/metrics", headers={"Accept-Encoding": "gzip"}, decode_content=False)
     assert zipped.headers["Content-Encoding"] == "gzip" and b"llm_worker_workers" in gzip.decompress(zipped.data)
 
@@ -204,7 +293,7 @@ def test_promtool_accepts_the_exposition(service, redis_url: str) -> None:
 
 
 def test_readiness_follows_redis_and_drain_while_liveness_holds(service, sim: Simulator, tmp_path) -> None:
-    from llm_worker.localredis import LocalRedis
+    from llm_worker.devtools.localredis import LocalRedis
 
     with LocalRedis(tmp_path / "own", appendonly=False) as own:
         svc = service(REDIS_URL=own.url, WORKER_POOLS="llm-chat=1", **FAST)
@@ -235,8 +324,9 @@ def test_ollama_down_shows_in_its_health_route_not_in_liveness(service, sim: Sim
     assert set(body) >= {"status", "message", "url", "error_details"} and body["error_details"]
     assert body["status"] == "unhealthy"
     assert svc.get("/health/live")[0] == 200
-    eventually(lambda: value(scrape(svc), "llm_worker_provider_up", provider="ollama") == 0,
-               what="the sampler saw it too")
+    eventually(
+        lambda: value(scrape(svc), "llm_worker_provider_up", provider="ollama") == 0, what="the sampler saw it too"
+    )
 
 
 # The sampler's own probe comes every 30 s by default; these tests leave it there
@@ -279,14 +369,19 @@ def test_ollama_health_is_asked_live_503_soon_after_ollama_stops_and_200_once_ba
     assert svc.get("/health/ollama")[0] == 200
     port = sim.port
     sim.stop()
-    _, body = eventually(lambda: (lambda got: got if got[0] == 503 else None)(svc.get("/health/ollama")),
-                         timeout=10, interval=0.05, what="503 after Ollama stopped")
+    _, body = eventually(
+        lambda: (lambda got: got if got[0] == 503 else None)(svc.get("/health/ollama")),
+        timeout=10,
+        interval=0.05,
+        what="503 after Ollama stopped",
+    )
     assert body["status"] == "unhealthy" and body["url"] == sim.url and "cannot reach" in body["error_details"]
     assert svc.get("/health/live")[0] == 200
     back = Simulator(SimulatorConfig(port=port)).start()
     try:
-        eventually(lambda: svc.get("/health/ollama")[0] == 200, timeout=10, interval=0.05,
-                   what="200 once Ollama is back")
+        eventually(
+            lambda: svc.get("/health/ollama")[0] == 200, timeout=10, interval=0.05, what="200 once Ollama is back"
+        )
     finally:
         back.stop()
 
@@ -309,8 +404,11 @@ def test_a_healthcheck_timeout_shorter_than_a_hanging_ollama_answers_503(service
     svc = service(HEALTHCHECK_TIMEOUT="0.5")
     assert svc.get("/health/ollama")[0] == 200
     sim.set_faults([Fault(kind="hang", endpoints=("version",))])
-    _, body = eventually(lambda: (lambda got: got if got[0] == 503 else None)(svc.get("/health/ollama")),
-                         timeout=15, what="503 while Ollama hangs")
+    _, body = eventually(
+        lambda: (lambda got: got if got[0] == 503 else None)(svc.get("/health/ollama")),
+        timeout=15,
+        what="503 while Ollama hangs",
+    )
     assert body["status"] == "unhealthy" and "no answer within 0.5s" in body["error_details"]
     assert svc.get("/health/live")[0] == 200
     sim.clear_faults()
@@ -330,7 +428,7 @@ def test_liveness_answers_while_health_ollama_requests_wait_on_a_hanging_ollama(
     assert svc.get("/health/live")[0] == 200 and svc.get("/health/ready")[0] == 200
     assert finished[0] == THREADS - OLLAMA_WAITING  # the waiting ones still wait: liveness did not queue behind them
     assert done.wait(30)
-    late = answers[THREADS - OLLAMA_WAITING:]
+    late = answers[THREADS - OLLAMA_WAITING :]
     assert all(status == 503 and "no answer within 8.0s" in body["error_details"] for status, body in late), late
     assert versions_asked(sim) - before == 1
 
@@ -368,8 +466,10 @@ def test_status_shows_pools_workers_and_the_job_in_hand(service, sim: Simulator,
     sim.config.latency_ms = 2000
     svc = service(WORKER_POOLS="llm-chat=1,llm-embeddings=1", **FAST)
     job = chat(client_for(redis_url))
-    body = eventually(lambda: (lambda b: b if any(w["jobId"] == job for w in b["workers"]) else None)(svc.get("/status")[1]),
-                      what="the job in /status")
+    body = eventually(
+        lambda: (lambda b: b if any(w["jobId"] == job for w in b["workers"]) else None)(svc.get("/status")[1]),
+        what="the job in /status",
+    )
     running = {"wanted": 1, "workers": 1, "paused": False, "pausedBecause": None}
     assert body["pools"] == {"llm-chat": running, "llm-embeddings": running}
     busy = next(w for w in body["workers"] if w["jobId"] == job)
@@ -398,11 +498,17 @@ def test_a_request_body_past_the_limit_is_refused_before_it_is_read(service) -> 
     with socket.create_connection((host, int(port)), timeout=10) as conn:
         # A megabyte announced, a kilobyte sent: without the limit waitress waits for
         # (and buffers) the rest, up to its default of a gigabyte.
-        conn.sendall(b"POST /admin/breakers/reset?key=x HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer s3cret-token\r\n"
-                     b"Content-Length: 1048576\r\n\r\n" + b"x" * 1024)
+        conn.sendall(
+            b"POST /admin/breakers/reset?key=x HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer s3cret-token\r\n"
+            b"Content-Length: 1048576\r\n\r\n" + b"x" * 1024
+        )
         status_line = conn.makefile("rb").readline()
     assert status_line.split()[1] == b"413", status_line
-    small = urllib3.request("POST", svc.url + "/admin/breakers/reset?key=ollama:llama3.2", body=b"x" * (MAX_BODY // 2),
-                            headers={"Authorization": "Bearer s3cret-token"})
+    small = urllib3.request(
+        "POST",
+        svc.url + "/admin/breakers/reset?key=ollama:llama3.2",
+        body=b"x" * (MAX_BODY // 2),
+        headers={"Authorization": "Bearer s3cret-token"},
+    )
     assert small.status != 413
     assert urllib3.request("GET", svc.url + "/health/live").status == 200

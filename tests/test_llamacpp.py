@@ -32,13 +32,13 @@ from collections.abc import Callable, Iterator
 import msgspec
 import pytest
 import redis
-
 from llamacpp_support import CHAT, CONTEXT, NOPOOL, LlamaServer, server_python
-from llm_worker import config
-from llm_worker.jobs import ChatRequest, ErrorKind, GenerateRequest
-from llm_worker.plugins.openai import OpenAIProvider
-from llm_worker.providers import INCOMPLETE, Completion, Deadline, Incomplete, ProviderError
 from support import client_for, wait_all
+
+from llm_worker.plugin.providers import INCOMPLETE, Completion, Deadline, Incomplete, ProviderError
+from llm_worker.plugins.openai import OpenAIProvider
+from llm_worker.protocol.jobs import ChatRequest, ErrorKind, GenerateRequest
+from llm_worker.settings import config
 
 MODEL = "openai:" + CHAT
 LONG = 500  # tokens of an answer long enough to be running still when a second request comes
@@ -74,8 +74,14 @@ def openai(provider_for: ProviderFactory) -> OpenAIProvider:
     return provider_for()
 
 
-def chat(provider: OpenAIProvider, text: str = "why is the sky blue?", *, on_chunk: Callable[..., None] | None = None,
-         deadline: float = 60.0, **fields: object) -> Completion:
+def chat(
+    provider: OpenAIProvider,
+    text: str = "why is the sky blue?",
+    *,
+    on_chunk: Callable[..., None] | None = None,
+    deadline: float = 60.0,
+    **fields: object,
+) -> Completion:
     request = msgspec.convert({"messages": [{"role": "user", "content": text}], **fields}, ChatRequest)
     return provider.chat(MODEL, request, Deadline(deadline), on_chunk)
 
@@ -102,8 +108,9 @@ def test_a_chat_is_answered_whole_with_the_servers_token_counts(openai: OpenAIPr
 
 def test_a_streamed_generate_delivers_every_piece_and_counts_them_without_usage(openai: OpenAIProvider) -> None:
     chunks: list[str] = []
-    request = msgspec.convert({"prompt": "hello world", "system": "be brief", "options": {"num_predict": 12}},
-                              GenerateRequest)
+    request = msgspec.convert(
+        {"prompt": "hello world", "system": "be brief", "options": {"num_predict": 12}}, GenerateRequest
+    )
     done = openai.generate(MODEL, request, Deadline(60), chunks.append)
     assert done.done_reason == "length" and done.message is None
     assert len(chunks) == 12 and "".join(chunks) == done.text
@@ -142,7 +149,8 @@ def test_a_prompt_over_the_context_is_the_jobs_validation_error(openai: OpenAIPr
 
 
 def test_a_stream_stopped_for_a_newer_request_is_incomplete_and_the_newer_one_is_answered(
-        provider_for: ProviderFactory) -> None:
+    provider_for: ProviderFactory,
+) -> None:
     first, second = provider_for(), provider_for()
     newer: list[Completion] = []
     chunks: list[str] = []
@@ -194,8 +202,9 @@ def test_a_client_that_leaves_mid_stream_times_out_and_the_server_serves_the_nex
             deadline.at = 0
             gone.set()
 
-    request = msgspec.convert({"messages": [{"role": "user", "content": "hello"}], "options": {"num_predict": LONG}},
-                              ChatRequest)
+    request = msgspec.convert(
+        {"messages": [{"role": "user", "content": "hello"}], "options": {"num_predict": LONG}}, ChatRequest
+    )
     error = raised(lambda: openai.chat(MODEL, request, deadline, on_chunk))
     assert gone.is_set() and (error.kind, error.retryable) == (ErrorKind.TIMEOUT, True)
     assert error.message == "POST /chat/completions: job timeout reached"
@@ -209,18 +218,22 @@ def test_a_client_that_leaves_mid_stream_times_out_and_the_server_serves_the_nex
 
 
 def test_a_running_service_answers_chat_generate_streams_and_embeddings_from_llama_cpp(
-        service, llama: LlamaServer, redis_url: str, r: redis.Redis) -> None:
+    service, llama: LlamaServer, redis_url: str, r: redis.Redis
+) -> None:
     service(OPENAI_BASE_URL=llama.url + "/v1", WORKER_POOLS="llm-chat=1,llm-embeddings=1", OPENAI_MAX_CONCURRENT="1")
     client = client_for(redis_url)
     ids = {
-        "chat": client.submit("chat", {"messages": [{"role": "user", "content": "hi"}], "options": {"num_predict": 5}},
-                              model=MODEL),
-        "generate": client.submit("generate", {"prompt": "hello", "stream": True, "options": {"num_predict": 6}},
-                                  model=MODEL),
+        "chat": client.submit(
+            "chat", {"messages": [{"role": "user", "content": "hi"}], "options": {"num_predict": 5}}, model=MODEL
+        ),
+        "generate": client.submit(
+            "generate", {"prompt": "hello", "stream": True, "options": {"num_predict": 6}}, model=MODEL
+        ),
         "embeddings": client.submit("embeddings", {"input": ["hello world", "blue"]}, model=MODEL),
         "nopool": client.submit("embeddings", {"input": ["hello world"]}, model="openai:" + NOPOOL),
-        "too long": client.submit("chat", {"messages": [{"role": "user", "content": "blue " * (CONTEXT + 100)}],
-                                           "stream": True}, model=MODEL),  # 200 and an empty stream, first
+        "too long": client.submit(
+            "chat", {"messages": [{"role": "user", "content": "blue " * (CONTEXT + 100)}], "stream": True}, model=MODEL
+        ),  # 200 and an empty stream, first
     }
     streamed = "".join(client.stream(ids["generate"], timeout=60))
     results = wait_all(client, ids.values(), timeout=60)
@@ -235,13 +248,20 @@ def test_a_running_service_answers_chat_generate_streams_and_embeddings_from_lla
 
 
 def test_with_openai_max_concurrent_1_two_streaming_jobs_at_once_are_both_whole(
-        service, llama: LlamaServer, redis_url: str, r: redis.Redis) -> None:
+    service, llama: LlamaServer, redis_url: str, r: redis.Redis
+) -> None:
     # Two workers, one llama-cpp-python slot: without the host's gate each stream would stop the other.
     service(OPENAI_BASE_URL=llama.url + "/v1", WORKER_POOLS="llm-chat=2", OPENAI_MAX_CONCURRENT="1")
     client = client_for(redis_url)
-    ids = [client.submit("chat", {"messages": [{"role": "user", "content": f"story {n}"}], "stream": True,
-                                  "options": {"num_predict": LONG}}, model=MODEL, max_retries=0)
-           for n in range(2)]
+    ids = [
+        client.submit(
+            "chat",
+            {"messages": [{"role": "user", "content": f"story {n}"}], "stream": True, "options": {"num_predict": LONG}},
+            model=MODEL,
+            max_retries=0,
+        )
+        for n in range(2)
+    ]
     results = wait_all(client, ids, timeout=120)
     for job_id in ids:
         result = results[job_id]

@@ -6,10 +6,9 @@ import time
 from datetime import datetime
 
 import urllib3
-
-from llm_worker.simulator import Simulator
-
 from support import client_for, wait_all
+
+from llm_worker.devtools.simulator import Simulator
 
 
 def loaded_context(sim: Simulator) -> dict[str, int]:
@@ -18,16 +17,29 @@ def loaded_context(sim: Simulator) -> dict[str, int]:
 
 
 def test_jobs_with_different_load_options_never_reload_a_model(service, sim: Simulator, redis_url: str) -> None:
-    service(WORKER_POOLS="llm-chat=2,llm-embeddings=1", MODEL_LOAD_OPTIONS="num_ctx=8192,num_batch=256",
-            EMBEDDING_LOAD_OPTIONS="num_ctx=2048,num_batch=2048")
+    service(
+        WORKER_POOLS="llm-chat=2,llm-embeddings=1",
+        MODEL_LOAD_OPTIONS="num_ctx=8192,num_batch=256",
+        EMBEDDING_LOAD_OPTIONS="num_ctx=2048,num_batch=2048",
+    )
     client = client_for(redis_url)
     ids = []
-    for n, options in enumerate([None, {"num_ctx": 1024}, {"num_ctx": 32768, "temperature": 0.5}, {"num_batch": 8},
-                                 {"num_ctx": 2048, "num_gpu": 1, "num_predict": 3}]):
+    for n, options in enumerate(
+        [
+            None,
+            {"num_ctx": 1024},
+            {"num_ctx": 32768, "temperature": 0.5},
+            {"num_batch": 8},
+            {"num_ctx": 2048, "num_gpu": 1, "num_predict": 3},
+        ]
+    ):
         request = {"messages": [{"role": "user", "content": f"q{n}"}], **({"options": options} if options else {})}
         ids.append(client.submit("chat", request, model="llama3.2"))
-        ids.append(client.submit("embeddings", {"input": f"t{n}", **({"options": options} if options else {})},
-                                 model="nomic-embed-text"))
+        ids.append(
+            client.submit(
+                "embeddings", {"input": f"t{n}", **({"options": options} if options else {})}, model="nomic-embed-text"
+            )
+        )
     results = wait_all(client, ids)
     assert all(res["success"] for res in results.values())
     stats = sim.stats()
@@ -41,8 +53,12 @@ def test_jobs_with_different_load_options_never_reload_a_model(service, sim: Sim
 def test_without_model_load_options_jobs_still_cannot_change_them(service, sim: Simulator, redis_url: str) -> None:
     service(WORKER_POOLS="llm-chat=1")
     client = client_for(redis_url)
-    ids = [client.submit("chat", {"messages": [{"role": "user", "content": "x"}], "options": {"num_ctx": ctx}},
-                         model="llama3.2") for ctx in (512, 4096, 16384)]
+    ids = [
+        client.submit(
+            "chat", {"messages": [{"role": "user", "content": "x"}], "options": {"num_ctx": ctx}}, model="llama3.2"
+        )
+        for ctx in (512, 4096, 16384)
+    ]
     assert all(res["success"] for res in wait_all(client, ids).values())
     assert sim.stats().loads == {"llama3.2:latest": 1}
     assert loaded_context(sim) == {"llama3.2:latest": sim.config.num_ctx}  # Ollama's default, for every job
@@ -51,8 +67,10 @@ def test_without_model_load_options_jobs_still_cannot_change_them(service, sim: 
 def test_a_jobs_keep_alive_cannot_unload_a_model_the_host_keeps(service, sim: Simulator, redis_url: str) -> None:
     service(WORKER_POOLS="llm-chat=1,llm-embeddings=1", MODEL_UNLOAD_TIMEOUT="600000")
     client = client_for(redis_url)
-    ids = [client.submit("chat", {"messages": [{"role": "user", "content": "x"}], "keepAlive": 0}, model="llama3.2"),
-           client.submit("embeddings", {"input": "x", "keepAlive": "0s"}, model="nomic-embed-text")]
+    ids = [
+        client.submit("chat", {"messages": [{"role": "user", "content": "x"}], "keepAlive": 0}, model="llama3.2"),
+        client.submit("embeddings", {"input": "x", "keepAlive": "0s"}, model="nomic-embed-text"),
+    ]
     assert all(res["success"] for res in wait_all(client, ids).values())
     assert sim.stats().unloads == {}
     models = urllib3.request("GET", sim.url + "/api/ps").json()["models"]

@@ -22,18 +22,23 @@ from pathlib import Path
 import msgspec
 import pytest
 import urllib3
-
 from fake_pynvml import GiB, gpu
-from llm_worker.localredis import free_port
-from llm_worker.modelpolicy import Loaded, evictable, idle, over_cache
-from llm_worker.pullprogress import PullProgress
-from llm_worker.simulator import Fault, Simulator, SimulatorConfig
-from support import chat, client_for, eventually, events, wait_all
+from support import chat, client_for, events, eventually, wait_all
 from test_http import FAST, scrape, value
+
+from llm_worker.devtools.localredis import free_port
+from llm_worker.devtools.simulator import Fault, Simulator, SimulatorConfig
+from llm_worker.models.policy import Loaded, evictable, idle, over_cache
+from llm_worker.models.pullprogress import PullProgress
 
 MODELS = ["llama3.2", "qwen2.5", "mistral", "nomic-embed-text", "slowpoke"]
 SLOW_LOAD = 2.5  # seconds slowpoke takes to load
-MANAGED = {"MODEL_MANAGER_INTERVAL": "200", "WORKER_POOLS": "llm-chat=1,llm-embeddings=1", "MODEL_UNLOAD_TIMEOUT": "0", **FAST}
+MANAGED = {
+    "MODEL_MANAGER_INTERVAL": "200",
+    "WORKER_POOLS": "llm-chat=1,llm-embeddings=1",
+    "MODEL_UNLOAD_TIMEOUT": "0",
+    **FAST,
+}
 
 
 @pytest.fixture
@@ -58,8 +63,13 @@ def model_events(r, kind: str) -> list[dict]:  # type: ignore[no-untyped-def]
 def test_preloading_holds_readiness_until_the_models_are_loaded(service, sim: Simulator, r) -> None:
     # Given: a chat model that takes 2.5 s to load and an embedding model, both to preload, with load-time options.
     started = time.monotonic()
-    svc = service(ready=False, MODEL_PRELOAD_LIST="slowpoke,nomic-embed-text", MODEL_LOAD_OPTIONS="num_ctx=2048",
-                  EMBEDDING_LOAD_OPTIONS="num_ctx=1024", **MANAGED)
+    svc = service(
+        ready=False,
+        MODEL_PRELOAD_LIST="slowpoke,nomic-embed-text",
+        MODEL_LOAD_OPTIONS="num_ctx=2048",
+        EMBEDDING_LOAD_OPTIONS="num_ctx=1024",
+        **MANAGED,
+    )
     # Then: the host says it is preloading, and is ready only once both are in /api/ps.
     reasons = set()
     while True:
@@ -82,17 +92,27 @@ def test_preloading_holds_readiness_until_the_models_are_loaded(service, sim: Si
     requests = sim.stats().requests
     assert requests.get("embed") == 1 and requests.get("generate") == 1
     # And: each load is an event with its duration, a log line and a metric.
-    loads = eventually(lambda: (lambda e: e if len(e) == 2 else None)(model_events(r, "loaded")), what="two load events")
+    loads = eventually(
+        lambda: (lambda e: e if len(e) == 2 else None)(model_events(r, "loaded")), what="two load events"
+    )
     slow = next(e for e in loads if e["model"] == "slowpoke")
-    assert slow["loadSeconds"] >= SLOW_LOAD and slow["reason"] == "preload" and slow["workerId"].startswith(svc.env["WORKER_ID"])
+    assert (
+        slow["loadSeconds"] >= SLOW_LOAD
+        and slow["reason"] == "preload"
+        and slow["workerId"].startswith(svc.env["WORKER_ID"])
+    )
     assert "model loaded: slowpoke in 2." in svc.tail(200)
-    samples = eventually(lambda: (lambda s: s if ("llm_worker_model_loads_total", (("model", "slowpoke"),)) in s else None)(scrape(svc)),
-                         what="load metrics")
+    samples = eventually(
+        lambda: (lambda s: s if ("llm_worker_model_loads_total", (("model", "slowpoke"),)) in s else None)(scrape(svc)),
+        what="load metrics",
+    )
     assert value(samples, "llm_worker_model_loads_total", model="slowpoke") == 1
     assert value(samples, "llm_worker_model_load_seconds", model="slowpoke") >= SLOW_LOAD
     assert value(samples, "llm_worker_model_unloads_total", model="slowpoke") == 0
-    samples = eventually(lambda: (lambda s: s if value(s, "llm_worker_models_loaded") == 2 else None)(scrape(svc)),
-                         what="the manager's view of /api/ps")
+    samples = eventually(
+        lambda: (lambda s: s if value(s, "llm_worker_models_loaded") == 2 else None)(scrape(svc)),
+        what="the manager's view of /api/ps",
+    )
     sizes = {m["name"].removesuffix(":latest"): m["size_vram"] or m["size"] for m in ps}
     assert value(samples, "llm_worker_model_memory_bytes", model="slowpoke") == sizes["slowpoke"] > 0
 
@@ -108,8 +128,12 @@ def test_a_failed_preload_does_not_hold_readiness_and_is_tried_again(service, si
     eventually(lambda: "latecomer" in loaded(sim), timeout=15, what="the preload tried again")
 
 
-def test_without_preloading_the_manager_is_ready_at_once_and_still_unloads(service, sim: Simulator, redis_url: str) -> None:
-    svc = service(MODEL_PRELOAD_ENABLED="false", MODEL_PRELOAD_LIST="slowpoke", **{**MANAGED, "MODEL_UNLOAD_TIMEOUT": "1000"})
+def test_without_preloading_the_manager_is_ready_at_once_and_still_unloads(
+    service, sim: Simulator, redis_url: str
+) -> None:
+    svc = service(
+        MODEL_PRELOAD_ENABLED="false", MODEL_PRELOAD_LIST="slowpoke", **{**MANAGED, "MODEL_UNLOAD_TIMEOUT": "1000"}
+    )
     assert svc.get("/health/ready")[0] == 200 and "slowpoke" not in loaded(sim)
     client = client_for(redis_url)
     wait_all(client, [chat(client, model="llama3.2")])
@@ -129,15 +153,21 @@ def test_a_model_no_job_used_for_the_unload_timeout_is_unloaded(service, sim: Si
     # Not before MODEL_UNLOAD_TIMEOUT since its job's call ended, as the worker told the manager.
     assert unloaded["model"] == "llama3.2" and unloaded["reason"] == "idle" and unloaded["idleSeconds"] >= 1.0
     assert "model unloaded: llama3.2 (idle)" in svc.tail(100)
-    samples = eventually(lambda: (lambda s: s if s.get(("llm_worker_model_unloads_total", (("model", "llama3.2"),))) else None)(scrape(svc)),
-                         what="the unload counted")
+    samples = eventually(
+        lambda: (lambda s: s if s.get(("llm_worker_model_unloads_total", (("model", "llama3.2"),))) else None)(
+            scrape(svc)
+        ),
+        what="the unload counted",
+    )
     # The job asked the host for it, and the manager loaded it (jobs never load: see loadboard.py).
     assert value(samples, "llm_worker_model_loads_total", model="llama3.2") == 1
     (asked,) = [e for e in model_events(r, "loaded") if e["model"] == "llama3.2"]
     assert asked["reason"] == "a job asked" and asked["loadSeconds"] is not None
 
 
-def test_past_the_cache_size_the_least_recently_used_model_is_unloaded(service, sim: Simulator, redis_url: str, r) -> None:
+def test_past_the_cache_size_the_least_recently_used_model_is_unloaded(
+    service, sim: Simulator, redis_url: str, r
+) -> None:
     service(MODEL_CACHE_SIZE="2", **MANAGED)
     client = client_for(redis_url)
     for model in ("llama3.2", "qwen2.5", "mistral"):
@@ -148,12 +178,16 @@ def test_past_the_cache_size_the_least_recently_used_model_is_unloaded(service, 
 
 
 def test_under_memory_pressure_idle_models_go_least_recently_used_first_and_a_busy_one_stays(
-        service, sim: Simulator, redis_url: str, r, tmp_path: Path) -> None:
+    service, sim: Simulator, redis_url: str, r, tmp_path: Path
+) -> None:
     # Given: GPUs with room to spare, read from a file the test can change while the service runs.
     scenario = tmp_path / "gpus.json"
     write_gpus(scenario, used_gib=10)
-    service(LLM_WORKER_NVML_MODULE="fake_pynvml", FAKE_NVML_SCENARIO_FILE=str(scenario),
-            **{**MANAGED, "MODEL_MEMORY_THRESHOLD": "0.5", "WORKER_POOLS": "llm-chat=2"})
+    service(
+        LLM_WORKER_NVML_MODULE="fake_pynvml",
+        FAKE_NVML_SCENARIO_FILE=str(scenario),
+        **{**MANAGED, "MODEL_MEMORY_THRESHOLD": "0.5", "WORKER_POOLS": "llm-chat=2"},
+    )
     client = client_for(redis_url)
     # And: three models loaded, used last in the order qwen2.5, llama3.2, then mistral, which is busy.
     for model in ("llama3.2", "qwen2.5", "mistral", "llama3.2"):
@@ -167,7 +201,9 @@ def test_under_memory_pressure_idle_models_go_least_recently_used_first_and_a_bu
     write_gpus(scenario, used_gib=72)
     # Then: the idle ones go, least recently used first; the busy one stays.
     eventually(lambda: loaded(sim) == {"mistral"}, timeout=10, what="idle models unloaded")
-    unloads = eventually(lambda: (lambda e: e if len(e) == 2 else None)(model_events(r, "unloaded")), what="two unload events")
+    unloads = eventually(
+        lambda: (lambda e: e if len(e) == 2 else None)(model_events(r, "unloaded")), what="two unload events"
+    )
     assert [(e["model"], e["reason"]) for e in unloads] == [("qwen2.5", "memory"), ("llama3.2", "memory")]
     assert unloads[0]["memoryRatio"] == 0.9
     time.sleep(0.6)  # three more turns: still there while its job runs
@@ -188,17 +224,35 @@ def write_gpus(path: Path, used_gib: int) -> None:
 
 def test_auto_pull_fetches_missing_models_with_progress_in_the_log(service, sim: Simulator) -> None:
     # Given: a preloaded model and an allowed one that Ollama lacks, and one the registry does not have.
-    svc = service(MODEL_AUTO_PULL="true", MODEL_PRELOAD_LIST="phi3", ALLOWED_MODELS="phi3,gemma2,ghost-missing,llama3.2", **MANAGED)
+    svc = service(
+        MODEL_AUTO_PULL="true",
+        MODEL_PRELOAD_LIST="phi3",
+        ALLOWED_MODELS="phi3,gemma2,ghost-missing,llama3.2",
+        **MANAGED,
+    )
     # Then: the preloaded one was pulled and loaded before the host was ready.
     assert "phi3" in loaded(sim) and sim.stats().pulls.get("phi3:latest") == 1
     # And: the other allowed ones are pulled after it, and a registry's refusal is logged, not fatal.
     eventually(lambda: sim.stats().pulls.get("gemma2:latest") == 1, what="gemma2 pulled after ready")
-    eventually(lambda: "pulling ghost-missing failed: pull ghost-missing: pull model manifest: file does not exist" in svc.tail(200),
-               what="the refusal logged")
+    eventually(
+        lambda: (
+            "pulling ghost-missing failed: pull ghost-missing: pull model manifest: file does not exist"
+            in svc.tail(200)
+        ),
+        what="the refusal logged",
+    )
     log = [line for line in svc.tail(300).splitlines() if "pulling phi3" in line]
-    assert any("pulling phi3: pulling manifest" in line for line in log) and any("pulling phi3: success" in line for line in log)
+    assert any("pulling phi3: pulling manifest" in line for line in log) and any(
+        "pulling phi3: success" in line for line in log
+    )
     percents = [line for line in log if "%" in line]
-    assert [p.split(": ")[-1].split("%")[0] for p in percents] == ["0", "25", "50", "75", "100"]  # a line per step, not per byte
+    assert [p.split(": ")[-1].split("%")[0] for p in percents] == [
+        "0",
+        "25",
+        "50",
+        "75",
+        "100",
+    ]  # a line per step, not per byte
     assert sim.stats().pulls.get("llama3.2:latest") is None  # it had that one
     assert svc.get("/health/ready")[0] == 200
 
@@ -287,7 +341,9 @@ def test_models_cli_lists_loads_unloads_and_pulls(sim: Simulator) -> None:
     assert code == 0 and out.startswith("loaded llama3.2 in ") and loaded(sim) == {"llama3.2"}
     code, out, _ = models_cli(sim.url, "list")
     row = re.split(r"\s{2,}", next(line for line in out.splitlines() if line.startswith("llama3.2:latest")))
-    assert row[:4] == ["llama3.2:latest", "2.0 GB", "yes", "2.0 GB"] and re.fullmatch(r"in (9m \d+s|10m 0s)", row[4]), row
+    assert row[:4] == ["llama3.2:latest", "2.0 GB", "yes", "2.0 GB"] and re.fullmatch(r"in (9m \d+s|10m 0s)", row[4]), (
+        row
+    )
     code, out, _ = models_cli(sim.url, "unload", "llama3.2")
     assert code == 0 and out == "unloaded llama3.2\n" and loaded(sim) == set()
 

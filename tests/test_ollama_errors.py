@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from llm_worker.breaker import counts
-from llm_worker.jobs import ErrorKind, Options
+from llm_worker.host.breaker import counts
 from llm_worker.plugins.ollama import OLLAMA_OPTIONS
 from llm_worker.plugins.ollama_errors import (
     EMBED,
@@ -21,6 +20,7 @@ from llm_worker.plugins.ollama_errors import (
     error_for,
     lookup,
 )
+from llm_worker.protocol.jobs import ErrorKind, Options
 
 M, V, P, T, N = ErrorKind.MEMORY, ErrorKind.VALIDATION, ErrorKind.PROVIDER, ErrorKind.TIMEOUT, ErrorKind.NETWORK
 MODEL = ErrorKind.MODEL
@@ -58,29 +58,89 @@ CASES = [
     (500, "llama runner process has terminated: exit status 0xc0000409", None, "crash.terminated", M, True, True),
     (500, "llama runner process has terminated: signal: killed", None, "crash.terminated", M, True, True),
     (500, "llama-server process has terminated: exit status 2", None, "crash.terminated", M, True, True),  # 0.30+
-    (500, "llama-server process has terminated: exit status 1: error loading model: unable to allocate CUDA0 buffer",
-     None, "crash.terminated", M, True, True),
+    (
+        500,
+        "llama-server process has terminated: exit status 1: error loading model: unable to allocate CUDA0 buffer",
+        None,
+        "crash.terminated",
+        M,
+        True,
+        True,
+    ),
     (500, "llama-server process no longer running: exit status 2 ", None, "crash.gone", M, True, True),
     (500, "llama runner process no longer running: -1 ", None, "crash.gone", M, True, True),
-    (500, "llama-server reported out-of-memory during startup: cudaMalloc failed: out of memory", None,
-     "crash.startup_oom", M, True, True),
-    (500, ("model runner has unexpectedly stopped, this may be due to resource limitations or an internal error, check "
-           "ollama server logs for details"), None, "crash.stopped", M, True, True),
+    (
+        500,
+        "llama-server reported out-of-memory during startup: cudaMalloc failed: out of memory",
+        None,
+        "crash.startup_oom",
+        M,
+        True,
+        True,
+    ),
+    (
+        500,
+        (
+            "model runner has unexpectedly stopped, this may be due to resource limitations or an internal "
+            "error, check "
+            "ollama server logs for details"
+        ),
+        None,
+        "crash.stopped",
+        M,
+        True,
+        True,
+    ),
     # to v0.9.0
     (500, 'POST predict: Post "http://127.0.0.1:35677/completion": EOF', None, "crash.stopped", M, True, True),
-    (500, 'llama-server apply-template error: Post "http://127.0.0.1:1/apply-template": EOF', None, "crash.stopped",
-     M, True, True),
-    (None, "an error was encountered while running the model: unexpected EOF", "/api/chat", "crash.mid_answer", M,
-     True, True),
-    (None, "an error was encountered while running the model: CUDA error: out of memory", "/api/generate",
-     "crash.mid_answer", M, True, True),
-    (400, 'do embedding request: Post "http://127.0.0.1:41999/v1/embeddings": EOF', EMBED, "crash.embedding", M,
-     True, True),
+    (
+        500,
+        'llama-server apply-template error: Post "http://127.0.0.1:1/apply-template": EOF',
+        None,
+        "crash.stopped",
+        M,
+        True,
+        True,
+    ),
+    (
+        None,
+        "an error was encountered while running the model: unexpected EOF",
+        "/api/chat",
+        "crash.mid_answer",
+        M,
+        True,
+        True,
+    ),
+    (
+        None,
+        "an error was encountered while running the model: CUDA error: out of memory",
+        "/api/generate",
+        "crash.mid_answer",
+        M,
+        True,
+        True,
+    ),
+    (
+        400,
+        'do embedding request: Post "http://127.0.0.1:41999/v1/embeddings": EOF',
+        EMBED,
+        "crash.embedding",
+        M,
+        True,
+        True,
+    ),
     (400, "llama-server process no longer running: exit status 2 ", EMBED, "crash.gone", M, True, True),
     (500, "CUDA error: an illegal memory access was encountered", None, "crash.runner_log", M, True, True),
     # out of memory, nothing died
-    (500, "model requires more system memory (12.3 GiB) than is available (4.0 GiB)", None, "memory.requires", M,
-     False, True),
+    (
+        500,
+        "model requires more system memory (12.3 GiB) than is available (4.0 GiB)",
+        None,
+        "memory.requires",
+        M,
+        False,
+        True,
+    ),
     (500, "unable to load full model on GPU", None, "memory.full_gpu", M, False, True),
     (500, "failed to allocate compute buffer", None, "memory.out_of_memory", M, False, True),
     (400, "cudaMalloc failed: out of memory", EMBED, "memory.out_of_memory", M, False, True),
@@ -93,40 +153,116 @@ CASES = [
     (400, '"llama3.2" does not support thinking', "/api/chat", "model.capability", MODEL, False, False),
     (400, "llama3.2 does not support tools", "/api/chat", "model.capability", MODEL, False, False),
     (400, "registry.ollama.ai/library/x:latest does not support insert", None, "model.capability", MODEL, False, False),
-    (400, "x does not support thinking. Pull the model again to get the latest version with full thinking support",
-     None, "model.capability", MODEL, False, False),
+    (
+        400,
+        "x does not support thinking. Pull the model again to get the latest version with full thinking support",
+        None,
+        "model.capability",
+        MODEL,
+        False,
+        False,
+    ),
     (501, "this model does not support embeddings", EMBED, "model.capability", MODEL, False, False),  # 0.24 runner
     (400, "Model Does Not Support Tools", None, "model.capability", MODEL, False, False),
-    (500, ("error loading model: failed to load model: this model may be incompatible with your version of Ollama. "
-           "If you previously pulled this model, try updating it by running `ollama pull x`"), None,
-     "model.incompatible", MODEL, False, False),
-    (500, ("'llama3.2-vision' is no longer compatible with your version of Ollama and has been replaced by a newer "
-           "version. To re-download, run 'ollama pull llama3.2-vision'"), None, "model.incompatible", MODEL, False,
-     False),
-    (500, 'template: :1:12: executing "" at <.Messages>: range can\'t iterate over 1', None, "model.template", MODEL,
-     False, False),
-    (500, "llama-server template error: map[message:Unknown method: startswith]", None, "model.template", MODEL, False,
-     False),
-    (None, "an error was encountered while running the model: Deepseek2 does not support K-shift", "/api/chat",
-     "model.kshift", MODEL, False, False),
+    (
+        500,
+        (
+            "error loading model: failed to load model: this model may be incompatible with your version of Ollama. "
+            "If you previously pulled this model, try updating it by running `ollama pull x`"
+        ),
+        None,
+        "model.incompatible",
+        MODEL,
+        False,
+        False,
+    ),
+    (
+        500,
+        (
+            "'llama3.2-vision' is no longer compatible with your version of Ollama and has been replaced by a newer "
+            "version. To re-download, run 'ollama pull llama3.2-vision'"
+        ),
+        None,
+        "model.incompatible",
+        MODEL,
+        False,
+        False,
+    ),
+    (
+        500,
+        'template: :1:12: executing "" at <.Messages>: range can\'t iterate over 1',
+        None,
+        "model.template",
+        MODEL,
+        False,
+        False,
+    ),
+    (
+        500,
+        "llama-server template error: map[message:Unknown method: startswith]",
+        None,
+        "model.template",
+        MODEL,
+        False,
+        False,
+    ),
+    (
+        None,
+        "an error was encountered while running the model: Deepseek2 does not support K-shift",
+        "/api/chat",
+        "model.kshift",
+        MODEL,
+        False,
+        False,
+    ),
     (400, "embedding contains NaN or Inf values", EMBED, "model.nan", MODEL, False, False),
     (403, "ollama cloud is disabled: remote model is unavailable", "/api/chat", "model.cloud", MODEL, False, False),
     (400, "this server cannot run this remote model", "/api/chat", "model.cloud", MODEL, False, False),
-    (400, "image generation models are not currently supported", "/api/generate", "model.image_generation", MODEL,
-     False, False),
+    (
+        400,
+        "image generation models are not currently supported",
+        "/api/generate",
+        "model.image_generation",
+        MODEL,
+        False,
+        False,
+    ),
     # a request that cannot succeed as sent
     (400, "the input length exceeds the context length", EMBED, "request.context_length", V, False, False),
     (400, "input after truncation exceeds maximum context length", EMBED, "request.context_length", V, False, False),
-    (400, "input exceeds maximum context length and cannot be truncated further", EMBED, "request.context_length", V,
-     False, False),
+    (
+        400,
+        "input exceeds maximum context length and cannot be truncated further",
+        EMBED,
+        "request.context_length",
+        V,
+        False,
+        False,
+    ),
     (400, "input length exceeds maximum context length", EMBED, "request.context_length", V, False, False),  # <=0.11
-    (400, ("the prompt is longer than the context length currently available to the model; shorten the prompt, "
-           "adjust the context length in settings, or use a model with a longer context length"), "/api/chat",
-     "request.context_length", V, False, False),
+    (
+        400,
+        (
+            "the prompt is longer than the context length currently available to the model; shorten the prompt, "
+            "adjust the context length in settings, or use a model with a longer context length"
+        ),
+        "/api/chat",
+        "request.context_length",
+        V,
+        False,
+        False,
+    ),
     (400, "invalid input type", EMBED, "request.body", V, False, False),
     (400, "missing request body", EMBED, "request.body", V, False, False),
-    (400, "json: cannot unmarshal string into Go struct field EmbedRequest.truncate of type bool", EMBED,
-     "request.body", V, False, False),
+    (
+        400,
+        "json: cannot unmarshal string into Go struct field EmbedRequest.truncate of type bool",
+        EMBED,
+        "request.body",
+        V,
+        False,
+        False,
+    ),
     (400, "raw mode does not support template, system, or context", "/api/generate", "request.body", V, False, False),
     (400, "top_logprobs must be between 0 and 20", "/api/chat", "request.body", V, False, False),
     (500, 'option "use_mmap" must be of type boolean', "/api/chat", "options.type", V, False, False),
@@ -154,8 +290,9 @@ CASES = [
 
 
 @pytest.mark.parametrize("status, text, endpoint, rule, kind, crashed, retryable", CASES)
-def test_each_answer_of_ollamas_gets_its_row(status: int | None, text: str, endpoint: str | None, rule: str,
-                                             kind: ErrorKind, crashed: bool, retryable: bool) -> None:
+def test_each_answer_of_ollamas_gets_its_row(
+    status: int | None, text: str, endpoint: str | None, rule: str, kind: ErrorKind, crashed: bool, retryable: bool
+) -> None:
     row = lookup(status, text, endpoint)
     assert (row.name, row.kind, row.crashed) == (rule, kind, crashed)
     error = error_for("POST /x", status, text, endpoint)
@@ -173,9 +310,15 @@ def test_a_400_is_a_bad_request_except_on_api_embed_where_ollama_answers_runtime
     assert embed.kind is ErrorKind.PROVIDER and embed.retryable and embed.rule == "embed.runtime"
 
 
-@pytest.mark.parametrize("text", ['model "x" not found, try pulling it first', "x does not support tools",
-                                  "this model may be incompatible with your version of Ollama",
-                                  'template: :1: function "x" not defined'])
+@pytest.mark.parametrize(
+    "text",
+    [
+        'model "x" not found, try pulling it first',
+        "x does not support tools",
+        "this model may be incompatible with your version of Ollama",
+        'template: :1: function "x" not defined',
+    ],
+)
 def test_permanent_model_errors_are_neither_retried_nor_counted_by_the_breaker(text: str) -> None:
     error = error_for("POST /api/chat", 400, text, "/api/chat")
     assert error.kind is ErrorKind.MODEL and not error.retryable and not counts(error)
@@ -193,7 +336,8 @@ def test_a_crash_is_not_counted_until_the_executor_says_it_repeated() -> None:
 
 @pytest.mark.parametrize("embedding, setting", [(False, "MODEL_LOAD_OPTIONS"), (True, "EMBEDDING_LOAD_OPTIONS")])
 def test_a_load_option_of_the_wrong_type_is_refused_naming_the_setting_it_came_from(
-        embedding: bool, setting: str) -> None:
+    embedding: bool, setting: str
+) -> None:
     error = error_for("POST /api/embed", 500, 'option "num_ctx" must be of type integer', EMBED, embedding=embedding)
     assert isinstance(error, LoadOptionsRefused) and (error.setting, error.option) == (setting, "num_ctx")
     assert error.kind is ErrorKind.VALIDATION and not error.retryable and error.counted is False
@@ -222,8 +366,9 @@ def test_classify_gives_the_kind_for_the_http_client() -> None:
 
 # ---- against Ollama's source, where a copy of it is at hand ----------------------------------------------
 
-needs_source = pytest.mark.skipif(not (OLLAMA_SRC / "llm" / "status.go").exists(),
-                                  reason=f"no Ollama source at {OLLAMA_SRC} (set OLLAMA_SRC)")
+needs_source = pytest.mark.skipif(
+    not (OLLAMA_SRC / "llm" / "status.go").exists(), reason=f"no Ollama source at {OLLAMA_SRC} (set OLLAMA_SRC)"
+)
 
 
 @needs_source
@@ -235,28 +380,31 @@ def test_the_out_of_memory_list_is_ollamas() -> None:
 
 
 @needs_source
-@pytest.mark.parametrize("path, text", [
-    ("llm/llama_server.go", "llama-server process has terminated: %s"),
-    ("llm/llama_server.go", "llama-server process no longer running: %s %s"),
-    ("llm/llama_server.go", "llama-server reported out-of-memory during startup: %s"),
-    ("llm/llama_server.go", "model runner has unexpectedly stopped, this may be due to resource limitations"),
-    ("llm/llama_server.go", "an error was encountered while running the model: %s"),
-    ("llm/llama_server.go", "do embedding request: %w"),
-    ("llm/llama_server.go", "the input length exceeds the context length"),
-    ("llm/llama_server.go", "no slots available after %d retries"),
-    ("llm/llama_server.go", "llama-server template error: %v"),
-    ("llm/server.go", "unable to load full model on GPU"),
-    ("server/sched.go", "this model may be incompatible with your version of Ollama"),
-    ("server/sched.go", "server busy, please try again.  maximum pending requests exceeded"),
-    ("server/routes.go", "model '%s' not found"),
-    ("server/routes.go", "model %q not found, try pulling it first"),
-    ("server/routes.go", "%q does not support thinking"),
-    ("server/routes.go", "input exceeds maximum context length and cannot be truncated further"),
-    ("server/routes.go", "embedding contains NaN or Inf values"),
-    ("server/routes.go", "c.AbortWithStatus(http.StatusForbidden)"),
-    ("server/images.go", 'errors.New("does not support")'),
-    ("api/types.go", "option %q must be of type boolean"),
-])
+@pytest.mark.parametrize(
+    "path, text",
+    [
+        ("llm/llama_server.go", "llama-server process has terminated: %s"),
+        ("llm/llama_server.go", "llama-server process no longer running: %s %s"),
+        ("llm/llama_server.go", "llama-server reported out-of-memory during startup: %s"),
+        ("llm/llama_server.go", "model runner has unexpectedly stopped, this may be due to resource limitations"),
+        ("llm/llama_server.go", "an error was encountered while running the model: %s"),
+        ("llm/llama_server.go", "do embedding request: %w"),
+        ("llm/llama_server.go", "the input length exceeds the context length"),
+        ("llm/llama_server.go", "no slots available after %d retries"),
+        ("llm/llama_server.go", "llama-server template error: %v"),
+        ("llm/server.go", "unable to load full model on GPU"),
+        ("server/sched.go", "this model may be incompatible with your version of Ollama"),
+        ("server/sched.go", "server busy, please try again.  maximum pending requests exceeded"),
+        ("server/routes.go", "model '%s' not found"),
+        ("server/routes.go", "model %q not found, try pulling it first"),
+        ("server/routes.go", "%q does not support thinking"),
+        ("server/routes.go", "input exceeds maximum context length and cannot be truncated further"),
+        ("server/routes.go", "embedding contains NaN or Inf values"),
+        ("server/routes.go", "c.AbortWithStatus(http.StatusForbidden)"),
+        ("server/images.go", 'errors.New("does not support")'),
+        ("api/types.go", "option %q must be of type boolean"),
+    ],
+)
 def test_the_texts_the_table_names_are_in_ollamas_source(path: str, text: str) -> None:
     assert text in (OLLAMA_SRC / path).read_text()
 

@@ -1,4 +1,4 @@
-"""The OpenAI-compatible provider against the simulator's /v1, over real sockets: answers, routing, error kinds, settings."""
+"""The OpenAI-compatible provider against the simulator's /v1, over real sockets: answers, routing, errors, settings."""
 
 from __future__ import annotations
 
@@ -12,16 +12,17 @@ from typing import Any
 import msgspec
 import pytest
 import redis
+from support import chat, client_for, wait_all
 
-from llm_worker import config, jobs
-from llm_worker.config import SettingError
-from llm_worker.jobs import ChatRequest, ErrorKind, GenerateRequest
-from llm_worker.pluginmanager import PluginManager
+from llm_worker.devtools.simulator import Fault, Simulator, SimulatorConfig
+from llm_worker.plugin.manager import PluginManager
+from llm_worker.plugin.providers import INCOMPLETE, Completion, Deadline, Incomplete, ProviderError
 from llm_worker.plugins import openai as plugin
 from llm_worker.plugins.openai import OpenAIProvider, classify
-from llm_worker.providers import INCOMPLETE, Completion, Deadline, Incomplete, ProviderError
-from llm_worker.simulator import Fault, Simulator, SimulatorConfig
-from support import chat, client_for, wait_all
+from llm_worker.protocol import jobs
+from llm_worker.protocol.jobs import ChatRequest, ErrorKind, GenerateRequest
+from llm_worker.settings import config
+from llm_worker.settings.config import SettingError
 
 CHAT = "openai:llama3.2"
 EMBED = "openai:nomic-embed-text"
@@ -61,8 +62,16 @@ def closed_url() -> Iterator[str]:
         yield f"http://127.0.0.1:{holder.getsockname()[1]}/v1"
 
 
-def call(provider: OpenAIProvider, endpoint: str, *, chunks: list[str] | None = None, model: str = CHAT,
-         text: str = PROMPT, deadline: float = 30.0, **fields: Any) -> Completion:
+def call(
+    provider: OpenAIProvider,
+    endpoint: str,
+    *,
+    chunks: list[str] | None = None,
+    model: str = CHAT,
+    text: str = PROMPT,
+    deadline: float = 30.0,
+    **fields: Any,
+) -> Completion:
     """Run a chat or generate call; it streams into ``chunks`` when a list is given."""
     on_chunk = chunks.append if chunks is not None else None
     if endpoint == "chat":
@@ -94,7 +103,9 @@ def test_chat_answers_whole_with_text_reason_message_and_usage(openai: OpenAIPro
     assert sim.stats().requests_by_model == {"llama3.2:latest": 1}
 
 
-def test_chat_streams_every_piece_in_order_with_the_usage_of_the_last_chunk(openai: OpenAIProvider, sim: Simulator) -> None:
+def test_chat_streams_every_piece_in_order_with_the_usage_of_the_last_chunk(
+    openai: OpenAIProvider, sim: Simulator
+) -> None:
     chunks: list[str] = []
     done = call(openai, "chat", chunks=chunks)
     assert len(chunks) == 12 and chunks[:2] == ["Why", " is"] and chunks[-1] == " 12"
@@ -108,56 +119,122 @@ def test_chat_streams_every_piece_in_order_with_the_usage_of_the_last_chunk(open
 @pytest.mark.parametrize("streaming", [False, True], ids=["whole", "streamed"])
 def test_options_reach_the_api_as_openai_parameters(openai: OpenAIProvider, streaming: bool) -> None:
     chunks: list[str] | None = [] if streaming else None
-    done = call(openai, "chat", chunks=chunks, text="a b c d e", format={"type": "object"}, options={
-        "num_predict": 3, "temperature": 0.2, "top_p": 0.9, "stop": ["\n"], "seed": 7, "presence_penalty": 0.1,
-        "frequency_penalty": 0.5, "top_k": 40, "num_ctx": 8192, "repeat_penalty": 1.1})  # the last three are dropped
+    done = call(
+        openai,
+        "chat",
+        chunks=chunks,
+        text="a b c d e",
+        format={"type": "object"},
+        options={
+            "num_predict": 3,
+            "temperature": 0.2,
+            "top_p": 0.9,
+            "stop": ["\n"],
+            "seed": 7,
+            "presence_penalty": 0.1,
+            "frequency_penalty": 0.5,
+            "top_k": 40,
+            "num_ctx": 8192,
+            "repeat_penalty": 1.1,
+        },
+    )  # the last three are dropped
     assert done.text == "a b c" and done.done_reason == "length"  # num_predict was sent as max_tokens
 
 
 def test_options_translate_to_openais_names_and_unknown_ones_are_dropped(openai: OpenAIProvider) -> None:
-    request = msgspec.convert({"messages": [{"role": "user", "content": "x"}], "format": "json", "options": {
-        "num_predict": 64, "temperature": 0, "stop": ["END"], "seed": 1, "top_k": 5, "mirostat": 2}}, ChatRequest)
+    request = msgspec.convert(
+        {
+            "messages": [{"role": "user", "content": "x"}],
+            "format": "json",
+            "options": {"num_predict": 64, "temperature": 0, "stop": ["END"], "seed": 1, "top_k": 5, "mirostat": 2},
+        },
+        ChatRequest,
+    )
     body = openai._body(CHAT, request, print)
-    assert body == {"model": "llama3.2", "stream": True, "stream_options": {"include_usage": True}, "max_tokens": 64,
-                    "temperature": 0.0, "stop": ["END"], "seed": 1, "response_format": {"type": "json_object"}}
+    assert body == {
+        "model": "llama3.2",
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "max_tokens": 64,
+        "temperature": 0.0,
+        "stop": ["END"],
+        "seed": 1,
+        "response_format": {"type": "json_object"},
+    }
     schema = {"type": "object", "properties": {"a": {"type": "string"}}}
     request = msgspec.convert({"prompt": "x", "format": schema, "options": {"num_predict": -1}}, GenerateRequest)
-    assert openai._body(CHAT, request, None) == {"model": "llama3.2", "stream": False, "response_format": {
-        "type": "json_schema", "json_schema": {"name": "response", "schema": schema}}}
+    assert openai._body(CHAT, request, None) == {
+        "model": "llama3.2",
+        "stream": False,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "response", "schema": schema}},
+    }
 
 
 def test_messages_of_every_role_translate_with_images_and_tool_calls() -> None:
-    request = msgspec.convert({"messages": [
-        {"role": "system", "content": "be brief"},
-        {"role": "user", "content": "what is this?", "images": ["iVBORw0KGgo=", "/9j/4AAQ"]},
-        {"role": "assistant", "content": "", "tool_calls": [
-            {"function": {"name": "weather", "arguments": {"city": "Paris"}}},
-            {"id": "given", "function": {"name": "time", "arguments": {}}}]},
-        {"role": "tool", "content": "12:00", "tool_name": "time"},
-        {"role": "tool", "content": "sunny", "tool_name": "weather"},
-    ]}, ChatRequest)
+    request = msgspec.convert(
+        {
+            "messages": [
+                {"role": "system", "content": "be brief"},
+                {"role": "user", "content": "what is this?", "images": ["iVBORw0KGgo=", "/9j/4AAQ"]},
+                {
+                    "role": "assistant",
+                    "content": "",
+                    "tool_calls": [
+                        {"function": {"name": "weather", "arguments": {"city": "Paris"}}},
+                        {"id": "given", "function": {"name": "time", "arguments": {}}},
+                    ],
+                },
+                {"role": "tool", "content": "12:00", "tool_name": "time"},
+                {"role": "tool", "content": "sunny", "tool_name": "weather"},
+            ]
+        },
+        ChatRequest,
+    )
     assert plugin._messages(request.messages) == [
         {"role": "system", "content": "be brief"},
-        {"role": "user", "content": [
-            {"type": "text", "text": "what is this?"},
-            {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
-            {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64,/9j/4AAQ"}}]},
-        {"role": "assistant", "content": "", "tool_calls": [
-            {"id": "call_2_0", "type": "function", "function": {"name": "weather", "arguments": '{"city":"Paris"}'}},
-            {"id": "given", "type": "function", "function": {"name": "time", "arguments": "{}"}}]},
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "what is this?"},
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
+                {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64,/9j/4AAQ"}},
+            ],
+        },
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {
+                    "id": "call_2_0",
+                    "type": "function",
+                    "function": {"name": "weather", "arguments": '{"city":"Paris"}'},
+                },
+                {"id": "given", "type": "function", "function": {"name": "time", "arguments": "{}"}},
+            ],
+        },
         {"role": "tool", "content": "12:00", "tool_call_id": "given"},  # matched by the function's name
         {"role": "tool", "content": "sunny", "tool_call_id": "call_2_0"},
     ]
 
 
 def test_a_chat_with_system_and_tool_messages_is_answered(openai: OpenAIProvider) -> None:
-    request = msgspec.convert({"messages": [
-        {"role": "system", "content": "be brief"},
-        {"role": "user", "content": "weather?"},
-        {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "weather", "arguments": {}}}]},
-        {"role": "tool", "content": "sunny", "tool_name": "weather"},
-        {"role": "user", "content": "and tomorrow?"},
-    ], "tools": [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]}, ChatRequest)
+    request = msgspec.convert(
+        {
+            "messages": [
+                {"role": "system", "content": "be brief"},
+                {"role": "user", "content": "weather?"},
+                {
+                    "role": "assistant",
+                    "content": "",
+                    "tool_calls": [{"function": {"name": "weather", "arguments": {}}}],
+                },
+                {"role": "tool", "content": "sunny", "tool_name": "weather"},
+                {"role": "user", "content": "and tomorrow?"},
+            ],
+            "tools": [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}],
+        },
+        ChatRequest,
+    )
     done = openai.chat(CHAT, request, Deadline(30), None)
     assert done.text.startswith("and tomorrow? 3 4")
     assert done.prompt_tokens == 6  # every message's words
@@ -166,27 +243,56 @@ def test_a_chat_with_system_and_tool_messages_is_answered(openai: OpenAIProvider
 def test_streamed_tool_calls_are_joined_and_returned_as_ollama_writes_them() -> None:
     got = plugin._Streamed("m")
     for chunk in [
-        {"choices": [{"delta": {"role": "assistant", "tool_calls": [
-            {"index": 0, "id": "call_a", "type": "function", "function": {"name": "weather", "arguments": ""}}]}}]},
+        {
+            "choices": [
+                {
+                    "delta": {
+                        "role": "assistant",
+                        "tool_calls": [
+                            {
+                                "index": 0,
+                                "id": "call_a",
+                                "type": "function",
+                                "function": {"name": "weather", "arguments": ""},
+                            }
+                        ],
+                    }
+                }
+            ]
+        },
         {"choices": [{"delta": {"tool_calls": [{"index": 0, "function": {"arguments": '{"city":'}}]}}]},
         {"choices": [{"delta": {"tool_calls": [{"index": 0, "function": {"arguments": ' "Paris"}'}}]}}]},
-        {"choices": [{"delta": {"tool_calls": [
-            {"index": 1, "id": "call_b", "function": {"name": "time", "arguments": "oops"}}]}}]},
+        {
+            "choices": [
+                {
+                    "delta": {
+                        "tool_calls": [{"index": 1, "id": "call_b", "function": {"name": "time", "arguments": "oops"}}]
+                    }
+                }
+            ]
+        },
         {"choices": [{"delta": {}, "finish_reason": "tool_calls"}]},
     ]:
         assert got.add(msgspec.convert(chunk, plugin._Answer)) == ("", "")
     done = got.completion(chat=True)
     assert done.done_reason == "tool_calls" and done.text == ""
     assert done.completion_tokens == 4  # no usage came: the chunks that carried a piece of a call, an estimate
-    assert done.message == {"role": "assistant", "content": "", "tool_calls": [
-        {"id": "call_a", "function": {"name": "weather", "arguments": {"city": "Paris"}}},
-        {"id": "call_b", "function": {"name": "time", "arguments": "oops"}}]}  # not JSON: kept as the text
+    assert done.message == {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [
+            {"id": "call_a", "function": {"name": "weather", "arguments": {"city": "Paris"}}},
+            {"id": "call_b", "function": {"name": "time", "arguments": "oops"}},
+        ],
+    }  # not JSON: kept as the text
 
 
 @pytest.mark.parametrize("streaming", [False, True], ids=["whole", "streamed"])
 def test_generate_is_a_chat_of_the_system_and_the_prompt(openai: OpenAIProvider, streaming: bool) -> None:
     chunks: list[str] | None = [] if streaming else None
-    done = call(openai, "generate", chunks=chunks, text="Once upon a time", system="be brief", options={"num_predict": 6})
+    done = call(
+        openai, "generate", chunks=chunks, text="Once upon a time", system="be brief", options={"num_predict": 6}
+    )
     assert done.text == "Once upon a time 5 6" and done.done_reason == "length"
     assert (done.prompt_tokens, done.completion_tokens) == (6, 6)  # system words count as prompt
     assert done.message is None  # generate has no assistant message
@@ -205,7 +311,8 @@ def test_embed_returns_one_unit_vector_per_input_in_input_order(openai: OpenAIPr
 
 
 def test_embed_puts_vectors_in_index_order_whatever_order_the_api_lists_them(
-        openai: OpenAIProvider, monkeypatch: pytest.MonkeyPatch) -> None:
+    openai: OpenAIProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
     in_order = openai.embed(EMBED, ["a", "b", "c"], Deadline(30)).vectors
     answer = openai.http.json
 
@@ -231,7 +338,9 @@ def test_health_says_ok_when_the_api_lists_its_models(openai: OpenAIProvider, si
     assert "2 models" in health.message
 
 
-def test_health_of_a_closed_port_is_not_ok_and_says_why_without_raising(provider_for: ProviderFactory, closed_url: str) -> None:
+def test_health_of_a_closed_port_is_not_ok_and_says_why_without_raising(
+    provider_for: ProviderFactory, closed_url: str
+) -> None:
     health = provider_for(closed_url, OPENAI_MAX_RETRIES="0").health(10)
     assert not health.ok and health.url == closed_url
     assert "GET /models" in health.error_details and "refused" in health.error_details.lower()
@@ -239,7 +348,9 @@ def test_health_of_a_closed_port_is_not_ok_and_says_why_without_raising(provider
 
 def test_health_with_a_wrong_key_is_not_ok() -> None:
     with Simulator(SimulatorConfig(port=0, api_key="sk-right")) as sim:
-        provider = OpenAIProvider(config.load({"OPENAI_BASE_URL": sim.url + "/v1", "OPENAI_API_KEY": "sk-wrong"}).settings)
+        provider = OpenAIProvider(
+            config.load({"OPENAI_BASE_URL": sim.url + "/v1", "OPENAI_API_KEY": "sk-wrong"}).settings
+        )
         health = provider.health(10)
         provider.close()
     assert not health.ok and health.error_details == "GET /models: Incorrect API key provided"
@@ -247,8 +358,11 @@ def test_health_with_a_wrong_key_is_not_ok() -> None:
 
 def test_the_key_and_organization_are_sent_as_headers() -> None:
     with Simulator(SimulatorConfig(port=0, api_key="sk-right")) as sim:
-        provider = OpenAIProvider(config.load({"OPENAI_BASE_URL": sim.url + "/v1", "OPENAI_API_KEY": "sk-right",
-                                               "OPENAI_ORGANIZATION": "org-7"}).settings)
+        provider = OpenAIProvider(
+            config.load(
+                {"OPENAI_BASE_URL": sim.url + "/v1", "OPENAI_API_KEY": "sk-right", "OPENAI_ORGANIZATION": "org-7"}
+            ).settings
+        )
         assert call(provider, "chat").text == REPLY
         assert provider.http._headers["OpenAI-Organization"] == "org-7"
         provider.close()
@@ -259,9 +373,14 @@ def test_the_key_and_organization_are_sent_as_headers() -> None:
 # ---- error kinds ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("style, wording", [("old", 'model "missing" not found, try pulling it first'),
-                                             ("new", "model 'missing' not found")], ids=["old", "new"])
-def test_a_missing_model_is_a_model_error_and_is_not_retried(provider_for: ProviderFactory, style: str, wording: str) -> None:
+@pytest.mark.parametrize(
+    "style, wording",
+    [("old", 'model "missing" not found, try pulling it first'), ("new", "model 'missing' not found")],
+    ids=["old", "new"],
+)
+def test_a_missing_model_is_a_model_error_and_is_not_retried(
+    provider_for: ProviderFactory, style: str, wording: str
+) -> None:
     with Simulator(SimulatorConfig(port=0, not_found_style=style)) as sim:  # type: ignore[arg-type]
         openai = provider_for(sim.url + "/v1")
         for path, endpoint, run in [
@@ -277,14 +396,22 @@ def test_a_missing_model_is_a_model_error_and_is_not_retried(provider_for: Provi
             assert requests_to(sim, endpoint) == before + 1
 
 
-@pytest.mark.parametrize("fault, message", [
-    (Fault(status=400, message="invalid 'messages[0].role'"), "invalid 'messages[0].role'"),
-    (Fault(status=422, message="1 validation error for ChatCompletionRequest"), "1 validation error for ChatCompletionRequest"),
-    (Fault(status=400, message=CONTEXT), CONTEXT),
-    (Fault(status=500, message=CONTEXT), CONTEXT),  # the words decide, whatever the status
-], ids=["400", "422", "context-400", "context-500"])
+@pytest.mark.parametrize(
+    "fault, message",
+    [
+        (Fault(status=400, message="invalid 'messages[0].role'"), "invalid 'messages[0].role'"),
+        (
+            Fault(status=422, message="1 validation error for ChatCompletionRequest"),
+            "1 validation error for ChatCompletionRequest",
+        ),
+        (Fault(status=400, message=CONTEXT), CONTEXT),
+        (Fault(status=500, message=CONTEXT), CONTEXT),  # the words decide, whatever the status
+    ],
+    ids=["400", "422", "context-400", "context-500"],
+)
 def test_a_refused_request_is_a_validation_error_and_is_not_retried(
-        openai: OpenAIProvider, sim: Simulator, fault: Fault, message: str) -> None:
+    openai: OpenAIProvider, sim: Simulator, fault: Fault, message: str
+) -> None:
     sim.set_faults([fault])
     error = raised(lambda: call(openai, "chat"))
     assert error.kind is ErrorKind.VALIDATION and not error.retryable
@@ -302,8 +429,11 @@ def test_a_bad_value_the_api_itself_refuses_is_a_validation_error(openai: OpenAI
 def test_a_wrong_key_is_a_provider_error_that_is_never_retried(provider_for: ProviderFactory) -> None:
     with Simulator(SimulatorConfig(port=0, api_key="sk-right")) as sim:
         openai = provider_for(sim.url + "/v1", OPENAI_API_KEY="sk-wrong", OPENAI_MAX_RETRIES="3")
-        for run in (lambda: call(openai, "chat"), lambda: call(openai, "chat", chunks=[]),
-                    lambda: openai.embed(EMBED, ["x"], Deadline(30))):
+        for run in (
+            lambda: call(openai, "chat"),
+            lambda: call(openai, "chat", chunks=[]),
+            lambda: openai.embed(EMBED, ["x"], Deadline(30)),
+        ):
             error = raised(run)
             assert error.kind is ErrorKind.PROVIDER and error.status == 401
             assert not error.retryable  # by the job-level retry either: a wrong key stays wrong
@@ -326,19 +456,25 @@ def test_a_408_is_a_timeout_error(openai: OpenAIProvider, sim: Simulator) -> Non
 
 @pytest.mark.parametrize("streaming", [False, True], ids=["whole", "streamed"])
 def test_a_rate_limit_is_retried_within_the_call_and_then_succeeds(
-        openai: OpenAIProvider, sim: Simulator, streaming: bool) -> None:
+    openai: OpenAIProvider, sim: Simulator, streaming: bool
+) -> None:
     sim.set_faults([Fault(reason="rate_limit", count=2)])
     chunks: list[str] | None = [] if streaming else None
     assert call(openai, "chat", chunks=chunks).text == REPLY
     assert requests_to(sim) == 3 and sim.stats().responses == {429: 2, 200: 1}
 
 
-@pytest.mark.parametrize("fault, status, message", [
-    (Fault(reason="rate_limit"), 429, RATE_LIMITED),
-    (Fault(reason="busy"), 503, "server busy, please try again.  maximum pending requests exceeded"),
-], ids=["429", "503"])
+@pytest.mark.parametrize(
+    "fault, status, message",
+    [
+        (Fault(reason="rate_limit"), 429, RATE_LIMITED),
+        (Fault(reason="busy"), 503, "server busy, please try again.  maximum pending requests exceeded"),
+    ],
+    ids=["429", "503"],
+)
 def test_load_refusals_are_retried_max_retries_times_then_are_provider_errors(
-        provider_for: ProviderFactory, sim: Simulator, fault: Fault, status: int, message: str) -> None:
+    provider_for: ProviderFactory, sim: Simulator, fault: Fault, status: int, message: str
+) -> None:
     openai = provider_for(sim.url + "/v1", OPENAI_MAX_RETRIES="2")
     sim.set_faults([fault])
     started = time.monotonic()
@@ -357,7 +493,9 @@ def test_a_server_error_is_a_provider_error_not_retried_within_the_call(openai: 
     assert requests_to(sim) == 1
 
 
-def test_an_error_event_mid_stream_raises_after_the_chunks_already_delivered(openai: OpenAIProvider, sim: Simulator) -> None:
+def test_an_error_event_mid_stream_raises_after_the_chunks_already_delivered(
+    openai: OpenAIProvider, sim: Simulator
+) -> None:
     sim.set_faults([Fault(kind="stream_error", after_chunks=3, count=1)])
     chunks: list[str] = []
     error = raised(lambda: call(openai, "chat", chunks=chunks))
@@ -370,7 +508,8 @@ def test_an_error_event_mid_stream_raises_after_the_chunks_already_delivered(ope
 
 @pytest.mark.parametrize("after_chunks", [2, 1000], ids=["early", "after-the-finish"])
 def test_a_stream_cut_before_done_is_incomplete_with_what_arrived(
-        openai: OpenAIProvider, sim: Simulator, after_chunks: int) -> None:
+    openai: OpenAIProvider, sim: Simulator, after_chunks: int
+) -> None:
     sim.set_faults([Fault(kind="cut", after_chunks=after_chunks, count=1)])
     chunks: list[str] = []
     error = raised(lambda: call(openai, "chat", chunks=chunks))
@@ -380,7 +519,9 @@ def test_a_stream_cut_before_done_is_incomplete_with_what_arrived(
         assert len(chunks) == 12 and "".join(chunks) == REPLY  # every piece, and the finish: still not an answer
     # http.client may read a cut as the end of the body: either way, no [DONE] means no answer.
     assert isinstance(error, Incomplete) and error.kind is ErrorKind.PROVIDER and error.counted is False
-    assert error.message.startswith(("POST /chat/completions: stream ended before", "POST /chat/completions: stream cut"))
+    assert error.message.startswith(
+        ("POST /chat/completions: stream ended before", "POST /chat/completions: stream cut")
+    )
     assert error.partial.text == "".join(chunks) and error.partial.done_reason == INCOMPLETE
     assert error.partial.message == {"role": "assistant", "content": "".join(chunks)}
     assert requests_to(sim) == 1
@@ -389,7 +530,8 @@ def test_a_stream_cut_before_done_is_incomplete_with_what_arrived(
 
 @pytest.mark.parametrize("ends_after, missing, text", [(4, "finish_reason", "Why is the sky"), (13, "[DONE]", REPLY)])
 def test_a_stream_that_ends_cleanly_before_done_is_incomplete(
-        openai: OpenAIProvider, monkeypatch: pytest.MonkeyPatch, ends_after: int, missing: str, text: str) -> None:
+    openai: OpenAIProvider, monkeypatch: pytest.MonkeyPatch, ends_after: int, missing: str, text: str
+) -> None:
     lines = openai.http.lines
 
     def ends_early(*args: Any) -> Iterator[bytes]:  # a server that closes its stream cleanly, too soon
@@ -414,14 +556,16 @@ LLAMACPP = "openai:llamacpp-tiny"  # the simulator streams this one as llama-cpp
 @pytest.fixture
 def llamacpp_sim() -> Iterator[Simulator]:
     """The simulator with a model it streams as llama-cpp-python does, long answers, and one without pooling."""
-    config = SimulatorConfig(port=0, models=["llamacpp-tiny", "nomic-embed-text", "nopool-embed"],
-                             reply_tokens=400, token_ms=5)
+    config = SimulatorConfig(
+        port=0, models=["llamacpp-tiny", "nomic-embed-text", "nopool-embed"], reply_tokens=400, token_ms=5
+    )
     with Simulator(config) as sim:
         yield sim
 
 
 def test_a_stream_stopped_by_a_newer_request_is_incomplete_not_an_empty_success(
-        provider_for: ProviderFactory, llamacpp_sim: Simulator) -> None:
+    provider_for: ProviderFactory, llamacpp_sim: Simulator
+) -> None:
     """llama-cpp-python stops a running stream for any newer request: [DONE], no finish_reason.
 
     Seen against llama-cpp-python 0.3.36 with two workers streaming at once:
@@ -451,11 +595,13 @@ def test_a_stream_stopped_by_a_newer_request_is_incomplete_not_an_empty_success(
 
 
 def test_a_stream_without_usage_counts_its_pieces_as_completion_tokens(
-        openai: OpenAIProvider, provider_for: ProviderFactory, llamacpp_sim: Simulator) -> None:
+    openai: OpenAIProvider, provider_for: ProviderFactory, llamacpp_sim: Simulator
+) -> None:
     # llama-cpp-python ignores stream_options.include_usage: its streams carry no token counts.
     chunks: list[str] = []
-    done = call(provider_for(llamacpp_sim.url + "/v1"), "chat", model=LLAMACPP, chunks=chunks,
-                options={"num_predict": 7})
+    done = call(
+        provider_for(llamacpp_sim.url + "/v1"), "chat", model=LLAMACPP, chunks=chunks, options={"num_predict": 7}
+    )
     assert done.done_reason == "length" and len(chunks) == 7
     assert (done.prompt_tokens, done.completion_tokens) == (None, 7)
     # Where the server counts, its usage is taken, not the estimate.
@@ -463,7 +609,8 @@ def test_a_stream_without_usage_counts_its_pieces_as_completion_tokens(
 
 
 def test_embeddings_of_a_model_without_pooling_are_a_model_error_that_says_what_to_do(
-        provider_for: ProviderFactory, llamacpp_sim: Simulator) -> None:
+    provider_for: ProviderFactory, llamacpp_sim: Simulator
+) -> None:
     # llama.cpp answers a vector per token of each input, a list of lists, for a model without a pooling type.
     openai = provider_for(llamacpp_sim.url + "/v1")
     error = raised(lambda: openai.embed("openai:nopool-embed", ["one two three", "four"], Deadline(30)))
@@ -471,21 +618,25 @@ def test_embeddings_of_a_model_without_pooling_are_a_model_error_that_says_what_
     assert error.message == (
         "POST /embeddings: the server answered 3 vectors for input 0 (one per token), not one: model 'nopool-embed'"
         " has no pooling; serve it with a pooling type (llama-server --pooling mean; llama-cpp-python kv_overrides"
-        " <arch>.pooling_type=int:1) or use an embedding model")
+        " <arch>.pooling_type=int:1) or use an embedding model"
+    )
     assert len(openai.embed("openai:nomic-embed-text", ["one two three"], Deadline(30)).vectors[0]) == 16
 
 
 @pytest.mark.parametrize("streaming", [False, True], ids=["whole", "streamed"])
 def test_a_prompt_over_a_llamacpp_context_is_a_validation_error_streamed_or_not(
-        provider_for: ProviderFactory, llamacpp_sim: Simulator, streaming: bool) -> None:
+    provider_for: ProviderFactory, llamacpp_sim: Simulator, streaming: bool
+) -> None:
     # Streamed, llama-cpp-python answers 200 and an empty stream: asked again unstreamed, it says why.
     openai = provider_for(llamacpp_sim.url + "/v1")
     chunks: list[str] | None = [] if streaming else None
     error = raised(lambda: call(openai, "chat", model=LLAMACPP, text="blue " * 4100, chunks=chunks))
     assert (error.kind, error.status, error.retryable) == (ErrorKind.VALIDATION, 400, False)
-    assert error.message == ("POST /chat/completions: This model's maximum context length is 4096 tokens. However,"
-                             " you requested 4100 tokens (4100 in the messages, None in the completion). Please"
-                             " reduce the length of the messages or completion.")
+    assert error.message == (
+        "POST /chat/completions: This model's maximum context length is 4096 tokens. However,"
+        " you requested 4100 tokens (4100 in the messages, None in the completion). Please"
+        " reduce the length of the messages or completion."
+    )
     assert requests_to(llamacpp_sim) == (2 if streaming else 1) and chunks in ([], None)
 
 
@@ -522,8 +673,10 @@ def test_reasoning_is_the_completions_thinking_apart_from_the_text(openai: OpenA
 
 
 def test_reasoning_content_as_llama_cpp_vllm_and_deepseek_send_it_is_thinking_too() -> None:
-    whole = msgspec.json.decode(b'{"choices": [{"message": {"content": "4", "reasoning_content": "2+2"},'
-                                b' "finish_reason": "stop"}]}', type=plugin._Answer)
+    whole = msgspec.json.decode(
+        b'{"choices": [{"message": {"content": "4", "reasoning_content": "2+2"}, "finish_reason": "stop"}]}',
+        type=plugin._Answer,
+    )
     assert whole.choices[0].message.thinking() == "2+2"
     got = plugin._Streamed("m")
     for delta in ({"reasoning_content": "2+"}, {"reasoning_content": "2"}, {"content": "4"}):
@@ -533,16 +686,29 @@ def test_reasoning_content_as_llama_cpp_vllm_and_deepseek_send_it_is_thinking_to
     assert (done.text, done.thinking, done.message, done.completion_tokens) == ("4", "2+2", None, 3)
 
 
-@pytest.mark.parametrize("think, effort", [("low", "low"), ("medium", "medium"), ("high", "high"), ("max", "high"),
-                                           (True, None), (False, None), (None, None)])
+@pytest.mark.parametrize(
+    "think, effort",
+    [
+        ("low", "low"),
+        ("medium", "medium"),
+        ("high", "high"),
+        ("max", "high"),
+        (True, None),
+        (False, None),
+        (None, None),
+    ],
+)
 def test_think_levels_are_sent_as_reasoning_effort_and_booleans_are_not(
-        openai: OpenAIProvider, think: object, effort: str | None) -> None:
+    openai: OpenAIProvider, think: object, effort: str | None
+) -> None:
     fields = {} if think is None else {"think": think}
     body = openai._body(CHAT, msgspec.convert({"prompt": "x", **fields}, GenerateRequest), None)
     assert body.get("reasoning_effort") == effort
 
 
-def test_a_refused_connection_is_a_network_error_after_the_retries(provider_for: ProviderFactory, closed_url: str) -> None:
+def test_a_refused_connection_is_a_network_error_after_the_retries(
+    provider_for: ProviderFactory, closed_url: str
+) -> None:
     openai = provider_for(closed_url, OPENAI_RETRY_DELAY="100", OPENAI_MAX_RETRIES="2")
     started = time.monotonic()
     error = raised(lambda: call(openai, "chat"))
@@ -553,7 +719,9 @@ def test_a_refused_connection_is_a_network_error_after_the_retries(provider_for:
 
 
 @pytest.mark.parametrize("streaming", [False, True], ids=["whole", "streamed"])
-def test_a_server_that_never_answers_times_out_at_the_deadline(openai: OpenAIProvider, sim: Simulator, streaming: bool) -> None:
+def test_a_server_that_never_answers_times_out_at_the_deadline(
+    openai: OpenAIProvider, sim: Simulator, streaming: bool
+) -> None:
     sim.set_faults([Fault(kind="hang")])
     started = time.monotonic()
     error = raised(lambda: call(openai, "chat", chunks=[] if streaming else None, deadline=0.5))
@@ -562,7 +730,8 @@ def test_a_server_that_never_answers_times_out_at_the_deadline(openai: OpenAIPro
 
 
 def test_openai_timeout_bounds_the_wait_for_an_answer_within_a_longer_deadline(
-        provider_for: ProviderFactory, sim: Simulator) -> None:
+    provider_for: ProviderFactory, sim: Simulator
+) -> None:
     openai = provider_for(sim.url + "/v1", OPENAI_TIMEOUT="300")
     sim.set_faults([Fault(kind="hang")])
     started = time.monotonic()
@@ -571,21 +740,24 @@ def test_openai_timeout_bounds_the_wait_for_an_answer_within_a_longer_deadline(
     assert time.monotonic() - started < 30
 
 
-@pytest.mark.parametrize("status, message, kind", [
-    (400, "Invalid value for 'temperature'", ErrorKind.VALIDATION),
-    (422, "Input should be a valid string", ErrorKind.VALIDATION),
-    (400, CONTEXT, ErrorKind.VALIDATION),
-    (500, "context_length_exceeded", ErrorKind.VALIDATION),
-    (401, "Incorrect API key provided", ErrorKind.PROVIDER),
-    (403, "Country, region, or territory not supported", ErrorKind.PROVIDER),
-    (404, "The model `gpt-9` does not exist or you do not have access to it.", ErrorKind.MODEL),
-    (408, "Request timed out", ErrorKind.TIMEOUT),
-    (429, RATE_LIMITED, ErrorKind.PROVIDER),
-    (500, "The server had an error while processing your request.", ErrorKind.PROVIDER),
-    (502, "Bad gateway", ErrorKind.PROVIDER),
-    (503, "The engine is currently overloaded", ErrorKind.PROVIDER),
-    (409, "conflict", ErrorKind.PROVIDER),
-])
+@pytest.mark.parametrize(
+    "status, message, kind",
+    [
+        (400, "Invalid value for 'temperature'", ErrorKind.VALIDATION),
+        (422, "Input should be a valid string", ErrorKind.VALIDATION),
+        (400, CONTEXT, ErrorKind.VALIDATION),
+        (500, "context_length_exceeded", ErrorKind.VALIDATION),
+        (401, "Incorrect API key provided", ErrorKind.PROVIDER),
+        (403, "Country, region, or territory not supported", ErrorKind.PROVIDER),
+        (404, "The model `gpt-9` does not exist or you do not have access to it.", ErrorKind.MODEL),
+        (408, "Request timed out", ErrorKind.TIMEOUT),
+        (429, RATE_LIMITED, ErrorKind.PROVIDER),
+        (500, "The server had an error while processing your request.", ErrorKind.PROVIDER),
+        (502, "Bad gateway", ErrorKind.PROVIDER),
+        (503, "The engine is currently overloaded", ErrorKind.PROVIDER),
+        (409, "conflict", ErrorKind.PROVIDER),
+    ],
+)
 def test_classify_maps_each_answer_to_its_error_kind(status: int, message: str, kind: ErrorKind) -> None:
     assert classify(status, message) is kind
 
@@ -631,7 +803,9 @@ def test_with_both_builtins_loaded_prefixed_and_mapped_models_reach_openai_and_t
     manager = PluginManager(disabled=set()).load()
     names = [info.name for info in manager.plugins()]
     assert "ollama" in names and "openai" in names
-    settings = config.load({"OPENAI_BASE_URL": "http://127.0.0.1:9/v1", "OPENAI_MODEL_MAP": "fast=gpt-4o-mini"}).settings
+    settings = config.load(
+        {"OPENAI_BASE_URL": "http://127.0.0.1:9/v1", "OPENAI_MODEL_MAP": "fast=gpt-4o-mini"}
+    ).settings
     providers = manager.providers(settings)
     assert [p.name for p in providers] == ["openai", "ollama"]  # asked in this order; Ollama serves every model
 
@@ -651,25 +825,35 @@ def test_with_both_builtins_loaded_prefixed_and_mapped_models_reach_openai_and_t
 def test_defaults_leave_the_provider_off() -> None:
     o = config.Settings().openai
     assert (o.base_url, o.api_key, o.model_prefix, o.model_map, o.timeout, o.max_retries, o.organization) == (
-        "", "", "openai:", {}, 120_000, 2, "")
+        "",
+        "",
+        "openai:",
+        {},
+        120_000,
+        2,
+        "",
+    )
 
 
-@pytest.mark.parametrize(("env", "value", "allowed"), [
-    ("OPENAI_BASE_URL", "api.openai.com/v1", "text matching `^(https?://"),
-    ("OPENAI_BASE_URL", "ftp://api.openai.com/v1", "text matching `^(https?://"),
-    ("OPENAI_BASE_URL", "http://", "text matching `^(https?://"),
-    ("OPENAI_MODEL_MAP", "llama3.2", "comma-separated model=remote pairs"),
-    ("OPENAI_MODEL_MAP", "a=b,c", "comma-separated model=remote pairs"),
-    ("OPENAI_MODEL_MAP", "=gpt-4o", "comma-separated model=remote pairs"),
-    ("OPENAI_MODEL_MAP", "a=b,a=c", "comma-separated model=remote pairs"),
-    ("OPENAI_MODEL_MAP", "fast=", "remotes matching ^\\S{1,256}$"),
-    ("OPENAI_MODEL_MAP", "my model=gpt-4o", "models matching " + config.MODEL_NAME),
-    ("OPENAI_MODEL_PREFIX", "-x:", "text matching"),
-    ("OPENAI_MODEL_PREFIX", "open ai:", "text matching"),
-    ("OPENAI_TIMEOUT", "50", "an integer from 100 to 86400000"),
-    ("OPENAI_MAX_RETRIES", "21", "an integer from 0 to 20"),
-    ("OPENAI_RETRY_DELAY", "-1", "an integer from 0 to 60000"),
-])
+@pytest.mark.parametrize(
+    ("env", "value", "allowed"),
+    [
+        ("OPENAI_BASE_URL", "api.openai.com/v1", "text matching `^(https?://"),
+        ("OPENAI_BASE_URL", "ftp://api.openai.com/v1", "text matching `^(https?://"),
+        ("OPENAI_BASE_URL", "http://", "text matching `^(https?://"),
+        ("OPENAI_MODEL_MAP", "llama3.2", "comma-separated model=remote pairs"),
+        ("OPENAI_MODEL_MAP", "a=b,c", "comma-separated model=remote pairs"),
+        ("OPENAI_MODEL_MAP", "=gpt-4o", "comma-separated model=remote pairs"),
+        ("OPENAI_MODEL_MAP", "a=b,a=c", "comma-separated model=remote pairs"),
+        ("OPENAI_MODEL_MAP", "fast=", "remotes matching ^\\S{1,256}$"),
+        ("OPENAI_MODEL_MAP", "my model=gpt-4o", "models matching " + config.MODEL_NAME),
+        ("OPENAI_MODEL_PREFIX", "-x:", "text matching"),
+        ("OPENAI_MODEL_PREFIX", "open ai:", "text matching"),
+        ("OPENAI_TIMEOUT", "50", "an integer from 100 to 86400000"),
+        ("OPENAI_MAX_RETRIES", "21", "an integer from 0 to 20"),
+        ("OPENAI_RETRY_DELAY", "-1", "an integer from 0 to 60000"),
+    ],
+)
 def test_a_bad_openai_setting_is_refused_by_name(env: str, value: str, allowed: str) -> None:
     with pytest.raises(SettingError) as caught:
         config.load({env: value})
@@ -679,16 +863,28 @@ def test_a_bad_openai_setting_is_refused_by_name(env: str, value: str, allowed: 
 
 
 def test_good_openai_settings_from_env_and_toml(tmp_path: Path) -> None:
-    s = config.load({"OPENAI_BASE_URL": "https://api.openai.com/v1", "OPENAI_API_KEY": "sk-abc",
-                     "OPENAI_MODEL_MAP": " fast = gpt-4o-mini , hf.co/u/r:Q4=meta-llama/Llama-3.1-8B ",
-                     "OPENAI_TIMEOUT": "5000", "OPENAI_MAX_RETRIES": "0", "OPENAI_ORGANIZATION": "org-1"}).settings.openai
+    s = config.load(
+        {
+            "OPENAI_BASE_URL": "https://api.openai.com/v1",
+            "OPENAI_API_KEY": "sk-abc",
+            "OPENAI_MODEL_MAP": " fast = gpt-4o-mini , hf.co/u/r:Q4=meta-llama/Llama-3.1-8B ",
+            "OPENAI_TIMEOUT": "5000",
+            "OPENAI_MAX_RETRIES": "0",
+            "OPENAI_ORGANIZATION": "org-1",
+        }
+    ).settings.openai
     assert s.model_map == {"fast": "gpt-4o-mini", "hf.co/u/r:Q4": "meta-llama/Llama-3.1-8B"}
     assert (s.base_url, s.api_key, s.timeout, s.max_retries, s.organization) == (
-        "https://api.openai.com/v1", "sk-abc", 5000, 0, "org-1")
+        "https://api.openai.com/v1",
+        "sk-abc",
+        5000,
+        0,
+        "org-1",
+    )
     path = tmp_path / "settings.toml"
     path.write_text('[openai]\nbase_url = "http://localhost:8000/v1"\nmodel_map = {fast = "qwen2.5"}\n')
     assert config.load({}, str(path)).settings.openai.model_map == {"fast": "qwen2.5"}
-    path.write_text('[openai]\nmodel_map = {fast = 3}\n')
+    path.write_text("[openai]\nmodel_map = {fast = 3}\n")
     with pytest.raises(SettingError, match="comma-separated model=remote pairs"):
         config.load({}, str(path))
 
@@ -708,7 +904,8 @@ def test_model_names_in_settings_follow_the_job_rule() -> None:
 
 
 def test_a_running_service_sends_prefixed_models_to_openai_and_the_rest_to_ollama(
-        service, sim: Simulator, redis_url: str, r: redis.Redis) -> None:
+    service, sim: Simulator, redis_url: str, r: redis.Redis
+) -> None:
     service(OPENAI_BASE_URL=sim.url + "/v1", WORKER_POOLS="llm-chat=2")
     client = client_for(redis_url)
     # Given a job for each provider, when both run, then each API got exactly one request.

@@ -13,15 +13,15 @@ from typing import Any
 import pluggy
 import pytest
 import redis
-import urllib3
-
 import testplugins
-from llm_worker import hookimpl
-from llm_worker.config import Settings
-from llm_worker.pluginmanager import CALLED_ONE_BY_ONE, EXTRA_ENV, Found, PluginManager, PluginStartError, discover
-from llm_worker.shm import SharedState
-from llm_worker.workerproc.context import WorkerContext
+import urllib3
 from support import events, eventually
+
+from llm_worker import hookimpl
+from llm_worker.host.shm import SharedState
+from llm_worker.plugin.context import WorkerContext
+from llm_worker.plugin.manager import CALLED_ONE_BY_ONE, EXTRA_ENV, Found, PluginManager, PluginStartError, discover
+from llm_worker.settings.config import Settings
 
 TESTS = Path(__file__).parent
 
@@ -47,14 +47,21 @@ class FailsToStart:
 
 
 def context(role: str) -> WorkerContext:
-    return WorkerContext(Settings(), "test:1", role, "llm-chat" if role == "worker" else None,  # type: ignore[arg-type]
-                         SharedState(1), 0 if role == "worker" else None)
+    return WorkerContext(
+        Settings(),
+        "test:1",
+        role,
+        "llm-chat" if role == "worker" else None,  # type: ignore[arg-type]
+        SharedState(1),
+        0 if role == "worker" else None,
+    )
 
 
 def llm_worker_cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     environ = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(TESTS), **env}
-    return subprocess.run([sys.executable, "-m", "llm_worker.cli", *args], env=environ, capture_output=True,
-                          text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "llm_worker.cli", *args], env=environ, capture_output=True, text=True, timeout=60
+    )
 
 
 # ---- llm_worker_worker_started, one plugin at a time ------------------------------------
@@ -75,10 +82,14 @@ def test_a_plugin_that_fails_to_start_is_named_and_the_plugins_after_it_still_st
 
 
 def test_every_plugin_that_fails_to_start_is_named() -> None:
-    plugins = PluginManager(disabled=set()).load([Found("one", FailsToStart("bad port"), "test"),
-                                                  Found("two", FailsToStart("no token"), "test")])
-    with pytest.raises(PluginStartError, match=r"plugin 'two' raised RuntimeError\('no token'\); "
-                                               r"plugin 'one' raised RuntimeError\('bad port'\)"):
+    plugins = PluginManager(disabled=set()).load(
+        [Found("one", FailsToStart("bad port"), "test"), Found("two", FailsToStart("no token"), "test")]
+    )
+    with pytest.raises(
+        PluginStartError,
+        match=r"plugin 'two' raised RuntimeError\('no token'\); "
+        r"plugin 'one' raised RuntimeError\('bad port'\)",
+    ):
         plugins.worker_started(context("worker"))
 
 
@@ -87,28 +98,38 @@ def test_tryfirst_and_trylast_order_the_start() -> None:
     late = SimpleNamespace(llm_worker_worker_started=hookimpl(trylast=True)(lambda: order.append("late")))
     early = SimpleNamespace(llm_worker_worker_started=hookimpl(tryfirst=True)(lambda: order.append("early")))
     plain = SimpleNamespace(llm_worker_worker_started=hookimpl(lambda: order.append("plain")))
-    PluginManager(disabled=set()).load([Found("early", early, "test"), Found("late", late, "test"),
-                                        Found("plain", plain, "test")]).worker_started(context("worker"))
+    PluginManager(disabled=set()).load(
+        [Found("early", early, "test"), Found("late", late, "test"), Found("plain", plain, "test")]
+    ).worker_started(context("worker"))
     assert order == ["early", "plain", "late"]
 
 
 def test_a_worker_whose_plugin_fails_to_start_stops_the_supervisor_naming_the_plugin(service) -> None:  # type: ignore[no-untyped-def]
-    svc = service(ready=False, WORKER_POOLS="llm-chat=1", LLM_WORKER_PLUGINS="testplugins_start",
-                  TESTPLUGINS_START_RAISES_IN="worker", WORKER_BOOT_RETRIES="2")
+    svc = service(
+        ready=False,
+        WORKER_POOLS="llm-chat=1",
+        LLM_WORKER_PLUGINS="testplugins_start",
+        TESTPLUGINS_START_RAISES_IN="worker",
+        WORKER_BOOT_RETRIES="2",
+    )
     assert svc.wait(60) == 3
     log = svc.tail(200)
     assert "workers cannot boot" in log
     assert "plugin 'testplugins_start' raised RuntimeError('no licence for the worker process')" in log
 
 
-def test_the_http_process_starts_the_built_ins_after_a_plugin_that_failed_to_start(
-        service, r: redis.Redis) -> None:  # type: ignore[no-untyped-def]
+def test_the_http_process_starts_the_built_ins_after_a_plugin_that_failed_to_start(service, r: redis.Redis) -> None:  # type: ignore[no-untyped-def]
     # Given a plugin that raises as the HTTP process and the model manager start it
-    svc = service(WORKER_POOLS="llm-chat=1", LLM_WORKER_PLUGINS="testplugins_start",
-                  TESTPLUGINS_START_RAISES_IN="http,models", ADMIN_TOKEN="t0ken")
+    svc = service(
+        WORKER_POOLS="llm-chat=1",
+        LLM_WORKER_PLUGINS="testplugins_start",
+        TESTPLUGINS_START_RAISES_IN="http,models",
+        ADMIN_TOKEN="t0ken",
+    )
     # When an operator forces a breaker open over HTTP
-    forced = urllib3.request("POST", svc.url + "/admin/breakers/force-open?key=ollama:llama3.2",
-                             headers={"Authorization": "Bearer t0ken"})
+    forced = urllib3.request(
+        "POST", svc.url + "/admin/breakers/force-open?key=ollama:llama3.2", headers={"Authorization": "Bearer t0ken"}
+    )
     assert forced.status == 200
     # Then the built-in events sink, started after it in the HTTP process, publishes the transition
     eventually(lambda: events(r, "llm.breaker.opened"), what="the breaker event from the HTTP process")
@@ -143,8 +164,12 @@ def test_a_wrapper_of_the_providers_hook_is_pluggys_and_allowed() -> None:
         return providers
 
     plugins = PluginManager(disabled=set())
-    plugins.load([Found("testplugins", testplugins, "test"),
-                  Found("counting", SimpleNamespace(llm_worker_providers=llm_worker_providers), "test")])
+    plugins.load(
+        [
+            Found("testplugins", testplugins, "test"),
+            Found("counting", SimpleNamespace(llm_worker_providers=llm_worker_providers), "test"),
+        ]
+    )
     assert [p.name for p in plugins.providers(Settings())] == ["crasher"] and seen == [1]
 
 
@@ -153,7 +178,8 @@ def test_start_up_refuses_a_wrapped_sink_naming_the_plugin_and_the_hook(tmp_path
         "from llm_worker import hookimpl\n\n\n"
         "@hookimpl(wrapper=True)\n"
         "def llm_worker_record(event):\n"
-        "    return (yield)\n")
+        "    return (yield)\n"
+    )
     proc = llm_worker_cli("plugins", LLM_WORKER_PLUGINS="wrapped_sink", PYTHONPATH=str(tmp_path))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "plugin 'wrapped_sink': llm_worker_record cannot be a wrapper" in proc.stderr
@@ -163,7 +189,8 @@ def test_start_up_refuses_a_wrapped_sink_naming_the_plugin_and_the_hook(tmp_path
 
 
 def test_an_installed_plugins_module_named_in_llm_worker_plugins_is_loaded_once(
-        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     monkeypatch.setenv(EXTRA_ENV, "llm_worker.plugins.audit,testplugins")
     with caplog.at_level(logging.INFO, logger="llm_worker.plugins"):
         found = discover(disabled=set())

@@ -7,17 +7,26 @@ import time
 import msgspec
 import pytest
 import redis
-
 from conftest import settings_for
-from llm_worker.jobs import DeadLetter, Result
-from llm_worker.queue import ReliableQueue, WorkerInfo, retry_delay
+
+from llm_worker.protocol.jobs import DeadLetter, Result
+from llm_worker.queue.reliable import ReliableQueue, WorkerInfo, retry_delay
 
 WID = "host-a:100"
 
 
 def job(job_id: str, **more: object) -> bytes:
-    return msgspec.json.encode({"id": job_id, "type": "chat", "userId": "u", "model": "m", "correlationId": "c-" + job_id,
-                                "request": {"messages": [{"role": "user", "content": "hi"}]}, **more})
+    return msgspec.json.encode(
+        {
+            "id": job_id,
+            "type": "chat",
+            "userId": "u",
+            "model": "m",
+            "correlationId": "c-" + job_id,
+            "request": {"messages": [{"role": "user", "content": "hi"}]},
+            **more,
+        }
+    )
 
 
 @pytest.fixture
@@ -26,7 +35,9 @@ def rq(redis_url: str, r: redis.Redis) -> ReliableQueue:
 
 
 def ok(job_id: str) -> Result:
-    return Result(job_id=job_id, success=True, response={"message": {"role": "assistant", "content": "x"}}, completed_at="t")
+    return Result(
+        job_id=job_id, success=True, response={"message": {"role": "assistant", "content": "x"}}, completed_at="t"
+    )
 
 
 def test_take_moves_the_oldest_job_into_the_workers_processing_list(rq: ReliableQueue, r: redis.Redis) -> None:
@@ -102,7 +113,15 @@ def test_a_delayed_entry_without_a_queue_is_dead_lettered_not_lost(rq: ReliableQ
 def test_dead_letter_keeps_the_job_and_writes_its_failure_result(rq: ReliableQueue, r: redis.Redis) -> None:
     r.lpush("llm-chat", job("a"))
     raw = rq.take("llm-chat", WID, 0.1)
-    entry = DeadLetter(job=msgspec.Raw(raw), queue="llm-chat", error="boom", error_type="provider", failed_at="t", worker_id=WID, attempts=3)
+    entry = DeadLetter(
+        job=msgspec.Raw(raw),
+        queue="llm-chat",
+        error="boom",
+        error_type="provider",
+        failed_at="t",
+        worker_id=WID,
+        attempts=3,
+    )
     failure = Result(job_id="a", success=False, error="boom", error_type="provider", completed_at="t")
     assert rq.dead_letter(WID, raw, entry, failure, stream="error").ours
     stored = msgspec.json.decode(r.lindex("llm-dead-letter", 0))
@@ -163,7 +182,12 @@ def test_a_payload_over_max_job_bytes_is_recovered_without_being_decoded(redis_u
     entries = [msgspec.json.decode(e) for e in r.lrange("llm-dead-letter", 0, -1)]
     assert all("raw" in e and e["errorType"] == "crashed" for e in entries)
     result = msgspec.json.decode(r.get("llm:result:big-1"))
-    assert (result["jobId"], result["errorType"], result["model"], result["correlationId"]) == ("big-1", "crashed", None, None)
+    assert (result["jobId"], result["errorType"], result["model"], result["correlationId"]) == (
+        "big-1",
+        "crashed",
+        None,
+        None,
+    )
     assert not r.exists("llm:result:late-id")
 
 
@@ -204,8 +228,11 @@ def test_retry_delay_grows_exponentially_with_equal_jitter_and_is_capped() -> No
     assert all(0.5 <= retry_delay(fixed, n) <= 1.0 for n in range(6))
 
 
-def test_queue_stats_count_what_registered_workers_hold_and_skip_an_entry_not_ours(redis_url: str, r: redis.Redis) -> None:
-    from llm_worker.admin import QueueAdmin
+def test_queue_stats_count_what_registered_workers_hold_and_skip_an_entry_not_ours(
+    redis_url: str, r: redis.Redis
+) -> None:
+    from llm_worker.queue.admin import QueueAdmin
+
     settings = settings_for({"REDIS_URL": redis_url})
     info = WorkerInfo(queue="llm-chat", host="host-a", hostname="h", pid=100, since="t")
     r.hset("llm:workers", mapping={WID: msgspec.json.encode(info), "hand-edited": b"{not json", "old": b'{"queue": 5}'})

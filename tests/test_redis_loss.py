@@ -5,9 +5,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from llm_worker.localredis import LocalRedis
-from llm_worker.simulator import Simulator
 from support import assert_each_answered_once, chat, client_for, eventually, nothing_held
+
+from llm_worker.devtools.localredis import LocalRedis
+from llm_worker.devtools.simulator import Simulator
 
 
 def test_redis_killed_and_restarted_mid_run_loses_no_job(service, sim: Simulator, tmp_path: Path) -> None:

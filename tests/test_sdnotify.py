@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from llm_worker.sdnotify import Notifier
+from llm_worker.supervisor.sdnotify import Notifier
 
 RECV_TIMEOUT = 5.0
 
@@ -124,8 +124,11 @@ def test_abstract_socket(receiver: socket.socket) -> None:
 def test_tick_pings_at_half_the_interval(notifier: Notifier, receiver: socket.socket) -> None:
     # Given WATCHDOG_USEC=200000: a ping is due every 0.1 s of the loop's clock.
     assert notifier.watchdog_interval == pytest.approx(0.2)
-    sent = [now for now in (100.0, 100.03, 100.06, 100.099, 100.101, 100.15, 100.2, 100.202, 100.25, 100.31)
-            if notifier.tick(now)]
+    sent = [
+        now
+        for now in (100.0, 100.03, 100.06, 100.099, 100.101, 100.15, 100.2, 100.202, 100.25, 100.31)
+        if notifier.tick(now)
+    ]
     assert sent == [100.0, 100.101, 100.202, 100.31]
     for _ in sent:
         assert receive(receiver) == {"WATCHDOG": "1"}
@@ -147,8 +150,9 @@ def test_a_wedged_loop_sends_nothing(notifier: Notifier, receiver: socket.socket
 
 
 @pytest.mark.parametrize("whose, enabled", [("ours", True), ("another", False), ("unset", True)])
-def test_watchdog_pid_names_the_process_it_is_for(socket_path: str, receiver: socket.socket, whose: str,
-                                                  enabled: bool) -> None:
+def test_watchdog_pid_names_the_process_it_is_for(
+    socket_path: str, receiver: socket.socket, whose: str, enabled: bool
+) -> None:
     environ = {"NOTIFY_SOCKET": socket_path, "WATCHDOG_USEC": "30000000"}
     if whose != "unset":
         environ["WATCHDOG_PID"] = str(os.getpid() if whose == "ours" else os.getpid() + 1)
@@ -180,13 +184,14 @@ def test_without_notify_socket_every_call_is_a_no_op() -> None:
     n = Notifier.from_env({"WATCHDOG_USEC": "200000"})
     assert not n.enabled and n.fileno() == -1
     assert n.watchdog_interval is None
-    assert not any([n.ready("x"), n.status("x"), n.stopping(), n.reloading(), n.watchdog(), n.tick(0.0),
-                    n.notify(ERRNO=1)])
+    assert not any(
+        [n.ready("x"), n.status("x"), n.stopping(), n.reloading(), n.watchdog(), n.tick(0.0), n.notify(ERRNO=1)]
+    )
     n.forget_in_child()
 
 
 def test_an_unsupported_address_is_a_no_op(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="llm_worker.sdnotify"):
+    with caplog.at_level(logging.WARNING, logger="llm_worker.supervisor.sdnotify"):
         n = Notifier.from_env({"NOTIFY_SOCKET": "vsock:2:1234"})
     assert not n.enabled and not n.ready()
     assert "unsupported NOTIFY_SOCKET" in caplog.text
@@ -194,7 +199,7 @@ def test_an_unsupported_address_is_a_no_op(caplog: pytest.LogCaptureFixture) -> 
 
 def test_a_missing_socket_never_raises(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     n = Notifier.from_env({"NOTIFY_SOCKET": str(tmp_path / "nobody-here"), "WATCHDOG_USEC": "200000"})
-    with caplog.at_level(logging.WARNING, logger="llm_worker.sdnotify"):
+    with caplog.at_level(logging.WARNING, logger="llm_worker.supervisor.sdnotify"):
         assert not n.ready()
         assert not n.tick(1.0)
         assert not n.stopping()
@@ -214,11 +219,12 @@ def test_a_vanished_socket_never_raises(socket_path: str, receiver: socket.socke
     n.close()
 
 
-def test_a_receiver_that_stopped_reading_never_blocks(notifier: Notifier, receiver: socket.socket,
-                                                      caplog: pytest.LogCaptureFixture) -> None:
+def test_a_receiver_that_stopped_reading_never_blocks(
+    notifier: Notifier, receiver: socket.socket, caplog: pytest.LogCaptureFixture
+) -> None:
     # Given a receiver that reads nothing: its queue fills, and sends must fail fast instead of blocking.
     started = time.monotonic()
-    with caplog.at_level(logging.WARNING, logger="llm_worker.sdnotify"):
+    with caplog.at_level(logging.WARNING, logger="llm_worker.supervisor.sdnotify"):
         results = [notifier.status(f"message {i} " + "x" * 512) for i in range(5000)]
     assert time.monotonic() - started < 2.0
     assert results[0] and not results[-1]
@@ -238,8 +244,9 @@ def test_a_receiver_that_stopped_reading_never_blocks(notifier: Notifier, receiv
 # ---- fork and exec ----------------------------------------------------------------------
 
 
-def test_the_variables_leave_the_environment(monkeypatch: pytest.MonkeyPatch, socket_path: str,
-                                             receiver: socket.socket) -> None:
+def test_the_variables_leave_the_environment(
+    monkeypatch: pytest.MonkeyPatch, socket_path: str, receiver: socket.socket
+) -> None:
     monkeypatch.setenv("NOTIFY_SOCKET", socket_path)
     monkeypatch.setenv("WATCHDOG_USEC", "200000")
     monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
@@ -280,19 +287,23 @@ def credentials(sock: socket.socket) -> tuple[dict[str, str], int]:
     """One datagram and its sender's pid, as the kernel vouches for it (SCM_CREDENTIALS)."""
     creds = struct.Struct("3i")  # struct ucred: pid, uid, gid
     data, ancillary, _, _ = sock.recvmsg(4096, socket.CMSG_SPACE(creds.size))
-    pids = [creds.unpack(cdata[:creds.size])[0] for level, kind, cdata in ancillary
-            if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS]
+    pids = [
+        creds.unpack(cdata[: creds.size])[0]
+        for level, kind, cdata in ancillary
+        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS
+    ]
     assert len(pids) == 1
     return fields(data), pids[0]
 
 
-def test_a_real_process_notifies_from_its_own_pid_and_its_fork_stays_silent(socket_path: str,
-                                                                           receiver: socket.socket) -> None:
+def test_a_real_process_notifies_from_its_own_pid_and_its_fork_stays_silent(
+    socket_path: str, receiver: socket.socket
+) -> None:
     # Given systemd's view: NotifyAccess=main accepts datagrams whose sender pid is the main pid.
     receiver.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
     script = textwrap.dedent("""
         import os
-        from llm_worker.sdnotify import Notifier
+        from llm_worker.supervisor.sdnotify import Notifier
 
         notifier = Notifier.from_env()
         pid = os.fork()

@@ -23,11 +23,10 @@ from typing import Any
 import pytest
 import redis
 import urllib3
-
-from llm_worker.localredis import LocalRedis, free_port, redis_server_binary
-from llm_worker.simulator import Simulator
-
 from support import client_for, wait_all
+
+from llm_worker.devtools.localredis import LocalRedis, free_port, redis_server_binary
+from llm_worker.devtools.simulator import Simulator
 
 ROOT = Path(__file__).parent.parent
 PROMPT = "tell me about the zebra-4f1d7 sanctuary"
@@ -48,13 +47,22 @@ def _every_route(svc: Any, token: str) -> dict[str, str]:
 
 def test_no_prompt_completion_or_secret_in_routes_logs_or_events(service, sim: Simulator, tmp_path: Path) -> None:
     with LocalRedis(tmp_path / "redis", password=SECRETS["REDIS_PASSWORD"]) as store:
-        svc = service(REDIS_URL=f"redis://127.0.0.1:{store.port}/0", WORKER_POOLS="llm-chat=1,llm-embeddings=1",
-                      OPENAI_BASE_URL=sim.url + "/v1", LOG_LEVEL="debug", **SECRETS)
+        svc = service(
+            REDIS_URL=f"redis://127.0.0.1:{store.port}/0",
+            WORKER_POOLS="llm-chat=1,llm-embeddings=1",
+            OPENAI_BASE_URL=sim.url + "/v1",
+            LOG_LEVEL="debug",
+            **SECRETS,
+        )
         client = client_for(store.url)
-        ids = [client.submit("chat", {"messages": [{"role": "user", "content": PROMPT}]}, model="llama3.2"),
-               client.submit("chat", {"messages": [{"role": "user", "content": PROMPT}], "stream": True}, model="llama3.2"),
-               client.submit("embeddings", {"input": PROMPT}, model="nomic-embed-text"),
-               client.submit("chat", {"messages": [{"role": "wizard", "content": PROMPT}]}, model="llama3.2")]
+        ids = [
+            client.submit("chat", {"messages": [{"role": "user", "content": PROMPT}]}, model="llama3.2"),
+            client.submit(
+                "chat", {"messages": [{"role": "user", "content": PROMPT}], "stream": True}, model="llama3.2"
+            ),
+            client.submit("embeddings", {"input": PROMPT}, model="nomic-embed-text"),
+            client.submit("chat", {"messages": [{"role": "wizard", "content": PROMPT}]}, model="llama3.2"),
+        ]
         results = wait_all(client, ids)
         completion = results[ids[0]]["response"]["message"]["content"]
         assert len(completion) > 10
@@ -81,17 +89,72 @@ def tls_redis(tmp_path: Path):  # type: ignore[no-untyped-def]
     def openssl(*args: str) -> None:
         subprocess.run(["openssl", *args], cwd=certs, check=True, capture_output=True, timeout=60)
 
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
-            "-subj", "/CN=llm-worker test CA")
-    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "redis.key", "-out", "redis.csr", "-subj", "/CN=localhost")
+    openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=llm-worker test CA",
+    )
+    openssl(
+        "req", "-newkey", "rsa:2048", "-nodes", "-keyout", "redis.key", "-out", "redis.csr", "-subj", "/CN=localhost"
+    )
     (certs / "san").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    openssl("x509", "-req", "-in", "redis.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-            "-out", "redis.crt", "-days", "2", "-extfile", "san")
+    openssl(
+        "x509",
+        "-req",
+        "-in",
+        "redis.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "redis.crt",
+        "-days",
+        "2",
+        "-extfile",
+        "san",
+    )
     port = free_port()
-    proc = subprocess.Popen([redis_server_binary(), "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
-                             "--tls-cert-file", "redis.crt", "--tls-key-file", "redis.key", "--tls-ca-cert-file", "ca.crt",
-                             "--tls-auth-clients", "no", "--save", "", "--appendonly", "no", "--dir", str(certs)],
-                            cwd=certs, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            redis_server_binary(),
+            "--port",
+            "0",
+            "--tls-port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--tls-cert-file",
+            "redis.crt",
+            "--tls-key-file",
+            "redis.key",
+            "--tls-ca-cert-file",
+            "ca.crt",
+            "--tls-auth-clients",
+            "no",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(certs),
+        ],
+        cwd=certs,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     url = f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={certs / 'ca.crt'}"
     deadline = time.monotonic() + 10
     while True:
@@ -115,9 +178,13 @@ def test_jobs_run_over_rediss_and_an_untrusted_certificate_stops_start_up(servic
     job = client.submit("chat", {"messages": [{"role": "user", "content": "over TLS"}]}, model="llama3.2")
     assert wait_all(client, [job])[job]["success"]
     # Without our CA the server's certificate is not trusted: start-up says so, no job is touched.
-    proc = subprocess.run([sys.executable, "-m", "llm_worker.cli", "queues"],
-                          env={**_clean_env(), "REDIS_URL": f"rediss://127.0.0.1:{port}/0"},
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "llm_worker.cli", "queues"],
+        env={**_clean_env(), "REDIS_URL": f"rediss://127.0.0.1:{port}/0"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode != 0
     assert "certificate verify failed" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -128,14 +195,23 @@ def test_jobs_run_over_a_unix_socket_and_its_password_is_never_shown(service, tm
     sock = sock_dir / "redis.sock"
     password = "unix-pw-4e1b"
     try:
-        with LocalRedis(tmp_path / "redis", appendonly=False, password=password,
-                        extra=("--unixsocket", str(sock), "--unixsocketperm", "700")):
+        with LocalRedis(
+            tmp_path / "redis",
+            appendonly=False,
+            password=password,
+            extra=("--unixsocket", str(sock), "--unixsocketperm", "700"),
+        ):
             svc = service(REDIS_URL=f"unix://{sock}", REDIS_PASSWORD=password, WORKER_POOLS="llm-chat=1")
             client = client_for(f"unix://{sock}", REDIS_PASSWORD=password)
             job = client.submit("chat", {"messages": [{"role": "user", "content": "over a socket"}]}, model="llama3.2")
             assert wait_all(client, [job])[job]["success"]
-            shown = subprocess.run([sys.executable, "-m", "llm_worker.cli", "check-config"], capture_output=True, text=True,
-                                   env={**_clean_env(), "REDIS_URL": f"unix://{sock}?password={password}&db=0"}, timeout=60)
+            shown = subprocess.run(
+                [sys.executable, "-m", "llm_worker.cli", "check-config"],
+                capture_output=True,
+                text=True,
+                env={**_clean_env(), "REDIS_URL": f"unix://{sock}?password={password}&db=0"},
+                timeout=60,
+            )
             assert shown.returncode == 0, shown.stderr
             assert f"unix://{sock}?password=***&db=0" in shown.stdout
             assert password not in svc.tail(2000) + shown.stdout + shown.stderr
@@ -154,14 +230,22 @@ def test_an_acl_user_with_the_documented_least_privilege_runs_everything(service
     with LocalRedis(tmp_path / "redis") as store:
         admin = store.client()
         admin.execute_command("ACL", "SETUSER", "llm-worker", ">acl-pw-31", *ACL)
-        admin.execute_command("ACL", "SETUSER", "producer", "on", ">prod-pw", "~llm:*", "~llm-*", "+@all", "-@dangerous")
-        svc = service(REDIS_URL=f"redis://127.0.0.1:{store.port}/0", REDIS_USERNAME="llm-worker", REDIS_PASSWORD="acl-pw-31",
-                      WORKER_POOLS="llm-chat=1,llm-embeddings=1,llm-batch=1")
+        admin.execute_command(
+            "ACL", "SETUSER", "producer", "on", ">prod-pw", "~llm:*", "~llm-*", "+@all", "-@dangerous"
+        )
+        svc = service(
+            REDIS_URL=f"redis://127.0.0.1:{store.port}/0",
+            REDIS_USERNAME="llm-worker",
+            REDIS_PASSWORD="acl-pw-31",
+            WORKER_POOLS="llm-chat=1,llm-embeddings=1,llm-batch=1",
+        )
         client = client_for(f"redis://producer:prod-pw@127.0.0.1:{store.port}/0")
-        ids = [client.submit("chat", {"messages": [{"role": "user", "content": "hi"}], "stream": True}, model="llama3.2"),
-               client.submit("embeddings", {"input": ["a", "b"]}, model="nomic-embed-text"),
-               client.submit("batch", {"requests": [{"type": "generate", "request": {"prompt": "x"}}]}, model="llama3.2"),
-               client.submit("chat", {"messages": [{"role": "wizard", "content": "x"}]}, model="llama3.2")]
+        ids = [
+            client.submit("chat", {"messages": [{"role": "user", "content": "hi"}], "stream": True}, model="llama3.2"),
+            client.submit("embeddings", {"input": ["a", "b"]}, model="nomic-embed-text"),
+            client.submit("batch", {"requests": [{"type": "generate", "request": {"prompt": "x"}}]}, model="llama3.2"),
+            client.submit("chat", {"messages": [{"role": "wizard", "content": "x"}]}, model="llama3.2"),
+        ]
         results = wait_all(client, ids)
         assert [r["success"] for r in results.values()] == [True, True, True, False]
         assert svc.get("/health/ready")[0] == 200
@@ -171,12 +255,18 @@ def test_an_acl_user_with_the_documented_least_privilege_runs_everything(service
 
 
 def test_a_redis_user_without_the_rights_it_needs_stops_start_up_with_the_reason(tmp_path: Path) -> None:
-    from llm_worker.harness import Service
+    from llm_worker.devtools.harness import Service
 
     with LocalRedis(tmp_path / "redis") as store:
         store.client().execute_command("ACL", "SETUSER", "reader", "on", ">ro-pw", "~*", "+@read", "+ping", "+info")
-        svc = Service({"REDIS_URL": f"redis://reader:ro-pw@127.0.0.1:{store.port}/0", "WORKER_POOLS": "llm-chat=1",
-                       "OLLAMA_BASE_URL": "http://127.0.0.1:9"}, log_path=tmp_path / "svc.log")
+        svc = Service(
+            {
+                "REDIS_URL": f"redis://reader:ro-pw@127.0.0.1:{store.port}/0",
+                "WORKER_POOLS": "llm-chat=1",
+                "OLLAMA_BASE_URL": "http://127.0.0.1:9",
+            },
+            log_path=tmp_path / "svc.log",
+        )
         svc.start(ready=False)
         code = svc.wait(60)
         assert code in (2, 3), svc.tail(50)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import msgspec
 import redis
-
-from llm_worker.simulator import Fault, Simulator
 from support import assert_each_answered_once, chat, client_for, events, eventually, nothing_held, wait_all
 
+from llm_worker.devtools.simulator import Fault, Simulator
 
-def test_every_job_type_is_answered_through_a_running_service(service, sim: Simulator, r: redis.Redis, redis_url: str) -> None:
+
+def test_every_job_type_is_answered_through_a_running_service(
+    service, sim: Simulator, r: redis.Redis, redis_url: str
+) -> None:
     service()
     client = client_for(redis_url)
     ids = {
@@ -17,13 +19,24 @@ def test_every_job_type_is_answered_through_a_running_service(service, sim: Simu
         "generate": client.submit("generate", {"prompt": "Once upon a time", "system": "be brief"}, model="llama3.2"),
         "embeddings": client.submit("embeddings", {"input": ["one", "two", "three"]}, model="nomic-embed-text"),
         "legacy-embeddings": client.submit("embeddings", {"prompt": "one"}, model="nomic-embed-text"),
-        "batch": client.submit("batch", {"requests": [
-            {"type": "chat", "request": {"messages": [{"role": "user", "content": "a"}]}},
-            {"type": "generate", "model": "llama3.2", "request": {"prompt": "b"}},
-            {"type": "embeddings", "model": "nomic-embed-text", "request": {"input": "c"}},
-        ]}, model="llama3.2"),
-        "urgent": client.submit("chat", {"messages": [{"role": "user", "content": "now"}]}, model="llama3.2",
-                                queue="llm-priority", urgent=True),
+        "batch": client.submit(
+            "batch",
+            {
+                "requests": [
+                    {"type": "chat", "request": {"messages": [{"role": "user", "content": "a"}]}},
+                    {"type": "generate", "model": "llama3.2", "request": {"prompt": "b"}},
+                    {"type": "embeddings", "model": "nomic-embed-text", "request": {"input": "c"}},
+                ]
+            },
+            model="llama3.2",
+        ),
+        "urgent": client.submit(
+            "chat",
+            {"messages": [{"role": "user", "content": "now"}]},
+            model="llama3.2",
+            queue="llm-priority",
+            urgent=True,
+        ),
     }
     results = wait_all(client, ids.values())
     for name, job_id in ids.items():
@@ -46,10 +59,14 @@ def test_every_job_type_is_answered_through_a_running_service(service, sim: Simu
     assert nothing_held(r)
 
 
-def test_a_streaming_job_sends_its_chunks_then_done_and_the_whole_text_in_the_result(service, redis_url: str, r: redis.Redis) -> None:
+def test_a_streaming_job_sends_its_chunks_then_done_and_the_whole_text_in_the_result(
+    service, redis_url: str, r: redis.Redis
+) -> None:
     service()
     client = client_for(redis_url)
-    job_id = client.submit("chat", {"messages": [{"role": "user", "content": "tell me more"}], "stream": True}, model="llama3.2")
+    job_id = client.submit(
+        "chat", {"messages": [{"role": "user", "content": "tell me more"}], "stream": True}, model="llama3.2"
+    )
     text = "".join(client.stream(job_id, timeout=20))
     result = client.wait(job_id, 5)
     assert result["success"] and result["response"]["message"]["content"] == text
@@ -65,8 +82,10 @@ def test_events_say_what_happened_without_prompt_or_completion_text(service, red
     job_id = chat(client, secret)
     wait_all(client, [job_id])
     # The event follows the result by a moment: it is written after the outcome.
-    kinds = eventually(lambda: (lambda k: k if len(k) == 2 else None)([e["type"] for e in events(r) if e.get("jobId") == job_id]),
-                       what="both events")
+    kinds = eventually(
+        lambda: (lambda k: k if len(k) == 2 else None)([e["type"] for e in events(r) if e.get("jobId") == job_id]),
+        what="both events",
+    )
     assert kinds == ["llm.request.started", "llm.request.completed"]
     for _, fields in r.xrange("llm:events"):
         assert b"secret" not in fields[b"data"]
@@ -75,13 +94,26 @@ def test_events_say_what_happened_without_prompt_or_completion_text(service, red
         assert "jobId" in entry or entry["type"].startswith("llm.model.")
 
 
-def test_malformed_and_oversized_payloads_are_dead_lettered_and_workers_unharmed(service, redis_url: str, r: redis.Redis) -> None:
+def test_malformed_and_oversized_payloads_are_dead_lettered_and_workers_unharmed(
+    service, redis_url: str, r: redis.Redis
+) -> None:
     svc = service(WORKER_POOLS="llm-chat=1", MAX_JOB_BYTES="4096")
     pids = svc.worker_pids(r)
     client = client_for(redis_url)
-    bad_role = msgspec.json.encode({"id": "bad-role", "type": "chat", "userId": "u", "model": "llama3.2",
-                                    "request": {"messages": [{"role": "wizard", "content": "x"}]}})
-    huge = b'{"id": "too-big", "type": "chat", "request": {"messages": [{"role": "user", "content": "' + b"x" * 8000 + b'"}]}}'
+    bad_role = msgspec.json.encode(
+        {
+            "id": "bad-role",
+            "type": "chat",
+            "userId": "u",
+            "model": "llama3.2",
+            "request": {"messages": [{"role": "wizard", "content": "x"}]},
+        }
+    )
+    huge = (
+        b'{"id": "too-big", "type": "chat", "request": {"messages": [{"role": "user", "content": "'
+        + b"x" * 8000
+        + b'"}]}}'
+    )
     for payload in [b"not json at all", b"[1, 2, 3]", b'{"no": "id"}', b"\xff\xfe binary", bad_role, huge]:
         r.lpush("llm-chat", payload)
     good = chat(client)
@@ -102,9 +134,13 @@ def test_malformed_and_oversized_payloads_are_dead_lettered_and_workers_unharmed
     assert nothing_held(r)
 
 
-def test_a_retryable_failure_is_retried_with_growing_delays_then_answered(service, sim: Simulator, redis_url: str, r: redis.Redis) -> None:
+def test_a_retryable_failure_is_retried_with_growing_delays_then_answered(
+    service, sim: Simulator, redis_url: str, r: redis.Redis
+) -> None:
     service(WORKER_POOLS="llm-chat=1", QUEUE_DELAY="200", QUEUE_MAX_ATTEMPTS="4", OLLAMA_MAX_RETRIES="0")
-    sim.set_faults([Fault(kind="status", status=500, message="error reading llama-server response: unexpected EOF", count=2)])
+    sim.set_faults(
+        [Fault(kind="status", status=500, message="error reading llama-server response: unexpected EOF", count=2)]
+    )
     client = client_for(redis_url)
     job_id = chat(client)
     result = wait_all(client, [job_id], timeout=20)[job_id]
@@ -117,13 +153,22 @@ def test_a_retryable_failure_is_retried_with_growing_delays_then_answered(servic
     assert_each_answered_once(r, [job_id])
 
 
-def test_a_retry_that_would_cross_max_job_bytes_is_answered_not_lost(service, sim: Simulator, redis_url: str, r: redis.Redis) -> None:
+def test_a_retry_that_would_cross_max_job_bytes_is_answered_not_lost(
+    service, sim: Simulator, redis_url: str, r: redis.Redis
+) -> None:
     # The retry count we add would push the payload over the limit, and its id is
     # not its first key: retried, the next take would dead-letter it with no result.
     service(WORKER_POOLS="llm-chat=1", MAX_JOB_BYTES="4096", QUEUE_DELAY="50", OLLAMA_MAX_RETRIES="0")
-    sim.set_faults([Fault(kind="status", status=500, message="error reading llama-server response: unexpected EOF", count=1)])
-    body = {"type": "chat", "userId": "u", "model": "llama3.2", "request": {"messages": [{"role": "user", "content": ""}]},
-            "id": "near-limit"}
+    sim.set_faults(
+        [Fault(kind="status", status=500, message="error reading llama-server response: unexpected EOF", count=1)]
+    )
+    body = {
+        "type": "chat",
+        "userId": "u",
+        "model": "llama3.2",
+        "request": {"messages": [{"role": "user", "content": ""}]},
+        "id": "near-limit",
+    }
     body["request"]["messages"][0]["content"] = "x" * (4096 - 4 - len(msgspec.json.encode(body)))
     raw = msgspec.json.encode(body)
     assert 4090 <= len(raw) <= 4096
@@ -136,7 +181,9 @@ def test_a_retry_that_would_cross_max_job_bytes_is_answered_not_lost(service, si
     assert nothing_held(r)
 
 
-def test_a_job_out_of_attempts_is_dead_lettered_with_its_failure_result(service, sim: Simulator, redis_url: str, r: redis.Redis) -> None:
+def test_a_job_out_of_attempts_is_dead_lettered_with_its_failure_result(
+    service, sim: Simulator, redis_url: str, r: redis.Redis
+) -> None:
     service(WORKER_POOLS="llm-chat=1", QUEUE_DELAY="50", QUEUE_MAX_ATTEMPTS="2", OLLAMA_MAX_RETRIES="0")
     sim.set_faults([Fault(kind="status", status=500, reason="oom")])
     client = client_for(redis_url)
@@ -149,7 +196,9 @@ def test_a_job_out_of_attempts_is_dead_lettered_with_its_failure_result(service,
     assert_each_answered_once(r, [job_id])
 
 
-def test_a_failure_that_retrying_cannot_fix_is_dead_lettered_at_once(service, sim: Simulator, redis_url: str, r: redis.Redis) -> None:
+def test_a_failure_that_retrying_cannot_fix_is_dead_lettered_at_once(
+    service, sim: Simulator, redis_url: str, r: redis.Redis
+) -> None:
     service(WORKER_POOLS="llm-chat=1")
     client = client_for(redis_url)
     job_id = chat(client, model="no-such-model")
@@ -158,11 +207,15 @@ def test_a_failure_that_retrying_cannot_fix_is_dead_lettered_at_once(service, si
     assert events(r, "llm.request.retried") == []
 
 
-def test_a_streaming_job_cut_mid_stream_ends_its_stream_with_an_error(service, sim: Simulator, redis_url: str, r: redis.Redis) -> None:
+def test_a_streaming_job_cut_mid_stream_ends_its_stream_with_an_error(
+    service, sim: Simulator, redis_url: str, r: redis.Redis
+) -> None:
     service(WORKER_POOLS="llm-chat=1")
     sim.set_faults([Fault(kind="stream_error", after_chunks=3)])
     client = client_for(redis_url)
-    job_id = client.submit("chat", {"messages": [{"role": "user", "content": "go on"}], "stream": True}, model="llama3.2")
+    job_id = client.submit(
+        "chat", {"messages": [{"role": "user", "content": "go on"}], "stream": True}, model="llama3.2"
+    )
     result = wait_all(client, [job_id])[job_id]
     assert not result["success"] and result["retryCount"] == 0  # text already shown is not taken back
     kinds = [e[1][b"event"] for e in r.xrange(f"llm:stream:{job_id}")]

@@ -7,10 +7,10 @@ import time
 from pathlib import Path
 
 import redis
-
-from llm_worker.localredis import LocalRedis
-from llm_worker.simulator import Simulator
 from support import chat, client_for, eventually, held_by, nothing_held, wait_all
+
+from llm_worker.devtools.localredis import LocalRedis
+from llm_worker.devtools.simulator import Simulator
 
 
 def _held_ids(svc, r: redis.Redis) -> set[str]:
@@ -18,7 +18,9 @@ def _held_ids(svc, r: redis.Redis) -> set[str]:
     return {job for pid in svc.worker_pids(r) for job in held_by(r, f"{host}:{pid}")}
 
 
-def test_term_drains_jobs_in_hand_takes_no_new_ones_and_exits_zero(service, sim: Simulator, redis_url: str, r: redis.Redis) -> None:
+def test_term_drains_jobs_in_hand_takes_no_new_ones_and_exits_zero(
+    service, sim: Simulator, redis_url: str, r: redis.Redis
+) -> None:
     sim.config.latency_ms = 1500
     svc = service(WORKER_POOLS="llm-chat=2")
     client = client_for(redis_url)
@@ -33,7 +35,9 @@ def test_term_drains_jobs_in_hand_takes_no_new_ones_and_exits_zero(service, sim:
     assert nothing_held(r)
 
 
-def test_a_drain_that_runs_out_of_time_hands_jobs_back_uncounted(service, sim: Simulator, redis_url: str, r: redis.Redis) -> None:
+def test_a_drain_that_runs_out_of_time_hands_jobs_back_uncounted(
+    service, sim: Simulator, redis_url: str, r: redis.Redis
+) -> None:
     sim.config.latency_ms = 20_000
     svc = service(WORKER_POOLS="llm-chat=2", WORKER_GRACEFUL_TIMEOUT="500")
     client = client_for(redis_url)
@@ -61,7 +65,9 @@ def test_quit_stops_at_once_and_hands_jobs_back(service, sim: Simulator, redis_u
     assert all(r.get(f"llm:crashes:{job_id}") is None for job_id in ids)
 
 
-def test_ctrl_c_drains_and_a_second_ctrl_c_stops_at_once(service, sim: Simulator, redis_url: str, r: redis.Redis) -> None:
+def test_ctrl_c_drains_and_a_second_ctrl_c_stops_at_once(
+    service, sim: Simulator, redis_url: str, r: redis.Redis
+) -> None:
     sim.config.latency_ms = 20_000
     svc = service(WORKER_POOLS="llm-chat=1")
     chat(client_for(redis_url))
@@ -74,7 +80,9 @@ def test_ctrl_c_drains_and_a_second_ctrl_c_stops_at_once(service, sim: Simulator
     assert r.llen("llm-chat") == 1 and nothing_held(r)
 
 
-def test_hup_rereads_the_config_file_and_replaces_workers_one_by_one(service, redis_url: str, r: redis.Redis, tmp_path: Path) -> None:
+def test_hup_rereads_the_config_file_and_replaces_workers_one_by_one(
+    service, redis_url: str, r: redis.Redis, tmp_path: Path
+) -> None:
     config = tmp_path / "llm-worker.toml"
     config.write_text('[worker]\npools = { "llm-chat" = 2 }\n')
     svc = service(args=("--config", str(config)))  # the file wins over the test's WORKER_POOLS
@@ -94,7 +102,9 @@ def test_hup_rereads_the_config_file_and_replaces_workers_one_by_one(service, re
     assert nothing_held(r)
 
 
-def test_a_reload_with_a_bad_setting_keeps_the_running_settings(service, redis_url: str, r: redis.Redis, tmp_path: Path) -> None:
+def test_a_reload_with_a_bad_setting_keeps_the_running_settings(
+    service, redis_url: str, r: redis.Redis, tmp_path: Path
+) -> None:
     config = tmp_path / "llm-worker.toml"
     config.write_text('[worker]\npools = { "llm-chat" = 1 }\n')
     svc = service(args=("--config", str(config)))

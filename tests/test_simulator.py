@@ -19,7 +19,7 @@ import msgspec
 import pytest
 import requests
 
-from llm_worker.simulator import Fault, Simulator, SimulatorConfig, parse_fault
+from llm_worker.devtools.simulator import Fault, Simulator, SimulatorConfig, parse_fault
 
 CHAT_MODEL = "llama3.2"
 EMBED_MODEL = "nomic-embed-text"
@@ -119,8 +119,12 @@ def test_num_predict_bounds_the_reply(sim: Simulator) -> None:
 
 
 def test_streaming_is_the_default_and_ndjson(sim: Simulator) -> None:
-    reply = requests.post(sim.url + "/api/chat", json={
-        "model": CHAT_MODEL, "messages": [{"role": "user", "content": "hello"}]}, stream=True, timeout=10)
+    reply = requests.post(
+        sim.url + "/api/chat",
+        json={"model": CHAT_MODEL, "messages": [{"role": "user", "content": "hello"}]},
+        stream=True,
+        timeout=10,
+    )
     assert reply.headers["Content-Type"] == "application/x-ndjson"
     assert reply.headers["Transfer-Encoding"] == "chunked"
     lines = stream_lines(reply)
@@ -131,8 +135,9 @@ def test_streaming_is_the_default_and_ndjson(sim: Simulator) -> None:
 
 def test_stream_lines_arrive_while_the_rest_is_produced() -> None:
     with simulator(token_ms=150, reply_tokens=8) as sim:
-        reply = requests.post(sim.url + "/api/generate", json={"model": CHAT_MODEL, "prompt": "hi"},
-                              stream=True, timeout=10)
+        reply = requests.post(
+            sim.url + "/api/generate", json={"model": CHAT_MODEL, "prompt": "hi"}, stream=True, timeout=10
+        )
         lines = reply.iter_lines()
         first = json.loads(next(lines))
         # Given the first line is in hand, the request is still holding its slot.
@@ -193,10 +198,13 @@ def test_changed_load_options_reload_the_model(sim: Simulator) -> None:
     assert running_models(sim)[0]["context_length"] == 4096
 
 
-@pytest.mark.parametrize(("style", "message"), [
-    ("old", 'model "ghost" not found, try pulling it first'),
-    ("new", "model 'ghost' not found"),
-])
+@pytest.mark.parametrize(
+    ("style", "message"),
+    [
+        ("old", 'model "ghost" not found, try pulling it first'),
+        ("new", "model 'ghost' not found"),
+    ],
+)
 def test_unknown_model_is_404_in_either_style(style: str, message: str) -> None:
     bodies: list[tuple[str, dict[str, Any]]] = [
         ("/api/chat", {"messages": [{"role": "user", "content": "x"}]}),
@@ -213,7 +221,10 @@ def test_pull_streams_progress_then_the_model_is_there(sim: Simulator) -> None:
     lines = stream_lines(post(sim, "/api/pull", model="qwen2.5"))
     statuses = [line["status"] for line in lines]
     assert statuses[0] == "pulling manifest" and statuses[-3:] == [
-        "verifying sha256 digest", "writing manifest", "success"]
+        "verifying sha256 digest",
+        "writing manifest",
+        "success",
+    ]
     progress = [line for line in lines if "completed" in line]
     assert len(progress) >= 3 and progress[-1]["completed"] == progress[-1]["total"]
     assert progress[0]["digest"].startswith("sha256:")
@@ -326,22 +337,27 @@ def raw_request(sim: Simulator, model: str) -> socket.socket:
     """Send a chat request on a socket of our own, to close it while the request waits."""
     body = json.dumps({"model": model, "messages": [{"role": "user", "content": "x"}], "stream": False}).encode()
     conn = socket.create_connection(("127.0.0.1", sim.port), timeout=10)
-    conn.sendall(b"POST /api/chat HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    conn.sendall(
+        b"POST /api/chat HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
     return conn
 
 
 # ---- faults ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("fault", "status", "message"), [
-    (Fault(reason="oom"), 500, OOM),
-    (Fault(reason="runner"), 500, RUNNER),
-    (Fault(status=500), 500, RUNNER),
-    (Fault(reason="busy"), 503, BUSY),
-    (Fault(status=400, message="invalid options: num_ctx"), 400, "invalid options: num_ctx"),
-    (Fault(status=404), 404, "model 'llama3.2' not found"),
-])
+@pytest.mark.parametrize(
+    ("fault", "status", "message"),
+    [
+        (Fault(reason="oom"), 500, OOM),
+        (Fault(reason="runner"), 500, RUNNER),
+        (Fault(status=500), 500, RUNNER),
+        (Fault(reason="busy"), 503, BUSY),
+        (Fault(status=400, message="invalid options: num_ctx"), 400, "invalid options: num_ctx"),
+        (Fault(status=404), 404, "model 'llama3.2' not found"),
+    ],
+)
 def test_status_faults_speak_ollama(sim: Simulator, fault: Fault, status: int, message: str) -> None:
     sim.set_faults([fault])
     reply = chat(sim)
@@ -412,7 +428,7 @@ def test_hang_blocks_only_its_own_request(sim: Simulator) -> None:
     assert chat(sim).status_code == 200
     assert requests.get(sim.url + "/api/tags", timeout=10).status_code == 200
     started = time.monotonic()
-    hung = threading.Thread(target=lambda: pytest.raises(Exception, chat, sim, timeout=30))
+    hung = threading.Thread(target=lambda: pytest.raises(requests.RequestException, chat, sim, timeout=30))
     sim.set_faults([Fault(kind="hang")])
     hung.start()
     wait_for(lambda: sim.stats().faults_fired == 2)
@@ -449,7 +465,8 @@ def test_control_api_over_http(sim: Simulator) -> None:
 def test_parse_fault_reads_pairs_and_json() -> None:
     assert parse_fault("reason=oom,count=3,model=x") == Fault(reason="oom", count=3, model="x")
     assert parse_fault("kind=hang,endpoints=tags+ps,seconds=1.5") == Fault(
-        kind="hang", endpoints=("tags", "ps"), seconds=1.5)
+        kind="hang", endpoints=("tags", "ps"), seconds=1.5
+    )
     assert parse_fault('{"kind": "cut", "after_chunks": 2}') == Fault(kind="cut", after_chunks=2)
     for bad in ("kind=explode", "count", "status=99", "endpoints=nowhere"):
         with pytest.raises(ValueError):
@@ -462,9 +479,13 @@ def test_parse_fault_reads_pairs_and_json() -> None:
 
 @contextmanager
 def simulate_process(*args: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
-    code = "import sys; from llm_worker.simulator import main; sys.exit(main(sys.argv[1:]))"
-    process = subprocess.Popen([sys.executable, "-c", code, "--port", "0", *args],
-                               stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    code = "import sys; from llm_worker.devtools.simulator import main; sys.exit(main(sys.argv[1:]))"
+    process = subprocess.Popen(
+        [sys.executable, "-c", code, "--port", "0", *args],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     try:
         assert process.stdout is not None
         first = process.stdout.readline()
@@ -479,14 +500,21 @@ def simulate_process(*args: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
 
 
 def test_cli_serves_until_sigterm_even_with_a_hung_request() -> None:
-    with simulate_process("--models", "tinyllama", "--latency-ms", "1",
-                          "--fault", "kind=hang,model=tinyllama,count=1") as (process, url):
+    with simulate_process(
+        "--models", "tinyllama", "--latency-ms", "1", "--fault", "kind=hang,model=tinyllama,count=1"
+    ) as (process, url):
         body = {"model": "tinyllama", "messages": [{"role": "user", "content": "x"}], "stream": False}
-        hung = threading.Thread(target=lambda: pytest.raises(Exception, requests.post, url + "/api/chat",
-                                                             json=body, timeout=30))
+        hung = threading.Thread(
+            target=lambda: pytest.raises(
+                requests.RequestException, requests.post, url + "/api/chat", json=body, timeout=30
+            )
+        )
         hung.start()
         wait_for(lambda: requests.get(url + "/_sim/stats", timeout=10).json()["faults_fired"] == 1)
-        assert requests.post(url + "/api/chat", json=body, timeout=10).json()["message"]["content"] == "x 2 3 4 5 6 7 8 9 10 11 12"
+        assert (
+            requests.post(url + "/api/chat", json=body, timeout=10).json()["message"]["content"]
+            == "x 2 3 4 5 6 7 8 9 10 11 12"
+        )
         started = time.monotonic()
         process.send_signal(signal.SIGTERM)
         assert process.wait(10) == 0
@@ -495,7 +523,11 @@ def test_cli_serves_until_sigterm_even_with_a_hung_request() -> None:
 
 
 def test_cli_rejects_a_bad_fault() -> None:
-    code = "import sys; from llm_worker.simulator import main; sys.exit(main(sys.argv[1:]))"
-    done = subprocess.run([sys.executable, "-c", code, "--port", "0", "--fault", "kind=explode"],
-                          capture_output=True, text=True, timeout=30)
+    code = "import sys; from llm_worker.devtools.simulator import main; sys.exit(main(sys.argv[1:]))"
+    done = subprocess.run(
+        [sys.executable, "-c", code, "--port", "0", "--fault", "kind=explode"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert done.returncode == 2 and "--fault" in done.stderr

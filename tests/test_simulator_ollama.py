@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 import requests
 
-from llm_worker.simulator import Fault, Simulator, SimulatorConfig
-from llm_worker.simulator.cli import build_parser, config_from_args
+from llm_worker.devtools.simulator import Fault, Simulator, SimulatorConfig
+from llm_worker.devtools.simulator.cli import build_parser, config_from_args
 
 CHAT_MODEL = "llama3.2"
 EMBED_MODEL = "nomic-embed-text"
@@ -69,8 +69,10 @@ def held(sim: Simulator, model: str, path: str = "/api/chat") -> socket.socket:
     body.update({"messages": [{"role": "user", "content": "x"}]} if path == "/api/chat" else {})
     data = json.dumps(body).encode()
     conn = socket.create_connection(("127.0.0.1", sim.port), timeout=30)
-    conn.sendall(b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: %d\r\n\r\n%s" % (path.encode(), len(data), data))
+    conn.sendall(
+        b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (path.encode(), len(data), data)
+    )
     return conn
 
 
@@ -159,8 +161,13 @@ def test_a_load_aborts_when_its_client_leaves_and_the_next_waiter_loads_anew() -
         second = held(sim, CHAT_MODEL)
         wait_for(lambda: sim.stats().pending == 1)
         first.close()
-        wait_for(lambda: sim.stats().aborted_loads == {"llama3.2:latest": 1}
-                 and sim.stats().loading == "llama3.2:latest" and sim.stats().pending == 0)
+        wait_for(
+            lambda: (
+                sim.stats().aborted_loads == {"llama3.2:latest": 1}
+                and sim.stats().loading == "llama3.2:latest"
+                and sim.stats().pending == 0
+            )
+        )
         second.close()
         wait_for(lambda: sim.stats().aborted_loads == {"llama3.2:latest": 2} and sim.stats().loading is None)
         assert sim.stats().loads == {} and sim.stats().loaded == []
@@ -263,20 +270,25 @@ def test_delete_leaves_a_loaded_instance_until_it_expires(sim: Simulator) -> Non
 # ---- runtime errors of the embedding call are 400 (server/routes.go EmbedHandler) --------------
 
 
-@pytest.mark.parametrize(("version", "reason", "endpoint", "status"), [
-    ("0.33.0", "crash", "embed", 400),
-    ("0.33.0", "run_oom", "embed", 400),
-    ("0.33.0", "crash", "embeddings", 500),
-    ("0.33.0", "crash", "chat", 500),
-    ("0.33.0", "oom", "embed", 500),  # the load failed: handleScheduleError
-    ("0.13.2", "crash", "embed", 500),  # before v0.13.3
-])
-def test_an_error_of_the_embedding_call_is_400_on_api_embed(version: str, reason: str, endpoint: str,
-                                                            status: int) -> None:
+@pytest.mark.parametrize(
+    ("version", "reason", "endpoint", "status"),
+    [
+        ("0.33.0", "crash", "embed", 400),
+        ("0.33.0", "run_oom", "embed", 400),
+        ("0.33.0", "crash", "embeddings", 500),
+        ("0.33.0", "crash", "chat", 500),
+        ("0.33.0", "oom", "embed", 500),  # the load failed: handleScheduleError
+        ("0.13.2", "crash", "embed", 500),  # before v0.13.3
+    ],
+)
+def test_an_error_of_the_embedding_call_is_400_on_api_embed(
+    version: str, reason: str, endpoint: str, status: int
+) -> None:
     bodies: dict[str, tuple[str, dict[str, Any]]] = {
         "embed": ("/api/embed", {"model": EMBED_MODEL, "input": "x"}),
         "embeddings": ("/api/embeddings", {"model": EMBED_MODEL, "prompt": "x"}),
-        "chat": ("/api/chat", {"model": CHAT_MODEL, "messages": [{"role": "user", "content": "x"}]})}
+        "chat": ("/api/chat", {"model": CHAT_MODEL, "messages": [{"role": "user", "content": "x"}]}),
+    }
     path, body = bodies[endpoint]
     with simulator(ollama_version=version, faults=[Fault(reason=reason)]) as sim:  # type: ignore[arg-type]
         reply = post(sim, path, stream=False, **body)
@@ -288,25 +300,37 @@ def test_an_out_of_memory_error_of_a_call_expires_every_loaded_model(sim: Simula
     assert chat(sim).status_code == 200 and post(sim, "/api/embed", model=EMBED_MODEL, input="x").status_code == 200
     sim.set_faults([Fault(reason="run_oom", endpoints=("embed",), count=1)])
     reply = post(sim, "/api/embed", model=EMBED_MODEL, input="x")
-    assert (reply.status_code, reply.json()) == (400, {
-        "error": "llama-server process no longer running: exit status 2 CUDA error: out of memory"})
+    assert (reply.status_code, reply.json()) == (
+        400,
+        {"error": "llama-server process no longer running: exit status 2 CUDA error: out of memory"},
+    )
     assert loaded(sim) == set()  # expireRunnersForRuntimeOOM
 
 
 # ---- wording by version (versions.py) ------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("version", "reason", "message"), [
-    ("0.33.0", "runner", "llama-server process has terminated: exit status 2"),
-    ("0.33.0", "oom", "llama-server reported out-of-memory during startup: cudaMalloc failed: out of memory"),
-    ("0.33.0", "crash", "llama-server process no longer running: exit status 2 "
-                        "CUDA error: an illegal memory access was encountered"),
-    ("0.30.0", "runner", "llama-server process has terminated: exit status 2"),
-    ("0.24.0", "runner", "llama runner process has terminated: exit status 2"),
-    ("0.24.0", "oom", "model requires more system memory (12.3 GiB) than is available (4.0 GiB)"),
-    ("0.24.0", "crash", "llama runner process no longer running: 2 "
-                        "CUDA error: an illegal memory access was encountered"),
-])
+@pytest.mark.parametrize(
+    ("version", "reason", "message"),
+    [
+        ("0.33.0", "runner", "llama-server process has terminated: exit status 2"),
+        ("0.33.0", "oom", "llama-server reported out-of-memory during startup: cudaMalloc failed: out of memory"),
+        (
+            "0.33.0",
+            "crash",
+            "llama-server process no longer running: exit status 2 "
+            "CUDA error: an illegal memory access was encountered",
+        ),
+        ("0.30.0", "runner", "llama-server process has terminated: exit status 2"),
+        ("0.24.0", "runner", "llama runner process has terminated: exit status 2"),
+        ("0.24.0", "oom", "model requires more system memory (12.3 GiB) than is available (4.0 GiB)"),
+        (
+            "0.24.0",
+            "crash",
+            "llama runner process no longer running: 2 CUDA error: an illegal memory access was encountered",
+        ),
+    ],
+)
 def test_crash_and_memory_errors_speak_the_versions_words(version: str, reason: str, message: str) -> None:
     with simulator(ollama_version=version, faults=[Fault(reason=reason)]) as sim:  # type: ignore[arg-type]
         reply = chat(sim)
@@ -324,11 +348,18 @@ def test_a_stream_broken_by_the_runner_names_its_last_error_and_expires_the_mode
 NEW, OLD = "model 'ghost' not found", 'model "ghost" not found, try pulling it first'
 
 
-@pytest.mark.parametrize(("version", "path", "message"), [
-    ("0.33.0", "/api/chat", NEW), ("0.33.0", "/api/generate", NEW),
-    ("0.33.0", "/api/embed", OLD), ("0.33.0", "/api/embeddings", OLD),
-    ("0.11.0", "/api/chat", OLD), ("0.11.0", "/api/generate", NEW), ("0.5.1", "/api/generate", OLD),
-])
+@pytest.mark.parametrize(
+    ("version", "path", "message"),
+    [
+        ("0.33.0", "/api/chat", NEW),
+        ("0.33.0", "/api/generate", NEW),
+        ("0.33.0", "/api/embed", OLD),
+        ("0.33.0", "/api/embeddings", OLD),
+        ("0.11.0", "/api/chat", OLD),
+        ("0.11.0", "/api/generate", NEW),
+        ("0.5.1", "/api/generate", OLD),
+    ],
+)
 def test_a_missing_model_is_worded_per_endpoint_and_version(version: str, path: str, message: str) -> None:
     body: dict[str, Any] = {"messages": [{"role": "user", "content": "x"}], "prompt": "x", "input": "x"}
     with simulator(ollama_version=version) as sim:
@@ -363,11 +394,17 @@ def test_a_thinking_model_thinks_by_default_and_streams_its_reasoning_first() ->
     assert got[-1]["done"] is True and got[-1]["eval_count"] == 4 + 12
 
 
-@pytest.mark.parametrize(("model", "think", "thinking"), [
-    (THINKER, False, None), (THINKER, True, "Thinking at medium effort."), (THINKER, "low", "Thinking at low effort."),
-    (THINKER, "max", "Thinking at max effort."), ("gpt-oss", "max", "Thinking at high effort."),
-    (CHAT_MODEL, False, None),
-])
+@pytest.mark.parametrize(
+    ("model", "think", "thinking"),
+    [
+        (THINKER, False, None),
+        (THINKER, True, "Thinking at medium effort."),
+        (THINKER, "low", "Thinking at low effort."),
+        (THINKER, "max", "Thinking at max effort."),
+        ("gpt-oss", "max", "Thinking at high effort."),
+        (CHAT_MODEL, False, None),
+    ],
+)
 def test_think_takes_a_bool_or_a_level(model: str, think: bool | str, thinking: str | None) -> None:
     with simulator(models=[THINKER, "gpt-oss", CHAT_MODEL]) as sim:
         whole = chat(sim, model=model, think=think).json()
@@ -381,10 +418,13 @@ def test_a_model_that_cannot_think_refuses_to(sim: Simulator, think: bool | str)
         assert (reply.status_code, reply.json()) == (400, {"error": '"llama3.2" does not support thinking'})
 
 
-@pytest.mark.parametrize(("think", "message"), [
-    ("extreme", 'invalid think value: "extreme" (must be "high", "medium", "low", "max", true, or false)'),
-    (1, 'think must be a boolean or string ("high", "medium", "low", "max", true, or false)'),
-])
+@pytest.mark.parametrize(
+    ("think", "message"),
+    [
+        ("extreme", 'invalid think value: "extreme" (must be "high", "medium", "low", "max", true, or false)'),
+        (1, 'think must be a boolean or string ("high", "medium", "low", "max", true, or false)'),
+    ],
+)
 def test_a_bad_think_value_is_400(sim: Simulator, think: Any, message: str) -> None:
     reply = chat(sim, think=think)
     assert (reply.status_code, reply.json()) == (400, {"error": message})
@@ -399,10 +439,16 @@ def test_num_predict_counts_the_reasoning_too() -> None:
 
 def test_show_lists_capabilities() -> None:
     with simulator(models=[CHAT_MODEL, EMBED_MODEL, THINKER, "deepseek-r1:7b"]) as sim:
-        shown = {m: post(sim, "/api/show", model=m).json()["capabilities"]
-                 for m in (CHAT_MODEL, EMBED_MODEL, THINKER, "deepseek-r1:7b")}
-    assert shown == {CHAT_MODEL: ["completion"], EMBED_MODEL: ["embedding"], THINKER: ["completion", "thinking"],
-                     "deepseek-r1:7b": ["completion", "thinking"]}
+        shown = {
+            m: post(sim, "/api/show", model=m).json()["capabilities"]
+            for m in (CHAT_MODEL, EMBED_MODEL, THINKER, "deepseek-r1:7b")
+        }
+    assert shown == {
+        CHAT_MODEL: ["completion"],
+        EMBED_MODEL: ["embedding"],
+        THINKER: ["completion", "thinking"],
+        "deepseek-r1:7b": ["completion", "thinking"],
+    }
 
 
 def test_an_embedding_model_cannot_chat_or_generate(sim: Simulator) -> None:
@@ -414,14 +460,17 @@ def test_an_embedding_model_cannot_chat_or_generate(sim: Simulator) -> None:
 # ---- options of the wrong type: 500 (api/types.go Options.FromMap, routes.go handleScheduleError) --
 
 
-@pytest.mark.parametrize(("options", "message"), [
-    ({"use_mmap": 1}, 'option "use_mmap" must be of type boolean'),
-    ({"num_ctx": "big"}, 'option "num_ctx" must be of type integer'),
-    ({"num_thread": True}, 'option "num_thread" must be of type integer'),
-    ({"temperature": "hot"}, 'option "temperature" must be of type float32'),
-    ({"stop": "end"}, 'option "stop" must be of type array'),
-    ({"stop": [1]}, 'option "stop" must be of an array of strings'),
-])
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"use_mmap": 1}, 'option "use_mmap" must be of type boolean'),
+        ({"num_ctx": "big"}, 'option "num_ctx" must be of type integer'),
+        ({"num_thread": True}, 'option "num_thread" must be of type integer'),
+        ({"temperature": "hot"}, 'option "temperature" must be of type float32'),
+        ({"stop": "end"}, 'option "stop" must be of type array'),
+        ({"stop": [1]}, 'option "stop" must be of an array of strings'),
+    ],
+)
 def test_an_option_of_the_wrong_type_is_500(sim: Simulator, options: dict[str, Any], message: str) -> None:
     for reply in (chat(sim, options=options), post(sim, "/api/embed", model=EMBED_MODEL, input="x", options=options)):
         assert (reply.status_code, reply.json()) == (500, {"error": message})
@@ -436,12 +485,29 @@ def test_unknown_options_are_ignored_and_numbers_truncated(sim: Simulator) -> No
 # ---- the Host check (server/routes.go allowedHostsMiddleware) -------------------------------------
 
 
-@pytest.mark.parametrize(("host", "status"), [
-    ("127.0.0.1:11434", 200), ("localhost", 200), ("LOCALHOST:80", 200), ("[::1]:11434", 200), ("box.local", 200),
-    ("ollama.internal:11434", 200), ("app.localhost", 200), ("10.1.2.3", 200), ("172.16.0.9:1", 200),
-    ("192.168.1.1", 200), ("0.0.0.0", 200), (socket.gethostname(), 200), ("", 200),
-    ("evil.example", 403), ("evil.example:11434", 403), ("8.8.8.8", 403), ("[::1]", 403), ("172.32.0.1", 403),
-])
+@pytest.mark.parametrize(
+    ("host", "status"),
+    [
+        ("127.0.0.1:11434", 200),
+        ("localhost", 200),
+        ("LOCALHOST:80", 200),
+        ("[::1]:11434", 200),
+        ("box.local", 200),
+        ("ollama.internal:11434", 200),
+        ("app.localhost", 200),
+        ("10.1.2.3", 200),
+        ("172.16.0.9:1", 200),
+        ("192.168.1.1", 200),
+        ("0.0.0.0", 200),
+        (socket.gethostname(), 200),
+        ("", 200),
+        ("evil.example", 403),
+        ("evil.example:11434", 403),
+        ("8.8.8.8", 403),
+        ("[::1]", 403),
+        ("172.32.0.1", 403),
+    ],
+)
 def test_a_loopback_listener_serves_only_local_host_names(sim: Simulator, host: str, status: int) -> None:
     reply = requests.get(sim.url + "/api/tags", headers={"Host": host}, timeout=10)
     assert reply.status_code == status
@@ -475,12 +541,16 @@ def test_an_aborted_stream_just_ends(sim: Simulator) -> None:
     assert not any(line["done"] or "error" in line for line in got)
 
 
-@pytest.mark.parametrize(("path", "body", "text"), [
-    ("/api/chat", {"messages": [{"role": "user", "content": "a b c d"}]}, "a b c"),
-    ("/api/generate", {"prompt": "a b c d"}, "a b c"),
-])
-def test_an_aborted_whole_answer_is_200_with_done_false(sim: Simulator, path: str, body: dict[str, Any],
-                                                         text: str) -> None:
+@pytest.mark.parametrize(
+    ("path", "body", "text"),
+    [
+        ("/api/chat", {"messages": [{"role": "user", "content": "a b c d"}]}, "a b c"),
+        ("/api/generate", {"prompt": "a b c d"}, "a b c"),
+    ],
+)
+def test_an_aborted_whole_answer_is_200_with_done_false(
+    sim: Simulator, path: str, body: dict[str, Any], text: str
+) -> None:
     sim.set_faults([Fault(kind="abort", after_chunks=3)])
     reply = post(sim, path, model=CHAT_MODEL, stream=False, **body).json()
     assert reply["done"] is False and (reply.get("response") or reply.get("message", {}).get("content")) == text
@@ -489,10 +559,18 @@ def test_an_aborted_whole_answer_is_200_with_done_false(sim: Simulator, path: st
 
 def test_an_answer_aborted_before_its_first_piece(sim: Simulator) -> None:
     sim.set_faults([Fault(kind="abort")])
-    assert chat(sim).json() == {"model": "", "created_at": "0001-01-01T00:00:00Z",
-                                "message": {"role": "", "content": ""}, "done": False}  # Go's zero value
+    assert chat(sim).json() == {
+        "model": "",
+        "created_at": "0001-01-01T00:00:00Z",
+        "message": {"role": "", "content": ""},
+        "done": False,
+    }  # Go's zero value
     assert post(sim, "/api/generate", model=CHAT_MODEL, prompt="x", stream=False).json() == {
-        "model": "", "created_at": "0001-01-01T00:00:00Z", "response": "", "done": False}
+        "model": "",
+        "created_at": "0001-01-01T00:00:00Z",
+        "response": "",
+        "done": False,
+    }
     streamed = chat(sim, stream=True)
     assert streamed.status_code == 200 and lines(streamed) == []
 

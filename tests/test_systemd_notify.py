@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import redis
-
 from support import eventually
 
 
@@ -52,10 +51,14 @@ class Listener:
 def test_ready_status_watchdog_reloading_and_stopping_reach_systemd(service, r: redis.Redis, tmp_path: Path) -> None:
     listener = Listener(tmp_path / "notify.sock")
     try:
-        svc = service(ready=False, NOTIFY_SOCKET=str(tmp_path / "notify.sock"), WATCHDOG_USEC="400000",
-                      WORKER_POOLS="llm-chat=2,llm-embeddings=1")
+        svc = service(
+            ready=False,
+            NOTIFY_SOCKET=str(tmp_path / "notify.sock"),
+            WATCHDOG_USEC="400000",
+            WORKER_POOLS="llm-chat=2,llm-embeddings=1",
+        )
         # READY=1 once, and only when every worker is up and the port answers.
-        (ready_at, ready), = eventually(lambda: listener.having("READY"), timeout=30, what="READY=1")
+        ((ready_at, ready),) = eventually(lambda: listener.having("READY"), timeout=30, what="READY=1")
         assert ready["READY"] == "1" and "3 of 3 workers up" in ready.get("STATUS", "")
         assert svc.get("/health/live")[0] == 200 and len(svc.worker_pids(r)) == 3
         assert "jobs/min" in listener.having("STATUS")[-1][1]["STATUS"]
@@ -73,9 +76,11 @@ def test_ready_status_watchdog_reloading_and_stopping_reach_systemd(service, r: 
         eventually(lambda: [t for t, m in listener.having("WATCHDOG") if t > resumed_at], what="pings again")
         # HUP: RELOADING=1 with MONOTONIC_USEC, then READY=1 once the workers are replaced.
         svc.send(signal.SIGHUP)
-        (reload_at, reloading), = eventually(lambda: listener.having("RELOADING"), what="RELOADING=1")
+        ((reload_at, reloading),) = eventually(lambda: listener.having("RELOADING"), what="RELOADING=1")
         assert int(reloading["MONOTONIC_USEC"]) > 0
-        eventually(lambda: [t for t, m in listener.having("READY") if t > reload_at], timeout=30, what="READY=1 after reload")
+        eventually(
+            lambda: [t for t, m in listener.having("READY") if t > reload_at], timeout=30, what="READY=1 after reload"
+        )
         # TERM: STOPPING=1, then the drain.
         svc.send(signal.SIGTERM)
         eventually(lambda: listener.having("STOPPING"), what="STOPPING=1")
@@ -84,7 +89,9 @@ def test_ready_status_watchdog_reloading_and_stopping_reach_systemd(service, r: 
         listener.close()
 
 
-def test_only_the_supervisor_speaks_to_systemd_and_the_service_runs_the_same_without_it(service, r: redis.Redis, tmp_path: Path) -> None:
+def test_only_the_supervisor_speaks_to_systemd_and_the_service_runs_the_same_without_it(
+    service, r: redis.Redis, tmp_path: Path
+) -> None:
     listener = Listener(tmp_path / "notify.sock")
     try:
         svc = service(NOTIFY_SOCKET=str(tmp_path / "notify.sock"), WATCHDOG_USEC="400000", WORKER_POOLS="llm-chat=2")

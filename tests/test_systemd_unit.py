@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from llm_worker import config, exitcodes
+from llm_worker import exitcodes
+from llm_worker.settings import config
 
 UNIT = Path(__file__).resolve().parents[1] / "conf" / "llm-worker.service"
 # `systemd-analyze security --offline=true` gives 1.6 with systemd 252; the
@@ -98,8 +99,9 @@ def warnings_about(copy: Path, output: str) -> list[str]:
 
 
 def verify(systemd_analyze: str, copy: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([systemd_analyze, "verify", "--man=no", str(copy)], capture_output=True, text=True,
-                          timeout=60)
+    return subprocess.run(
+        [systemd_analyze, "verify", "--man=no", str(copy)], capture_output=True, text=True, timeout=60
+    )
 
 
 def test_systemd_accepts_the_unit(systemd_analyze: str, checkable_copy: Path) -> None:
@@ -116,8 +118,12 @@ def test_verify_would_catch_a_mistake(systemd_analyze: str, checkable_copy: Path
 
 
 def test_hardening_exposure_stays_low(systemd_analyze: str, checkable_copy: Path) -> None:
-    result = subprocess.run([systemd_analyze, "security", "--offline=true", "--no-pager", str(checkable_copy)],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [systemd_analyze, "security", "--offline=true", "--no-pager", str(checkable_copy)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     found = re.search(rf"Overall exposure level for {re.escape(checkable_copy.name)}: (\d+(?:\.\d+)?)", result.stdout)
     assert found, result.stdout + result.stderr
     assert float(found.group(1)) <= MAX_EXPOSURE, result.stdout

@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import psutil
 
-from llm_worker.hookspecs import hookimpl
-from llm_worker.records import Record
+from llm_worker.plugin.spec import hookimpl
+from llm_worker.protocol.records import Record
 
 if TYPE_CHECKING:
-    from llm_worker.workerproc.context import WorkerContext
+    from llm_worker.plugin.context import WorkerContext
 
 _fd: int | None = None
 _me: psutil.Process | None = None
@@ -43,9 +43,16 @@ def llm_worker_record(event: Record) -> None:
     data = event.data
     usage = resource.getrusage(resource.RUSAGE_SELF)
     line: dict[str, Any] = {
-        "timestamp": event.timestamp, "workerId": event.worker_id, "jobId": event.job_id, "userId": data.get("userId"),
-        "action": event.outcome, "model": event.model, "processingTime": data.get("processingTime"),
-        "tokensUsed": data.get("tokensUsed"), "success": event.outcome == "completed", "error": data.get("error"),
+        "timestamp": event.timestamp,
+        "workerId": event.worker_id,
+        "jobId": event.job_id,
+        "userId": data.get("userId"),
+        "action": event.outcome,
+        "model": event.model,
+        "processingTime": data.get("processingTime"),
+        "tokensUsed": data.get("tokensUsed"),
+        "success": event.outcome == "completed",
+        "error": data.get("error"),
         "memoryBytes": _me.memory_info().rss if _me is not None else None,
         "cpuSeconds": round(usage.ru_utime + usage.ru_stime, 3),
     }

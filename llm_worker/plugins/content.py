@@ -11,12 +11,12 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
-from llm_worker.config import Settings
-from llm_worker.hookspecs import hookimpl
-from llm_worker.jobs import Answer, Decoded, RequestRejected
+from llm_worker.plugin.spec import hookimpl
+from llm_worker.protocol.jobs import Answer, Decoded, RequestRejected
+from llm_worker.settings.config import Settings
 
 if TYPE_CHECKING:
-    from llm_worker.workerproc.context import WorkerContext
+    from llm_worker.plugin.context import WorkerContext
 
 _settings: Settings | None = None
 _patterns: list[re.Pattern[str]] = []

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from llm_worker.hookspecs import hookimpl
-from llm_worker.queue import DeferredEvents, Event, Keys, connect
-from llm_worker.records import Record
+from llm_worker.plugin.spec import hookimpl
+from llm_worker.protocol.records import Record
+from llm_worker.queue.reliable import DeferredEvents, Event, Keys, connect
 
 if TYPE_CHECKING:
-    from llm_worker.workerproc.context import WorkerContext
+    from llm_worker.plugin.context import WorkerContext
 
 _sender: DeferredEvents | None = None
 

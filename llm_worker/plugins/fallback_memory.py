@@ -5,9 +5,9 @@ Once per job; after that the model fallback may move the job to a smaller model.
 
 from __future__ import annotations
 
-from llm_worker.attempts import Attempt, Plan
-from llm_worker.hookspecs import hookimpl
-from llm_worker.jobs import ErrorKind, JobError
+from llm_worker.plugin.attempts import Attempt, Plan
+from llm_worker.plugin.spec import hookimpl
+from llm_worker.protocol.jobs import ErrorKind, JobError
 
 
 @hookimpl(tryfirst=True)

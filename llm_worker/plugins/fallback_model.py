@@ -8,10 +8,10 @@ turns it off.
 
 from __future__ import annotations
 
-from llm_worker.attempts import Attempt, Plan
-from llm_worker.hookspecs import hookimpl
-from llm_worker.jobs import ErrorKind, JobError, model_allowed
-from llm_worker.stats import model_label
+from llm_worker.host.stats import model_label
+from llm_worker.plugin.attempts import Attempt, Plan
+from llm_worker.plugin.spec import hookimpl
+from llm_worker.protocol.jobs import ErrorKind, JobError, model_allowed
 
 NO_FALLBACK = frozenset({ErrorKind.VALIDATION, ErrorKind.UNKNOWN, ErrorKind.CRASHED})
 

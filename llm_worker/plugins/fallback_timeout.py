@@ -10,9 +10,9 @@ and jobs that already ask for a single token, are left alone.
 
 from __future__ import annotations
 
-from llm_worker.attempts import Attempt, Plan
-from llm_worker.hookspecs import hookimpl
-from llm_worker.jobs import EmbeddingsRequest, ErrorKind, JobError
+from llm_worker.plugin.attempts import Attempt, Plan
+from llm_worker.plugin.spec import hookimpl
+from llm_worker.protocol.jobs import EmbeddingsRequest, ErrorKind, JobError
 
 UNSET_NUM_PREDICT = 256  # what a job that set no num_predict is cut to
 

@@ -25,8 +25,8 @@ from urllib.parse import urlsplit
 import msgspec
 
 from llm_worker import __version__
-from llm_worker.jobs import ErrorKind
-from llm_worker.providers import Deadline, ProviderError
+from llm_worker.plugin.providers import Deadline, ProviderError
+from llm_worker.protocol.jobs import ErrorKind
 
 Classify = Callable[[int, str], ErrorKind]
 Response = http.client.HTTPResponse
@@ -44,16 +44,30 @@ class JsonHttp:
     at once as a ProviderError, for the job-level retry, breaker and fallback.
     """
 
-    def __init__(self, base_url: str, *, max_connections: int, connect_timeout: float, read_timeout: float,
-                 max_retries: int, retry_delay: float, classify: Classify, headers: dict[str, str] | None = None,
-                 retry_statuses: frozenset[int] = frozenset({503})) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        max_connections: int,
+        connect_timeout: float,
+        read_timeout: float,
+        max_retries: int,
+        retry_delay: float,
+        classify: Classify,
+        headers: dict[str, str] | None = None,
+        retry_statuses: frozenset[int] = frozenset({503}),
+    ) -> None:
         self.base_url = base_url.rstrip("/")
         parts = urlsplit(self.base_url)
         self._https = parts.scheme == "https"
         self._host = parts.hostname or "localhost"
         self._port = parts.port or (443 if self._https else 80)
         self._path = parts.path.rstrip("/")
-        self._headers = {"Content-Type": "application/json", "User-Agent": f"llm-worker/{__version__}", **(headers or {})}
+        self._headers = {
+            "Content-Type": "application/json",
+            "User-Agent": f"llm-worker/{__version__}",
+            **(headers or {}),
+        }
         self._local = threading.local()
         self._slots = threading.BoundedSemaphore(max_connections)
         self._open: set[http.client.HTTPConnection] = set()
@@ -83,7 +97,9 @@ class JsonHttp:
             except _Retryable as exc:
                 error = ProviderError(f"{what}: {exc}", ErrorKind.NETWORK, unreachable=exc.unreachable)
             except socket.timeout:
-                raise ProviderError(f"{what}: no answer within {min(self.read_timeout, left):.1f}s", ErrorKind.TIMEOUT) from None
+                raise ProviderError(
+                    f"{what}: no answer within {min(self.read_timeout, left):.1f}s", ErrorKind.TIMEOUT
+                ) from None
             except (OSError, http.client.HTTPException) as exc:
                 # The connection broke after the request went out: the server may
                 # have run it, so it is not repeated here (the job-level retry decides).
@@ -163,8 +179,9 @@ class JsonHttp:
         message = _message(data) or f"HTTP {resp.status}"
         return ProviderError(f"{what}: {message}", self.classify(resp.status, message), status=resp.status)
 
-    def json(self, method: str, path: str, body: Any, deadline: Deadline, type: Any = Any,
-             retries: int | None = None) -> Any:
+    def json(
+        self, method: str, path: str, body: Any, deadline: Deadline, type: Any = Any, retries: int | None = None
+    ) -> Any:
         resp = self.request(method, path, body, deadline, retries)
         try:
             data = resp.read()
@@ -175,7 +192,9 @@ class JsonHttp:
         try:
             return msgspec.json.decode(data, type=type)
         except msgspec.MsgspecError as exc:
-            raise ProviderError(f"{method} {path}: unexpected answer: {exc}", ErrorKind.PROVIDER, status=resp.status) from None
+            raise ProviderError(
+                f"{method} {path}: unexpected answer: {exc}", ErrorKind.PROVIDER, status=resp.status
+            ) from None
 
     def lines(self, resp: Response, deadline: Deadline, what: str) -> Iterator[bytes]:
         """Yield the non-empty lines of a streamed answer, minding the deadline.

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from llm_worker.config import Settings
-from llm_worker.hookspecs import hookimpl
-from llm_worker.jobs import ChatRequest, Decoded, EmbeddingsRequest, RequestRejected, model_allowed
+from llm_worker.plugin.spec import hookimpl
+from llm_worker.protocol.jobs import ChatRequest, Decoded, EmbeddingsRequest, RequestRejected, model_allowed
+from llm_worker.settings.config import Settings
 
 if TYPE_CHECKING:
-    from llm_worker.workerproc.context import WorkerContext
+    from llm_worker.plugin.context import WorkerContext
 
 _settings: Settings | None = None
 
@@ -38,8 +38,10 @@ def check(job: Decoded, settings: Settings) -> None:
     """Raise RequestRejected when the job breaks a limit of ``settings``."""
     limits = settings.limits
     if job.job.type == "batch" and len(job.tasks) > limits.max_batch_requests:
-        raise RequestRejected(f"batch of {len(job.tasks)} requests is over MAX_BATCH_REQUESTS "
-                              f"({limits.max_batch_requests}) - at `$.request.requests`")
+        raise RequestRejected(
+            f"batch of {len(job.tasks)} requests is over MAX_BATCH_REQUESTS "
+            f"({limits.max_batch_requests}) - at `$.request.requests`"
+        )
     for task in job.tasks:
         path, request = task.path, task.request
         if not model_allowed(task.model, settings.models.allowed):
@@ -47,19 +49,36 @@ def check(job: Decoded, settings: Settings) -> None:
         if isinstance(request, EmbeddingsRequest):
             inputs = request.inputs()
             if len(inputs) > limits.max_embedding_inputs:
-                raise RequestRejected(f"{len(inputs)} inputs is over MAX_EMBEDDING_INPUTS ({limits.max_embedding_inputs}) - at `{path}.input`")
+                raise RequestRejected(
+                    f"{len(inputs)} inputs is over MAX_EMBEDDING_INPUTS ({limits.max_embedding_inputs}) - at "
+                    f"`{path}.input`"
+                )
             longest = max(len(text) for text in inputs)
             if longest > limits.max_prompt_length:
-                raise RequestRejected(f"an input of {longest} characters is over MAX_PROMPT_LENGTH ({limits.max_prompt_length}) - at `{path}.input`")
+                raise RequestRejected(
+                    f"an input of {longest} characters is over MAX_PROMPT_LENGTH ({limits.max_prompt_length}) - "
+                    f"at `{path}.input`"
+                )
         else:
             if isinstance(request, ChatRequest) and len(request.messages) > limits.max_messages:
-                raise RequestRejected(f"{len(request.messages)} messages is over MAX_MESSAGES ({limits.max_messages}) - at `{path}.messages`")
+                raise RequestRejected(
+                    f"{len(request.messages)} messages is over MAX_MESSAGES ({limits.max_messages}) - at "
+                    f"`{path}.messages`"
+                )
             chars = request.prompt_chars()
             if chars > limits.max_prompt_length:
-                raise RequestRejected(f"prompt of {chars} characters is over MAX_PROMPT_LENGTH ({limits.max_prompt_length}) - at `{path}`")
+                raise RequestRejected(
+                    f"prompt of {chars} characters is over MAX_PROMPT_LENGTH ({limits.max_prompt_length}) - at `{path}`"
+                )
         options = request.options
         if options is not None:
             if options.num_predict is not None and options.num_predict > limits.max_num_predict:
-                raise RequestRejected(f"num_predict {options.num_predict} is over MAX_NUM_PREDICT ({limits.max_num_predict}) - at `{path}.options.num_predict`")
+                raise RequestRejected(
+                    f"num_predict {options.num_predict} is over MAX_NUM_PREDICT ({limits.max_num_predict}) - at "
+                    f"`{path}.options.num_predict`"
+                )
             if options.num_ctx is not None and options.num_ctx > limits.max_num_ctx:
-                raise RequestRejected(f"num_ctx {options.num_ctx} is over MAX_NUM_CTX ({limits.max_num_ctx}) - at `{path}.options.num_ctx`")
+                raise RequestRejected(
+                    f"num_ctx {options.num_ctx} is over MAX_NUM_CTX ({limits.max_num_ctx}) - at "
+                    f"`{path}.options.num_ctx`"
+                )

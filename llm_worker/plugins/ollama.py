@@ -39,22 +39,44 @@ from urllib.parse import urlsplit
 
 import msgspec
 
-from llm_worker.config import LOAD_OPTIONS, Settings
-from llm_worker.hookspecs import hookimpl
-from llm_worker.jobs import ChatRequest, ErrorKind, GenerateRequest
+from llm_worker.host.stats import model_label
+from llm_worker.plugin.providers import (
+    Completion,
+    Deadline,
+    Embeddings,
+    Health,
+    Incomplete,
+    ModelInfo,
+    OnChunk,
+    ProviderError,
+)
+from llm_worker.plugin.spec import hookimpl
 from llm_worker.plugins.httpclient import JsonHttp
 from llm_worker.plugins.ollama_errors import LoadOptionsRefused, OllamaError, classify, error_for
-from llm_worker.providers import Completion, Deadline, Embeddings, Health, Incomplete, ModelInfo, OnChunk, ProviderError
-from llm_worker.stats import model_label
+from llm_worker.protocol.jobs import ChatRequest, ErrorKind, GenerateRequest
+from llm_worker.settings.config import LOAD_OPTIONS, Settings
 
 __all__ = ["LoadOptionsRefused", "OllamaError", "OllamaProvider", "classify", "pinned", "residency"]
 
 # The options Ollama's api.Options has (api/types.go, v0.33.0-rc2): its api.Runner (the load-time
 # options, LOAD_OPTIONS) and the options a request may change. Ollama ignores any other key.
-SAMPLING_OPTIONS = frozenset({
-    "num_keep", "seed", "num_predict", "top_k", "top_p", "min_p", "typical_p", "repeat_last_n", "temperature",
-    "repeat_penalty", "presence_penalty", "frequency_penalty", "stop",
-})
+SAMPLING_OPTIONS = frozenset(
+    {
+        "num_keep",
+        "seed",
+        "num_predict",
+        "top_k",
+        "top_p",
+        "min_p",
+        "typical_p",
+        "repeat_last_n",
+        "temperature",
+        "repeat_penalty",
+        "presence_penalty",
+        "frequency_penalty",
+        "stop",
+    }
+)
 OLLAMA_OPTIONS = SAMPLING_OPTIONS | LOAD_OPTIONS
 SHOW_SECONDS = 10.0  # the most of a job's time that asking /api/show which kind its model is may take
 
@@ -142,9 +164,13 @@ class _Answer:
             if self.tool_calls:
                 message["tool_calls"] = self.tool_calls
         return Completion(
-            model=line.model or self.model, text=text, thinking=thinking,
-            done_reason=line.done_reason if line.done else None, message=message,
-            prompt_tokens=line.prompt_eval_count, completion_tokens=line.eval_count,
+            model=line.model or self.model,
+            text=text,
+            thinking=thinking,
+            done_reason=line.done_reason if line.done else None,
+            message=message,
+            prompt_tokens=line.prompt_eval_count,
+            completion_tokens=line.eval_count,
             load_seconds=line.load_duration / 1e9 if line.load_duration else None,
         )
 
@@ -164,8 +190,12 @@ class OllamaProvider:
         self.num_parallel = o.num_parallel
         self._embedding: dict[str, bool] = {}  # model -> whether it embeds, from /api/show
         self.http = JsonHttp(
-            self.url, max_connections=o.max_connections, connect_timeout=o.connect_timeout / 1000,
-            read_timeout=o.timeout / 1000, max_retries=o.max_retries, retry_delay=o.retry_delay / 1000,
+            self.url,
+            max_connections=o.max_connections,
+            connect_timeout=o.connect_timeout / 1000,
+            read_timeout=o.timeout / 1000,
+            max_retries=o.max_retries,
+            retry_delay=o.retry_delay / 1000,
             classify=classify,
         )
 
@@ -192,8 +222,9 @@ class OllamaProvider:
             body["tools"] = request.tools
         return self._complete("/api/chat", model, body, deadline, on_chunk, embedding)
 
-    def generate(self, model: str, request: GenerateRequest, deadline: Deadline,
-                 on_chunk: OnChunk | None) -> Completion:
+    def generate(
+        self, model: str, request: GenerateRequest, deadline: Deadline, on_chunk: OnChunk | None
+    ) -> Completion:
         embedding = self._is_embedding(model, deadline, guess=False)
         body = _common(model, request, on_chunk, self._load_options(embedding), self.keep_alive)
         body["prompt"] = request.prompt
@@ -203,8 +234,9 @@ class OllamaProvider:
             body["images"] = request.images
         return self._complete("/api/generate", model, body, deadline, on_chunk, embedding)
 
-    def embed(self, model: str, inputs: list[str], deadline: Deadline,
-              options: dict[str, Any] | None = None) -> Embeddings:
+    def embed(
+        self, model: str, inputs: list[str], deadline: Deadline, options: dict[str, Any] | None = None
+    ) -> Embeddings:
         embedding = self._is_embedding(model, deadline, guess=True)
         body: dict[str, Any] = {"model": model, "input": inputs, **(options or {}), "keep_alive": self.keep_alive}
         body.pop("options", None)
@@ -213,13 +245,16 @@ class OllamaProvider:
         with self._answers("/api/embed", embedding):
             answer = self.http.json("POST", "/api/embed", body, deadline, _Embed)
         if len(answer.embeddings) != len(inputs):
-            raise ProviderError(f"/api/embed returned {len(answer.embeddings)} vectors for {len(inputs)} inputs",
-                                ErrorKind.PROVIDER)
-        return Embeddings(model=answer.model or model, vectors=answer.embeddings,
-                          prompt_tokens=answer.prompt_eval_count)
+            raise ProviderError(
+                f"/api/embed returned {len(answer.embeddings)} vectors for {len(inputs)} inputs", ErrorKind.PROVIDER
+            )
+        return Embeddings(
+            model=answer.model or model, vectors=answer.embeddings, prompt_tokens=answer.prompt_eval_count
+        )
 
-    def _complete(self, path: str, model: str, body: dict[str, Any], deadline: Deadline, on_chunk: OnChunk | None,
-                  embedding: bool) -> Completion:
+    def _complete(
+        self, path: str, model: str, body: dict[str, Any], deadline: Deadline, on_chunk: OnChunk | None, embedding: bool
+    ) -> Completion:
         what = f"POST {path}"
         answer = _Answer(model, chat=path == "/api/chat")
         if on_chunk is None:
@@ -272,8 +307,16 @@ class OllamaProvider:
         out = []
         for tag in self.available(deadline):
             ps = loaded.get(tag.name)
-            out.append(ModelInfo(name=tag.name, size=tag.size, details=tag.details, loaded=ps is not None,
-                                 vram=ps.vram if ps else 0, expires_at=ps.expires_at if ps else None))
+            out.append(
+                ModelInfo(
+                    name=tag.name,
+                    size=tag.size,
+                    details=tag.details,
+                    loaded=ps is not None,
+                    vram=ps.vram if ps else 0,
+                    expires_at=ps.expires_at if ps else None,
+                )
+            )
         return out
 
     def available(self, deadline: Deadline) -> list[ModelInfo]:
@@ -286,8 +329,12 @@ class OllamaProvider:
         """Models Ollama has in memory now (/api/ps): the truth, since Ollama also evicts on its own."""
         with self._answers("/api/ps", False):
             ps = self.http.json("GET", "/api/ps", None, deadline, _Tags).models
-        return [ModelInfo(name=m.name, size=m.size, details=m.details, loaded=True, vram=m.size_vram,
-                          expires_at=m.expires_at) for m in ps]
+        return [
+            ModelInfo(
+                name=m.name, size=m.size, details=m.details, loaded=True, vram=m.size_vram, expires_at=m.expires_at
+            )
+            for m in ps
+        ]
 
     def show(self, model: str, deadline: Deadline) -> dict[str, Any]:
         """Ollama's description of a model (/api/show): details, capabilities, parameters."""
@@ -420,8 +467,9 @@ class OllamaProvider:
                 version = self.http.json("GET", "/api/version", None, Deadline(timeout), dict[str, Any], retries=0)
         except ProviderError as exc:
             advice = exc.advice if isinstance(exc, OllamaError) and exc.unreachable else ""
-            return Health(ok=False, message=advice or "Ollama is not reachable", url=self.url,
-                          error_details=exc.message)
+            return Health(
+                ok=False, message=advice or "Ollama is not reachable", url=self.url, error_details=exc.message
+            )
         return Health(ok=True, message="Ollama is running", url=self.url, version=str(version.get("version", "")))
 
     def close(self) -> None:
@@ -461,8 +509,13 @@ def residency(settings: Settings) -> int | str:
     return f"{int(m.unload_timeout / 1000 + margin)}s"
 
 
-def _common(model: str, request: ChatRequest | GenerateRequest, on_chunk: OnChunk | None,
-            load_options: dict[str, Any], keep_alive: int | str) -> dict[str, Any]:
+def _common(
+    model: str,
+    request: ChatRequest | GenerateRequest,
+    on_chunk: OnChunk | None,
+    load_options: dict[str, Any],
+    keep_alive: int | str,
+) -> dict[str, Any]:
     body: dict[str, Any] = {"model": model, "stream": on_chunk is not None, "keep_alive": keep_alive}
     options = pinned(request.options, load_options)
     if options is not None:

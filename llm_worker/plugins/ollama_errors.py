@@ -36,9 +36,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from llm_worker.config import LOAD_OPTIONS
-from llm_worker.jobs import ErrorKind
-from llm_worker.providers import ProviderError
+from llm_worker.plugin.providers import ProviderError
+from llm_worker.protocol.jobs import ErrorKind
+from llm_worker.settings.config import LOAD_OPTIONS
 
 EMBED = "/api/embed"
 
@@ -82,9 +82,18 @@ class Row:
 
 # Ollama's list of out-of-memory texts (llm/status.go outOfMemorySubstrings, v0.30.0+), which its
 # own IsOutOfMemoryMessage looks for as lower-case substrings of an error.
-OUT_OF_MEMORY = ("out of memory", "out of device memory", "cudamalloc failed", "hipmalloc failed", "failed to allocate",
-                 "allocation failed", "not enough memory", "insufficient memory", "vk_error_out_of_device_memory",
-                 "erroroutofmemory")
+OUT_OF_MEMORY = (
+    "out of memory",
+    "out of device memory",
+    "cudamalloc failed",
+    "hipmalloc failed",
+    "failed to allocate",
+    "allocation failed",
+    "not enough memory",
+    "insufficient memory",
+    "vk_error_out_of_device_memory",
+    "erroroutofmemory",
+)
 
 _HOST_ADVICE = (
     "Ollama refused the request with 403 and no body. Listening on loopback only, Ollama accepts a Host "
@@ -98,21 +107,37 @@ _HOST_ADVICE = (
 
 TABLE: tuple[Row, ...] = (
     # ---- the host's configuration ---------------------------------------------------------
-    Row("options.type", r'option "(?P<option>[^"]+)" must be of type (?P<type>\w+)', ErrorKind.VALIDATION,
+    Row(
+        "options.type",
+        r'option "(?P<option>[^"]+)" must be of type (?P<type>\w+)',
+        ErrorKind.VALIDATION,
         "api/types.go Options.FromMap (v0.1.3+), answered 500 by server/routes.go scheduleRunner via "
         "handleScheduleError: Ollama refuses every call while an option has the wrong JSON type",
-        retryable=False, counted=False,
-        advice="set {option} in {setting} as Ollama's api.Runner types it (use_mmap true/false; the others integers)"),
-    Row("config.route", r"^404 page not found$", ErrorKind.NETWORK,
+        retryable=False,
+        counted=False,
+        advice="set {option} in {setting} as Ollama's api.Runner types it (use_mmap true/false; the others integers)",
+    ),
+    Row(
+        "config.route",
+        r"^404 page not found$",
+        ErrorKind.NETWORK,
         "server/routes.go GenerateRoutes: gin's plain-text answer for a path Ollama has no route for",
-        retryable=True, counted=False, unreachable=True,
-        advice="OLLAMA_BASE_URL must be Ollama's own address with no path (http://<host>:11434), not its /v1 or /api"),
+        retryable=True,
+        counted=False,
+        unreachable=True,
+        advice="OLLAMA_BASE_URL must be Ollama's own address with no path (http://<host>:11434), not its /v1 or /api",
+    ),
     # ---- permanent model errors: the model fallback, no retries -------------------------------
-    Row("model.incompatible", r"compatible with your version of ollama", ErrorKind.MODEL,
+    Row(
+        "model.incompatible",
+        r"compatible with your version of ollama",
+        ErrorKind.MODEL,
         "server/sched.go load: 'this model may be incompatible with your version of Ollama' (a model llama.cpp "
         "fails to load, v0.1.30+); server/routes.go scheduleRunner: \"'llama3.2-vision' is no longer compatible "
-        "with your version of Ollama\" (v0.7.0+)"),
-    Row("model.capability",
+        'with your version of Ollama" (v0.7.0+)',
+    ),
+    Row(
+        "model.capability",
         r"does not support (chat|generate|completion|tools|insert|vision|audio|embeddings?|thinking"
         r"|image generation)\b",
         ErrorKind.MODEL,
@@ -121,69 +146,138 @@ TABLE: tuple[Row, ...] = (
         "server/routes.go GenerateHandler/ChatHandler '%q does not support generate|chat' (v0.3.0+) and '%q does "
         "not support thinking' (v0.12.5+); v0.24.0 runner/ollamarunner/runner.go 'this model does not support "
         "embeddings'. 'raw mode does not support "
-        "template, system, or context' is a bad request, not this"),
-    Row("model.kshift", r"does not support k-shift", ErrorKind.MODEL,
+        "template, system, or context' is a bad request, not this",
+    ),
+    Row(
+        "model.kshift",
+        r"does not support k-shift",
+        ErrorKind.MODEL,
         "llm/status.go errorPrefixes 'Deepseek2 does not support K-shift' (v0.4.3+): the runner aborts when the "
-        "context fills; the same job fills it again"),
-    Row("model.template", r"(^|: )template: |llama-server template error: ", ErrorKind.MODEL,
+        "context fills; the same job fills it again",
+    ),
+    Row(
+        "model.template",
+        r"(^|: )template: |llama-server template error: ",
+        ErrorKind.MODEL,
         "server/routes.go GenerateHandler (tmpl.Execute) and chatPrompt: Go's 'template: ...' errors, 500; "
-        "llm/llama_server.go ApplyChatTemplate 'llama-server template error: ...' (v0.30.0+)"),
-    Row("model.nan", r"embedding contains nan or inf values", ErrorKind.MODEL,
-        "server/routes.go normalize (v0.14.0+), answered 400 by EmbedHandler: the model's output for this input"),
-    Row("model.cloud", r"ollama cloud is disabled|this server cannot run this remote model", ErrorKind.MODEL,
+        "llm/llama_server.go ApplyChatTemplate 'llama-server template error: ...' (v0.30.0+)",
+    ),
+    Row(
+        "model.nan",
+        r"embedding contains nan or inf values",
+        ErrorKind.MODEL,
+        "server/routes.go normalize (v0.14.0+), answered 400 by EmbedHandler: the model's output for this input",
+    ),
+    Row(
+        "model.cloud",
+        r"ollama cloud is disabled|this server cannot run this remote model",
+        ErrorKind.MODEL,
         "internal/cloud/policy.go DisabledError, 403 from server/routes.go (v0.16.2+); routes.go 'this server "
         "cannot run this remote model', 400 (v0.12.0+)",
-        advice="a cloud model that this Ollama server does not run (OLLAMA_NO_CLOUD, or its host not in the remotes)"),
-    Row("model.image_generation", r"image generation models are not currently supported", ErrorKind.MODEL,
-        "server/routes.go GenerateHandler, 400 (v0.32.6+)"),
-    Row("model.not_found", r"\bmodel (\"[^\"]*\"|'[^']*') not found", ErrorKind.MODEL,
+        advice="a cloud model that this Ollama server does not run (OLLAMA_NO_CLOUD, or its host not in the remotes)",
+    ),
+    Row(
+        "model.image_generation",
+        r"image generation models are not currently supported",
+        ErrorKind.MODEL,
+        "server/routes.go GenerateHandler, 400 (v0.32.6+)",
+    ),
+    Row(
+        "model.not_found",
+        r"\bmodel (\"[^\"]*\"|'[^']*') not found",
+        ErrorKind.MODEL,
         "server/routes.go: 404 \"model 'x' not found\" (Generate/Chat/Embed handlers, v0.0.12+) and "
-        "handleScheduleError 'model \"x\" not found, try pulling it first' (v0.1.2+); both still in v0.33"),
+        "handleScheduleError 'model \"x\" not found, try pulling it first' (v0.1.2+); both still in v0.33",
+    ),
     # ---- a crashed runner: the memory strategy tries once, a repeat counts ---------------------
-    Row("crash.startup_oom", r"llama-server reported out-of-memory during startup", ErrorKind.MEMORY,
+    Row(
+        "crash.startup_oom",
+        r"llama-server reported out-of-memory during startup",
+        ErrorKind.MEMORY,
         "llm/llama_server.go WaitUntilRunning (v0.30.0+): llama-server died of out-of-memory while loading; "
         "Ollama has already evicted its other models and retried once (server/sched.go load, oomRetryAttempted)",
-        crashed=True),
-    Row("crash.terminated", r"(llama runner|llama-server) process has terminated", ErrorKind.MEMORY,
+        crashed=True,
+    ),
+    Row(
+        "crash.terminated",
+        r"(llama runner|llama-server) process has terminated",
+        ErrorKind.MEMORY,
         "llm/llama_server.go WaitUntilRunning 'llama-server process has terminated: exit status N[: msg]' "
         "(v0.30.0+); llm/server.go 'llama runner process has terminated: ...' (v0.0.20 to v0.25.0-rc0)",
-        crashed=True),
-    Row("crash.gone", r"(llama runner|llama-server) process no longer running", ErrorKind.MEMORY,
+        crashed=True,
+    ),
+    Row(
+        "crash.gone",
+        r"(llama runner|llama-server) process no longer running",
+        ErrorKind.MEMORY,
         "llm/llama_server.go getServerStatus/WaitUntilRunning 'llama-server process no longer running: exit "
         "status N msg' (v0.30.0+); llm/server.go 'llama runner process no longer running: N msg' (v0.1.32 to "
         "v0.25.0-rc0)",
-        crashed=True),
-    Row("crash.stopped", r"model runner has unexpectedly stopped|^post predict: |llama-server apply-template error: ",
+        crashed=True,
+    ),
+    Row(
+        "crash.stopped",
+        r"model runner has unexpectedly stopped|^post predict: |llama-server apply-template error: ",
         ErrorKind.MEMORY,
         "llm/llama_server.go Completion/Chat: the request to llama-server failed, 'model runner has unexpectedly "
         "stopped, this may be due to resource limitations...' (v0.9.1+; 'POST predict: ...' to v0.9.0); "
         "ApplyChatTemplate's 'llama-server apply-template error: ...' (v0.30.0+) is the same failure",
-        crashed=True),
-    Row("crash.mid_answer", r"an error was encountered while running the model", ErrorKind.MEMORY,
+        crashed=True,
+    ),
+    Row(
+        "crash.mid_answer",
+        r"an error was encountered while running the model",
+        ErrorKind.MEMORY,
         "llm/llama_server.go Completion/Chat: llama-server's stream ended in 'unexpected EOF' or 'forcibly "
         "closed' and Ollama closes the runner (s.Close()) (v0.4.3+, llm/server.go before v0.30)",
-        crashed=True),
-    Row("crash.embedding", r"do embedding request: |error reading embed response", ErrorKind.MEMORY,
+        crashed=True,
+    ),
+    Row(
+        "crash.embedding",
+        r"do embedding request: |error reading embed response",
+        ErrorKind.MEMORY,
         "llm/llama_server.go Embedding: the call to llama-server failed ('do embedding request: EOF', v0.1.32+); "
         "server/routes.go EmbedHandler answers it 400",
-        crashed=True),
-    Row("crash.runner_log", r"cuda error|rocm error|ggml_assert|signal arrived during cgo execution", ErrorKind.MEMORY,
+        crashed=True,
+    ),
+    Row(
+        "crash.runner_log",
+        r"cuda error|rocm error|ggml_assert|signal arrived during cgo execution",
+        ErrorKind.MEMORY,
         "llm/status.go errorPrefixes: the runner's own last error line (CUDA_CHECK and GGML_ASSERT abort it)",
-        crashed=True),
+        crashed=True,
+    ),
     # ---- out of memory, nothing died: unload idle models and try again -------------------------
-    Row("memory.out_of_memory", "|".join(re.escape(sign) for sign in OUT_OF_MEMORY), ErrorKind.MEMORY,
+    Row(
+        "memory.out_of_memory",
+        "|".join(re.escape(sign) for sign in OUT_OF_MEMORY),
+        ErrorKind.MEMORY,
         "llm/status.go outOfMemorySubstrings / IsOutOfMemoryMessage (v0.30.0+); server/sched.go "
-        "expireRunnersForRuntimeOOM expires the loaded models on it"),
-    Row("memory.requires", r"requires more system memory", ErrorKind.MEMORY,
+        "expireRunnersForRuntimeOOM expires the loaded models on it",
+    ),
+    Row(
+        "memory.requires",
+        r"requires more system memory",
+        ErrorKind.MEMORY,
         "llm/server.go 'model requires more system memory (X) than is available (Y)' (v0.2.2 to v0.25.0-rc0; gone in "
-        "v0.30.0)"),
-    Row("memory.full_gpu", r"unable to load full model on gpu", ErrorKind.MEMORY,
-        "llm/server.go ErrLoadRequiredFull (v0.11.5+), from server/sched.go load when no other model is loaded"),
-    Row("memory.llama_cpp", r"unable to allocate", ErrorKind.MEMORY,
+        "v0.30.0)",
+    ),
+    Row(
+        "memory.full_gpu",
+        r"unable to load full model on gpu",
+        ErrorKind.MEMORY,
+        "llm/server.go ErrLoadRequiredFull (v0.11.5+), from server/sched.go load when no other model is loaded",
+    ),
+    Row(
+        "memory.llama_cpp",
+        r"unable to allocate",
+        ErrorKind.MEMORY,
         "llama.cpp's 'unable to allocate %s buffer' (vendored in v0.24.0 llama/llama.cpp/src/llama-model.cpp) "
-        "and llama/llama.go 'unable to allocate batch'"),
+        "and llama/llama.go 'unable to allocate batch'",
+    ),
     # ---- a request that cannot succeed as sent ---------------------------------------------------
-    Row("request.context_length",
+    Row(
+        "request.context_length",
         r"input length exceeds|input exceeds maximum context length|input after truncation exceeds"
         r"|prompt is longer than the context length",
         ErrorKind.VALIDATION,
@@ -191,45 +285,103 @@ TABLE: tuple[Row, ...] = (
         "'input after truncation exceeds maximum context length', 'input exceeds maximum context length and cannot "
         "be truncated further' (v0.12.0+), 'input length exceeds maximum context length' (v0.2.6 to v0.11.x); "
         "llm/llama_server.go 'the prompt is longer than the context length currently available...' (v0.30.9+)",
-        advice="shorten the input, or raise num_ctx in {setting}"),
-    Row("request.body", r"^json: |^invalid character|^unexpected end of json input|^missing request body"
-        r"|^invalid input type|^raw mode does not support|^top_logprobs must be", ErrorKind.VALIDATION,
-        "server/routes.go handlers: ShouldBindJSON's errors and their own checks, 400", status=frozenset({400})),
+        advice="shorten the input, or raise num_ctx in {setting}",
+    ),
+    Row(
+        "request.body",
+        r"^json: |^invalid character|^unexpected end of json input|^missing request body"
+        r"|^invalid input type|^raw mode does not support|^top_logprobs must be",
+        ErrorKind.VALIDATION,
+        "server/routes.go handlers: ShouldBindJSON's errors and their own checks, 400",
+        status=frozenset({400}),
+    ),
     # ---- transient: busy, a runner not ready, a load that stalled --------------------------------
-    Row("busy.queue", r"server busy, please try again", ErrorKind.PROVIDER,
-        "server/sched.go ErrMaxQueue, 503 (v0.1.33+): OLLAMA_MAX_QUEUE requests already wait"),
-    Row("busy.slots", r"no slots available after \d+ retries", ErrorKind.PROVIDER,
-        "llm/llama_server.go getServerStatusRetry (llm/server.go since v0.1.34)"),
-    Row("runner.not_ready", r"unexpected server status|llama-server error: |^server not responding$|^health resp: "
-        r"|^connection refused$", ErrorKind.PROVIDER,
+    Row(
+        "busy.queue",
+        r"server busy, please try again",
+        ErrorKind.PROVIDER,
+        "server/sched.go ErrMaxQueue, 503 (v0.1.33+): OLLAMA_MAX_QUEUE requests already wait",
+    ),
+    Row(
+        "busy.slots",
+        r"no slots available after \d+ retries",
+        ErrorKind.PROVIDER,
+        "llm/llama_server.go getServerStatusRetry (llm/server.go since v0.1.34)",
+    ),
+    Row(
+        "runner.not_ready",
+        r"unexpected server status|llama-server error: |^server not responding$|^health resp: "
+        r"|^connection refused$",
+        ErrorKind.PROVIDER,
         "llm/llama_server.go getServerStatus and Completion/Embedding: the runner answers its health check with "
-        "an error, or not yet"),
-    Row("load.timeout", r"timed out waiting for (llama runner|llama-server) to start", ErrorKind.TIMEOUT,
+        "an error, or not yet",
+    ),
+    Row(
+        "load.timeout",
+        r"timed out waiting for (llama runner|llama-server) to start",
+        ErrorKind.TIMEOUT,
         "llm/llama_server.go WaitUntilRunning (v0.30.0+; llm/server.go 'llama runner' v0.1.2 to v0.25.0-rc0): the "
-        "load made no progress for OLLAMA_LOAD_TIMEOUT"),
+        "load made no progress for OLLAMA_LOAD_TIMEOUT",
+    ),
     # ---- by status alone, when no message said more ------------------------------------------------
-    Row("config.host", None, ErrorKind.NETWORK,
+    Row(
+        "config.host",
+        None,
+        ErrorKind.NETWORK,
         "server/routes.go allowedHostsMiddleware (v0.1.29+): AbortWithStatus(403), no body, when Ollama listens "
         "on loopback and the Host header is not local; gin-contrib/cors in GenerateRoutes answers 403 to an "
         "Origin outside OLLAMA_ORIGINS (envconfig.AllowedOrigins)",
-        status=frozenset({403}), retryable=True, counted=False, unreachable=True, advice=_HOST_ADVICE),
-    Row("embed.runtime", None, ErrorKind.PROVIDER,
+        status=frozenset({403}),
+        retryable=True,
+        counted=False,
+        unreachable=True,
+        advice=_HOST_ADVICE,
+    ),
+    Row(
+        "embed.runtime",
+        None,
+        ErrorKind.PROVIDER,
         "server/routes.go EmbedHandler (v0.33): every error of the embedding call that is not an api.StatusError "
         "(a runner crash, a tokenize error, a runner not ready) is answered 400",
-        status=frozenset({400}), endpoint=EMBED, retryable=True),
-    Row("request.invalid", None, ErrorKind.VALIDATION,
-        "server/routes.go: 400 is a request Ollama refuses (bad JSON, bad values)", status=frozenset({400})),
-    Row("model.missing", None, ErrorKind.MODEL,
-        "server/routes.go: 404 is a model Ollama does not have", status=frozenset({404})),
-    Row("timeout.proxy", None, ErrorKind.TIMEOUT,
+        status=frozenset({400}),
+        endpoint=EMBED,
+        retryable=True,
+    ),
+    Row(
+        "request.invalid",
+        None,
+        ErrorKind.VALIDATION,
+        "server/routes.go: 400 is a request Ollama refuses (bad JSON, bad values)",
+        status=frozenset({400}),
+    ),
+    Row(
+        "model.missing",
+        None,
+        ErrorKind.MODEL,
+        "server/routes.go: 404 is a model Ollama does not have",
+        status=frozenset({404}),
+    ),
+    Row(
+        "timeout.proxy",
+        None,
+        ErrorKind.TIMEOUT,
         "not Ollama's (no 408 in server/routes.go): a proxy between llm-worker and Ollama gave up",
-        status=frozenset({408})),
-    Row("busy", None, ErrorKind.PROVIDER,
+        status=frozenset({408}),
+    ),
+    Row(
+        "busy",
+        None,
+        ErrorKind.PROVIDER,
         "server/routes.go handleScheduleError: 503 is ErrMaxQueue (retried within the call, then here)",
-        status=frozenset({503})),
-    Row("server", None, ErrorKind.PROVIDER,
+        status=frozenset({503}),
+    ),
+    Row(
+        "server",
+        None,
+        ErrorKind.PROVIDER,
         "server/routes.go: any other answer (500 err.Error(), 499 'request canceled'), or a 200 stream's error "
-        "line that no row above names"),
+        "line that no row above names",
+    ),
 )
 
 
@@ -250,8 +402,15 @@ class OllamaError(ProviderError):
     """An error answer of Ollama's, with the row of TABLE that explains it (``rule``) and the operator's ``advice``."""
 
     def __init__(self, message: str, row: Row, *, status: int | None, advice: str) -> None:
-        super().__init__(message, row.kind, status=status, retryable=row.retryable, unreachable=row.unreachable,
-                         counted=row.counted, crashed=row.crashed)
+        super().__init__(
+            message,
+            row.kind,
+            status=status,
+            retryable=row.retryable,
+            unreachable=row.unreachable,
+            counted=row.counted,
+            crashed=row.crashed,
+        )
         self.rule = row.name
         self.advice = advice
 
@@ -276,8 +435,9 @@ def setting_for(embedding: bool) -> str:
     return "EMBEDDING_LOAD_OPTIONS" if embedding else "MODEL_LOAD_OPTIONS"
 
 
-def error_for(what: str, status: int | None, message: str, endpoint: str | None, *, embedding: bool = False,
-              host: str = "") -> OllamaError:
+def error_for(
+    what: str, status: int | None, message: str, endpoint: str | None, *, embedding: bool = False, host: str = ""
+) -> OllamaError:
     """The error an Ollama answer becomes: ``what: message``, and the row's advice where the operator must act.
 
     ``message`` is Ollama's error text ("" for an empty body); ``embedding``

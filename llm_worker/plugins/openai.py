@@ -45,11 +45,7 @@ from typing import Any
 
 import msgspec
 
-from llm_worker.config import Settings
-from llm_worker.hookspecs import hookimpl
-from llm_worker.jobs import ChatRequest, ErrorKind, GenerateRequest, Message, Options
-from llm_worker.plugins.httpclient import JsonHttp, Response
-from llm_worker.providers import (
+from llm_worker.plugin.providers import (
     INCOMPLETE,
     Completion,
     Deadline,
@@ -60,6 +56,10 @@ from llm_worker.providers import (
     OnChunk,
     ProviderError,
 )
+from llm_worker.plugin.spec import hookimpl
+from llm_worker.plugins.httpclient import JsonHttp, Response
+from llm_worker.protocol.jobs import ChatRequest, ErrorKind, GenerateRequest, Message, Options
+from llm_worker.settings.config import Settings
 
 CHAT_PATH = "/chat/completions"
 CONNECT_TIMEOUT = 10.0  # seconds; OPENAI_TIMEOUT when shorter
@@ -73,8 +73,10 @@ SAMPLING = ("temperature", "top_p", "stop", "seed", "presence_penalty", "frequen
 REASONING_EFFORT = {"low": "low", "medium": "medium", "high": "high", "max": "high"}
 
 _BY_STATUS = {
-    400: ErrorKind.VALIDATION, 422: ErrorKind.VALIDATION,
-    401: ErrorKind.PROVIDER, 403: ErrorKind.PROVIDER,
+    400: ErrorKind.VALIDATION,
+    422: ErrorKind.VALIDATION,
+    401: ErrorKind.PROVIDER,
+    403: ErrorKind.PROVIDER,
     404: ErrorKind.MODEL,
     408: ErrorKind.TIMEOUT,
     429: ErrorKind.PROVIDER,
@@ -181,9 +183,15 @@ class OpenAIProvider:
             headers["OpenAI-Organization"] = o.organization
         timeout = o.timeout / 1000
         self.http = _Http(
-            self.url, max_connections=MAX_CONNECTIONS, connect_timeout=min(CONNECT_TIMEOUT, timeout),
-            read_timeout=timeout, max_retries=o.max_retries, retry_delay=o.retry_delay / 1000,
-            classify=classify, headers=headers, retry_statuses=RETRY_STATUSES,
+            self.url,
+            max_connections=MAX_CONNECTIONS,
+            connect_timeout=min(CONNECT_TIMEOUT, timeout),
+            read_timeout=timeout,
+            max_retries=o.max_retries,
+            retry_delay=o.retry_delay / 1000,
+            classify=classify,
+            headers=headers,
+            retry_statuses=RETRY_STATUSES,
         )
 
     def remote_name(self, model: str) -> str | None:
@@ -192,7 +200,7 @@ class OpenAIProvider:
             return self.model_map[model]
         if not model.startswith(self.prefix):
             return None
-        bare = model[len(self.prefix):]
+        bare = model[len(self.prefix) :]
         return self.model_map.get(bare, bare) or None
 
     def serves(self, model: str) -> bool:
@@ -207,21 +215,29 @@ class OpenAIProvider:
             body["tools"] = request.tools
         return self._complete(body, deadline, on_chunk, chat=True)
 
-    def generate(self, model: str, request: GenerateRequest, deadline: Deadline, on_chunk: OnChunk | None) -> Completion:
+    def generate(
+        self, model: str, request: GenerateRequest, deadline: Deadline, on_chunk: OnChunk | None
+    ) -> Completion:
         body = self._body(model, request, on_chunk)
         system = [{"role": "system", "content": request.system}] if request.system else []
         body["messages"] = [*system, {"role": "user", "content": _content(request.prompt, request.images)}]
         return self._complete(body, deadline, on_chunk, chat=False)
 
-    def embed(self, model: str, inputs: list[str], deadline: Deadline, options: dict[str, Any] | None = None) -> Embeddings:
+    def embed(
+        self, model: str, inputs: list[str], deadline: Deadline, options: dict[str, Any] | None = None
+    ) -> Embeddings:
         # Ollama's embedding options (truncate, keep_alive, load options) have no counterpart here.
         remote = self._remote(model)
         answer = self.http.json("POST", "/embeddings", {"model": remote, "input": inputs}, deadline, _Embeddings)
         if len(answer.data) != len(inputs):
-            raise ProviderError(f"POST /embeddings returned {len(answer.data)} vectors for {len(inputs)} inputs",
-                                ErrorKind.PROVIDER)
-        return Embeddings(model=answer.model or remote, vectors=_pooled(answer, remote),
-                          prompt_tokens=answer.usage.prompt_tokens if answer.usage else None)
+            raise ProviderError(
+                f"POST /embeddings returned {len(answer.data)} vectors for {len(inputs)} inputs", ErrorKind.PROVIDER
+            )
+        return Embeddings(
+            model=answer.model or remote,
+            vectors=_pooled(answer, remote),
+            prompt_tokens=answer.usage.prompt_tokens if answer.usage else None,
+        )
 
     def _remote(self, model: str) -> str:
         remote = self.remote_name(model)
@@ -240,7 +256,10 @@ class OpenAIProvider:
         if request.format == "json":
             body["response_format"] = {"type": "json_object"}
         elif request.format is not None:
-            body["response_format"] = {"type": "json_schema", "json_schema": {"name": "response", "schema": request.format}}
+            body["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {"name": "response", "schema": request.format},
+            }
         return body
 
     def _complete(self, body: dict[str, Any], deadline: Deadline, on_chunk: OnChunk | None, chat: bool) -> Completion:
@@ -253,8 +272,15 @@ class OpenAIProvider:
             raise ProviderError(f"{what}: an answer without a message", ErrorKind.PROVIDER)
         choice = answer.choices[0]
         message = choice.message
-        return _completion(answer.model or body["model"], message.content or "", message.tool_calls,
-                           choice.finish_reason, answer.usage, chat, message.thinking() or None)
+        return _completion(
+            answer.model or body["model"],
+            message.content or "",
+            message.tool_calls,
+            choice.finish_reason,
+            answer.usage,
+            chat,
+            message.thinking() or None,
+        )
 
     def _stream(self, body: dict[str, Any], deadline: Deadline, on_chunk: OnChunk, chat: bool) -> Completion:
         """Stream an answer to ``on_chunk``; whole only with a finish_reason and then [DONE], else Incomplete.
@@ -289,8 +315,11 @@ class OpenAIProvider:
                     if got.finish_reason is None:
                         # llama-cpp-python (interrupt_requests, its default) ends the stream it is running this
                         # way whenever another request arrives: [DONE] after the last piece, no finish_reason.
-                        raise Incomplete(f"{what}: [DONE] came without a finish_reason: the server stopped the"
-                                         " answer (llama-cpp-python does, for a newer request)", got.partial(chat))
+                        raise Incomplete(
+                            f"{what}: [DONE] came without a finish_reason: the server stopped the"
+                            " answer (llama-cpp-python does, for a newer request)",
+                            got.partial(chat),
+                        )
                     return got.completion(chat)
                 try:
                     chunk = _decode_event(data)
@@ -307,8 +336,9 @@ class OpenAIProvider:
         # Not one event: the server failed before its answer began, and said why only in its own log
         # (llama-cpp-python answers a prompt over the context so: 200, then an empty stream). Asked again
         # unstreamed, it answers with its error (a 400 context_length_exceeded), or with the answer.
-        done = self._complete({k: v for k, v in body.items() if k != "stream_options"} | {"stream": False},
-                              deadline, None, chat)
+        done = self._complete(
+            {k: v for k, v in body.items() if k != "stream_options"} | {"stream": False}, deadline, None, chat
+        )
         if done.thinking:
             on_chunk("", thinking=done.thinking)
         if done.text:
@@ -320,17 +350,26 @@ class OpenAIProvider:
     def models(self) -> list[ModelInfo]:
         """The API's models; none is "loaded", since a remote API does not say."""
         listing = self.http.json("GET", "/models", None, Deadline(self.http.connect_timeout + 10), _Models)
-        return [ModelInfo(name=m.id, details={key: value for key, value in (("owned_by", m.owned_by), ("created", m.created))
-                                              if value is not None})
-                for m in listing.data]
+        return [
+            ModelInfo(
+                name=m.id,
+                details={
+                    key: value for key, value in (("owned_by", m.owned_by), ("created", m.created)) if value is not None
+                },
+            )
+            for m in listing.data
+        ]
 
     def health(self, timeout: float) -> Health:
         try:
             listing = self.http.json("GET", "/models", None, Deadline(timeout), _Models)
         except ProviderError as exc:
-            return Health(ok=False, message="the OpenAI-compatible API is not available", url=self.url,
-                          error_details=exc.message)
-        return Health(ok=True, message=f"the OpenAI-compatible API answers, with {len(listing.data)} models", url=self.url)
+            return Health(
+                ok=False, message="the OpenAI-compatible API is not available", url=self.url, error_details=exc.message
+            )
+        return Health(
+            ok=True, message=f"the OpenAI-compatible API answers, with {len(listing.data)} models", url=self.url
+        )
 
     def close(self) -> None:
         self.http.close()
@@ -393,8 +432,9 @@ class _Streamed:
             # The server sent no usage (llama-cpp-python ignores stream_options): servers send about one token
             # per chunk, so the chunks that carried something are the completion's tokens, an estimate.
             usage = _Usage(prompt_tokens=usage.prompt_tokens if usage else None, completion_tokens=self.generated)
-        return _completion(self.model, "".join(self.parts), calls, self.finish_reason, usage, chat,
-                           "".join(self.thoughts) or None)
+        return _completion(
+            self.model, "".join(self.parts), calls, self.finish_reason, usage, chat, "".join(self.thoughts) or None
+        )
 
     def partial(self, chat: bool) -> Completion:
         """What arrived of an answer cut short, marked incomplete."""
@@ -452,9 +492,14 @@ def _image_url(image: str) -> str:
 def _openai_call(call: dict[str, Any], default_id: str) -> dict[str, Any]:
     function = call.get("function") or {}
     arguments = function.get("arguments", {})
-    return {"id": call.get("id") or default_id, "type": "function",
-            "function": {"name": function.get("name", ""),
-                         "arguments": arguments if isinstance(arguments, str) else _encode(arguments).decode()}}
+    return {
+        "id": call.get("id") or default_id,
+        "type": "function",
+        "function": {
+            "name": function.get("name", ""),
+            "arguments": arguments if isinstance(arguments, str) else _encode(arguments).decode(),
+        },
+    }
 
 
 def _ollama_call(call: dict[str, Any]) -> dict[str, Any]:
@@ -494,13 +539,23 @@ def _pooled(answer: _Embeddings, remote: str) -> list[list[float]]:
                 f" (one per token), not one: model {remote!r} has no pooling; serve it with a pooling type"
                 " (llama-server --pooling mean; llama-cpp-python kv_overrides <arch>.pooling_type=int:1)"
                 " or use an embedding model",
-                ErrorKind.MODEL, retryable=False, counted=False)
+                ErrorKind.MODEL,
+                retryable=False,
+                counted=False,
+            )
         vectors.append(vector.embedding)  # type: ignore[arg-type]  # floats only, as just checked
     return vectors
 
 
-def _completion(model: str, text: str, tool_calls: list[dict[str, Any]] | None, finish_reason: str | None,
-                usage: _Usage | None, chat: bool, thinking: str | None = None) -> Completion:
+def _completion(
+    model: str,
+    text: str,
+    tool_calls: list[dict[str, Any]] | None,
+    finish_reason: str | None,
+    usage: _Usage | None,
+    chat: bool,
+    thinking: str | None = None,
+) -> Completion:
     message = None
     if chat:
         message = {"role": "assistant", "content": text}
@@ -508,9 +563,15 @@ def _completion(model: str, text: str, tool_calls: list[dict[str, Any]] | None, 
             message["tool_calls"] = [_ollama_call(call) for call in tool_calls]
         if thinking:
             message["thinking"] = thinking  # where Ollama's /api/chat puts it
-    return Completion(model=model, text=text, done_reason=finish_reason, message=message, thinking=thinking,
-                      prompt_tokens=usage.prompt_tokens if usage else None,
-                      completion_tokens=usage.completion_tokens if usage else None)
+    return Completion(
+        model=model,
+        text=text,
+        done_reason=finish_reason,
+        message=message,
+        thinking=thinking,
+        prompt_tokens=usage.prompt_tokens if usage else None,
+        completion_tokens=usage.completion_tokens if usage else None,
+    )
 
 
 @hookimpl

@@ -10,12 +10,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from llm_worker.hookspecs import hookimpl
-from llm_worker.records import Record
-from llm_worker.stats import Counters, model_label
+from llm_worker.host.layout import Counters
+from llm_worker.host.stats import model_label
+from llm_worker.plugin.spec import hookimpl
+from llm_worker.protocol.records import Record
 
 if TYPE_CHECKING:
-    from llm_worker.workerproc.context import WorkerContext
+    from llm_worker.plugin.context import WorkerContext
 
 _counters: Counters | None = None
 _label: Callable[[str], int] | None = None
@@ -40,6 +41,15 @@ def llm_worker_record(event: Record) -> None:
     if event.outcome == "rejected":
         _counters.rejected += 1
         return
-    _counters.record(event.job_type or "chat", _label(event.model or ""), event.outcome, event.duration or 0.0,
-                     event.wait, event.prompt_tokens, event.completion_tokens, event.fallback_used, event.cache_hit,
-                     event.cache_lookup)
+    _counters.record(
+        event.job_type or "chat",
+        _label(event.model or ""),
+        event.outcome,
+        event.duration or 0.0,
+        event.wait,
+        event.prompt_tokens,
+        event.completion_tokens,
+        event.fallback_used,
+        event.cache_hit,
+        event.cache_lookup,
+    )

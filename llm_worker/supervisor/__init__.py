@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
-from llm_worker.config import Settings
-from llm_worker.pluginmanager import Found
+from llm_worker.plugin.manager import Found
+from llm_worker.settings.config import Settings
 from llm_worker.supervisor.arbiter import Arbiter
 from llm_worker.supervisor.children import Child
+from llm_worker.supervisor.services import Launch
 
 __all__ = ["Arbiter", "run"]
 
@@ -18,25 +19,23 @@ def run(settings: Settings, reload: Callable[[], Settings], plugins: list[Found]
     return Arbiter(settings, reload, {"http": spawn_http, "models": spawn_models}, plugins).run()
 
 
-def spawn_http(arbiter: Arbiter) -> Child | None:
+def spawn_http(launch: Launch) -> Child | None:
     """Fork the HTTP process (none when HEALTH_CHECK_PORT is 0)."""
-    from llm_worker import http
+    from llm_worker.http import app as http
 
-    settings = arbiter.settings
+    settings = launch.settings
     if settings.http.port == 0:
         return None
     parent = os.getpid()
-    child = Child(pid=0, kind="http")
-    return arbiter.children.fork(child, lambda: arbiter.in_child(
-        lambda: http.serve(settings, arbiter.state, parent, arbiter.plugins)))
+    return launch.fork(Child(pid=0, kind="http"), lambda: http.serve(settings, launch.state, parent, launch.plugins))
 
 
-def spawn_models(arbiter: Arbiter) -> Child:
+def spawn_models(launch: Launch) -> Child:
     """Fork the model manager, the one process that loads and unloads models."""
-    from llm_worker import models
+    from llm_worker.models import manager as models
 
-    settings = arbiter.settings
+    settings = launch.settings
     parent = os.getpid()
-    child = Child(pid=0, kind="models")
-    return arbiter.children.fork(child, lambda: arbiter.in_child(
-        lambda: models.run_manager(settings, arbiter.state, parent, arbiter.plugins)))
+    return launch.fork(
+        Child(pid=0, kind="models"), lambda: models.run_manager(settings, launch.state, parent, launch.plugins)
+    )

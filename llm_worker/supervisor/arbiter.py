@@ -16,21 +16,22 @@ from collections.abc import Callable, Mapping
 import redis
 
 from llm_worker import exitcodes
-from llm_worker.loadboard import LoadBoard
-from llm_worker.config import SettingError, Settings
-from llm_worker.jobs import iso
-from llm_worker.pluginmanager import Found
-from llm_worker.queue import ReliableQueue, WorkerInfo, connect
-from llm_worker.shm import Phase, SharedState, SlotState
-from llm_worker.stats import model_label
+from llm_worker.host.layout import Phase, SlotState
+from llm_worker.host.loadboard import LoadBoard
+from llm_worker.host.shm import SharedState
+from llm_worker.host.stats import model_label
+from llm_worker.plugin.manager import Found
+from llm_worker.protocol.jobs import iso
+from llm_worker.queue.reliable import ReliableQueue, WorkerInfo, connect
+from llm_worker.settings.config import SettingError, Settings
+from llm_worker.settings.urls import redis_location
 from llm_worker.supervisor.children import Child, Children, Exit, Handback
 from llm_worker.supervisor.housekeeping import Housekeeping, warn_if_jobs_can_be_lost
 from llm_worker.supervisor.recovery import Gone, Recovery
-from llm_worker.sdnotify import Notifier
-from llm_worker.supervisor.services import Services, Spawn
+from llm_worker.supervisor.sdnotify import Notifier
+from llm_worker.supervisor.services import Launch, Services, Spawn
 from llm_worker.supervisor.signals import SignalQueue
 from llm_worker.supervisor.systemd import SystemdLink
-from llm_worker.urls import redis_location
 
 log = logging.getLogger("llm_worker.supervisor")
 
@@ -41,8 +42,9 @@ REDIS_TIMEOUT = 1.0  # the supervisor never waits on Redis longer than this
 
 
 class Arbiter:
-    def __init__(self, settings: Settings, reload: Callable[[], Settings], spawns: Mapping[str, Spawn],
-                 plugins: list[Found]) -> None:
+    def __init__(
+        self, settings: Settings, reload: Callable[[], Settings], spawns: Mapping[str, Spawn], plugins: list[Found]
+    ) -> None:
         """``spawns``: how to fork each service child, by kind (``{"http": spawn_http, ...}``)."""
         self.settings = settings
         self.plugins = plugins
@@ -117,8 +119,14 @@ class Arbiter:
             self.recovery.previous_incarnation(self.hostname)
         except redis.RedisError as exc:
             log.error("Redis unreachable at start; workers will wait for it", extra={"error": str(exc)})
-        log.info("supervisor starting", extra={"pools": self.targets, "redis": redis_location(self.settings),
-                                                "ollama": self.settings.ollama.base_url})
+        log.info(
+            "supervisor starting",
+            extra={
+                "pools": self.targets,
+                "redis": redis_location(self.settings.redis),
+                "ollama": self.settings.ollama.base_url,
+            },
+        )
         self.manage_workers()
         self.phase = Phase.RUNNING
         self.manage_services()
@@ -138,8 +146,12 @@ class Arbiter:
 
     def dispatch(self, signum: int) -> None:
         handler = {
-            signal.SIGTERM: self.handle_term, signal.SIGINT: self.handle_int, signal.SIGQUIT: self.handle_quit,
-            signal.SIGHUP: self.handle_hup, signal.SIGTTIN: self.handle_ttin, signal.SIGTTOU: self.handle_ttou,
+            signal.SIGTERM: self.handle_term,
+            signal.SIGINT: self.handle_int,
+            signal.SIGQUIT: self.handle_quit,
+            signal.SIGHUP: self.handle_hup,
+            signal.SIGTTIN: self.handle_ttin,
+            signal.SIGTTOU: self.handle_ttou,
         }.get(signum)
         if handler is not None:
             handler()
@@ -147,8 +159,10 @@ class Arbiter:
     def handle_term(self) -> None:
         if self.phase in (Phase.DRAINING, Phase.STOPPING):
             return
-        log.warning("draining: jobs in hand finish, no new ones are taken",
-                    extra={"gracefulTimeoutMs": self.settings.worker.graceful_timeout})
+        log.warning(
+            "draining: jobs in hand finish, no new ones are taken",
+            extra={"gracefulTimeoutMs": self.settings.worker.graceful_timeout},
+        )
         self.phase = Phase.DRAINING
         self.systemd.stopping()
         grace = self.settings.worker.graceful_timeout / 1000
@@ -181,8 +195,10 @@ class Arbiter:
             log.error(f"reload refused, keeping the running settings: {exc}")
             self.systemd.reload_refused()
             return
-        fixed = [("WORKER_ID", settings.worker.id, self.settings.worker.id),
-                 ("REDIS_KEY_PREFIX", settings.redis.key_prefix, self.settings.redis.key_prefix)]
+        fixed = [
+            ("WORKER_ID", settings.worker.id, self.settings.worker.id),
+            ("REDIS_KEY_PREFIX", settings.redis.key_prefix, self.settings.redis.key_prefix),
+        ]
         for name, new, old in fixed:
             if new != old:
                 log.error(f"reload refused: {name} cannot change while running ({old!r} -> {new!r}); restart instead")
@@ -255,14 +271,25 @@ class Arbiter:
         self.crash_streak[child.pool] = streak
         delay = 0.0 if streak <= 1 else min(0.25 * 2 ** (streak - 2), BACKOFF_CAP)
         self.respawn_at[child.pool] = time.monotonic() + delay
-        log.error("worker died", extra={"deadWorker": worker_id, "exit": ex.describe(), "reason": child.reason or "unexpected",
-                                        "livedSeconds": round(lived, 1), "respawnInSeconds": delay})
+        log.error(
+            "worker died",
+            extra={
+                "deadWorker": worker_id,
+                "exit": ex.describe(),
+                "reason": child.reason or "unexpected",
+                "livedSeconds": round(lived, 1),
+                "respawnInSeconds": delay,
+            },
+        )
 
     def _boot_failed(self, worker_id: str, why: str) -> None:
         self.boot_failures += 1
         limit = self.settings.worker.max_restarts
         if self.boot_failures >= limit:
-            log.critical(f"workers cannot boot ({self.boot_failures} times in a row): {why or 'see the worker log above'}; stopping")
+            log.critical(
+                f"workers cannot boot ({self.boot_failures} times in a row): "
+                f"{why or 'see the worker log above'}; stopping"
+            )
             self.exit_code = exitcodes.WORKER_BOOT_ERROR
             self.handle_quit()
             return
@@ -283,14 +310,23 @@ class Arbiter:
             self.handle_quit()
             return
         if delay is not None:
-            log.error(f"{service.kind} process died; starting another", extra={"exit": ex.describe(), "respawnInSeconds": delay})
+            log.error(
+                f"{service.kind} process died; starting another",
+                extra={"exit": ex.describe(), "respawnInSeconds": delay},
+            )
 
     def manage_services(self) -> None:
         """Keep one of each service child while running; spawn_* returning None means not with these settings."""
         if self.phase != Phase.RUNNING:
             return
         for service in self.services.due(time.monotonic()):
-            self.services.spawned(service, service.spawn(self))
+            launch = Launch(
+                self.settings,
+                self.state,
+                self.plugins,
+                lambda child, body: self.children.fork(child, lambda: self.in_child(body)),
+            )
+            self.services.spawned(service, service.spawn(launch))
 
     def murder_workers(self) -> None:
         """Stop workers that hang: a job past its timeout and grace, or a stale heartbeat."""
@@ -308,7 +344,9 @@ class Arbiter:
             else:
                 continue
             log.error(f"killing worker: {reason}", extra={"deadWorker": f"{self.settings.worker.id}:{child.pid}"})
-            self.children.stop(child, signal.SIGTERM, grace=KILL_GRACE, handback=Handback.CRASH, reason=reason, wake=False)
+            self.children.stop(
+                child, signal.SIGTERM, grace=KILL_GRACE, handback=Handback.CRASH, reason=reason, wake=False
+            )
         self.children.kill_overdue()
 
     def manage_workers(self) -> None:
@@ -331,16 +369,26 @@ class Arbiter:
                 if len(new) < target and self.state.free_slot() is not None and len(live) <= target:
                     self.spawn_worker(pool)
                 else:
-                    self.children.stop(old[0], signal.SIGTERM, grace=self.settings.worker.graceful_timeout / 1000,
-                                       handback=Handback.UNCOUNTED, reason="reload")
+                    self.children.stop(
+                        old[0],
+                        signal.SIGTERM,
+                        grace=self.settings.worker.graceful_timeout / 1000,
+                        handback=Handback.UNCOUNTED,
+                        reason="reload",
+                    )
             elif not old and len(new) < target and time.monotonic() >= self.respawn_at.get(pool, 0.0):
                 for _ in range(target - len(new)):
                     if self.spawn_worker(pool) is None:
                         break
             elif not old and len(new) > target:
                 for child in sorted(new, key=lambda c: c.spawned)[target:]:
-                    self.children.stop(child, signal.SIGTERM, grace=self.settings.worker.graceful_timeout / 1000,
-                                       handback=Handback.UNCOUNTED, reason="scaled down")
+                    self.children.stop(
+                        child,
+                        signal.SIGTERM,
+                        grace=self.settings.worker.graceful_timeout / 1000,
+                        handback=Handback.UNCOUNTED,
+                        reason="scaled down",
+                    )
 
     def spawn_worker(self, pool: str) -> Child | None:
         from llm_worker.workerproc import WorkerSpec, run_worker
@@ -366,8 +414,9 @@ class Arbiter:
     def live_workers(self) -> dict[str, WorkerInfo]:
         host = self.settings.worker.id
         return {
-            f"{host}:{c.pid}": WorkerInfo(queue=c.pool, host=host, hostname=self.hostname, pid=c.pid,
-                                          since=self.worker_since.get(c.pid, ""))
+            f"{host}:{c.pid}": WorkerInfo(
+                queue=c.pool, host=host, hostname=self.hostname, pid=c.pid, since=self.worker_since.get(c.pid, "")
+            )
             for c in self.children.workers()
         }
 
@@ -377,9 +426,11 @@ class Arbiter:
         """Every worker is gone: hand back what Redis could not take yet, stop HTTP."""
         self.recovery.retry_pending()
         if self.recovery.pending:
-            log.error("Redis unreachable: jobs of stopped workers stay in their processing lists; "
-                      "any supervisor recovers them once their heartbeats expire",
-                      extra={"workers": sorted(self.recovery.pending)})
+            log.error(
+                "Redis unreachable: jobs of stopped workers stay in their processing lists; "
+                "any supervisor recovers them once their heartbeats expire",
+                extra={"workers": sorted(self.recovery.pending)},
+            )
         for child in self.children:
             self.children.stop(child, signal.SIGTERM, grace=KILL_GRACE, handback=Handback.UNCOUNTED, reason="shutdown")
         deadline = time.monotonic() + KILL_GRACE + 1
@@ -388,5 +439,3 @@ class Arbiter:
             self.children.reap()
             self.children.kill_overdue()
         log.info("supervisor stopped", extra={"exitCode": self.exit_code})
-
-

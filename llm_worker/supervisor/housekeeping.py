@@ -13,10 +13,10 @@ from collections.abc import Callable
 
 import redis
 
-from llm_worker.chores import Chore
-from llm_worker.config import Settings
-from llm_worker.queue import ReliableQueue, WorkerInfo
-from llm_worker.shm import SharedState
+from llm_worker.host.chores import Chore
+from llm_worker.host.shm import SharedState
+from llm_worker.queue.reliable import ReliableQueue, WorkerInfo
+from llm_worker.settings.config import Settings
 from llm_worker.supervisor.recovery import Recovery
 
 log = logging.getLogger("llm_worker.supervisor")
@@ -24,8 +24,14 @@ SWEEP_PERIOD = 1.0  # seconds, at most, between looks for other hosts' expired w
 
 
 class Housekeeping:
-    def __init__(self, rq: ReliableQueue, settings: Settings, state: SharedState, recovery: Recovery,
-                 live_workers: Callable[[], dict[str, WorkerInfo]]) -> None:
+    def __init__(
+        self,
+        rq: ReliableQueue,
+        settings: Settings,
+        state: SharedState,
+        recovery: Recovery,
+        live_workers: Callable[[], dict[str, WorkerInfo]],
+    ) -> None:
         self.rq = rq
         self.settings = settings
         self.state = state
@@ -64,7 +70,9 @@ class Housekeeping:
         header = self.state.header
         header.redis_checked = time.monotonic()
         if self.redis_down_since is not None:
-            log.warning("Redis reachable again", extra={"downSeconds": round(time.monotonic() - self.redis_down_since, 1)})
+            log.warning(
+                "Redis reachable again", extra={"downSeconds": round(time.monotonic() - self.redis_down_since, 1)}
+            )
             self.redis_down_since = None
             warn_if_jobs_can_be_lost(self.rq.redis)
         header.redis_up = 1
@@ -85,7 +93,10 @@ class Housekeeping:
         if self.redis_down_since is None:
             self.redis_down_since = time.monotonic()
             if isinstance(exc, redis.AuthenticationError):
-                log.error("Redis refused our credentials (REDIS_URL, REDIS_USERNAME, REDIS_PASSWORD)", extra={"error": str(exc)})
+                log.error(
+                    "Redis refused our credentials (REDIS_URL, REDIS_USERNAME, REDIS_PASSWORD)",
+                    extra={"error": str(exc)},
+                )
             else:
                 log.error("Redis unreachable; workers wait for it and jobs in hand are kept", extra={"error": str(exc)})
 
@@ -97,13 +108,24 @@ def warn_if_jobs_can_be_lost(client: redis.Redis) -> None:
         config.update(client.config_get("save"))
         config.update(client.config_get("maxmemory-policy"))
     except redis.ResponseError as exc:
-        log.info("cannot read Redis persistence settings (CONFIG is not allowed); make sure AOF is on", extra={"error": str(exc)})
+        log.info(
+            "cannot read Redis persistence settings (CONFIG is not allowed); make sure AOF is on",
+            extra={"error": str(exc)},
+        )
         return
     if config.get("appendonly") != "yes":
         if config.get("save"):
-            log.warning("Redis has no AOF, only snapshots: jobs queued or finished since the last snapshot are lost if Redis restarts. Set appendonly yes.")
+            log.warning(
+                "Redis has no AOF, only snapshots: jobs queued or finished since the last snapshot are lost if "
+                "Redis restarts. Set appendonly yes."
+            )
         else:
-            log.warning("Redis has no persistence at all: every queued and running job is lost if Redis restarts. Set appendonly yes.")
+            log.warning(
+                "Redis has no persistence at all: every queued and running job is lost if Redis restarts. Set "
+                "appendonly yes."
+            )
     policy = config.get("maxmemory-policy", "noeviction")
     if policy != "noeviction":
-        log.warning(f"Redis maxmemory-policy is {policy}: under memory pressure Redis may delete queued jobs. Use noeviction.")
+        log.warning(
+            f"Redis maxmemory-policy is {policy}: under memory pressure Redis may delete queued jobs. Use noeviction."
+        )

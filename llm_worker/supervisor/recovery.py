@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 import redis
 
-from llm_worker.procs import alive
-from llm_worker.queue import ReliableQueue
-from llm_worker.shm import SharedState
+from llm_worker.host.procs import alive
+from llm_worker.host.shm import SharedState
+from llm_worker.queue.reliable import ReliableQueue
 
 log = logging.getLogger("llm_worker.supervisor")
 
@@ -41,9 +41,14 @@ class Recovery:
     def retry_pending(self) -> None:
         for worker_id, gone in list(self.pending.items()):
             try:
-                requeued, dead = self.rq.recover(gone.worker_id, gone.queue, crashed=gone.crashed, only_if_expired=gone.only_if_expired)
+                requeued, dead = self.rq.recover(
+                    gone.worker_id, gone.queue, crashed=gone.crashed, only_if_expired=gone.only_if_expired
+                )
             except redis.RedisError as exc:
-                log.warning("cannot recover a worker's jobs yet; Redis unreachable", extra={"deadWorker": worker_id, "error": str(exc)})
+                log.warning(
+                    "cannot recover a worker's jobs yet; Redis unreachable",
+                    extra={"deadWorker": worker_id, "error": str(exc)},
+                )
                 return
             del self.pending[worker_id]
             if requeued < 0:
@@ -51,9 +56,16 @@ class Recovery:
             self.state.header.jobs_requeued += requeued
             self.state.header.jobs_crash_dead_lettered += dead
             if requeued or dead:
-                log.warning("recovered jobs of a dead worker", extra={
-                    "deadWorker": worker_id, "queue": gone.queue, "requeued": requeued, "deadLettered": dead,
-                    "countedAsCrash": gone.crashed})
+                log.warning(
+                    "recovered jobs of a dead worker",
+                    extra={
+                        "deadWorker": worker_id,
+                        "queue": gone.queue,
+                        "requeued": requeued,
+                        "deadLettered": dead,
+                        "countedAsCrash": gone.crashed,
+                    },
+                )
 
     def sweep(self, own: set[str]) -> None:
         """Recover every registered worker, of any host, whose heartbeat has expired."""
@@ -77,4 +89,3 @@ class Recovery:
             if info.host != self.host_id or info.hostname != own_hostname or alive(info.pid):
                 continue
             self.worker_gone(Gone(worker_id, info.queue, crashed=True))
-

@@ -17,9 +17,26 @@ from typing import TYPE_CHECKING
 from llm_worker.supervisor.children import Child, Exit
 
 if TYPE_CHECKING:
-    from llm_worker.supervisor.arbiter import Arbiter
+    from llm_worker.host.shm import SharedState
+    from llm_worker.plugin.manager import Found
+    from llm_worker.settings.config import Settings
 
-Spawn = Callable[["Arbiter"], Child | None]
+
+@dataclass(frozen=True)
+class Launch:
+    """What a spawn function is given: the settings, the shared state, the plugins, and a way to fork.
+
+    ``fork(child, body)`` forks; the child resets what it inherited from the
+    supervisor (signal handlers, the systemd socket) and runs ``body``.
+    """
+
+    settings: Settings
+    state: SharedState
+    plugins: list[Found]
+    fork: Callable[[Child, Callable[[], object]], Child]
+
+
+Spawn = Callable[[Launch], Child | None]
 LIVED_LONG = 10.0  # a service child that lived this long was not crash-looping
 FIRST_BACKOFF = 0.1
 BACKOFF_CAP = 30.0

@@ -13,8 +13,9 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from llm_worker.sdnotify import Notifier
-from llm_worker.shm import SharedState, SlotState
+from llm_worker.host.layout import SlotState
+from llm_worker.host.shm import SharedState
+from llm_worker.supervisor.sdnotify import Notifier
 
 STATUS_EVERY = 5.0
 
@@ -46,8 +47,11 @@ class SystemdLink:
     def _up(self) -> bool:
         header = self.state.header
         up = sum(1 for s in self.state.slots if s.pid > 0 and s.state in (SlotState.IDLE, SlotState.BUSY))
-        return (up >= header.workers_wanted and (header.http_bound == 1 or not self.http_wanted())
-                and bool(header.models_ready))
+        return (
+            up >= header.workers_wanted
+            and (header.http_bound == 1 or not self.http_wanted())
+            and bool(header.models_ready)
+        )
 
     def status_text(self, now: float) -> str:
         done = sum(slot.jobs_done for slot in self.state.slots)  # per slot, it only grows

@@ -18,17 +18,29 @@ from typing import Any
 import msgspec
 import redis
 
-from llm_worker.attempts import Attempt, Plan
-from llm_worker.backpressure import CallGate, ProviderDown, Reachability
-from llm_worker.breaker import BreakerOpen, Breakers, breaker_record, counts
-from llm_worker.cache import ResponseCache
-from llm_worker.config import Settings
-from llm_worker.jobs import Answer, ChatRequest, Decoded, EmbeddingsRequest, ErrorKind, GenerateRequest, JobError, Options, Result, Task, iso
-from llm_worker.loadboard import LoadBoard
-from llm_worker.pluginmanager import PluginManager
-from llm_worker.providers import INCOMPLETE, Completion, Deadline, Incomplete, OnChunk, Provider, ProviderError
-from llm_worker.stats import model_label
-from llm_worker.queue import STREAM_MAXLEN
+from llm_worker.host.backpressure import CallGate, ProviderDown, Reachability
+from llm_worker.host.breaker import BreakerOpen, Breakers, breaker_record, counts
+from llm_worker.host.loadboard import LoadBoard
+from llm_worker.host.stats import model_label
+from llm_worker.plugin.attempts import Attempt, Plan
+from llm_worker.plugin.manager import PluginManager
+from llm_worker.plugin.providers import INCOMPLETE, Completion, Deadline, Incomplete, OnChunk, Provider, ProviderError
+from llm_worker.protocol.jobs import (
+    Answer,
+    ChatRequest,
+    Decoded,
+    EmbeddingsRequest,
+    ErrorKind,
+    GenerateRequest,
+    JobError,
+    Options,
+    Result,
+    Task,
+    iso,
+)
+from llm_worker.queue.cache import ResponseCache
+from llm_worker.queue.reliable import STREAM_MAXLEN
+from llm_worker.settings.config import Settings
 
 log = logging.getLogger("llm_worker.worker")
 LEASE_GRACE = 5.0  # seconds a half-open probe's lease outlives its deadline
@@ -57,8 +69,11 @@ class StreamSink:
     def __call__(self, text: str, thinking: str = "") -> None:
         # A thinking model's reasoning rides in its own field, so that a reader that
         # knows only "content" never mixes it into the answer (an addition to PROTOCOL.md).
-        self._add({"event": "chunk", "content": text, "thinking": thinking} if thinking else
-                  {"event": "chunk", "content": text})
+        self._add(
+            {"event": "chunk", "content": text, "thinking": thinking}
+            if thinking
+            else {"event": "chunk", "content": text}
+        )
 
     def _add(self, entry: dict[str, str]) -> None:
         if self.broken:
@@ -74,15 +89,26 @@ class StreamSink:
             # The whole text is in the result; a reader of the stream sees a gap
             # rather than the job failing for want of its chunk channel.
             self.broken = True
-            log.warning("stream chunks are not reaching Redis; the result will carry the text", extra={"error": str(exc)})
+            log.warning(
+                "stream chunks are not reaching Redis; the result will carry the text", extra={"error": str(exc)}
+            )
 
 
 class Executor:
     """Routes each model call to the first provider that serves its model."""
 
-    def __init__(self, providers: list[Provider], plugins: PluginManager, breakers: Breakers, settings: Settings,
-                 worker_id: str, cache: ResponseCache | None = None, gate: CallGate | None = None,
-                 reach: Reachability | None = None, loads: LoadBoard | None = None) -> None:
+    def __init__(
+        self,
+        providers: list[Provider],
+        plugins: PluginManager,
+        breakers: Breakers,
+        settings: Settings,
+        worker_id: str,
+        cache: ResponseCache | None = None,
+        gate: CallGate | None = None,
+        reach: Reachability | None = None,
+        loads: LoadBoard | None = None,
+    ) -> None:
         self.providers = providers
         self.loads = loads
         self.gate = gate
@@ -144,24 +170,45 @@ class Executor:
             if isinstance(error, Incomplete) and (streamed or spent >= job.max_attempts or deadline.left() <= 0):
                 # No attempt left to get it whole (or its text already streamed, which a reader
                 # cannot take back): the part there is, said to be a part.
-                log.warning("answer incomplete on the job's last attempt; answering what came",
-                            extra={"jobId": job.job.id, "model": task.model, "error": error.message})
+                log.warning(
+                    "answer incomplete on the job's last attempt; answering what came",
+                    extra={"jobId": job.job.id, "model": task.model, "error": error.message},
+                )
                 answer = _answer(task, error.partial, INCOMPLETE)
                 answer.fallback_used = planned
                 self.plugins.filter_response(job, answer)
                 return answer
-            attempt = Attempt(number=spent if used else spent + 1, budget=job.max_attempts, model=task.model,
-                              requested_model=requested, tried=list(tried), left=deadline.left(), settings=self.settings,
-                              breaker_open=self._refused, reduced=reduced, unloaded=unloaded, streamed=streamed, task=task)
+            attempt = Attempt(
+                number=spent if used else spent + 1,
+                budget=job.max_attempts,
+                model=task.model,
+                requested_model=requested,
+                tried=list(tried),
+                left=deadline.left(),
+                settings=self.settings,
+                breaker_open=self._refused,
+                reduced=reduced,
+                unloaded=unloaded,
+                streamed=streamed,
+                task=task,
+            )
             plan = None
-            if not streamed and error.kind is not ErrorKind.VALIDATION and spent < job.max_attempts and deadline.left() > 0:
+            if (
+                not streamed
+                and error.kind is not ErrorKind.VALIDATION
+                and spent < job.max_attempts
+                and deadline.left() > 0
+            ):
                 plan = self.plugins.fallback(job, error, attempt)
             if plan is None:
                 if refused and isinstance(error, BreakerOpen):
                     # Every candidate refused by an open breaker: an outage. Wait for the first.
                     raise min(refused, key=lambda e: e.retry_at)
                 raise error
-            log.info(f"fallback: {plan.reason}", extra={"jobId": job.job.id, "model": task.model, "next": plan.model or task.model})
+            log.info(
+                f"fallback: {plan.reason}",
+                extra={"jobId": job.job.id, "model": task.model, "next": plan.model or task.model},
+            )
             task = self._apply(plan, task, provider, deadline)
             planned = True
             reduced = reduced or bool(plan.options)
@@ -191,13 +238,15 @@ class Executor:
         if misses:
             inputs = [tasks[i].request.inputs() for i in misses]  # type: ignore[union-attr]
             first = tasks[misses[0]]
-            joined = msgspec.structs.replace(first.request, input=[text for group in inputs for text in group], prompt=None)
+            joined = msgspec.structs.replace(
+                first.request, input=[text for group in inputs for text in group], prompt=None
+            )
             whole = self._attempt(provider, dataclasses.replace(first, request=joined), deadline, None)
             vectors = whole.response["embeddings"]
             shares = _shares(whole.prompt_tokens, [sum(map(len, group)) for group in inputs])
             at = 0
             for i, group, tokens in zip(misses, inputs, shares):
-                answer = Answer({"embeddings": vectors[at:at + len(group)]}, whole.model, tokens, None)
+                answer = Answer({"embeddings": vectors[at : at + len(group)]}, whole.model, tokens, None)
                 at += len(group)
                 if keys[i] is not None:
                     self.cache.put(keys[i], answer)  # type: ignore[union-attr, arg-type]
@@ -209,8 +258,15 @@ class Executor:
 
     # ---- the provider call, behind the gate, reachability and breaker ---------------
 
-    def _attempt(self, provider: Provider, task: Task, deadline: Deadline, sink: StreamSink | None,
-                 unloaded: bool = False, reduced: bool = False) -> Answer:
+    def _attempt(
+        self,
+        provider: Provider,
+        task: Task,
+        deadline: Deadline,
+        sink: StreamSink | None,
+        unloaded: bool = False,
+        reduced: bool = False,
+    ) -> Answer:
         """One provider call: its reachability, its breaker, its model's load, then the host's call gate.
 
         ``unloaded``: the memory strategy already unloaded idle models for this
@@ -237,14 +293,20 @@ class Executor:
                 # job was the host's test of the provider, so it spends no attempt
                 # (else the job at the head of the queue would die probing); the
                 # finisher bounds how often one job may probe for free.
-                raise BreakerOpen(admission.key, self.breakers.open_until(admission.key),
-                                  f"{exc.message} (the circuit breaker's probe)", probe_failed=True) from exc
+                raise BreakerOpen(
+                    admission.key,
+                    self.breakers.open_until(admission.key),
+                    f"{exc.message} (the circuit breaker's probe)",
+                    probe_failed=True,
+                ) from exc
             if isinstance(exc, ProviderError) and exc.unreachable and self.reach is not None:
                 # Nothing listens: the provider is down, not this job failing. The
                 # job waits without spending an attempt, and the workers pause.
                 if self.reach.mark_down(provider.name, exc.message):
-                    log.warning(f"provider {provider.name} is unreachable; workers pause until it answers",
-                                extra={"error": exc.message})
+                    log.warning(
+                        f"provider {provider.name} is unreachable; workers pause until it answers",
+                        extra={"error": exc.message},
+                    )
                 raise ProviderDown(provider.name, exc.message) from exc
             raise
         self.breakers.record(admission, None)
@@ -258,7 +320,9 @@ class Executor:
         index = self.gate.state.model_index(model_label(model), add=self.gate.add_labels)
         waited = self.loads.wait_resident(index, model, deadline, self.gate.slot.beat)
         if waited > 0.5:
-            log.info(f"waited {waited:.1f}s for {model} to load", extra={"model": model, "waitSeconds": round(waited, 2)})
+            log.info(
+                f"waited {waited:.1f}s for {model} to load", extra={"model": model, "waitSeconds": round(waited, 2)}
+            )
 
     def _gate(self, provider: Provider, task: Task, deadline: Deadline) -> Any:
         """The host's call gate for this call: its cap, the model's slots and the provider's cap."""
@@ -266,8 +330,13 @@ class Executor:
             return nullcontext()
         slots = getattr(provider, "model_slots", None)
         model_slots = slots(task.model, isinstance(task.request, EmbeddingsRequest)) if slots is not None else 0
-        return self.gate.call(task.model, deadline, model_slots=model_slots, provider=self.providers.index(provider),
-                              provider_cap=getattr(provider, "max_concurrent", 0) or 0)
+        return self.gate.call(
+            task.model,
+            deadline,
+            model_slots=model_slots,
+            provider=self.providers.index(provider),
+            provider_cap=getattr(provider, "max_concurrent", 0) or 0,
+        )
 
     def _call_deadline(self, task: Task, deadline: Deadline, sink: StreamSink | None, reduced: bool) -> Deadline:
         """The job's deadline, less the share kept back for the timeout fallback while it may still run.
@@ -302,7 +371,9 @@ class Executor:
             provider = self.provider_for(model)
         except JobError:
             return True
-        return (self.reach is not None and self.reach.is_down(provider.name)) or self.breakers.refused(model, provider.name)
+        return (self.reach is not None and self.reach.is_down(provider.name)) or self.breakers.refused(
+            model, provider.name
+        )
 
     def _report_transitions(self) -> None:
         """Log and record each breaker transition this process made: once, from here."""
@@ -351,18 +422,39 @@ class Executor:
                 answer = self.call(decoded, task, deadline, None)
             except JobError as exc:
                 errors.append(exc)
-                results.append(Result(job_id=sub_id, success=False, error=exc.message, error_type=exc.kind.value,
-                                      model=task.model, requested_model=task.model, correlation_id=job.correlation_id,
-                                      processing_time=_ms(time.monotonic() - started), completed_at=iso()))
+                results.append(
+                    Result(
+                        job_id=sub_id,
+                        success=False,
+                        error=exc.message,
+                        error_type=exc.kind.value,
+                        model=task.model,
+                        requested_model=task.model,
+                        correlation_id=job.correlation_id,
+                        processing_time=_ms(time.monotonic() - started),
+                        completed_at=iso(),
+                    )
+                )
                 continue
             prompt += answer.prompt_tokens or 0
             completion += answer.completion_tokens or 0
             fallback = fallback or answer.fallback_used
-            results.append(Result(job_id=sub_id, success=True, response=answer.response, model=answer.model,
-                                  requested_model=task.model, tokens_used=answer.tokens, prompt_tokens=answer.prompt_tokens,
-                                  completion_tokens=answer.completion_tokens, correlation_id=job.correlation_id,
-                                  fallback_used=answer.fallback_used, processing_time=_ms(time.monotonic() - started),
-                                  completed_at=iso()))
+            results.append(
+                Result(
+                    job_id=sub_id,
+                    success=True,
+                    response=answer.response,
+                    model=answer.model,
+                    requested_model=task.model,
+                    tokens_used=answer.tokens,
+                    prompt_tokens=answer.prompt_tokens,
+                    completion_tokens=answer.completion_tokens,
+                    correlation_id=job.correlation_id,
+                    fallback_used=answer.fallback_used,
+                    processing_time=_ms(time.monotonic() - started),
+                    completed_at=iso(),
+                )
+            )
         if errors and len(errors) == len(results) and all(e.retryable for e in errors):
             raise errors[0]
         return Answer({"results": results}, decoded.model, prompt, completion, fallback_used=fallback)

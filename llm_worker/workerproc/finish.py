@@ -18,13 +18,25 @@ from typing import Any
 
 import msgspec
 
-from llm_worker import jobs, logs, records
-from llm_worker.breaker import BreakerOpen
-from llm_worker.config import Settings
-from llm_worker.jobs import RAW_KEEP, Answer, DeadLetter, Decoded, ErrorKind, Invalid, JobError, Malformed, Result, iso
-from llm_worker.pluginmanager import PluginManager
-from llm_worker.queue import ReliableQueue, retry_delay
-from llm_worker.records import Record
+from llm_worker import logs
+from llm_worker.host.breaker import BreakerOpen
+from llm_worker.plugin.manager import PluginManager
+from llm_worker.protocol import jobs, records
+from llm_worker.protocol.jobs import (
+    RAW_KEEP,
+    Answer,
+    DeadLetter,
+    Decoded,
+    ErrorKind,
+    Invalid,
+    JobError,
+    Malformed,
+    Result,
+    iso,
+)
+from llm_worker.protocol.records import Record
+from llm_worker.queue.reliable import ReliableQueue, retry_delay
+from llm_worker.settings.config import Settings
 
 log = logging.getLogger("llm_worker.worker")
 Guard = Callable[..., Any]
@@ -43,8 +55,16 @@ class Finisher:
     (``take_next``); the methods return that job's payload, or None.
     """
 
-    def __init__(self, rq: ReliableQueue, settings: Settings, worker_id: str, queue: str, guard: Guard,
-                 take_next: Callable[[], bool], plugins: PluginManager) -> None:
+    def __init__(
+        self,
+        rq: ReliableQueue,
+        settings: Settings,
+        worker_id: str,
+        queue: str,
+        guard: Guard,
+        take_next: Callable[[], bool],
+        plugins: PluginManager,
+    ) -> None:
         self.rq = rq
         self.settings = settings
         self.worker_id = worker_id
@@ -64,15 +84,31 @@ class Finisher:
 
     def succeeded(self, d: Decoded, taken: float, answer: Answer, stream: bool, attempts: int = 1) -> bytes | None:
         result = self._result(d, taken, success=True, answer=answer, attempts=attempts)
-        done = self.guard(self.rq.complete, self.worker_id, d.raw, result, stream="done" if stream else "",
-                          take_from=self._take, queue=self.queue)
+        done = self.guard(
+            self.rq.complete,
+            self.worker_id,
+            d.raw,
+            result,
+            stream="done" if stream else "",
+            take_from=self._take,
+            queue=self.queue,
+        )
         if done.ours:
-            self.plugins.record(self._record(records.COMPLETED, d, taken, outcome="completed", answer=answer, result=result))
-        self._report(done.ours, d, "completed", result.processing_time,
-                     **logs.prompt_fields(prompt=d.prompt_text(), completion=answer.text))
+            self.plugins.record(
+                self._record(records.COMPLETED, d, taken, outcome="completed", answer=answer, result=result)
+            )
+        self._report(
+            done.ours,
+            d,
+            "completed",
+            result.processing_time,
+            **logs.prompt_fields(prompt=d.prompt_text(), completion=answer.text),
+        )
         return done.next
 
-    def failed(self, d: Decoded, taken: float, error: JobError, *, attempts: int = 1, streamed: int = 0) -> bytes | None:
+    def failed(
+        self, d: Decoded, taken: float, error: JobError, *, attempts: int = 1, streamed: int = 0
+    ) -> bytes | None:
         """Retry the job later if the error and its attempts allow, else fail it for good.
 
         ``attempts`` is how many of the job's attempts this run used. A
@@ -102,7 +138,9 @@ class Finisher:
         """
         return error.probe_failed and _probe_failures(d.raw) >= FREE_PROBES
 
-    def _retry(self, d: Decoded, taken: float, error: JobError, due: float, spent: int, probed: bool = False) -> bytes | None:
+    def _retry(
+        self, d: Decoded, taken: float, error: JobError, due: float, spent: int, probed: bool = False
+    ) -> bytes | None:
         loose = jobs.loose(d.raw)
         loose["retryCount"] = d.job.retry_count + spent
         if probed:  # an addition to the job (docs/protocol.md): failed breaker probes, which spend no attempt
@@ -112,27 +150,55 @@ class Finisher:
         if len(payload) > limit:
             # The counters we add would make the next take refuse it as malformed,
             # with no result when its id is not the first key: fail it now, answered.
-            reason = (f"{error.message} (not retried: with its retry count the job is {len(payload)} bytes, "
-                      f"over MAX_JOB_BYTES ({limit}))")
+            reason = (
+                f"{error.message} (not retried: with its retry count the job is {len(payload)} bytes, "
+                f"over MAX_JOB_BYTES ({limit}))"
+            )
             return self._dead(d, taken, reason, error.kind, d.job.retry_count + max(1, spent))
         delay_ms = int(max(0.0, due - time.time()) * 1000)
         done = self.guard(self.rq.retry_later, self.worker_id, d.raw, self.queue, payload, due, take_from=self._take)
         if done.ours:
-            self.plugins.record(self._record(records.RETRIED, d, taken, outcome="retried", error=error,
-                                             retryCount=loose["retryCount"], delayMs=delay_ms))
+            self.plugins.record(
+                self._record(
+                    records.RETRIED,
+                    d,
+                    taken,
+                    outcome="retried",
+                    error=error,
+                    retryCount=loose["retryCount"],
+                    delayMs=delay_ms,
+                )
+            )
         self._report(done.ours, d, "retried", None, errorType=error.kind.value, delayMs=delay_ms)
         return done.next
 
     def _dead(self, d: Decoded, taken: float, reason: str, kind: ErrorKind, attempts: int) -> bytes | None:
         result = self._result(d, taken, success=False, error=reason, kind=kind, attempts=attempts - d.job.retry_count)
-        entry = DeadLetter(job=msgspec.Raw(d.raw), queue=self.queue, error=reason, error_type=kind.value,
-                           failed_at=result.completed_at, attempts=attempts, worker_id=self.worker_id)
-        done = self.guard(self.rq.dead_letter, self.worker_id, d.raw, entry, result, stream="error" if d.stream else "",
-                          take_from=self._take)
+        entry = DeadLetter(
+            job=msgspec.Raw(d.raw),
+            queue=self.queue,
+            error=reason,
+            error_type=kind.value,
+            failed_at=result.completed_at,
+            attempts=attempts,
+            worker_id=self.worker_id,
+        )
+        done = self.guard(
+            self.rq.dead_letter,
+            self.worker_id,
+            d.raw,
+            entry,
+            result,
+            stream="error" if d.stream else "",
+            take_from=self._take,
+        )
         if done.ours:
             failure = JobError(reason, kind)
-            self.plugins.record(self._record(records.FAILED, d, taken, outcome="failed", error=failure, result=result,
-                                             attempts=attempts))
+            self.plugins.record(
+                self._record(
+                    records.FAILED, d, taken, outcome="failed", error=failure, result=result, attempts=attempts
+                )
+            )
             self.plugins.record(self._record(records.DEAD_LETTERED, d, taken, error=failure, attempts=attempts))
         self._report(done.ours, d, "dead-lettered", result.processing_time, errorType=kind.value, error=reason)
         return done.next
@@ -141,17 +207,33 @@ class Finisher:
 
     def malformed(self, raw: bytes, exc: Malformed) -> bytes | None:
         now = iso()
-        entry = DeadLetter(raw=raw[:RAW_KEEP].decode(errors="replace"), queue=self.queue, error=exc.reason,
-                           error_type=ErrorKind.VALIDATION.value, failed_at=now, worker_id=self.worker_id, attempts=1)
+        entry = DeadLetter(
+            raw=raw[:RAW_KEEP].decode(errors="replace"),
+            queue=self.queue,
+            error=exc.reason,
+            error_type=ErrorKind.VALIDATION.value,
+            failed_at=now,
+            worker_id=self.worker_id,
+            attempts=1,
+        )
         result = None
         if exc.job_id is not None:
-            result = Result(job_id=exc.job_id, success=False, error=exc.reason, error_type="validation",
-                            worker_id=self.worker_id, completed_at=now)
+            result = Result(
+                job_id=exc.job_id,
+                success=False,
+                error=exc.reason,
+                error_type="validation",
+                worker_id=self.worker_id,
+                completed_at=now,
+            )
         done = self.guard(self.rq.dead_letter, self.worker_id, raw, entry, result, take_from=self._take)
         if done.ours:
             self._rejected(exc.job_id, None, exc.reason, now, failed=result is not None)
-        _say(done.ours, "malformed payload dead-lettered", {"jobId": exc.job_id, "queue": self.queue, "error": exc.reason,
-                                                            "bytes": len(raw)})
+        _say(
+            done.ours,
+            "malformed payload dead-lettered",
+            {"jobId": exc.job_id, "queue": self.queue, "error": exc.reason, "bytes": len(raw)},
+        )
         return done.next
 
     def invalid(self, raw: bytes, exc: Invalid) -> bytes | None:
@@ -160,54 +242,120 @@ class Finisher:
         job_id = str(job.get("id"))
         correlation = job.get("correlationId") if isinstance(job.get("correlationId"), str) else None
         model = job.get("model") if isinstance(job.get("model"), str) else None
-        entry = DeadLetter(job=msgspec.Raw(raw), queue=self.queue, error=exc.reason, error_type="validation",
-                           failed_at=now, worker_id=self.worker_id, attempts=1)
-        result = Result(job_id=job_id, success=False, error=exc.reason, error_type="validation", model=model,
-                        requested_model=model, worker_id=self.worker_id, correlation_id=correlation, completed_at=now)
+        entry = DeadLetter(
+            job=msgspec.Raw(raw),
+            queue=self.queue,
+            error=exc.reason,
+            error_type="validation",
+            failed_at=now,
+            worker_id=self.worker_id,
+            attempts=1,
+        )
+        result = Result(
+            job_id=job_id,
+            success=False,
+            error=exc.reason,
+            error_type="validation",
+            model=model,
+            requested_model=model,
+            worker_id=self.worker_id,
+            correlation_id=correlation,
+            completed_at=now,
+        )
         done = self.guard(self.rq.dead_letter, self.worker_id, raw, entry, result, take_from=self._take)
         if done.ours:
             self._rejected(job_id, correlation, exc.reason, now, failed=True)
-        _say(done.ours, "invalid job dead-lettered", {"jobId": job_id, "correlationId": correlation, "error": exc.reason})
+        _say(
+            done.ours, "invalid job dead-lettered", {"jobId": job_id, "correlationId": correlation, "error": exc.reason}
+        )
         return done.next
 
     def _rejected(self, job_id: str | None, correlation: str | None, reason: str, now: str, *, failed: bool) -> None:
-        data = {"jobId": job_id, "workerId": self.worker_id, "timestamp": now, "queue": self.queue,
-                "correlationId": correlation, "error": reason, "errorType": "validation"}
-        common = {"worker_id": self.worker_id, "timestamp": now, "data": data, "job_id": job_id, "queue": self.queue,
-                  "error_kind": "validation"}
+        data = {
+            "jobId": job_id,
+            "workerId": self.worker_id,
+            "timestamp": now,
+            "queue": self.queue,
+            "correlationId": correlation,
+            "error": reason,
+            "errorType": "validation",
+        }
+        common = {
+            "worker_id": self.worker_id,
+            "timestamp": now,
+            "data": data,
+            "job_id": job_id,
+            "queue": self.queue,
+            "error_kind": "validation",
+        }
         if failed:
             self.plugins.record(Record(records.FAILED, **common))
         self.plugins.record(Record(records.DEAD_LETTERED, outcome="rejected", **common))
 
     # ---- shapes ------------------------------------------------------------
 
-    def _result(self, d: Decoded, taken: float, *, success: bool, answer: Answer | None = None,
-                error: str | None = None, kind: ErrorKind | None = None, attempts: int = 1) -> Result:
+    def _result(
+        self,
+        d: Decoded,
+        taken: float,
+        *,
+        success: bool,
+        answer: Answer | None = None,
+        error: str | None = None,
+        kind: ErrorKind | None = None,
+        attempts: int = 1,
+    ) -> Result:
         """The result; its retryCount counts every earlier attempt, job-level retries and fallbacks alike."""
         job = d.job
         return Result(
-            job_id=job.id, success=success, response=answer.response if answer else None,
-            error=error, error_type=kind.value if kind else None,
+            job_id=job.id,
+            success=success,
+            response=answer.response if answer else None,
+            error=error,
+            error_type=kind.value if kind else None,
             processing_time=int(round((time.time() - taken) * 1000)),
             queue_time=max(0, int(round((taken - d.created) * 1000))) if d.created is not None else None,
-            model=answer.model if answer else d.model, requested_model=d.model,
+            model=answer.model if answer else d.model,
+            requested_model=d.model,
             tokens_used=answer.tokens if answer else None,
             prompt_tokens=answer.prompt_tokens if answer else None,
             completion_tokens=answer.completion_tokens if answer else None,
-            retry_count=job.retry_count + max(0, attempts - 1), fallback_used=answer.fallback_used if answer else False,
-            cache_hit=answer.cache_hit if answer else False, worker_id=self.worker_id,
-            correlation_id=job.correlation_id, completed_at=iso(), started_at=iso(taken, micro=True),
+            retry_count=job.retry_count + max(0, attempts - 1),
+            fallback_used=answer.fallback_used if answer else False,
+            cache_hit=answer.cache_hit if answer else False,
+            worker_id=self.worker_id,
+            correlation_id=job.correlation_id,
+            completed_at=iso(),
+            started_at=iso(taken, micro=True),
         )
 
-    def _record(self, kind: str, d: Decoded, taken: float, *, outcome: str | None = None, answer: Answer | None = None,
-                result: Result | None = None, error: JobError | None = None, **more: Any) -> Record:
+    def _record(
+        self,
+        kind: str,
+        d: Decoded,
+        taken: float,
+        *,
+        outcome: str | None = None,
+        answer: Answer | None = None,
+        result: Result | None = None,
+        error: JobError | None = None,
+        **more: Any,
+    ) -> Record:
         """A job's event for the sinks: PROTOCOL.md's data, and the same facts typed."""
         job = d.job
         now = iso()
         model = answer.model if answer else d.model
-        data: dict[str, Any] = {"jobId": job.id, "workerId": self.worker_id, "timestamp": now, "jobType": job.type,
-                                "model": model, "queue": self.queue, "userId": job.user_id,
-                                "correlationId": job.correlation_id, "retryCount": job.retry_count}
+        data: dict[str, Any] = {
+            "jobId": job.id,
+            "workerId": self.worker_id,
+            "timestamp": now,
+            "jobType": job.type,
+            "model": model,
+            "queue": self.queue,
+            "userId": job.user_id,
+            "correlationId": job.correlation_id,
+            "retryCount": job.retry_count,
+        }
         if result is not None:
             data["processingTime"] = result.processing_time
             data["tokensUsed"] = result.tokens_used
@@ -218,17 +366,33 @@ class Finisher:
             data["errorType"] = error.kind.value
         data.update(more)
         return Record(
-            kind, self.worker_id, now, data, job_id=job.id, queue=self.queue, job_type=job.type, model=model,
-            outcome=outcome, duration=time.time() - taken if outcome else None,
+            kind,
+            self.worker_id,
+            now,
+            data,
+            job_id=job.id,
+            queue=self.queue,
+            job_type=job.type,
+            model=model,
+            outcome=outcome,
+            duration=time.time() - taken if outcome else None,
             wait=max(0.0, taken - d.created) if d.created is not None and outcome else None,
             prompt_tokens=answer.prompt_tokens if answer else None,
             completion_tokens=answer.completion_tokens if answer else None,
-            fallback_used=answer.fallback_used if answer else False, cache_hit=answer.cache_hit if answer else False,
-            cache_lookup=answer.cache_lookup if answer else False, error_kind=error.kind.value if error else None,
+            fallback_used=answer.fallback_used if answer else False,
+            cache_hit=answer.cache_hit if answer else False,
+            cache_lookup=answer.cache_lookup if answer else False,
+            error_kind=error.kind.value if error else None,
         )
 
     def _report(self, ours: bool, d: Decoded, what: str, ms: int | None, **more: Any) -> None:
-        fields = {"jobId": d.job.id, "correlationId": d.job.correlation_id, "model": d.model, "processingTime": ms, **more}
+        fields = {
+            "jobId": d.job.id,
+            "correlationId": d.job.correlation_id,
+            "model": d.model,
+            "processingTime": ms,
+            **more,
+        }
         _say(ours, f"job {what}", fields)
 
 

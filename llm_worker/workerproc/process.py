@@ -24,18 +24,20 @@ from typing import Any, NoReturn, TypeVar
 import msgspec
 import redis
 
-from llm_worker import exitcodes, jobs, logs
-from llm_worker.config import Settings
-from llm_worker.jobs import Decoded, EmbeddingsRequest, Invalid, JobError, Malformed, decode, iso
-from llm_worker.loadboard import LoadBoard
-from llm_worker.pluginmanager import Found, PluginManager
-from llm_worker.providers import Deadline
-from llm_worker.queue import ClusterRefused, ReliableQueue, WorkerInfo, connect, refuse_cluster, waiting_helps
-from llm_worker.backpressure import PAUSE_CHECK, CallGate, Pause, PoolWatch, Reachability
-from llm_worker.breaker import Breakers
-from llm_worker.cache import ResponseCache
-from llm_worker.shm import SharedState, SlotState
-from llm_worker.workerproc.context import WorkerContext
+from llm_worker import exitcodes, logs
+from llm_worker.host.backpressure import PAUSE_CHECK, CallGate, PoolWatch, Reachability
+from llm_worker.host.breaker import Breakers
+from llm_worker.host.layout import Pause, SlotState
+from llm_worker.host.loadboard import LoadBoard
+from llm_worker.host.shm import SharedState
+from llm_worker.plugin.context import WorkerContext
+from llm_worker.plugin.manager import Found, PluginManager
+from llm_worker.plugin.providers import Deadline
+from llm_worker.protocol import jobs
+from llm_worker.protocol.jobs import Decoded, EmbeddingsRequest, Invalid, JobError, Malformed, decode, iso
+from llm_worker.queue.cache import ResponseCache
+from llm_worker.queue.reliable import ClusterRefused, ReliableQueue, WorkerInfo, connect, refuse_cluster, waiting_helps
+from llm_worker.settings.config import Settings
 from llm_worker.workerproc.execute import Executor, StreamSink
 from llm_worker.workerproc.finish import Finisher
 
@@ -138,7 +140,9 @@ class WorkerProcess:
         self.stopping = True
 
     def _wants_more(self) -> bool:
-        return not self.stopping and not self.in_batch and os.getppid() == self.spec.supervisor_pid and not self._paused()
+        return (
+            not self.stopping and not self.in_batch and os.getppid() == self.spec.supervisor_pid and not self._paused()
+        )
 
     def _paused(self) -> bool:
         """Whether to take no jobs now (backpressure); probes a down provider now and then."""
@@ -177,23 +181,39 @@ class WorkerProcess:
         self.reach = Reachability(state.providers, state.lock)
         pools = state.pool_names()
         priority = pools.index(self.settings.queue.priority) if self.settings.queue.priority in pools else -1
-        gate = CallGate(state, self.spec.slot, self.settings.worker.max_in_flight, priority,
-                        add_labels=not self.settings.models.allowed)
-        self.executor = Executor(providers, self.plugins, breakers, self.settings, self.id, cache, gate, self.reach,
-                                 LoadBoard(state.loads))
+        gate = CallGate(
+            state,
+            self.spec.slot,
+            self.settings.worker.max_in_flight,
+            priority,
+            add_labels=not self.settings.models.allowed,
+        )
+        self.executor = Executor(
+            providers, self.plugins, breakers, self.settings, self.id, cache, gate, self.reach, LoadBoard(state.loads)
+        )
         # Embeddings workers gather jobs into shared calls (ENABLE_BATCH_PROCESSING).
-        self.gathers = (self.settings.worker.batching and self.settings.worker.batch_size > 1
-                        and self.queue_name == self.settings.queue.embeddings)
+        self.gathers = (
+            self.settings.worker.batching
+            and self.settings.worker.batch_size > 1
+            and self.queue_name == self.settings.queue.embeddings
+        )
         self.watch = PoolWatch(state, self.slot.pool, providers, self.executor.provider_for, self.reach, breakers)
         self.rq = ReliableQueue(self.client, self.settings)
-        info = WorkerInfo(queue=self.queue_name, host=self.settings.worker.id, hostname=os.uname().nodename,
-                          pid=os.getpid(), since=iso())
+        info = WorkerInfo(
+            queue=self.queue_name,
+            host=self.settings.worker.id,
+            hostname=os.uname().nodename,
+            pid=os.getpid(),
+            since=iso(),
+        )
         try:
             self._guard(refuse_cluster, self.client)
         except ClusterRefused as exc:
             raise BootError(str(exc)) from None
         self._guard(self.rq.register, self.id, info, self.settings.worker.heartbeat_timeout)
-        self.finisher = Finisher(self.rq, self.settings, self.id, self.queue_name, self._guard, self._wants_more, self.plugins)
+        self.finisher = Finisher(
+            self.rq, self.settings, self.id, self.queue_name, self._guard, self._wants_more, self.plugins
+        )
         context = WorkerContext(self.settings, self.id, "worker", self.queue_name, state, self.spec.slot)
         try:
             self.plugins.worker_started(context)
@@ -254,13 +274,17 @@ class WorkerProcess:
         try:
             answer = self.executor.run(decoded, Deadline(decoded.timeout), sink)
         except JobError as exc:
-            return self.finisher.failed(decoded, taken, exc, attempts=self.executor.attempts_used,
-                                        streamed=sink.published if sink else 0)
+            return self.finisher.failed(
+                decoded, taken, exc, attempts=self.executor.attempts_used, streamed=sink.published if sink else 0
+            )
         except Exception as exc:  # a bug in us or a plugin: fail the job, keep the worker
             log.exception("job failed with an unexpected error", extra={"jobId": decoded.job.id})
-            return self.finisher.failed(decoded, taken, JobError(f"unexpected error: {exc!r}"),
-                                        streamed=sink.published if sink else 0)
-        return self.finisher.succeeded(decoded, taken, answer, stream=sink is not None, attempts=self.executor.attempts_used)
+            return self.finisher.failed(
+                decoded, taken, JobError(f"unexpected error: {exc!r}"), streamed=sink.published if sink else 0
+            )
+        return self.finisher.succeeded(
+            decoded, taken, answer, stream=sink is not None, attempts=self.executor.attempts_used
+        )
 
     # ---- embeddings jobs, gathered ------------------------------------------------
 
@@ -330,8 +354,10 @@ class WorkerProcess:
         try:
             answers = self.executor.embed_together(jobs, Deadline(timeout))
         except JobError as exc:
-            log.info("a gathered embeddings call failed; running its jobs one by one",
-                     extra={"jobs": len(jobs), "errorType": exc.kind.value, "error": exc.message})
+            log.info(
+                "a gathered embeddings call failed; running its jobs one by one",
+                extra={"jobs": len(jobs), "errorType": exc.kind.value, "error": exc.message},
+            )
             return False
         except Exception:
             log.exception("a gathered embeddings call failed; running its jobs one by one")
@@ -395,7 +421,9 @@ class WorkerProcess:
                 self.rq.forget(self.id, raw)
             else:
                 self.rq.hand_back(self.id, raw, self.queue_name)
-                log.warning("handed back a job found in our processing list after Redis returned", extra={"jobId": job_id})
+                log.warning(
+                    "handed back a job found in our processing list after Redis returned", extra={"jobId": job_id}
+                )
         self.redis_lost = False
         log.info("Redis reachable again")
 

@@ -13,15 +13,16 @@ import redis
 
 from chaosdrill.drill import DEAD_LETTER, HEARTBEAT_MS, HOSTS, JOB_TIMEOUT_MS, POOLS, QUEUE_OF, SWEEP, TAG, Drill
 
-
 # ---- the count ------------------------------------------------------------------------------------
 
 
 def leftovers(r: redis.Redis) -> dict[str, int]:
     """Jobs anywhere but answered: waiting in a queue, held in a processing list, parked as a retry."""
-    return {"queued": sum(int(r.llen(q)) for q in set(QUEUE_OF.values())),
-            "processing": sum(int(r.llen(k)) for k in r.scan_iter("llm:processing:*")),
-            "delayed": int(r.zcard("llm:delayed"))}
+    return {
+        "queued": sum(int(r.llen(q)) for q in set(QUEUE_OF.values())),
+        "processing": sum(int(r.llen(k)) for k in r.scan_iter("llm:processing:*")),
+        "delayed": int(r.zcard("llm:delayed")),
+    }
 
 
 def drain(drill: Drill, timeout: float) -> float | None:
@@ -46,7 +47,7 @@ def drain(drill: Drill, timeout: float) -> float | None:
 def _results(r: redis.Redis, keys: list[str]) -> dict[str, dict[str, Any] | None]:
     out: dict[str, dict[str, Any] | None] = {}
     for start in range(0, len(keys), 1000):
-        chunk = keys[start:start + 1000]
+        chunk = keys[start : start + 1000]
         blobs = r.mget([f"llm:result:{k}" for k in chunk])
         out.update({k: msgspec.json.decode(b) if b is not None else None for k, b in zip(chunk, blobs)})
     return out
@@ -98,7 +99,9 @@ def check(drill: Drill) -> dict[str, Any]:
         per_host[str(result.get("workerId") or "?").split(":")[0]] += 1
         outcomes["completed" if result["success"] else f"failed ({result.get('errorType')})"] += 1
         if dead[p.key] != (0 if result["success"] else 1):
-            mismatched.append(f"{p.key}: {'success' if result['success'] else 'failure'} with {dead[p.key]} dead letters")
+            mismatched.append(
+                f"{p.key}: {'success' if result['success'] else 'failure'} with {dead[p.key]} dead letters"
+            )
         if p.kind == "stream":
             ends = _stream_ends(r, p.key)
             if ends != [b"done" if result["success"] else b"error"]:
@@ -106,21 +109,48 @@ def check(drill: Drill) -> dict[str, Any]:
     counted = sum(int(v) for key in r.scan_iter("llm:stats:*") for v in r.hvals(key))
     answered = sum(1 for p in pushed if p.has_id and results[p.key] is not None)
     left = leftovers(r)
-    holds = (not lost and not twice and counted == answered and not mismatched and not strangers and not streams
-             and not any(left.values()))
-    return {"holds": holds, "lost": len(lost), "answeredTwice": len(twice) + max(0, counted - answered),
-            "outcomesCounted": counted, "jobsAnswered": answered, "leftovers": left,
-            "deadLettersNotMatchingOutcome": len(mismatched), "unknownDeadLetters": len(strangers),
-            "streamsNotEndingAsTheirResult": len(streams), "outcomes": dict(outcomes.most_common()),
-            "answeredPerHost": dict(sorted(per_host.items())),
-            "examples": {"lost": lost[:20], "twice": twice[:20], "mismatched": mismatched[:20],
-                         "unknownDeadLetters": strangers[:5], "streams": streams[:20]}}
+    holds = (
+        not lost
+        and not twice
+        and counted == answered
+        and not mismatched
+        and not strangers
+        and not streams
+        and not any(left.values())
+    )
+    return {
+        "holds": holds,
+        "lost": len(lost),
+        "answeredTwice": len(twice) + max(0, counted - answered),
+        "outcomesCounted": counted,
+        "jobsAnswered": answered,
+        "leftovers": left,
+        "deadLettersNotMatchingOutcome": len(mismatched),
+        "unknownDeadLetters": len(strangers),
+        "streamsNotEndingAsTheirResult": len(streams),
+        "outcomes": dict(outcomes.most_common()),
+        "answeredPerHost": dict(sorted(per_host.items())),
+        "examples": {
+            "lost": lost[:20],
+            "twice": twice[:20],
+            "mismatched": mismatched[:20],
+            "unknownDeadLetters": strangers[:5],
+            "streams": streams[:20],
+        },
+    }
 
 
 def service_log_figures(drill: Drill) -> dict[str, Any]:
     """What the supervisors and workers logged: fenced outcomes, worker deaths, recoveries, per host."""
-    figures: dict[str, Any] = {"duplicatesSuppressed": 0, "workerDeaths": 0, "workersKilledForHanging": 0,
-                               "recoveries": 0, "jobsRequeued": 0, "jobsCrashDeadLettered": 0, "perHost": {}}
+    figures: dict[str, Any] = {
+        "duplicatesSuppressed": 0,
+        "workerDeaths": 0,
+        "workersKilledForHanging": 0,
+        "recoveries": 0,
+        "jobsRequeued": 0,
+        "jobsCrashDeadLettered": 0,
+        "perHost": {},
+    }
     for host in drill.hosts:
         mine = Counter()
         for entry in host.log():
@@ -158,8 +188,11 @@ def report(figures: dict[str, Any]) -> str:
         by_what[x["what"]] = max(by_what.get(x["what"], 0.0), x["seconds"])
     lines = [
         f"chaos drill: {figures['seconds']:.0f} s of jobs, seed {cfg['seed']}, {len(HOSTS)} hosts x ({POOLS}), "
-        + ("Redis Sentinel (a master and a replica with AOF, three sentinels)" if cfg.get("redis") == "sentinel"
-           else "Redis AOF appendfsync always")
+        + (
+            "Redis Sentinel (a master and a replica with AOF, three sentinels)"
+            if cfg.get("redis") == "sentinel"
+            else "Redis AOF appendfsync always"
+        )
         + f", WORKER_HEARTBEAT_TIMEOUT {HEARTBEAT_MS} ms, WORKER_TIMEOUT {JOB_TIMEOUT_MS} ms",
         f"jobs pushed: {pushed['jobs']} ({kinds}) + {pushed['malformed']} malformed payloads "
         f"({pushed['malformedWithId']} naming an id)",
@@ -167,13 +200,17 @@ def report(figures: dict[str, Any]) -> str:
         f"conservation: {c['lost']} lost, {c['answeredTwice']} answered twice "
         f"({c['outcomesCounted']} outcomes counted for {c['jobsAnswered']} jobs answered), "
         f"left behind {c['leftovers']}, {c['deadLettersNotMatchingOutcome']} dead letters not matching their outcome, "
-        f"{c['unknownDeadLetters']} unknown dead letters, {c['streamsNotEndingAsTheirResult']} streams not ending as their result"
+        f"{c['unknownDeadLetters']} unknown dead letters, {c['streamsNotEndingAsTheirResult']} streams not "
+        "ending as their result"
         f"; drained in {figures['drainSeconds']} s",
         f"duplicates suppressed (outcomes dropped by the fence): {logs['duplicatesSuppressed']}",
         "answered per host: " + ", ".join(f"{h} {n}" for h, n in c["answeredPerHost"].items()),
-        f"crashes: {figures['kills']['workersSigkilled']} workers SIGKILLed, {figures['kills']['workersStopped']} stopped "
-        f"past their timeout, {figures['kills']['hostsKilled']} hosts killed, {figures['kills']['hostsFrozen']} frozen, "
-        f"Redis killed {figures['kills']['redisKilled']} times; supervisors logged {logs['workerDeaths']} worker deaths, "
+        f"crashes: {figures['kills']['workersSigkilled']} workers SIGKILLed, "
+        f"{figures['kills']['workersStopped']} stopped "
+        f"past their timeout, {figures['kills']['hostsKilled']} hosts killed, {figures['kills']['hostsFrozen']} "
+        "frozen, "
+        f"Redis killed {figures['kills']['redisKilled']} times; supervisors logged {logs['workerDeaths']} "
+        "worker deaths, "
         f"{logs['workersKilledForHanging']} killed for hanging",
         f"reclaims: {logs['recoveries']} recoveries, {logs['jobsRequeued']} jobs requeued, "
         f"{logs['jobsCrashDeadLettered']} dead-lettered as crashed; slowest reclaim "
@@ -181,10 +218,13 @@ def report(figures: dict[str, Any]) -> str:
         + ("; slowest by cause: " + ", ".join(f"{w} {s:.2f} s" for w, s in by_what.items()) if by_what else ""),
     ]
     for rec in figures["hostRecoveries"]:
-        lines.append(f"host {rec['how']}: {rec['host']} holding {rec['jobsHeld']} jobs; recovered by {rec['recoveredBy']} "
-                     + (f"after {rec['seconds']:.1f} s" if rec["seconds"] is not None else "NOT within the wait")
-                     + f" (WORKER_HEARTBEAT_TIMEOUT {rec['heartbeatTimeoutSeconds']:.1f} s + one sweep of {SWEEP:.1f} s: "
-                     + ("within it" if rec["withinExpiry"] else "LATE") + ")")
+        lines.append(
+            f"host {rec['how']}: {rec['host']} holding {rec['jobsHeld']} jobs; recovered by {rec['recoveredBy']} "
+            + (f"after {rec['seconds']:.1f} s" if rec["seconds"] is not None else "NOT within the wait")
+            + f" (WORKER_HEARTBEAT_TIMEOUT {rec['heartbeatTimeoutSeconds']:.1f} s + one sweep of {SWEEP:.1f} s: "
+            + ("within it" if rec["withinExpiry"] else "LATE")
+            + ")"
+        )
     counts = Counter(d["name"] for d in figures["disruptions"])
     lines.append("disruptions: " + ", ".join(f"{name} x{n}" for name, n in counts.items()))
     lines.append("CONSERVATION HOLDS" if c["holds"] else f"CONSERVATION BROKEN: {c['examples']}")
@@ -197,19 +237,36 @@ def summarize(drill: Drill, fed: float, drained: float | None) -> dict[str, Any]
     return {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
-        "config": {"seed": drill.args.seed, "duration": drill.args.duration, "rate": drill.args.rate, "hosts": list(HOSTS),
-                   "pools": POOLS, "heartbeatTimeoutMs": HEARTBEAT_MS, "workerTimeoutMs": JOB_TIMEOUT_MS,
-                   "redis": "sentinel" if drill.group else "single"},
-        "seconds": round(fed, 1), "drainSeconds": drained,
-        "pushed": {"jobs": sum(n for k, n in by_kind.items() if not k.startswith("malformed")),
-                   "malformed": sum(n for k, n in by_kind.items() if k.startswith("malformed")),
-                   "malformedWithId": sum(1 for p in drill.pushed if p.kind.startswith("malformed") and p.has_id),
-                   "byKind": dict(by_kind.most_common())},
-        "conservation": check(drill), "serviceLogs": service_log_figures(drill),
-        "kills": {"workersSigkilled": sum(len(d.get("workers", [])) for d in drill.disruptions if d["name"] == "kill workers"),
-                  "workersStopped": sum(1 for d in drill.disruptions if d["name"].startswith("stop") and "worker" in d),
-                  "hostsKilled": names["kill a host and restart it"],
-                  "hostsFrozen": names["freeze a host past its heartbeat expiry"],
-                  "redisKilled": names["kill and restart Redis"]},
-        "reclaims": drill.reclaims, "hostRecoveries": drill.host_recoveries, "disruptions": drill.disruptions,
+        "config": {
+            "seed": drill.args.seed,
+            "duration": drill.args.duration,
+            "rate": drill.args.rate,
+            "hosts": list(HOSTS),
+            "pools": POOLS,
+            "heartbeatTimeoutMs": HEARTBEAT_MS,
+            "workerTimeoutMs": JOB_TIMEOUT_MS,
+            "redis": "sentinel" if drill.group else "single",
+        },
+        "seconds": round(fed, 1),
+        "drainSeconds": drained,
+        "pushed": {
+            "jobs": sum(n for k, n in by_kind.items() if not k.startswith("malformed")),
+            "malformed": sum(n for k, n in by_kind.items() if k.startswith("malformed")),
+            "malformedWithId": sum(1 for p in drill.pushed if p.kind.startswith("malformed") and p.has_id),
+            "byKind": dict(by_kind.most_common()),
+        },
+        "conservation": check(drill),
+        "serviceLogs": service_log_figures(drill),
+        "kills": {
+            "workersSigkilled": sum(
+                len(d.get("workers", [])) for d in drill.disruptions if d["name"] == "kill workers"
+            ),
+            "workersStopped": sum(1 for d in drill.disruptions if d["name"].startswith("stop") and "worker" in d),
+            "hostsKilled": names["kill a host and restart it"],
+            "hostsFrozen": names["freeze a host past its heartbeat expiry"],
+            "redisKilled": names["kill and restart Redis"],
+        },
+        "reclaims": drill.reclaims,
+        "hostRecoveries": drill.host_recoveries,
+        "disruptions": drill.disruptions,
     }

@@ -12,13 +12,20 @@ import msgspec
 import psutil
 import redis
 
-from llm_worker.localredis import LocalRedis
-
 from chaosdrill.drill import (
-    CHAT_MODEL, HEARTBEAT_MS, JOB_TIMEOUT_MS, MAX_JOB_BYTES, QUEUE_OF, SUPERVISOR_KILL_GRACE, SWEEP,
-    TIMEOUT_GRACE_MS, Drill, Host, Pushed
+    CHAT_MODEL,
+    HEARTBEAT_MS,
+    JOB_TIMEOUT_MS,
+    MAX_JOB_BYTES,
+    QUEUE_OF,
+    SUPERVISOR_KILL_GRACE,
+    SWEEP,
+    TIMEOUT_GRACE_MS,
+    Drill,
+    Host,
+    Pushed,
 )
-
+from llm_worker.devtools.localredis import LocalRedis
 
 # ---- disruptions: each runs to its end and returns what it did ------------------------------------
 
@@ -104,20 +111,28 @@ def kill_host(drill: Drill) -> dict[str, Any]:
     # What it holds now that it is dead: a job it acknowledged between the look and the kill is not a recovery.
     held = _jobs_held_by_host(drill.r, host)
     seconds = wait_gone(drill.r, list(held), killed_at, 3 * HEARTBEAT_MS / 1000 + 30)
-    recovery = {"host": host.name, "recoveredBy": other.name, "jobsHeld": sum(held.values()), "workersHolding": len(held),
-                "seconds": seconds, "heartbeatTimeoutSeconds": HEARTBEAT_MS / 1000, "how": "killed",
-                "withinExpiry": within_expiry(seconds)}
+    recovery = {
+        "host": host.name,
+        "recoveredBy": other.name,
+        "jobsHeld": sum(held.values()),
+        "workersHolding": len(held),
+        "seconds": seconds,
+        "heartbeatTimeoutSeconds": HEARTBEAT_MS / 1000,
+        "how": "killed",
+        "withinExpiry": within_expiry(seconds),
+    }
     if held:
         drill.host_recoveries.append(recovery)
-        drill.reclaims.append({"what": "host SIGKILLed", "workers": [k.rsplit("processing:", 1)[1] for k in held],
-                               "seconds": seconds})
+        drill.reclaims.append(
+            {"what": "host SIGKILLed", "workers": [k.rsplit("processing:", 1)[1] for k in held], "seconds": seconds}
+        )
     restart_at = time.monotonic()
     host.start()
     return {**recovery, "restartSeconds": round(time.monotonic() - restart_at, 1)}
 
 
 def within_expiry(seconds: float | None) -> bool:
-    """Recovered once the dead host's heartbeats expired and another host's next sweep ran (0.5 s for a busy machine)."""
+    """Recovered once the dead host's heartbeats expired and another host's next sweep ran (0.5 s when busy)."""
     return seconds is not None and seconds <= HEARTBEAT_MS / 1000 + SWEEP + 0.5
 
 
@@ -139,9 +154,16 @@ def freeze_host(drill: Drill) -> dict[str, Any]:
         seconds = wait_gone(drill.r, list(held), frozen_at, 3 * HEARTBEAT_MS / 1000 + 30)
     finally:
         os.killpg(group, signal.SIGCONT)
-    recovery = {"host": host.name, "recoveredBy": next(h.name for h in drill.hosts if h is not host),
-                "jobsHeld": sum(held.values()), "workersHolding": len(held), "seconds": seconds,
-                "heartbeatTimeoutSeconds": HEARTBEAT_MS / 1000, "how": "frozen", "withinExpiry": within_expiry(seconds)}
+    recovery = {
+        "host": host.name,
+        "recoveredBy": next(h.name for h in drill.hosts if h is not host),
+        "jobsHeld": sum(held.values()),
+        "workersHolding": len(held),
+        "seconds": seconds,
+        "heartbeatTimeoutSeconds": HEARTBEAT_MS / 1000,
+        "how": "frozen",
+        "withinExpiry": within_expiry(seconds),
+    }
     if held:
         drill.host_recoveries.append(recovery)
     return recovery
@@ -185,8 +207,12 @@ def _fail_over(drill: Drill, planned: bool) -> dict[str, Any]:
     deadline = time.monotonic() + 60
     while not _in_sync_replica(old) and time.monotonic() < deadline:
         time.sleep(0.1)
-    return {"oldMaster": old.port, "newMaster": new.port, "failoverSeconds": seconds,
-            "oldMasterReplicaAfterSeconds": round(time.monotonic() - began, 1) if _in_sync_replica(old) else None}
+    return {
+        "oldMaster": old.port,
+        "newMaster": new.port,
+        "failoverSeconds": seconds,
+        "oldMasterReplicaAfterSeconds": round(time.monotonic() - began, 1) if _in_sync_replica(old) else None,
+    }
 
 
 def _in_sync_replica(server: LocalRedis) -> bool:
@@ -194,7 +220,11 @@ def _in_sync_replica(server: LocalRedis) -> bool:
         info = server.client().info("replication")
     except redis.RedisError:
         return False
-    return info.get("role") == "slave" and info.get("master_link_status") == "up" and not info.get("master_sync_in_progress")
+    return (
+        info.get("role") == "slave"
+        and info.get("master_link_status") == "up"
+        and not info.get("master_sync_in_progress")
+    )
 
 
 def _provider_fault(drill: Drill, *faults: dict[str, Any], hold: float = 2.5) -> dict[str, Any]:
@@ -239,11 +269,32 @@ def malformed_payloads(drill: Drill) -> dict[str, Any]:
         ("array", False, lambda k: msgspec.json.encode([k, 1, 2])),
         ("no id", False, lambda k: msgspec.json.encode({"no": "id", "tag": k})),
         ("unusable id", False, lambda k: msgspec.json.encode({"id": f"bad id/{k}", "type": "chat"})),
-        ("bad role", True, lambda k: msgspec.json.encode({"id": k, "type": "chat", "userId": "chaos", "model": CHAT_MODEL,
-                                                          "request": {"messages": [{"role": "wizard", "content": "x"}]}})),
-        ("unknown type", True, lambda k: msgspec.json.encode({"id": k, "type": "dance", "userId": "chaos", "request": {}})),
-        ("oversized", True, lambda k: b'{"id": "' + k.encode() + b'", "type": "chat", "request": {"messages": [{"role": '
-                                      b'"user", "content": "' + b"x" * (MAX_JOB_BYTES + 100) + b'"}]}}'),
+        (
+            "bad role",
+            True,
+            lambda k: msgspec.json.encode(
+                {
+                    "id": k,
+                    "type": "chat",
+                    "userId": "chaos",
+                    "model": CHAT_MODEL,
+                    "request": {"messages": [{"role": "wizard", "content": "x"}]},
+                }
+            ),
+        ),
+        (
+            "unknown type",
+            True,
+            lambda k: msgspec.json.encode({"id": k, "type": "dance", "userId": "chaos", "request": {}}),
+        ),
+        (
+            "oversized",
+            True,
+            lambda k: (
+                b'{"id": "' + k.encode() + b'", "type": "chat", "request": {"messages": [{"role": '
+                b'"user", "content": "' + b"x" * (MAX_JOB_BYTES + 100) + b'"}]}}'
+            ),
+        ),
     ]
     for name, has_id, build in variants:
         key = drill.next_key()

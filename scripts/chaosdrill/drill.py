@@ -16,11 +16,11 @@ import msgspec
 import redis
 import urllib3
 
-from llm_worker.harness import Service
-from llm_worker.config import load
-from llm_worker.jobs import iso
-from llm_worker.localredis import LocalRedis, LocalSentinelGroup
-from llm_worker.queue import connect
+from llm_worker.devtools.harness import Service
+from llm_worker.devtools.localredis import LocalRedis, LocalSentinelGroup
+from llm_worker.protocol.jobs import iso
+from llm_worker.queue.reliable import connect
+from llm_worker.settings.config import load
 from llm_worker.supervisor.housekeeping import SWEEP_PERIOD
 
 HOSTS = ("host-a", "host-b")
@@ -34,8 +34,13 @@ MAX_JOB_BYTES = 65536
 CHAT_MODEL, EMBED_MODEL = "llama3.2", "nomic-embed-text"
 DEAD_LETTER = "llm-dead-letter"
 PUSHED = "chaos:pushed"  # the drill's own hash: which keys were pushed (pushes are retried after a lost reply)
-QUEUE_OF = {"chat": "llm-chat", "generate": "llm-chat", "stream": "llm-chat", "embeddings": "llm-embeddings",
-            "batch": "llm-batch"}
+QUEUE_OF = {
+    "chat": "llm-chat",
+    "generate": "llm-chat",
+    "stream": "llm-chat",
+    "embeddings": "llm-embeddings",
+    "batch": "llm-batch",
+}
 MIX = {"chat": 35, "generate": 15, "stream": 15, "embeddings": 25, "batch": 10}
 TAG = re.compile(r"chaos-[0-9a-f]{6}-\d{6}")
 
@@ -139,8 +144,9 @@ class Drill:
 
     def sim(self, method: str, path: str, body: object = None) -> Any:
         data = msgspec.json.encode(body) if body is not None else None
-        resp = urllib3.request(method, self.sim_url + path, body=data, headers={"Content-Type": "application/json"},
-                               timeout=10)
+        resp = urllib3.request(
+            method, self.sim_url + path, body=data, headers={"Content-Type": "application/json"}, timeout=10
+        )
         return msgspec.json.decode(resp.data) if resp.data else None
 
     def busy_workers(self) -> list[tuple[Host, str]]:
@@ -156,12 +162,27 @@ def make_job(kind: str, key: str, rng: random.Random) -> bytes:
     chat = {"messages": [{"role": "user", "content": words}]}
     embed = {"input": [words, "a shared sentence"] if rng.random() < 0.5 else words}
     request: dict[str, Any] = {
-        "chat": chat, "stream": {**chat, "stream": True}, "generate": {"prompt": words}, "embeddings": embed,
-        "batch": {"requests": [{"type": "chat", "request": chat}, {"type": "generate", "request": {"prompt": words}},
-                               {"type": "embeddings", "model": EMBED_MODEL, "request": embed}]},
+        "chat": chat,
+        "stream": {**chat, "stream": True},
+        "generate": {"prompt": words},
+        "embeddings": embed,
+        "batch": {
+            "requests": [
+                {"type": "chat", "request": chat},
+                {"type": "generate", "request": {"prompt": words}},
+                {"type": "embeddings", "model": EMBED_MODEL, "request": embed},
+            ]
+        },
     }[kind]
-    job = {"id": key, "type": "chat" if kind == "stream" else kind, "userId": "chaos", "correlationId": key,
-           "model": EMBED_MODEL if kind == "embeddings" else CHAT_MODEL, "request": request, "createdAt": iso()}
+    job = {
+        "id": key,
+        "type": "chat" if kind == "stream" else kind,
+        "userId": "chaos",
+        "correlationId": key,
+        "model": EMBED_MODEL if kind == "embeddings" else CHAT_MODEL,
+        "request": request,
+        "createdAt": iso(),
+    }
     return msgspec.json.encode(job)
 
 

@@ -20,11 +20,10 @@ import os
 import socket
 from typing import TYPE_CHECKING, Any
 
-from llm_worker import hookimpl
-from llm_worker.records import BREAKER_CLOSED, BREAKER_HALF_OPEN, BREAKER_OPENED, Record
+from llm_worker.plugin import BREAKER_CLOSED, BREAKER_HALF_OPEN, BREAKER_OPENED, Record, hookimpl
 
 if TYPE_CHECKING:
-    from llm_worker.workerproc.context import WorkerContext
+    from llm_worker.plugin import WorkerContext
 
 __all__ = ["llm_worker_record", "llm_worker_worker_started"]
 

@@ -1,0 +1,1 @@
+"""Off the production path: the Ollama simulator, the private redis-server, the running-service harness."""

@@ -1,0 +1,334 @@
+"""The WSGI app of the HTTP process: health, readiness, status, metrics and admin routes.
+
+It runs in its own child of the supervisor under waitress, so the supervisor
+stays single-threaded. Health, readiness, status and metrics answer from
+shared memory, never from Redis or Ollama on the request path; the admin
+routes, which operators call by hand, read Redis; /health/ollama asks Ollama
+live, as the service this replaced did, through the sampler's LiveProbe (one
+probe in flight, at most one a second).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, NoReturn
+from urllib.parse import parse_qs
+
+import msgspec
+import redis
+from prometheus_client import CollectorRegistry, make_wsgi_app
+
+from llm_worker import __version__, logs
+from llm_worker.host.breaker import Breakers, breaker_record
+from llm_worker.host.layout import Phase, SlotState
+from llm_worker.host.procs import exit_with_parent
+from llm_worker.host.shm import SharedState
+from llm_worker.http.liveprobe import Answer, LiveProbe
+from llm_worker.http.metrics import ShmCollector
+from llm_worker.plugin.context import WorkerContext
+from llm_worker.plugin.manager import Found, PluginManager
+from llm_worker.protocol.jobs import iso
+from llm_worker.queue.admin import QueueAdmin
+from llm_worker.queue.reliable import connect
+from llm_worker.settings.config import Settings
+
+log = logging.getLogger("llm_worker.http.app")
+LIVE_STALE = 10.0  # seconds without a supervisor loop turn before liveness fails
+REDIS_STALE = 5.0  # seconds without a Redis check before readiness stops trusting it
+THREADS = 8  # waitress's request threads
+# /health/ollama requests that may wait on a probe at once: a hanging Ollama holds each
+# for up to HEALTHCHECK_TIMEOUT, and the other threads must stay free for liveness.
+OLLAMA_WAITING = THREADS // 2
+
+StartResponse = Callable[..., Any]
+Route = Callable[[dict[str, Any]], tuple[int, Any]]
+_encode = msgspec.json.Encoder().encode
+
+
+class Health:
+    """Answers about the host, from shared memory."""
+
+    def __init__(self, settings: Settings, state: SharedState) -> None:
+        self.settings = settings
+        self.state = state
+
+    def uptime(self) -> float:
+        return time.time() - self.state.header.started
+
+    def live(self) -> bool:
+        return time.monotonic() - self.state.header.loop_beat < LIVE_STALE
+
+    def workers_up(self) -> int:
+        return sum(1 for s in self.state.slots if s.pid > 0 and s.state in (SlotState.IDLE, SlotState.BUSY))
+
+    def not_ready(self) -> str | None:
+        """Why the host should get no traffic now, or None when it is ready."""
+        header = self.state.header
+        phase = Phase(header.phase)
+        if not self.live():
+            return "supervisor loop is not turning"
+        if phase == Phase.STARTING:
+            return "starting"
+        if phase in (Phase.DRAINING, Phase.STOPPING):
+            return "draining"
+        if not header.redis_up or time.monotonic() - header.redis_checked > REDIS_STALE:
+            return "Redis unreachable"
+        wanted = header.workers_wanted
+        needed = max(1, math.ceil(wanted * self.settings.http.min_ready_workers))
+        if wanted > 0 and self.workers_up() < needed:
+            return f"{self.workers_up()} of {wanted} workers up, {needed} needed"
+        if not header.models_ready:
+            return "preloading models"
+        paused = self.paused_pools()
+        if paused and len(paused) == len({s.pool for s in self.state.slots if s.pid > 0}):
+            return "every pool takes no jobs: " + "; ".join(f"{pool}: {why}" for pool, why in paused.items())
+        return None
+
+    def paused_pools(self) -> dict[str, str]:
+        from llm_worker.http.status import pool_pauses
+
+        return pool_pauses(self.state)
+
+
+class App:
+    """The WSGI callable: a route table over Health and the shared tables."""
+
+    def __init__(self, settings: Settings, state: SharedState, live: LiveProbe) -> None:
+        self.settings = settings
+        self.state = state
+        self.health = Health(settings, state)
+        self.live = live
+        self._ollama_waiting = threading.BoundedSemaphore(OLLAMA_WAITING)
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(ShmCollector(settings, state))
+        self.metrics = make_wsgi_app(registry)
+        self._admin: QueueAdmin | None = None
+        self.routes: dict[str, Route] = {
+            "/": self.basic,
+            "/health": self.basic,
+            "/health/live": self.liveness,
+            "/health/ready": self.readiness,
+            "/health/ollama": self.ollama,
+            "/status": self.status,
+        }
+        self.admin_routes: dict[str, Route] = {
+            "/admin/queue/stats": self.queue_stats,
+            "/admin/breakers": self.breakers_list,
+        }
+        self.admin_actions: dict[str, Route] = {
+            f"/admin/breakers/{action}": self._breaker_action(action)
+            for action in ("force-open", "force-close", "reset")
+        }
+        self.breakers = Breakers(state.breakers, state.lock, settings)
+        self.plugins: PluginManager | None = None  # set by serve(): breaker events go to the sinks
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "/").rstrip("/") or "/"
+        method = environ.get("REQUEST_METHOD", "GET")
+        if path in self.admin_actions or path in self.admin_routes:
+            denied = self._denied(environ)
+            if denied is not None:
+                return _json(start_response, *denied)
+            route = (self.admin_actions if method == "POST" else self.admin_routes).get(path)
+            if route is None:
+                return _json(start_response, 405, {"error": "Method not allowed"})
+            return self._answer(start_response, route, environ)
+        if method not in ("GET", "HEAD"):
+            return _json(start_response, 405, {"error": "Method not allowed"})
+        if path == "/metrics":
+            return self.metrics(environ, start_response)
+        route = self.routes.get(path)
+        if route is None:
+            return _json(start_response, 404, {"error": "Not found"})
+        return self._answer(start_response, route, environ)
+
+    def _answer(self, start_response: StartResponse, route: Route, environ: dict[str, Any]) -> list[bytes]:
+        try:
+            status, body = route(environ)
+        except redis.RedisError as exc:
+            status, body = 503, {"error": f"Redis unreachable: {exc}"}
+        return _json(start_response, status, body)
+
+    def _denied(self, environ: dict[str, Any]) -> tuple[int, Any] | None:
+        token = self.settings.http.admin_token
+        if not token:  # admin routes are off unless a token is set
+            return 404, {"error": "Not found"}
+        given = environ.get("HTTP_AUTHORIZATION", "")
+        scheme, _, credential = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(credential.strip().encode(), token.encode()):
+            return 401, {"error": "a bearer token is required (Authorization: Bearer <ADMIN_TOKEN>)"}
+        return None
+
+    # ---- health ---------------------------------------------------------------
+
+    def _base(self) -> dict[str, Any]:
+        return {"timestamp": iso(), "uptime": round(self.health.uptime(), 3), "workerId": self.settings.worker.id}
+
+    def basic(self, environ: dict[str, Any]) -> tuple[int, Any]:
+        reason = self.health.not_ready()
+        body = {"status": "healthy" if reason is None else "unhealthy", **self._base(), "version": __version__}
+        if reason is not None:
+            body["reason"] = reason
+        return 200, body
+
+    def liveness(self, environ: dict[str, Any]) -> tuple[int, Any]:
+        if self.health.live():
+            return 200, {"status": "alive", **self._base()}
+        return 503, {"status": "dead", **self._base()}
+
+    def readiness(self, environ: dict[str, Any]) -> tuple[int, Any]:
+        reason = self.health.not_ready()
+        base = self._base()
+        del base["uptime"]
+        if reason is None:
+            # Some pools may be paused (their models' breakers open) while others serve: still ready, and said.
+            paused = self.health.paused_pools()
+            return 200, {"status": "ready", **base, **({"pausedPools": paused} if paused else {})}
+        return 503, {"status": "not ready", "reason": reason, **base}
+
+    def ollama(self, environ: dict[str, Any]) -> tuple[int, Any]:
+        """Whether Ollama answers a GET now (HEALTHCHECK_TIMEOUT): 200 if it did, else 503.
+
+        Requests that arrive together share one probe, and an answer whose
+        probe started under a second ago is reused (see liveprobe). At most
+        OLLAMA_WAITING requests wait on a probe at once; any more are answered
+        at once with the last probe's answer (``checkedSecondsAgo`` says how
+        old), or 503 "unknown" before there is one.
+        """
+        url = self.settings.ollama.base_url
+        if self._ollama_waiting.acquire(blocking=False):
+            try:
+                answer: Answer | None = self.live.check(self.settings.http.healthcheck_timeout)
+            finally:
+                self._ollama_waiting.release()
+        else:
+            answer = self.live.last()
+        if answer is None:
+            return 503, {
+                "status": "unknown",
+                "message": "not probed yet",
+                "url": url,
+                "error_details": f"{OLLAMA_WAITING} requests already wait on the first probe; ask again",
+            }
+        health = answer.health
+        age = round(max(0.0, time.monotonic() - answer.finished), 1)
+        if health.ok:
+            return 200, {
+                "status": "healthy",
+                "message": "Ollama server is reachable.",
+                "url": url,
+                "error_details": None,
+                "version": health.version or "",
+                "checkedSecondsAgo": age,
+            }
+        # The provider's own message: "Ollama is not reachable", or what to set when Ollama refused us.
+        return 503, {
+            "status": "unhealthy",
+            "message": health.message,
+            "url": url,
+            "error_details": health.error_details or health.message,
+            "checkedSecondsAgo": age,
+        }
+
+    # ---- status and admin -----------------------------------------------------------
+
+    def status(self, environ: dict[str, Any]) -> tuple[int, Any]:
+        from llm_worker.http.status import snapshot
+
+        return 200, snapshot(self.settings, self.state, self.health.not_ready())
+
+    def breakers_list(self, environ: dict[str, Any]) -> tuple[int, Any]:
+        return 200, {"enabled": self.breakers.enabled, "breakers": self.breakers.rows()}
+
+    def _breaker_action(self, action: str) -> Route:
+        def act(environ: dict[str, Any]) -> tuple[int, Any]:
+            key = parse_qs(environ.get("QUERY_STRING", "")).get("key", [""])[0]
+            if not key:
+                return 400, {"error": f"say which breaker: POST /admin/breakers/{action}?key=<provider>:<model>"}
+            if not self.breakers.force(key, action):
+                return 404, {"error": f"no breaker {key!r}"}
+            for t in self.breakers.transitions:
+                log.warning(f"circuit breaker {t.to}: {t.key}: {t.reason}")
+                if self.plugins is not None:
+                    self.plugins.record(breaker_record(t, f"{self.settings.worker.id}:{os.getpid()}"))
+            self.breakers.transitions.clear()
+            row = next(r for r in self.breakers.rows() if r["key"] == key)
+            return 200, row
+
+        return act
+
+    def queue_stats(self, environ: dict[str, Any]) -> tuple[int, Any]:
+        if self._admin is None:
+            self._admin = QueueAdmin(connect(self.settings, timeout=2.0), self.settings)
+        return 200, self._admin.stats()
+
+
+_REASONS = {
+    200: "200 OK",
+    400: "400 Bad Request",
+    401: "401 Unauthorized",
+    404: "404 Not Found",
+    405: "405 Method Not Allowed",
+    503: "503 Service Unavailable",
+}
+
+
+def _json(start_response: StartResponse, status: int, body: Any) -> list[bytes]:
+    data = _encode(body)
+    headers = [("Content-Type", "application/json"), ("Content-Length", str(len(data))), ("Cache-Control", "no-store")]
+    if status == 401:
+        headers.append(("WWW-Authenticate", 'Bearer realm="llm-worker"'))
+    start_response(_REASONS.get(status, f"{status} Status"), headers)
+    return [data]
+
+
+MAX_BODY = 64 * 1024
+MAX_HEADERS = 64 * 1024
+
+
+def serve(settings: Settings, state: SharedState, supervisor_pid: int, plugins: list[Found]) -> NoReturn:
+    """The HTTP child's life: sample and serve until the supervisor says stop, or dies."""
+    import waitress
+
+    from llm_worker.http.sampler import Sampler
+
+    logs.setup(settings.log, role="http", workerId=settings.worker.id)
+    threading.Thread(target=exit_with_parent, args=(supervisor_pid,), daemon=True, name="parent-watch").start()
+    sampler = Sampler(settings, state, plugins)
+    app = App(settings, state, sampler.live)
+    try:
+        # No route reads a body (admin actions take their arguments in the query), so
+        # waitress refuses big ones with 413 instead of buffering up to its 1 GiB default.
+        server = waitress.create_server(
+            app,
+            host=settings.http.host,
+            port=settings.http.port,
+            threads=THREADS,
+            ident="llm-worker",
+            channel_timeout=30,
+            max_request_body_size=MAX_BODY,
+            max_request_header_size=MAX_HEADERS,
+        )
+    except OSError as exc:
+        log.error(f"cannot listen on {settings.http.host}:{settings.http.port}: {exc.strerror}")
+        os._exit(1)
+    app.plugins = PluginManager().load(plugins)
+    try:
+        app.plugins.worker_started(
+            WorkerContext(settings, f"{settings.worker.id}:{os.getpid()}", "http", None, state, None)
+        )
+    except Exception:
+        log.exception("a plugin failed to start in the HTTP process; its sink may be silent here")
+    sampler.start()
+    state.header.http_bound = 1
+    log.info("HTTP listening", extra={"host": settings.http.host, "port": settings.http.port})
+    try:
+        server.run()
+    finally:
+        os._exit(0)

@@ -1,0 +1,114 @@
+"""The plugin author's one import: everything a provider, fallback strategy, filter or metric sink needs.
+
+A plugin is a module (or object) with ``@hookimpl`` functions, published under
+the ``llm_worker`` entry-point group of its package::
+
+    [options.entry_points]
+    llm_worker =
+        my_sink = my_package.sink
+
+or named in ``LLM_WORKER_PLUGINS`` for one host. The hooks, when each is
+called and what it returns, are in ``llm_worker.plugin.spec``; the guide with a
+working module per hook is docs/plugins.md. A minimal metric sink::
+
+    from llm_worker.plugin import COMPLETED, Record, hookimpl
+
+    @hookimpl
+    def llm_worker_record(record: Record) -> None:
+        if record.type == COMPLETED:
+            print(record.model, record.duration)
+
+Keep per-process state on an object you register, not in module globals:
+``llm_worker_worker_started(context)`` is called once in each process.
+"""
+
+from llm_worker.host.shm import SharedState
+from llm_worker.plugin.attempts import Attempt, Plan
+from llm_worker.plugin.context import WorkerContext
+from llm_worker.plugin.manager import Found, PluginManager
+from llm_worker.plugin.providers import (
+    INCOMPLETE,
+    Completion,
+    Deadline,
+    Embeddings,
+    Health,
+    Incomplete,
+    ModelInfo,
+    OnChunk,
+    Provider,
+    ProviderError,
+)
+from llm_worker.plugin.spec import hookimpl
+from llm_worker.protocol.jobs import (
+    Answer,
+    ChatRequest,
+    Decoded,
+    EmbeddingsRequest,
+    ErrorKind,
+    GenerateRequest,
+    JobError,
+    Message,
+    RequestRejected,
+)
+from llm_worker.protocol.records import (
+    BREAKER_CLOSED,
+    BREAKER_HALF_OPEN,
+    BREAKER_OPENED,
+    COMPLETED,
+    DEAD_LETTERED,
+    FAILED,
+    MODEL_LOADED,
+    MODEL_LOADING,
+    MODEL_UNLOADED,
+    RETRIED,
+    STARTED,
+    Record,
+)
+from llm_worker.settings.config import Settings
+
+__all__ = [
+    "hookimpl",
+    # the process a hook runs in
+    "WorkerContext",
+    "Settings",
+    # providers
+    "Provider",
+    "Completion",
+    "Embeddings",
+    "ModelInfo",
+    "Health",
+    "Deadline",
+    "OnChunk",
+    "ProviderError",
+    "Incomplete",
+    "INCOMPLETE",
+    # jobs, errors and fallbacks
+    "Decoded",
+    "ChatRequest",
+    "GenerateRequest",
+    "EmbeddingsRequest",
+    "Answer",
+    "ErrorKind",
+    "JobError",
+    "RequestRejected",
+    "Attempt",
+    "Plan",
+    # metric sinks
+    "Record",
+    "STARTED",
+    "COMPLETED",
+    "FAILED",
+    "RETRIED",
+    "DEAD_LETTERED",
+    "MODEL_LOADING",
+    "MODEL_LOADED",
+    "MODEL_UNLOADED",
+    "BREAKER_OPENED",
+    "BREAKER_HALF_OPEN",
+    "BREAKER_CLOSED",
+    # testing a plugin as the service calls it (for a provider, the simulator: llm_worker.devtools.simulator)
+    "PluginManager",
+    "Found",
+    "SharedState",
+    "Message",
+]

@@ -1,0 +1,1 @@
+"""Redis: the reliable queue and its Lua scripts, keys, streams, the response cache, administration, the client."""

@@ -1,0 +1,146 @@
+"""Queue administration: depths, dead letters, requeue and purge.
+
+Used by ``llm-worker queues`` and the admin HTTP routes. Requeueing a dead
+letter is atomic (it leaves the dead-letter list only as it enters its queue)
+and clears the job's old failure result, so a producer waiting afresh does
+not read the old answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+import redis
+
+from llm_worker.queue.reliable import Keys, registered_workers
+from llm_worker.settings.config import Settings
+
+_MOVE = """
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
+redis.call('LPUSH', KEYS[2], ARGV[2])
+redis.call('DEL', KEYS[3], KEYS[4], KEYS[5])
+return 1
+"""
+
+
+@dataclass(frozen=True)
+class Depths:
+    waiting: dict[str, int]
+    processing: dict[str, int]  # per worker id
+    delayed: int
+    dead_letter: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "waiting": self.waiting,
+            "processing": self.processing,
+            "delayed": self.delayed,
+            "deadLetter": self.dead_letter,
+        }
+
+
+class QueueAdmin:
+    def __init__(self, client: redis.Redis, settings: Settings) -> None:
+        self.redis = client
+        self.settings = settings
+        self.keys = Keys(settings.redis.key_prefix, settings.queue.dead_letter)
+        self._move = client.register_script(_MOVE)
+
+    def queues(self) -> list[str]:
+        q = self.settings.queue
+        names = [q.chat, q.embeddings, q.batch, q.priority]
+        return names + [name for name in self.settings.pools if name not in names]
+
+    def depths(self) -> Depths:
+        pipe = self.redis.pipeline(transaction=False)
+        names = self.queues()
+        for name in names:
+            pipe.llen(name)
+        pipe.zcard(self.keys.delayed)
+        pipe.llen(self.keys.dead_letter)
+        *waiting, delayed, dead = pipe.execute()
+        processing = {}
+        for key in self.redis.scan_iter(match=self.keys.processing("*"), count=500):
+            length = self.redis.llen(key)
+            if length:
+                processing[key.decode()[len(self.keys.processing("")) :]] = length
+        return Depths(dict(zip(names, waiting)), processing, delayed, dead)
+
+    def stats(self) -> dict[str, Any]:
+        """Per queue, across every host: waiting, active (in a worker's hands), completed, failed.
+
+        The shape of the gateway's /admin/queue/stats, plus the delayed and
+        dead-letter totals.
+        """
+        names = self.queues()
+        holders = [(worker, info.queue) for worker, info in registered_workers(self.redis, self.keys).items()]
+        pipe = self.redis.pipeline(transaction=False)
+        for name in names:
+            pipe.llen(name)
+            pipe.hgetall(self.keys.stats(name))
+        for worker, _ in holders:
+            pipe.llen(self.keys.processing(worker))
+        pipe.zcard(self.keys.delayed)
+        pipe.llen(self.keys.dead_letter)
+        replies = pipe.execute()
+        out: dict[str, Any] = {}
+        for i, name in enumerate(names):
+            counts = replies[2 * i + 1]
+            out[name] = {
+                "waiting": replies[2 * i],
+                "active": 0,
+                "completed": int(counts.get(b"completed", 0)),
+                "failed": int(counts.get(b"failed", 0)),
+            }
+        for (_, queue), held in zip(holders, replies[2 * len(names) :]):
+            if queue in out:
+                out[queue]["active"] += held
+        out["delayed"], out["deadLetter"] = replies[-2], replies[-1]
+        return out
+
+    def dead_letters(self, limit: int = 20) -> list[dict[str, Any]]:
+        """The newest dead letters first."""
+        return [msgspec.json.decode(raw) for raw in self.redis.lrange(self.keys.dead_letter, 0, max(0, limit - 1))]
+
+    def _raw_dead_letters(self) -> Iterator[bytes]:
+        yield from self.redis.lrange(self.keys.dead_letter, 0, -1)
+
+    def requeue(self, job_id: str | None = None) -> tuple[int, list[str]]:
+        """Put dead-lettered jobs (one by id, or all) back at the end of their queues.
+
+        Returns how many were requeued and why others were not.
+        """
+        moved, skipped = 0, []
+        for raw in self._raw_dead_letters():
+            entry = msgspec.json.decode(raw)
+            job = entry.get("job")
+            if not isinstance(job, dict) or not isinstance(job.get("id"), str):
+                if job_id is None:
+                    skipped.append(f"a payload that was not a job ({str(entry.get('error'))[:80]})")
+                continue
+            if job_id is not None and job["id"] != job_id:
+                continue
+            job["retryCount"] = 0
+            queue = entry.get("queue") or self.settings.queue.chat
+            keys = [
+                self.keys.dead_letter,
+                queue,
+                self.keys.result(job["id"]),
+                self.keys.done(job["id"]),
+                self.keys.crashes(job["id"]),
+            ]
+            moved += int(self._move(keys=keys, args=[raw, msgspec.json.encode(job)]))
+            if job_id is not None:
+                break
+        return moved, skipped
+
+    def purge(self, name: str) -> int:
+        """Delete a queue (or the dead-letter list) with everything in it; return how many jobs."""
+        pipe = self.redis.pipeline()
+        pipe.llen(name)
+        pipe.delete(name)
+        count, _ = pipe.execute()
+        return int(count)

@@ -1,0 +1,479 @@
+"""The Redis reliable queue: take, finish (ack, retry, dead-letter), recover, promote.
+
+A worker takes a job with BLMOVE from its queue into its own processing list;
+everything that ends the job is one Lua script that first removes the job from
+that list (the fence), so a job recovered from a presumed-dead worker is never
+answered twice. Key names follow PROTOCOL.md; internal keys share a prefix.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, NamedTuple
+from urllib.parse import urlsplit
+
+import msgspec
+import redis
+from redis.backoff import NoBackoff
+from redis.connection import parse_url
+from redis.exceptions import MasterDownError, ReadOnlyError
+from redis.retry import Retry
+from redis.sentinel import Sentinel, SentinelConnectionPool
+
+from llm_worker.protocol.jobs import DeadLetter, Result, iso
+from llm_worker.settings.config import Settings
+from llm_worker.settings.urls import sentinel_addresses
+
+EVENTS_MAXLEN = 100_000
+STREAM_MAXLEN = 10_000
+CRASH_COUNTER_TTL = 7 * 86_400  # long enough to outlive any queue backlog
+MASTER_CHECK = 1.0  # seconds between asking the sentinels where the master is
+SENTINEL_TIMEOUT = 1.0  # sentinels answer from memory: a slow one is skipped, not waited on
+_encode = msgspec.json.Encoder(decimal_format="number").encode  # jobs.loose() keeps numbers as Decimal
+
+
+def connect(
+    settings: Settings, *, timeout: float | None = None, on_connect: Callable[[], None] | None = None
+) -> redis.Redis:
+    """A Redis client that never retries behind our back: callers own retry policy.
+
+    redis-py's own retries would re-run a BLMOVE or a finish script whose reply
+    was lost; our loops reconnect with backoff and reconcile instead. With
+    REDIS_SENTINELS the client asks the sentinels where the master is (see
+    sentinel_master). ``on_connect`` is called after every connection the
+    client opens: a second one means the first was lost, maybe to a failover.
+    """
+    socket_timeout = timeout if timeout is not None else settings.redis.socket_timeout / 1000.0
+    options: dict[str, Any] = dict(
+        socket_timeout=socket_timeout,
+        socket_connect_timeout=min(socket_timeout, 5.0),
+        retry=Retry(NoBackoff(), 0),
+        client_name="llm-worker",
+    )
+    if urlsplit(settings.redis_url).scheme != "unix":  # (sentinels are TCP: settings refuse unix:// with them)
+        options["socket_keepalive"] = True  # TCP only: redis-py's socket connections refuse the option
+    if on_connect is not None:
+
+        def connected(conn: Any) -> None:
+            conn.on_connect()  # what redis-py does when no redis_connect_func is given
+            on_connect()
+
+        options["redis_connect_func"] = connected
+    if settings.redis.sentinels:
+        return sentinel_master(settings, options)
+    return redis.Redis.from_url(settings.redis_url, **options)
+
+
+def sentinel_master(settings: Settings, options: dict[str, Any]) -> redis.Redis:
+    """A client of the master that REDIS_SENTINELS name, with REDIS_URL's credentials, database and TLS."""
+    r = settings.redis
+    from_url = parse_url(settings.redis_url)
+    for where in ("host", "port", "path", "connection_class"):  # the sentinels say where; rediss: says TLS
+        from_url.pop(where, None)
+    tls = urlsplit(settings.redis_url).scheme == "rediss"
+    tls_options = {k: v for k, v in from_url.items() if k.startswith("ssl_")}
+    sentinel_timeout = min(options["socket_timeout"], SENTINEL_TIMEOUT)
+    sentinel_options: dict[str, Any] = dict(
+        socket_timeout=sentinel_timeout,
+        socket_connect_timeout=sentinel_timeout,
+        socket_keepalive=True,
+        retry=Retry(NoBackoff(), 0),
+        client_name="llm-worker",
+        ssl=tls,
+        **tls_options,
+    )
+    if r.sentinel_password:
+        sentinel_options.update(username=r.sentinel_username or None, password=r.sentinel_password)
+    elif r.sentinel_username:
+        sentinel_options.update(username=r.sentinel_username)
+    sentinel = Sentinel(sentinel_addresses(r), sentinel_kwargs=sentinel_options)
+    return sentinel.master_for(
+        r.sentinel_master, connection_pool_class=FollowingPool, **{**from_url, **options, "ssl": tls}
+    )
+
+
+class FollowingPool(SentinelConnectionPool):
+    """A master's connection pool that asks the sentinels where the master is, at most once a second.
+
+    redis-py asks only when it opens a connection. After a planned failover
+    (SENTINEL FAILOVER) the old master stays writable until Sentinel demotes
+    it, seconds later; a process still connected to it would go on writing
+    what the demotion throws away. Asking as connections are handed out
+    closes idle connections to a former master, so the next call goes to the
+    new one. Sentinels that cannot answer leave the connection we have alone.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._asked = 0.0
+
+    def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        now = time.monotonic()
+        if now - self._asked >= MASTER_CHECK:
+            self._asked = now
+            try:
+                self.get_master_address()  # disconnects idle connections when the master moved
+            except redis.ConnectionError:
+                pass
+        return super().get_connection(*args, **kwargs)
+
+
+def waiting_helps(exc: redis.RedisError) -> bool:
+    """Whether this error passes once Redis is back or a failover is over.
+
+    Besides a lost connection: a master demoted to a replica (READONLY, and
+    UNBLOCKED for a blocked BLMOVE), a replica without its master
+    (MASTERDOWN), a master short of replicas (NOREPLICAS, min-replicas-to-write).
+    """
+    if isinstance(exc, (redis.ConnectionError, redis.TimeoutError, ReadOnlyError, MasterDownError)):
+        return True
+    return isinstance(exc, redis.ResponseError) and str(exc).startswith(
+        ("UNBLOCKED", "NOREPLICAS", "READONLY", "MASTERDOWN")
+    )
+
+
+class ClusterRefused(Exception):
+    """Redis is a Cluster node: its scripts would touch keys in many slots."""
+
+
+def refuse_cluster(client: redis.Redis) -> None:
+    """Raise ClusterRefused when Redis runs in cluster mode (see README, "Redis: Sentinel and Cluster")."""
+    try:
+        info = client.info("cluster")
+    except redis.ResponseError:  # INFO renamed or forbidden: we cannot tell, and will not guess
+        return
+    if int(info.get("cluster_enabled", 0)) == 1:
+        raise ClusterRefused(
+            "Redis is a Cluster node (cluster_enabled:1), which llm-worker does not support: each of its "
+            "scripts moves a job "
+            "between a queue, a processing list, the result and done keys, the delayed set, the dead-letter "
+            "list and the "
+            "statistics atomically, and a cluster runs a script only on keys of one hash slot. Use one master with "
+            "replicas and Redis Sentinel (REDIS_SENTINELS, REDIS_SENTINEL_MASTER) for failover; see the README, "
+            '"Redis: Sentinel and Cluster".'
+        )
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Every Redis key name, built from the configurable prefix."""
+
+    prefix: str
+    dead_letter: str
+
+    @property
+    def delayed(self) -> str:
+        return self.prefix + "delayed"
+
+    @property
+    def events(self) -> str:
+        return self.prefix + "events"
+
+    @property
+    def registry(self) -> str:
+        return self.prefix + "workers"
+
+    def processing(self, worker_id: str) -> str:
+        return f"{self.prefix}processing:{worker_id}"
+
+    def heartbeat(self, worker_id: str) -> str:
+        return f"{self.prefix}worker:{worker_id}"
+
+    def result(self, job_id: str) -> str:
+        return f"{self.prefix}result:{job_id}"
+
+    def done(self, job_id: str) -> str:
+        return f"{self.prefix}done:{job_id}"
+
+    def stream(self, job_id: str) -> str:
+        return f"{self.prefix}stream:{job_id}"
+
+    def crashes(self, job_id: str) -> str:
+        return f"{self.prefix}crashes:{job_id}"
+
+    def stats(self, queue: str) -> str:
+        """Completed and failed counts of a queue, across hosts (for /admin/queue/stats)."""
+        return f"{self.prefix}stats:{queue}"
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a finished job's payload goes besides its result: a list or the delayed set."""
+
+    op: str = ""  # "" | zadd | lpush | rpush
+    key: str = ""
+    member: bytes | str = b""
+    score: int = 0
+
+
+class Finished(NamedTuple):
+    ours: bool  # False: the job had been recovered from us, and nothing was written
+    next: bytes | None  # the next job, when the finish was asked to take one
+
+
+@dataclass(frozen=True)
+class Event:
+    """One entry of the events stream: a type and its JSON data (no prompt text)."""
+
+    type: str
+    data: dict[str, Any]
+
+
+class WorkerInfo(msgspec.Struct, kw_only=True):
+    """What the registry and a heartbeat key say of one worker process."""
+
+    queue: str
+    host: str
+    hostname: str
+    pid: int
+    since: str
+
+
+class DeferredEvents:
+    """Events sent without waiting for Redis's reply; the replies are read later.
+
+    The events sink writes every event this way: a job's ``started`` costs no
+    round trip before its provider call, and the others none after its
+    outcome. Events are telemetry: if the connection breaks, pending ones may
+    be lost, never a job.
+    """
+
+    def __init__(self, client: redis.Redis, key: str) -> None:
+        self.pool = client.connection_pool
+        self.key = key
+        self.conn: Any = None
+        self.pending = 0
+
+    def send(self, event: Event) -> None:
+        self.settle()  # the replies of earlier sends have long arrived; read them first
+        try:
+            if self.conn is None:
+                self.conn = self.pool.make_connection()
+            self.conn.send_command(
+                "XADD", self.key, "MAXLEN", "~", EVENTS_MAXLEN, "*", "type", event.type, "data", _encode(event.data)
+            )
+            self.pending += 1
+        except redis.RedisError:
+            self._reset()
+
+    def settle(self) -> None:
+        """Read the replies of what was sent."""
+        try:
+            while self.pending:
+                self.conn.read_response()
+                self.pending -= 1
+        except redis.RedisError:
+            self._reset()
+
+    def _reset(self) -> None:
+        if self.conn is not None:
+            self.conn.disconnect()
+        self.conn = None
+        self.pending = 0
+
+
+def _script(name: str) -> str:
+    return resources.files("llm_worker.queue").joinpath(f"lua/{name}.lua").read_text()
+
+
+def registered_workers(client: redis.Redis, keys: Keys) -> dict[str, WorkerInfo]:
+    """Every host's registered workers; an entry that is not one of ours (hand-edited, say) is skipped."""
+    out = {}
+    for worker_id, blob in client.hgetall(keys.registry).items():
+        try:
+            out[worker_id.decode()] = msgspec.json.decode(blob, type=WorkerInfo)
+        except (msgspec.MsgspecError, UnicodeDecodeError):
+            continue
+    return out
+
+
+class ReliableQueue:
+    """Queue operations over one Redis connection, for one process."""
+
+    def __init__(self, client: redis.Redis, settings: Settings) -> None:
+        self.redis = client
+        self.settings = settings
+        self.keys = Keys(settings.redis.key_prefix, settings.queue.dead_letter)
+        self.ttl = settings.queue.result_ttl
+        self._finish = client.register_script(_script("finish"))
+        self._recover = client.register_script(_script("recover"))
+        self._promote = client.register_script(_script("promote"))
+
+    # ---- a worker's side -------------------------------------------------
+
+    def take(self, queue: str, worker_id: str, timeout: float) -> bytes | None:
+        """Block up to ``timeout`` seconds for a job; it lands in our processing list."""
+        return self.redis.blmove(queue, self.keys.processing(worker_id), timeout, "RIGHT", "LEFT")
+
+    def take_waiting(self, queue: str, worker_id: str, most: int) -> list[bytes]:
+        """Take up to ``most`` jobs that are waiting now, without blocking, in one round trip.
+
+        Each LMOVE is atomic on its own, so every job taken is in our
+        processing list, exactly as a BLMOVE would leave it.
+        """
+        pipe = self.redis.pipeline(transaction=False)
+        processing = self.keys.processing(worker_id)
+        for _ in range(most):
+            pipe.lmove(queue, processing, "RIGHT", "LEFT")
+        return [raw for raw in pipe.execute() if raw is not None]
+
+    def held(self, worker_id: str) -> list[bytes]:
+        return self.redis.lrange(self.keys.processing(worker_id), 0, -1)
+
+    def complete(
+        self,
+        worker_id: str,
+        raw: bytes,
+        result: Result,
+        *,
+        stream: str = "",
+        take_from: str | None = None,
+        queue: str = "",
+    ) -> Finished:
+        """Write the result and done marker and ack the job, fenced.
+
+        ``stream`` ("done" or "error") also ends the job's chunk stream, in the
+        same transaction, so the stream's last entry and the result agree.
+        ``take_from`` also takes the next job of that queue, saving a round trip.
+        """
+        status = "ok" if result.success else "failed"
+        return self._run_finish(worker_id, raw, result, status, Target(), stream, take_from, queue)
+
+    def retry_later(
+        self, worker_id: str, raw: bytes, queue: str, payload: bytes, due: float, *, take_from: str | None = None
+    ) -> Finished:
+        """Park the job (``payload``, its retry count raised) in the delayed set until ``due``."""
+        member = queue.encode() + b"\n" + payload
+        return self._run_finish(
+            worker_id, raw, None, "", Target("zadd", self.keys.delayed, member, int(due * 1000)), "", take_from
+        )
+
+    def dead_letter(
+        self,
+        worker_id: str,
+        raw: bytes,
+        entry: DeadLetter,
+        result: Result | None,
+        *,
+        stream: str = "",
+        take_from: str | None = None,
+    ) -> Finished:
+        """Dead-letter the job with its reason and, when it has an id, its failure result."""
+        target = Target("lpush", self.keys.dead_letter, _encode(entry))
+        return self._run_finish(worker_id, raw, result, "failed", target, stream, take_from, entry.queue)
+
+    def hand_back(self, worker_id: str, raw: bytes, queue: str) -> bool:
+        """Give an untouched job back to the serving end of its queue."""
+        return self._run_finish(worker_id, raw, None, "", Target("rpush", queue, raw)).ours
+
+    def forget(self, worker_id: str, raw: bytes) -> bool:
+        """Drop a job from our processing list that is already answered."""
+        return self._run_finish(worker_id, raw, None, "", Target()).ours
+
+    def _run_finish(
+        self,
+        worker_id: str,
+        raw: bytes,
+        result: Result | None,
+        status: str,
+        target: Target,
+        stream: str = "",
+        take_from: str | None = None,
+        queue: str = "",
+    ) -> Finished:
+        k = self.keys
+        processing = k.processing(worker_id)
+        job_id = result.job_id if result is not None else "-"
+        error = result.error or "" if result is not None else ""
+        counted = "" if result is None else ("completed" if result.success else "failed")
+        args = [
+            raw,
+            _encode(result) if result is not None else "",
+            status,
+            self.ttl,
+            target.op,
+            target.member,
+            target.score,
+            stream,
+            error,
+            STREAM_MAXLEN,
+            "1" if take_from else "0",
+            counted,
+        ]
+        keys = [
+            processing,
+            k.result(job_id),
+            k.done(job_id),
+            target.key or processing,
+            k.crashes(job_id),
+            k.stream(job_id),
+            take_from or processing,
+            k.stats(queue),
+        ]
+        reply = self._finish(keys=keys, args=args)
+        return Finished(reply[0] == 1, reply[1] if len(reply) > 1 else None)
+
+    # ---- a supervisor's side ---------------------------------------------
+
+    def register(self, worker_id: str, info: WorkerInfo, ttl_ms: int) -> None:
+        """Announce a worker before it takes a job, so its list can always be found."""
+        blob = _encode(info)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hset(self.keys.registry, worker_id, blob)
+        pipe.set(self.keys.heartbeat(worker_id), blob, px=ttl_ms)
+        pipe.execute()
+
+    def refresh_heartbeats(self, workers: dict[str, WorkerInfo], ttl_ms: int) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        for worker_id, info in workers.items():
+            blob = _encode(info)
+            # The registry entry is rewritten too: another host may have removed
+            # it while our heartbeats could not reach Redis.
+            pipe.hset(self.keys.registry, worker_id, blob)
+            pipe.set(self.keys.heartbeat(worker_id), blob, px=ttl_ms)
+        pipe.execute()
+
+    def registered(self) -> dict[str, WorkerInfo]:
+        return registered_workers(self.redis, self.keys)
+
+    def recover(self, worker_id: str, queue: str, *, crashed: bool, only_if_expired: bool = False) -> tuple[int, int]:
+        """Hand back a gone worker's jobs. Returns (requeued, dead-lettered); (-1, 0) if alive."""
+        k = self.keys
+        s = self.settings
+        keys = [k.processing(worker_id), queue, k.dead_letter, k.events, k.heartbeat(worker_id), k.registry]
+        args = [
+            1 if crashed else 0,
+            s.worker.max_crashes,
+            k.prefix,
+            iso(),
+            worker_id,
+            self.ttl,
+            EVENTS_MAXLEN,
+            1 if only_if_expired else 0,
+            CRASH_COUNTER_TTL,
+            s.limits.max_job_bytes,
+        ]
+        requeued, dead = self._recover(keys=keys, args=args)
+        return int(requeued), int(dead)
+
+    def promote_due(self, now: float | None = None, limit: int = 500) -> int:
+        now = time.time() if now is None else now
+        return int(
+            self._promote(keys=[self.keys.delayed, self.keys.dead_letter], args=[int(now * 1000), limit, iso(now)])
+        )
+
+
+def retry_delay(settings: Settings, retry_count: int) -> float:
+    """Seconds to wait before attempt ``retry_count`` + 1: backoff with equal jitter.
+
+    Half the delay is fixed and half random, so that jobs failed together by
+    one outage do not all return in the same instant.
+    """
+    q = settings.queue
+    base = q.delay if q.backoff == "fixed" else q.delay * (2 ** min(retry_count, 30))
+    delay = min(base, q.max_delay) / 1000.0
+    return delay / 2 + random.uniform(0, delay / 2)
