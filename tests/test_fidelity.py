@@ -146,13 +146,17 @@ def test_a_runner_that_crashes_every_time_opens_its_breaker_and_is_then_left_alo
     )
     client = client_for(redis_url)
     # When: thirty jobs ask for it.
-    ids = [chat(client, f"q{n}", model="broken", max_retries=1) for n in range(30)]
+    _ = [chat(client, f"q{n}", model="broken", max_retries=1) for n in range(30)]
     # Then: each crash was first taken for want of memory (idle models unloaded, tried again); the crash
     # that came back counted, and after three such jobs the breaker opened and the model was left alone.
     (opened,) = eventually(lambda: opened_breakers(r), timeout=30, what="the breaker opened")
     assert opened["model"] == "broken"
-    failed = [res for res in wait_all(client, ids[:3], timeout=30).values()]
-    assert all(res["errorType"] == "memory" and "terminated" in res["error"] for res in failed)
+    dead = eventually(
+        lambda: (lambda d: d if len(d) >= 3 else None)(events(r, "llm.request.dead_lettered")),
+        timeout=30,
+        what="three jobs dead-lettered",
+    )
+    assert all(e["errorType"] == "memory" and "terminated" in e["error"] for e in dead)
     time.sleep(1.0)  # what else would be called, is called now
     calls = sim.stats().requests["chat"]
     assert calls <= 3 * 2 + 2, calls  # two calls for each counted job, and two workers' calls in flight at most
