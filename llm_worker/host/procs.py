@@ -6,6 +6,11 @@ import os
 import time
 
 
+def worker_id(host: str, pid: int) -> str:
+    """A process's id in Redis keys, results and events: ``WORKER_ID:pid`` (one rule, for every role)."""
+    return f"{host}:{pid}"
+
+
 def alive(pid: int) -> bool:
     """Whether a process with this pid exists (one of another user's counts)."""
     try:
