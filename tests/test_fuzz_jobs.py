@@ -39,6 +39,7 @@ from llm_worker.queue.cache import ResponseCache
 from llm_worker.queue.reliable import Finished
 from llm_worker.settings import config
 from llm_worker.workerproc.finish import Finisher
+from llm_worker.workerproc.outcome import Outcome
 
 SCALE = float(os.environ.get("LLM_WORKER_FUZZ_SCALE", "1"))
 
@@ -115,7 +116,6 @@ def finisher(written: Written, s: config.Settings) -> Finisher:
         "fuzz-host:1",
         "llm-chat",
         lambda call, *a, **kw: call(*a, **kw),  # type: ignore[arg-type]
-        lambda: False,
         PLUGINS,
     )
 
@@ -144,7 +144,7 @@ def outcome(raw: bytes, s: config.Settings = DEFAULT) -> str | Decoded:
     except Malformed as refusal:
         assert_readable(refusal.reason, raw)
         assert refusal.job_id is None or re.fullmatch(jobs.JOB_ID, refusal.job_id)
-        finish.malformed(raw, refusal)
+        finish.malformed(raw, refusal, take_next=False)
         (entry,) = written.dead
         assert (entry["error"], entry["errorType"], entry["queue"]) == (refusal.reason, "validation", "llm-chat")
         assert "job" not in entry and raw[: jobs.RAW_KEEP].decode(errors="replace") == entry["raw"]
@@ -155,7 +155,7 @@ def outcome(raw: bytes, s: config.Settings = DEFAULT) -> str | Decoded:
         assert_names_a_path(refusal.reason, raw)
         assert refusal.job == jobs.loose(raw)  # the dead letter embeds the payload: it must be JSON
         assert re.fullmatch(jobs.JOB_ID, refusal.job["id"])
-        finish.invalid(raw, refusal)
+        finish.invalid(raw, refusal, take_next=False)
         (entry,) = written.dead
         assert (entry["error"], entry["errorType"], entry["job"]) == (refusal.reason, "validation", refusal.job)
         (result,) = written.results
@@ -172,7 +172,7 @@ def outcome(raw: bytes, s: config.Settings = DEFAULT) -> str | Decoded:
     except RequestRejected as refusal:
         assert_readable(refusal.message, raw)
         assert " - at `$" in refusal.message, refusal.message
-        finish.failed(decoded, time.time(), refusal)
+        finish.record(decoded, time.time(), Outcome(error=refusal), take_next=False)
         (entry,) = written.dead
         assert (entry["error"], entry["errorType"], entry["job"]) == (refusal.message, "validation", jobs.loose(raw))
         return "rejected"
@@ -195,10 +195,13 @@ def run_like_a_worker(d: Decoded, s: config.Settings) -> None:
     taken = time.time()
     finish.started(d, taken)
     answer = Answer({"message": {"role": "assistant", "content": "ok"}, "doneReason": "stop"}, d.model, 3, 4)
-    finish.succeeded(d, taken, answer, stream=d.stream)
-    finish.failed(d, taken, JobError("provider busy", ErrorKind.PROVIDER))  # retried, or dead when out of attempts
-    finish.failed(d, taken, BreakerOpen(f"ollama:{d.model}", time.monotonic(), probe_failed=True))
-    finish.failed(d, taken, JobError("model not found", ErrorKind.MODEL))  # dead at once
+    finish.record(d, taken, Outcome(answer), take_next=False)
+    busy = JobError("provider busy", ErrorKind.PROVIDER)
+    finish.record(d, taken, Outcome(error=busy), take_next=False)  # retried, or dead when out of attempts
+    probe = BreakerOpen(f"ollama:{d.model}", time.monotonic(), probe_failed=True)
+    finish.record(d, taken, Outcome(error=probe), take_next=False)
+    missing = JobError("model not found", ErrorKind.MODEL)
+    finish.record(d, taken, Outcome(error=missing), take_next=False)  # dead at once
     assert [r["success"] for r in written.results][:1] == [True] and all(
         r["jobId"] == d.job.id for r in written.results
     )

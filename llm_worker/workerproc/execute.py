@@ -3,7 +3,8 @@
 Each model call goes through its provider's circuit breaker. When a call
 fails, the fallback strategies (plugins) are asked what to try next, within
 the job's one budget of attempts and its one deadline. What to do with a
-failure that stands (retry later, dead-letter) is the finisher's decision.
+failure that stands (retry later, dead-letter) is the finisher's decision:
+the executor returns one Outcome per job and raises for none of them.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
-import redis
 
 from llm_worker.host.backpressure import CallGate, ProviderDown, Reachability
 from llm_worker.host.breaker import BreakerOpen, Breakers, breaker_record, counts
@@ -39,59 +39,12 @@ from llm_worker.protocol.jobs import (
     iso,
 )
 from llm_worker.queue.cache import ResponseCache
-from llm_worker.queue.reliable import STREAM_MAXLEN
 from llm_worker.settings.config import Settings
+from llm_worker.workerproc.outcome import Outcome
+from llm_worker.workerproc.stream import StreamSink
 
 log = logging.getLogger("llm_worker.worker")
 LEASE_GRACE = 5.0  # seconds a half-open probe's lease outlives its deadline
-
-
-@dataclass
-class StreamSink:
-    """Appends a streaming job's chunks to ``llm:stream:<id>`` as they arrive.
-
-    The stream's last entry (done or error) is written with the result, in the
-    finish script, so it cannot disagree with it. A job run again after its
-    worker died first appends ``{"event": "reset"}``: a reader drops the text
-    it has and starts over (an addition to PROTOCOL.md, see docs/protocol.md).
-    """
-
-    client: redis.Redis
-    key: str
-    ttl: int
-    published: int = 0
-    broken: bool = field(default=False)
-
-    def open(self) -> None:
-        if self.client.exists(self.key):
-            self._add({"event": "reset"})
-
-    def __call__(self, text: str, thinking: str = "") -> None:
-        # A thinking model's reasoning rides in its own field, so that a reader that
-        # knows only "content" never mixes it into the answer (an addition to PROTOCOL.md).
-        self._add(
-            {"event": "chunk", "content": text, "thinking": thinking}
-            if thinking
-            else {"event": "chunk", "content": text}
-        )
-
-    def _add(self, entry: dict[str, str]) -> None:
-        if self.broken:
-            return
-        try:
-            pipe = self.client.pipeline(transaction=False)
-            pipe.xadd(self.key, entry, maxlen=STREAM_MAXLEN, approximate=True)
-            if self.published == 0:
-                pipe.expire(self.key, self.ttl)
-            pipe.execute()
-            self.published += 1
-        except redis.RedisError as exc:
-            # The whole text is in the result; a reader of the stream sees a gap
-            # rather than the job failing for want of its chunk channel.
-            self.broken = True
-            log.warning(
-                "stream chunks are not reaching Redis; the result will carry the text", extra={"error": str(exc)}
-            )
 
 
 class Executor:
@@ -118,7 +71,6 @@ class Executor:
         self.breakers = breakers
         self.settings = settings
         self.worker_id = worker_id
-        self.attempts_used = 1  # provider calls the last run() made, for the finisher (0: all refused)
 
     def provider_for(self, model: str) -> Provider:
         for provider in self.providers:
@@ -126,26 +78,36 @@ class Executor:
                 return provider
         raise JobError(f"no provider serves model {model!r}", ErrorKind.MODEL)
 
-    def run(self, decoded: Decoded, deadline: Deadline, sink: StreamSink | None) -> Answer:
-        """Run the job; when it fails, raise its last JobError (``attempts_used`` says how many calls were made)."""
-        self.attempts_used = 1
-        if decoded.job.type == "batch":
-            return self._batch(decoded, deadline)
-        return self.call(decoded, decoded.tasks[0], deadline, sink)
+    def run(self, decoded: Decoded, deadline: Deadline, sink: StreamSink | None) -> Outcome:
+        """Run the job to its outcome: its answer, or the error that stands; a failure is never raised."""
+        try:
+            if decoded.job.type == "batch":
+                return self._batch(decoded, deadline)
+            return self.call(decoded, decoded.tasks[0], deadline, sink)
+        except Exception as exc:  # a bug in us or a plugin: fail the job, keep the worker
+            log.exception("job failed with an unexpected error", extra={"jobId": decoded.job.id})
+            return Outcome(error=JobError(f"unexpected error: {exc!r}"), streamed=_published(sink))
 
     # ---- one call, its attempts and fallbacks --------------------------------------
 
-    def call(self, job: Decoded, task: Task, deadline: Deadline, sink: StreamSink | None) -> Answer:
-        """One model call and its fallbacks. ``attempts_used`` counts the provider calls made."""
-        requested, tried, refused = task.model, [], []
-        used = 0  # provider calls made in this run: each spends one of the job's attempts
+    def call(self, job: Decoded, task: Task, deadline: Deadline, sink: StreamSink | None) -> Outcome:
+        """One model call and its fallbacks, to their outcome."""
+        tally = _Tally()
+        try:
+            answer = self._call(job, task, deadline, sink, tally)
+        except JobError as exc:
+            return Outcome(error=exc, attempts=tally.calls, tried=tuple(tally.tried), streamed=_published(sink))
+        return Outcome(answer, attempts=tally.calls, tried=tuple(tally.tried), streamed=_published(sink))
+
+    def _call(self, job: Decoded, task: Task, deadline: Deadline, sink: StreamSink | None, tally: _Tally) -> Answer:
+        """The answer of one model call and its fallbacks, or raise the error that stands; ``tally`` keeps count."""
+        requested, refused = task.model, []
         reduced = unloaded = planned = False
         while True:
             provider = self.provider_for(task.model)
-            tried.append(task.model)
+            tally.tried.append(task.model)
             key = self.cache.key_of(provider.name, task) if self.cache is not None and not planned else None
             if key is not None and (hit := self.cache.get(key)) is not None:  # type: ignore[union-attr]
-                self.attempts_used = used
                 self.plugins.filter_response(job, hit)
                 return hit
             try:
@@ -155,18 +117,17 @@ class Executor:
                 refused.append(exc)
             except JobError as exc:
                 error = exc
-                used += 1
+                tally.calls += 1
             else:
-                self.attempts_used = used + 1
+                tally.calls += 1
                 answer.fallback_used = planned
                 if key is not None:
                     self.cache.put(key, answer)  # type: ignore[union-attr]
                     answer.cache_lookup = True
                 self.plugins.filter_response(job, answer)
                 return answer
-            self.attempts_used = used
-            streamed = sink.published if sink is not None else 0
-            spent = job.job.retry_count + used
+            streamed = _published(sink)
+            spent = job.job.retry_count + tally.calls
             if isinstance(error, Incomplete) and (streamed or spent >= job.max_attempts or deadline.left() <= 0):
                 # No attempt left to get it whole (or its text already streamed, which a reader
                 # cannot take back): the part there is, said to be a part.
@@ -179,11 +140,11 @@ class Executor:
                 self.plugins.filter_response(job, answer)
                 return answer
             attempt = Attempt(
-                number=spent if used else spent + 1,
+                number=spent if tally.calls else spent + 1,
                 budget=job.max_attempts,
                 model=task.model,
                 requested_model=requested,
-                tried=list(tried),
+                tried=list(tally.tried),
                 left=deadline.left(),
                 settings=self.settings,
                 breaker_open=self._refused,
@@ -216,16 +177,29 @@ class Executor:
 
     # ---- embeddings jobs gathered into one call ------------------------------------
 
-    def embed_together(self, jobs: list[Decoded], deadline: Deadline) -> list[Answer]:
-        """Answer several embeddings jobs of one model and options with one provider call.
+    def embed_together(self, jobs: list[Decoded], deadline: Deadline) -> list[Outcome] | None:
+        """Answer several embeddings jobs of one model and options with one provider call: one outcome each.
 
         Cached answers are served from the cache and left out of the call.
-        When the shared call fails, JobError is raised and no job is answered:
-        the caller runs them one by one, so that one bad input fails only its
-        own job. Each job gets its own vectors; the call's prompt tokens are
+        When the shared call fails, no job is answered and None returned: the
+        caller runs them one by one, so that one bad input fails only its own
+        job. Each job gets its own vectors; the call's prompt tokens are
         shared out in proportion to the characters of each job's inputs.
         """
-        self.attempts_used = 1
+        try:
+            answers = self._embed_together(jobs, deadline)
+        except JobError as exc:
+            log.info(
+                "a gathered embeddings call failed; running its jobs one by one",
+                extra={"jobs": len(jobs), "errorType": exc.kind.value, "error": exc.message},
+            )
+            return None
+        except Exception:
+            log.exception("a gathered embeddings call failed; running its jobs one by one")
+            return None
+        return [Outcome(answer, tried=(job.tasks[0].model,)) for job, answer in zip(jobs, answers)]
+
+    def _embed_together(self, jobs: list[Decoded], deadline: Deadline) -> list[Answer]:
         tasks = [d.tasks[0] for d in jobs]
         provider = self.provider_for(tasks[0].model)
         answers: list[Answer | None] = [None] * len(jobs)
@@ -403,24 +377,31 @@ class Executor:
             done = provider.generate(task.model, request, deadline, on_chunk)
         return _answer(task, done, done.done_reason)
 
-    def _batch(self, decoded: Decoded, deadline: Deadline) -> Answer:
+    def _batch(self, decoded: Decoded, deadline: Deadline) -> Outcome:
         """Run a batch's requests in order; each gets its own result.
 
         One failed request fails only its own entry. When every request failed
         in a way worth retrying (the provider is down), the whole batch is
-        retried instead of answering with nothing but failures.
+        retried instead of answering with nothing but failures. The batch's
+        attempts are its last request's, which the finisher counts.
         """
         job = decoded.job
         results: list[Result] = []
         errors: list[JobError] = []
+        tried: list[str] = []
+        attempts = 1
         prompt = completion = 0
         fallback = False
         for index, task in enumerate(decoded.tasks):
             started = time.monotonic()
             sub_id = f"{job.id}:{index}"
-            try:
-                answer = self.call(decoded, task, deadline, None)
-            except JobError as exc:
+            called = self.call(decoded, task, deadline, None)
+            attempts = called.attempts
+            tried += called.tried
+            answer = called.answer
+            if answer is None:
+                exc = called.error
+                assert exc is not None  # an outcome has one or the other
                 errors.append(exc)
                 results.append(
                     Result(
@@ -456,8 +437,9 @@ class Executor:
                 )
             )
         if errors and len(errors) == len(results) and all(e.retryable for e in errors):
-            raise errors[0]
-        return Answer({"results": results}, decoded.model, prompt, completion, fallback_used=fallback)
+            return Outcome(error=errors[0], attempts=attempts, tried=tuple(tried))
+        answer = Answer({"results": results}, decoded.model, prompt, completion, fallback_used=fallback)
+        return Outcome(answer, attempts=attempts, tried=tuple(tried))
 
 
 def _answer(task: Task, done: Completion, done_reason: str | None) -> Answer:
@@ -472,6 +454,18 @@ def _answer(task: Task, done: Completion, done_reason: str | None) -> Answer:
         if done.thinking:
             response["thinking"] = done.thinking
     return Answer(response, done.model or task.model, done.prompt_tokens, done.completion_tokens)
+
+
+@dataclass
+class _Tally:
+    """What one call and its fallbacks did so far: counted as they go, for its Outcome however it ends."""
+
+    tried: list[str] = field(default_factory=list)  # the models routed to, in order
+    calls: int = 0  # provider calls made: each spends one of the job's attempts
+
+
+def _published(sink: StreamSink | None) -> int:
+    return sink.published if sink is not None else 0
 
 
 def _ms(seconds: float) -> int:

@@ -1,20 +1,22 @@
-"""Turn what happened to a job into exactly one terminal outcome, or a retry; tell the sinks.
+"""Record a job's Outcome as exactly one terminal outcome, or a retry; tell the sinks; say what was done.
 
 Success writes the result; a retryable failure with attempts left parks the
 job in the delayed set; a job refused by open circuit breakers waits there
 until one could half-open, without spending an attempt; anything else
-dead-letters it with its failure result. Every write goes through the
-worker's Redis guard, which waits out a lost Redis, so a job in hand is
-finished once Redis is back. After an outcome is written, the metric sinks
+dead-letters it with its failure result. Every write goes through the Redis
+guard the finisher is given, which waits out a lost Redis, so a job in hand
+is finished once Redis is back. After an outcome is written, the metric sinks
 get its Record (the event stream, the shared-memory statistics, ...).
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
 
 import msgspec
 
@@ -35,11 +37,12 @@ from llm_worker.protocol.jobs import (
     iso,
 )
 from llm_worker.protocol.records import Record
-from llm_worker.queue.reliable import ReliableQueue, retry_delay
+from llm_worker.queue.reliable import Finished, ReliableQueue, retry_delay
 from llm_worker.settings.config import Settings
+from llm_worker.workerproc.outcome import Outcome
 
 log = logging.getLogger("llm_worker.worker")
-Guard = Callable[..., Any]
+T = TypeVar("T")
 FREE_PROBES = 2  # failed breaker probes a job may make without spending an attempt
 
 
@@ -48,50 +51,84 @@ def _probe_failures(raw: bytes) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
-class Finisher:
-    """Writes outcomes for one worker process (``worker_id``) serving ``queue``.
+class Guard(Protocol):
+    """Runs one Redis call, waiting out a lost Redis (the worker's ``_guard``; a test may just call it)."""
 
-    Each outcome may also take the worker's next job in the same round trip
-    (``take_next``); the methods return that job's payload, or None.
+    def __call__(self, call: Callable[..., T], *args: Any, **kwargs: Any) -> T: ...
+
+
+class Fate(enum.Enum):
+    """What recording an outcome did to the job."""
+
+    COMPLETED = "completed"
+    RETRIED = "retried"
+    DEAD_LETTERED = "dead-lettered"
+    DROPPED = "dropped"  # no longer ours (recovered from us while we held it): nothing written
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """What the finisher did with a job, and the next job when its finish took one (a drop may take one too)."""
+
+    fate: Fate
+    next: bytes | None
+
+
+def _recorded(done: Finished, fate: Fate) -> Recorded:
+    return Recorded(fate if done.ours else Fate.DROPPED, done.next)
+
+
+class Finisher:
+    """Records outcomes for one worker process (``worker_id``) serving ``queue_name``.
+
+    Its writes go through ``guard``, a plain dependency: the finisher knows
+    nothing of the worker beyond it. Asked to ``take_next``, a finish also takes
+    the worker's next job in the same round trip and returns it in Recorded.
     """
 
     def __init__(
         self,
-        rq: ReliableQueue,
+        reliable_queue: ReliableQueue,
         settings: Settings,
         worker_id: str,
-        queue: str,
+        queue_name: str,
         guard: Guard,
-        take_next: Callable[[], bool],
         plugins: PluginManager,
     ) -> None:
-        self.rq = rq
+        self.reliable_queue = reliable_queue
         self.settings = settings
         self.worker_id = worker_id
-        self.queue = queue
+        self.queue_name = queue_name
         self.guard = guard
-        self.take_next = take_next
         self.plugins = plugins
 
-    @property
-    def _take(self) -> str | None:
-        return self.queue if self.take_next() else None
+    def _take_from(self, take_next: bool) -> str | None:
+        """The queue a finish takes the worker's next job from, when it takes one."""
+        return self.queue_name if take_next else None
 
     # ---- jobs that were run ------------------------------------------------
 
     def started(self, d: Decoded, taken: float) -> None:
         self.plugins.record(self._record(records.STARTED, d, taken))
 
-    def succeeded(self, d: Decoded, taken: float, answer: Answer, stream: bool, attempts: int = 1) -> bytes | None:
+    def record(self, d: Decoded, taken: float, outcome: Outcome, *, take_next: bool) -> Recorded:
+        """Write the job's outcome: its result, a retry or a dead letter; take the next job if ``take_next``."""
+        take_from = self._take_from(take_next)
+        if outcome.answer is not None:
+            return self._completed(d, taken, outcome.answer, outcome.attempts, take_from)
+        assert outcome.error is not None  # an outcome has one or the other
+        return self._failed(d, taken, outcome.error, outcome.attempts, outcome.streamed, take_from)
+
+    def _completed(self, d: Decoded, taken: float, answer: Answer, attempts: int, take_from: str | None) -> Recorded:
         result = self._result(d, taken, success=True, answer=answer, attempts=attempts)
         done = self.guard(
-            self.rq.complete,
+            self.reliable_queue.complete,
             self.worker_id,
             d.raw,
             result,
-            stream="done" if stream else "",
-            take_from=self._take,
-            queue=self.queue,
+            stream="done" if d.stream else "",
+            take_from=take_from,
+            queue=self.queue_name,
         )
         if done.ours:
             self.plugins.record(
@@ -104,11 +141,11 @@ class Finisher:
             result.processing_time,
             **logs.prompt_fields(prompt=d.prompt_text(), completion=answer.text),
         )
-        return done.next
+        return _recorded(done, Fate.COMPLETED)
 
-    def failed(
-        self, d: Decoded, taken: float, error: JobError, *, attempts: int = 1, streamed: int = 0
-    ) -> bytes | None:
+    def _failed(
+        self, d: Decoded, taken: float, error: JobError, attempts: int, streamed: int, take_from: str | None
+    ) -> Recorded:
         """Retry the job later if the error and its attempts allow, else fail it for good.
 
         ``attempts`` is how many of the job's attempts this run used. A
@@ -118,16 +155,17 @@ class Finisher:
         if isinstance(error, BreakerOpen) and not streamed and not self._probed_enough(d, error):
             # An outage, not the job's fault: wait for the breaker; refusals spend no attempt.
             due = time.time() + max(0.0, error.retry_at - time.monotonic())
-            return self._retry(d, taken, error, due, spent=attempts, probed=error.probe_failed)
+            return self._retry(d, taken, error, due, attempts, take_from, probed=error.probe_failed)
         if isinstance(error, BreakerOpen) and error.probe_failed:
             attempts = max(1, attempts)  # its free probes are spent: this one counts
         attempt = d.job.retry_count + max(1, attempts)
         if error.retryable and attempt < d.max_attempts and not streamed:
-            return self._retry(d, taken, error, time.time() + retry_delay(self.settings, attempt - 1), spent=attempts)
+            due = time.time() + retry_delay(self.settings, attempt - 1)
+            return self._retry(d, taken, error, due, attempts, take_from)
         reason = error.message
         if error.retryable and attempt >= d.max_attempts:
             reason = f"{reason} (gave up after {attempt} attempts)"
-        return self._dead(d, taken, reason, error.kind, attempt)
+        return self._dead(d, taken, reason, error.kind, attempt, take_from)
 
     @staticmethod
     def _probed_enough(d: Decoded, error: BreakerOpen) -> bool:
@@ -139,8 +177,15 @@ class Finisher:
         return error.probe_failed and _probe_failures(d.raw) >= FREE_PROBES
 
     def _retry(
-        self, d: Decoded, taken: float, error: JobError, due: float, spent: int, probed: bool = False
-    ) -> bytes | None:
+        self,
+        d: Decoded,
+        taken: float,
+        error: JobError,
+        due: float,
+        spent: int,
+        take_from: str | None,
+        probed: bool = False,
+    ) -> Recorded:
         loose = jobs.loose(d.raw)
         loose["retryCount"] = d.job.retry_count + spent
         if probed:  # an addition to the job (docs/protocol.md): failed breaker probes, which spend no attempt
@@ -154,9 +199,11 @@ class Finisher:
                 f"{error.message} (not retried: with its retry count the job is {len(payload)} bytes, "
                 f"over MAX_JOB_BYTES ({limit}))"
             )
-            return self._dead(d, taken, reason, error.kind, d.job.retry_count + max(1, spent))
+            return self._dead(d, taken, reason, error.kind, d.job.retry_count + max(1, spent), take_from)
         delay_ms = int(max(0.0, due - time.time()) * 1000)
-        done = self.guard(self.rq.retry_later, self.worker_id, d.raw, self.queue, payload, due, take_from=self._take)
+        done = self.guard(
+            self.reliable_queue.retry_later, self.worker_id, d.raw, self.queue_name, payload, due, take_from=take_from
+        )
         if done.ours:
             self.plugins.record(
                 self._record(
@@ -170,13 +217,15 @@ class Finisher:
                 )
             )
         self._report(done.ours, d, "retried", None, errorType=error.kind.value, delayMs=delay_ms)
-        return done.next
+        return _recorded(done, Fate.RETRIED)
 
-    def _dead(self, d: Decoded, taken: float, reason: str, kind: ErrorKind, attempts: int) -> bytes | None:
+    def _dead(
+        self, d: Decoded, taken: float, reason: str, kind: ErrorKind, attempts: int, take_from: str | None
+    ) -> Recorded:
         result = self._result(d, taken, success=False, error=reason, kind=kind, attempts=attempts - d.job.retry_count)
         entry = DeadLetter(
             job=msgspec.Raw(d.raw),
-            queue=self.queue,
+            queue=self.queue_name,
             error=reason,
             error_type=kind.value,
             failed_at=result.completed_at,
@@ -184,13 +233,13 @@ class Finisher:
             worker_id=self.worker_id,
         )
         done = self.guard(
-            self.rq.dead_letter,
+            self.reliable_queue.dead_letter,
             self.worker_id,
             d.raw,
             entry,
             result,
             stream="error" if d.stream else "",
-            take_from=self._take,
+            take_from=take_from,
         )
         if done.ours:
             failure = JobError(reason, kind)
@@ -201,15 +250,15 @@ class Finisher:
             )
             self.plugins.record(self._record(records.DEAD_LETTERED, d, taken, error=failure, attempts=attempts))
         self._report(done.ours, d, "dead-lettered", result.processing_time, errorType=kind.value, error=reason)
-        return done.next
+        return _recorded(done, Fate.DEAD_LETTERED)
 
     # ---- payloads that are not runnable jobs -------------------------------
 
-    def malformed(self, raw: bytes, exc: Malformed) -> bytes | None:
+    def malformed(self, raw: bytes, exc: Malformed, *, take_next: bool) -> Recorded:
         now = iso()
         entry = DeadLetter(
             raw=raw[:RAW_KEEP].decode(errors="replace"),
-            queue=self.queue,
+            queue=self.queue_name,
             error=exc.reason,
             error_type=ErrorKind.VALIDATION.value,
             failed_at=now,
@@ -226,17 +275,24 @@ class Finisher:
                 worker_id=self.worker_id,
                 completed_at=now,
             )
-        done = self.guard(self.rq.dead_letter, self.worker_id, raw, entry, result, take_from=self._take)
+        done = self.guard(
+            self.reliable_queue.dead_letter,
+            self.worker_id,
+            raw,
+            entry,
+            result,
+            take_from=self._take_from(take_next),
+        )
         if done.ours:
             self._rejected(exc.job_id, None, exc.reason, now, failed=result is not None)
         _say(
             done.ours,
             "malformed payload dead-lettered",
-            {"jobId": exc.job_id, "queue": self.queue, "error": exc.reason, "bytes": len(raw)},
+            {"jobId": exc.job_id, "queue": self.queue_name, "error": exc.reason, "bytes": len(raw)},
         )
-        return done.next
+        return _recorded(done, Fate.DEAD_LETTERED)
 
-    def invalid(self, raw: bytes, exc: Invalid) -> bytes | None:
+    def invalid(self, raw: bytes, exc: Invalid, *, take_next: bool) -> Recorded:
         now = iso()
         job = exc.job
         job_id = str(job.get("id"))
@@ -244,7 +300,7 @@ class Finisher:
         model = job.get("model") if isinstance(job.get("model"), str) else None
         entry = DeadLetter(
             job=msgspec.Raw(raw),
-            queue=self.queue,
+            queue=self.queue_name,
             error=exc.reason,
             error_type="validation",
             failed_at=now,
@@ -262,20 +318,27 @@ class Finisher:
             correlation_id=correlation,
             completed_at=now,
         )
-        done = self.guard(self.rq.dead_letter, self.worker_id, raw, entry, result, take_from=self._take)
+        done = self.guard(
+            self.reliable_queue.dead_letter,
+            self.worker_id,
+            raw,
+            entry,
+            result,
+            take_from=self._take_from(take_next),
+        )
         if done.ours:
             self._rejected(job_id, correlation, exc.reason, now, failed=True)
         _say(
             done.ours, "invalid job dead-lettered", {"jobId": job_id, "correlationId": correlation, "error": exc.reason}
         )
-        return done.next
+        return _recorded(done, Fate.DEAD_LETTERED)
 
     def _rejected(self, job_id: str | None, correlation: str | None, reason: str, now: str, *, failed: bool) -> None:
         data = {
             "jobId": job_id,
             "workerId": self.worker_id,
             "timestamp": now,
-            "queue": self.queue,
+            "queue": self.queue_name,
             "correlationId": correlation,
             "error": reason,
             "errorType": "validation",
@@ -285,7 +348,7 @@ class Finisher:
             "timestamp": now,
             "data": data,
             "job_id": job_id,
-            "queue": self.queue,
+            "queue": self.queue_name,
             "error_kind": "validation",
         }
         if failed:
@@ -351,7 +414,7 @@ class Finisher:
             "timestamp": now,
             "jobType": job.type,
             "model": model,
-            "queue": self.queue,
+            "queue": self.queue_name,
             "userId": job.user_id,
             "correlationId": job.correlation_id,
             "retryCount": job.retry_count,
@@ -371,7 +434,7 @@ class Finisher:
             now,
             data,
             job_id=job.id,
-            queue=self.queue,
+            queue=self.queue_name,
             job_type=job.type,
             model=model,
             outcome=outcome,

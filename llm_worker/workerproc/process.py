@@ -29,6 +29,7 @@ from llm_worker.host.backpressure import PAUSE_CHECK, CallGate, PoolWatch, Reach
 from llm_worker.host.breaker import Breakers
 from llm_worker.host.layout import Pause, SlotState
 from llm_worker.host.loadboard import LoadBoard
+from llm_worker.host.procs import worker_id
 from llm_worker.host.shm import SharedState
 from llm_worker.plugin.context import WorkerContext
 from llm_worker.plugin.manager import Found, PluginManager
@@ -38,8 +39,10 @@ from llm_worker.protocol.jobs import Decoded, EmbeddingsRequest, Invalid, JobErr
 from llm_worker.queue.cache import ResponseCache
 from llm_worker.queue.reliable import ClusterRefused, ReliableQueue, WorkerInfo, connect, refuse_cluster, waiting_helps
 from llm_worker.settings.config import Settings
-from llm_worker.workerproc.execute import Executor, StreamSink
-from llm_worker.workerproc.finish import Finisher
+from llm_worker.workerproc.execute import Executor
+from llm_worker.workerproc.finish import Finisher, Recorded
+from llm_worker.workerproc.outcome import Outcome
+from llm_worker.workerproc.stream import StreamSink
 
 log = logging.getLogger("llm_worker.worker")
 T = TypeVar("T")
@@ -85,12 +88,11 @@ class WorkerProcess:
         self.settings = spec.settings
         self.queue_name = spec.queue
         self.slot = spec.state.slots[spec.slot]
-        self.id = f"{self.settings.worker.id}:{os.getpid()}"
+        self.id = worker_id(self.settings.worker.id, os.getpid())
         self.stopping = False
         self.redis_lost = False
         self.connections = 0  # opened by our client; every one after the first follows a loss
         self.in_hand: list[bytes] = []  # payloads taken and not yet finished: kept when our list is reconciled
-        self.in_batch = False
 
     # ---- life ---------------------------------------------------------------
 
@@ -114,13 +116,13 @@ class WorkerProcess:
                     if self._paused():  # the jobs stay queued, for hosts that can serve them
                         time.sleep(PAUSE_CHECK)
                         continue
-                    raw = self._guard(self.rq.take, self.queue_name, self.id, block)
+                    raw = self._guard(self.reliable_queue.take, self.queue_name, self.id, block)
                 if raw is not None:
                     # Finishing a job takes the next one in the same round trip
                     # while the queue has work, so a busy worker blocks only when idle.
                     raw = self._handle_batch(self._gather(raw)) if self.gathers else self._handle(raw)
             if raw is not None:  # taken with the last finish, then told to stop: give it back
-                self._guard(self.rq.hand_back, self.id, raw, self.queue_name)
+                self._guard(self.reliable_queue.hand_back, self.id, raw, self.queue_name)
         except Quit:
             return exitcodes.WORKER_QUIT
         finally:
@@ -140,9 +142,8 @@ class WorkerProcess:
         self.stopping = True
 
     def _wants_more(self) -> bool:
-        return (
-            not self.stopping and not self.in_batch and os.getppid() == self.spec.supervisor_pid and not self._paused()
-        )
+        """Whether to take another job now: asked as each job is finished, and while gathering."""
+        return not self.stopping and os.getppid() == self.spec.supervisor_pid and not self._paused()
 
     def _paused(self) -> bool:
         """Whether to take no jobs now (backpressure); probes a down provider now and then."""
@@ -198,7 +199,7 @@ class WorkerProcess:
             and self.queue_name == self.settings.queue.embeddings
         )
         self.watch = PoolWatch(state, self.slot.pool, providers, self.executor.provider_for, self.reach, breakers)
-        self.rq = ReliableQueue(self.client, self.settings)
+        self.reliable_queue = ReliableQueue(self.client, self.settings)
         info = WorkerInfo(
             queue=self.queue_name,
             host=self.settings.worker.id,
@@ -210,9 +211,10 @@ class WorkerProcess:
             self._guard(refuse_cluster, self.client)
         except ClusterRefused as exc:
             raise BootError(str(exc)) from None
-        self._guard(self.rq.register, self.id, info, self.settings.worker.heartbeat_timeout)
+        self._guard(self.reliable_queue.register, self.id, info, self.settings.worker.heartbeat_timeout)
+        # The finisher's writes wait out a lost Redis like every other call of ours: it gets our guard.
         self.finisher = Finisher(
-            self.rq, self.settings, self.id, self.queue_name, self._guard, self._wants_more, self.plugins
+            self.reliable_queue, self.settings, self.id, self.queue_name, self._guard, self.plugins
         )
         context = WorkerContext(self.settings, self.id, "worker", self.queue_name, state, self.spec.slot)
         try:
@@ -226,36 +228,40 @@ class WorkerProcess:
     # ---- one job --------------------------------------------------------------
 
     def _handle(self, raw: bytes) -> bytes | None:
-        """Run one job to its outcome; return the next job if finishing took one."""
+        """Run one job to its outcome and record it; the next job, when the finish took one."""
         taken = time.time()
         # In hand before decoding: finishing a malformed job writes to Redis, and a
         # reconcile on the way must not hand back the job being finished.
         self.in_hand = [raw]
-        decoded = self._decode(raw)
-        if not isinstance(decoded, Decoded):
-            self.in_hand = []
-            return decoded  # finished unrun; its finish may have taken the next job
-        self.slot.begin(decoded.job.id, decoded.timeout)
         try:
-            refused = self._admit(decoded, taken)
-            if refused is not None:
-                return self.finisher.failed(decoded, taken, refused)
-            return self._execute(decoded, taken)
+            decoded = self._decode(raw)
+            if not isinstance(decoded, Decoded):
+                return self._reject(raw, decoded, take_next=self._wants_more()).next
+            self.slot.begin(decoded.job.id, decoded.timeout)
+            try:
+                refused = self._admit(decoded, taken)
+                outcome = Outcome(error=refused) if refused is not None else self._execute(decoded)
+                return self.finisher.record(decoded, taken, outcome, take_next=self._wants_more()).next
+            finally:
+                self.slot.end(SlotState.DRAINING if self.stopping else SlotState.IDLE)
         finally:
             self.in_hand = []
-            self.slot.end(SlotState.DRAINING if self.stopping else SlotState.IDLE)
 
-    def _decode(self, raw: bytes) -> Decoded | bytes | None:
-        """The job, or (when it cannot be run) what finishing it as malformed or invalid returned."""
+    def _decode(self, raw: bytes) -> Decoded | Malformed | Invalid:
+        """The job, or why it cannot be run."""
         try:
             return decode(raw, self.settings)
-        except Malformed as exc:
-            return self.finisher.malformed(raw, exc)
-        except Invalid as exc:
-            return self.finisher.invalid(raw, exc)
+        except (Malformed, Invalid) as exc:
+            return exc
         except Exception as exc:  # whatever the decoder trips on, the payload must not kill us
             log.exception("payload could not be decoded")
-            return self.finisher.malformed(raw, Malformed(f"unreadable payload: {exc!r}"))
+            return Malformed(f"unreadable payload: {exc!r}")
+
+    def _reject(self, raw: bytes, refusal: Malformed | Invalid, *, take_next: bool) -> Recorded:
+        """Dead-letter a payload that is not a runnable job."""
+        if isinstance(refusal, Invalid):
+            return self.finisher.invalid(raw, refusal, take_next=take_next)
+        return self.finisher.malformed(raw, refusal, take_next=take_next)
 
     def _admit(self, decoded: Decoded, taken: float) -> JobError | None:
         """Pass the job through the request filters and announce it; the refusal, if a filter refused it."""
@@ -266,25 +272,15 @@ class WorkerProcess:
         self.finisher.started(decoded, taken)
         return None
 
-    def _execute(self, decoded: Decoded, taken: float) -> bytes | None:
+    def _execute(self, decoded: Decoded) -> Outcome:
+        """Run an admitted job, its chunks streamed when it asks for them."""
         sink = None
         if decoded.stream:
-            sink = StreamSink(self.client, self.rq.keys.stream(decoded.job.id), self.settings.queue.result_ttl)
+            sink = StreamSink(
+                self.client, self.reliable_queue.keys.stream(decoded.job.id), self.settings.queue.result_ttl
+            )
             self._guard(sink.open)
-        try:
-            answer = self.executor.run(decoded, Deadline(decoded.timeout), sink)
-        except JobError as exc:
-            return self.finisher.failed(
-                decoded, taken, exc, attempts=self.executor.attempts_used, streamed=sink.published if sink else 0
-            )
-        except Exception as exc:  # a bug in us or a plugin: fail the job, keep the worker
-            log.exception("job failed with an unexpected error", extra={"jobId": decoded.job.id})
-            return self.finisher.failed(
-                decoded, taken, JobError(f"unexpected error: {exc!r}"), streamed=sink.published if sink else 0
-            )
-        return self.finisher.succeeded(
-            decoded, taken, answer, stream=sink is not None, attempts=self.executor.attempts_used
-        )
+        return self.executor.run(decoded, Deadline(decoded.timeout), sink)
 
     # ---- embeddings jobs, gathered ------------------------------------------------
 
@@ -301,7 +297,7 @@ class WorkerProcess:
         self.in_hand = [first]  # held while we gather: a reconcile must not hand them back
         until = time.monotonic() + w.batch_timeout / 1000
         while self._wants_more():
-            more = self._guard(self.rq.take_waiting, self.queue_name, self.id, w.batch_size - len(taken))
+            more = self._guard(self.reliable_queue.take_waiting, self.queue_name, self.id, w.batch_size - len(taken))
             taken += [(raw, time.time()) for raw in more]
             self.in_hand += more
             left = until - time.monotonic()
@@ -312,18 +308,22 @@ class WorkerProcess:
         return taken
 
     def _handle_batch(self, gathered: list[tuple[bytes, float]]) -> bytes | None:
-        """Run gathered jobs: embeddings of one model and options share one call; any other runs alone."""
+        """Run gathered jobs: embeddings of one model and options share one call; any other runs alone.
+
+        Their finishes take no next job: the loop gathers again.
+        """
         if len(gathered) == 1:
             return self._handle(gathered[0][0])
         self.in_hand = [raw for raw, _ in gathered]
-        self.in_batch = True  # outcomes take no next job: the loop gathers again
         ready: list[tuple[Decoded, float]] = []
         for raw, taken in gathered:
             decoded = self._decode(raw)
             if isinstance(decoded, Decoded):
                 ready.append((decoded, taken))
+            else:
+                self._reject(raw, decoded, take_next=False)
         if not ready:
-            self.in_batch, self.in_hand = False, []
+            self.in_hand = []
             return None
         self.slot.begin(ready[0][0].job.id, max(d.timeout for d, _ in ready))
         try:
@@ -331,7 +331,7 @@ class WorkerProcess:
             for decoded, taken in ready:
                 refused = self._admit(decoded, taken)
                 if refused is not None:
-                    self.finisher.failed(decoded, taken, refused)
+                    self.finisher.record(decoded, taken, Outcome(error=refused), take_next=False)
                 else:
                     admitted.append((decoded, taken))
             for group in _groups(admitted):
@@ -339,9 +339,9 @@ class WorkerProcess:
                     continue
                 for decoded, taken in group:
                     self.slot.begin(decoded.job.id, decoded.timeout)  # the supervisor's watchdog follows each job
-                    self._execute(decoded, taken)
+                    self.finisher.record(decoded, taken, self._execute(decoded), take_next=False)
         finally:
-            self.in_batch, self.in_hand = False, []
+            self.in_hand = []
             self.slot.jobs_done += len(ready) - 1
             self.slot.end(SlotState.DRAINING if self.stopping else SlotState.IDLE)
         return None
@@ -351,19 +351,11 @@ class WorkerProcess:
         jobs = [decoded for decoded, _ in group]
         timeout = min(d.timeout for d in jobs)
         self.slot.begin(jobs[0].job.id, timeout)
-        try:
-            answers = self.executor.embed_together(jobs, Deadline(timeout))
-        except JobError as exc:
-            log.info(
-                "a gathered embeddings call failed; running its jobs one by one",
-                extra={"jobs": len(jobs), "errorType": exc.kind.value, "error": exc.message},
-            )
+        outcomes = self.executor.embed_together(jobs, Deadline(timeout))
+        if outcomes is None:
             return False
-        except Exception:
-            log.exception("a gathered embeddings call failed; running its jobs one by one")
-            return False
-        for (decoded, taken), answer in zip(group, answers):
-            self.finisher.succeeded(decoded, taken, answer, stream=False)
+        for (decoded, taken), outcome in zip(group, outcomes):
+            self.finisher.record(decoded, taken, outcome, take_next=False)
         return True
 
     # ---- Redis, lost and found -----------------------------------------------
@@ -413,14 +405,14 @@ class WorkerProcess:
         leaves a payload in our list that we are not running: one already
         answered is dropped, any other goes back to its queue.
         """
-        for raw in self.rq.held(self.id):
+        for raw in self.reliable_queue.held(self.id):
             if raw in self.in_hand:
                 continue
             job_id = jobs.job_id_of(raw, self.settings.limits.max_job_bytes)
-            if job_id is not None and self.client.exists(self.rq.keys.result(job_id)):
-                self.rq.forget(self.id, raw)
+            if job_id is not None and self.client.exists(self.reliable_queue.keys.result(job_id)):
+                self.reliable_queue.forget(self.id, raw)
             else:
-                self.rq.hand_back(self.id, raw, self.queue_name)
+                self.reliable_queue.hand_back(self.id, raw, self.queue_name)
                 log.warning(
                     "handed back a job found in our processing list after Redis returned", extra={"jobId": job_id}
                 )
