@@ -1,4 +1,4 @@
-"""The plugin manager: starting plugins one by one, refusing wrappers it cannot honour, loading a module once."""
+"""The plugin manager: starting plugins one by one, their state per process, refusing wrappers, loading once."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import msgspec
 import pluggy
 import pytest
 import redis
@@ -19,8 +20,20 @@ from support import events, eventually
 
 from llm_worker import hookimpl
 from llm_worker.host.shm import SharedState
-from llm_worker.plugin.context import WorkerContext
-from llm_worker.plugin.manager import CALLED_ONE_BY_ONE, EXTRA_ENV, Found, PluginManager, PluginStartError, discover
+from llm_worker.plugin.context import StashKey, WorkerContext
+from llm_worker.plugin.manager import (
+    CALLED_ONE_BY_ONE,
+    EXTRA_ENV,
+    Found,
+    PluginManager,
+    PluginStartError,
+    discover,
+)
+from llm_worker.plugins import content
+from llm_worker.protocol import jobs
+from llm_worker.protocol.jobs import Answer, ErrorKind, JobError, RequestRejected
+from llm_worker.protocol.records import COMPLETED, Record
+from llm_worker.settings import config
 from llm_worker.settings.config import Settings
 
 TESTS = Path(__file__).parent
@@ -46,9 +59,9 @@ class FailsToStart:
         raise RuntimeError(self.why)
 
 
-def context(role: str) -> WorkerContext:
+def context(role: str, settings: Settings | None = None) -> WorkerContext:
     return WorkerContext(
-        Settings(),
+        settings or Settings(),
         "test:1",
         role,
         "llm-chat" if role == "worker" else None,  # type: ignore[arg-type]
@@ -136,6 +149,94 @@ def test_the_http_process_starts_the_built_ins_after_a_plugin_that_failed_to_sta
     log = svc.tail(400)
     assert "plugin 'testplugins_start' raised RuntimeError('no licence for the http process')" in log
     assert "plugin 'testplugins_start' raised RuntimeError('no licence for the models process')" in log
+
+
+# ---- a plugin's state: one object per process, on its context's stash ------------------------
+
+SEEN = StashKey[list[str]]()
+
+
+class Stashes:
+    """Keeps what it sees on the stash of the process that started it, as a plugin with state does."""
+
+    @hookimpl
+    def llm_worker_worker_started(self, worker: WorkerContext) -> None:
+        worker.stash[SEEN] = [worker.role]
+
+    @hookimpl
+    def llm_worker_filter_request(self, worker: WorkerContext) -> None:
+        worker.stash[SEEN].append("request")
+
+    @hookimpl
+    def llm_worker_filter_response(self, worker: WorkerContext) -> None:
+        worker.stash[SEEN].append("response")
+
+    @hookimpl
+    def llm_worker_fallback(self, worker: WorkerContext) -> None:
+        worker.stash[SEEN].append("fallback")
+
+    @hookimpl
+    def llm_worker_record(self, worker: WorkerContext) -> None:
+        worker.stash[SEEN].append("record")
+
+
+def a_job(settings: Settings, prompt: str = "Why is the sky blue?") -> jobs.Decoded:
+    job = {
+        "id": "job-1",
+        "type": "chat",
+        "userId": "user-1",
+        "request": {"messages": [{"role": "user", "content": prompt}]},
+    }
+    return jobs.decode(msgspec.json.encode(job), settings)
+
+
+def a_record() -> Record:
+    return Record(COMPLETED, "test:1", "2026-01-01T00:00:00.000Z", outcome="completed")
+
+
+def test_every_hook_gets_the_context_its_process_started_with_and_two_managers_keep_apart() -> None:
+    # Given one plugin loaded in two plugin managers of one process (the HTTP process has two)
+    plugin = Stashes()
+    http, worker = context("http"), context("worker")
+    first = PluginManager(disabled=set()).load([Found("stashes", plugin, "test")])
+    second = PluginManager(disabled=set()).load([Found("stashes", plugin, "test")])
+    first.worker_started(http)
+    second.worker_started(worker)
+    # When each calls every hook that can take `worker`
+    job = a_job(Settings())
+    for plugins in (first, second):
+        plugins.filter_request(job)
+        plugins.filter_response(job, Answer(response={}, model="m"))
+        plugins.fallback(job, JobError("x", ErrorKind.PROVIDER), None)  # type: ignore[arg-type]
+        plugins.record(a_record())
+    # Then each hook found the state its own manager's start put on its own context
+    assert http.stash[SEEN] == ["http", "request", "response", "fallback", "record"]
+    assert worker.stash[SEEN] == ["worker", "request", "response", "fallback", "record"]
+
+
+def test_a_built_in_filter_keeps_its_settings_per_process_not_per_module() -> None:
+    # Given the content filter started in two plugin managers, with different BLOCKED_PATTERNS
+    strict = config.load({"ENABLE_CONTENT_FILTERING": "true", "BLOCKED_PATTERNS": "sky"}).settings
+    relaxed = config.load({"ENABLE_CONTENT_FILTERING": "false", "MAX_RESPONSE_LENGTH": "3"}).settings
+    guarded = PluginManager(disabled=set()).load([Found("content", content, "test")])
+    lenient = PluginManager(disabled=set()).load([Found("content", content, "test")])
+    guarded.worker_started(context("worker", strict))
+    lenient.worker_started(context("worker", relaxed))  # started last: a module global would now rule both
+    # Then each filters with the settings it started with
+    with pytest.raises(RequestRejected, match="BLOCKED_PATTERNS entry 'sky'"):
+        guarded.filter_request(a_job(strict))
+    lenient.filter_request(a_job(relaxed))
+    answer = Answer(response={"response": "Because of Rayleigh scattering"}, model="m")
+    lenient.filter_response(a_job(relaxed), answer)
+    assert answer.response == {"response": "Bec", "doneReason": "length"}
+
+
+def test_a_hook_that_asks_for_worker_before_its_process_started_the_plugins_fails_naming_it() -> None:
+    plugins = PluginManager(disabled=set()).load([Found("stashes", Stashes(), "test")])
+    with pytest.raises(
+        JobError, match=r"request filter plugin 'stashes' failed: NotStarted\(.*worker_started never ran"
+    ):
+        plugins.filter_request(a_job(Settings()))
 
 
 # ---- wrappers are refused where the manager calls one plugin at a time ----------------------

@@ -14,17 +14,28 @@ working module per hook is docs/plugins.md. A minimal metric sink::
     from llm_worker.plugin import COMPLETED, Record, hookimpl
 
     @hookimpl
-    def llm_worker_record(record: Record) -> None:
-        if record.type == COMPLETED:
-            print(record.model, record.duration)
+    def llm_worker_record(event: Record) -> None:
+        if event.type == COMPLETED:
+            print(event.model, event.duration)
 
-Keep per-process state on an object you register, not in module globals:
-``llm_worker_worker_started(context)`` is called once in each process.
+Keep per-process state on an object in the process's stash, not in module
+globals: ``llm_worker_worker_started(worker)`` is called once in each process
+and puts it there, and the other hooks take ``worker`` to read it back::
+
+    COUNTS = StashKey[Counter[str]]()
+
+    @hookimpl
+    def llm_worker_worker_started(worker: WorkerContext) -> None:
+        worker.stash[COUNTS] = Counter()
+
+    @hookimpl
+    def llm_worker_record(event: Record, worker: WorkerContext) -> None:
+        worker.stash[COUNTS][event.type] += 1
 """
 
 from llm_worker.host.shm import SharedState
 from llm_worker.plugin.attempts import Attempt, Plan
-from llm_worker.plugin.context import WorkerContext
+from llm_worker.plugin.context import Stash, StashKey, WorkerContext
 from llm_worker.plugin.manager import Found, PluginManager
 from llm_worker.plugin.providers import (
     INCOMPLETE,
@@ -68,8 +79,10 @@ from llm_worker.settings.config import Settings
 
 __all__ = [
     "hookimpl",
-    # the process a hook runs in
+    # the process a hook runs in, and the plugins' state in it
     "WorkerContext",
+    "Stash",
+    "StashKey",
     "Settings",
     # providers
     "Provider",

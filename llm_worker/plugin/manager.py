@@ -2,7 +2,9 @@
 
 Built-in plugins are published under the ``llm_worker`` entry-point group by
 this distribution, exactly like third-party ones, so that they are listed,
-blocked and ordered the same way.
+blocked and ordered the same way. A manager belongs to one process: the
+``WorkerContext`` its ``worker_started`` gets, and the plugins' state on that
+context's stash, goes to every hook called after it that asks for ``worker``.
 """
 
 from __future__ import annotations
@@ -59,6 +61,10 @@ CALLED_ONE_BY_ONE = (
 
 class PluginStartError(Exception):
     """A plugin's ``llm_worker_worker_started`` raised; the message names each plugin that did."""
+
+
+class NotStarted(Exception):
+    """A hook asked for ``worker`` in a plugin manager whose ``worker_started`` was never called."""
 
 
 @dataclass(frozen=True)
@@ -132,6 +138,7 @@ class PluginManager:
         self._pm.add_hookspecs(hookspecs)
         self._sources: dict[str, str] = {}
         self._complained: dict[str, float] = {}
+        self._worker: WorkerContext | None = None  # this process's, once worker_started gave it
         self.disabled = _disabled() if disabled is None else disabled
         for name in self.disabled:
             self._pm.set_blocked(name)
@@ -178,12 +185,15 @@ class PluginManager:
         """Start every plugin; if any raised, raise PluginStartError naming them once all were called.
 
         The caller decides: a worker does not boot, the HTTP process and the
-        model manager log it and go on with the plugins that started.
+        model manager log it and go on with the plugins that started. Either
+        way ``worker`` is this process's from now on: the hooks called after
+        this get it, with what each plugin put on ``worker.stash``.
         """
+        self._worker = worker
         failed: list[tuple[str, Exception]] = []
         for impl in self._in_call_order("llm_worker_worker_started"):
             try:
-                impl.function(**_args(impl, worker=worker))
+                impl.function(**self._args(impl))
             except Exception as exc:
                 failed.append((impl.plugin_name, exc))
         if failed:
@@ -200,7 +210,7 @@ class PluginManager:
         """The first strategy's plan; a strategy that raises is logged and passed over."""
         for impl in self._in_call_order("llm_worker_fallback"):
             try:
-                plan = impl.function(**_args(impl, job=job, error=error, attempt=attempt))
+                plan = impl.function(**self._args(impl, job=job, error=error, attempt=attempt))
             except Exception:
                 self._complain(impl.plugin_name, "fallback strategy")
                 continue
@@ -218,7 +228,7 @@ class PluginManager:
         """Give an event to every sink; a sink that raises never fails the job."""
         for impl in self._in_call_order("llm_worker_record"):
             try:
-                impl.function(**_args(impl, event=event))
+                impl.function(**self._args(impl, event=event))
             except Exception:
                 self._complain(impl.plugin_name, "metric sink")
 
@@ -227,12 +237,21 @@ class PluginManager:
     def _filter(self, hook: str, role: str, **kwargs: Any) -> None:
         for impl in self._in_call_order(hook):
             try:
-                impl.function(**_args(impl, **kwargs))
+                impl.function(**self._args(impl, **kwargs))
             except RequestRejected:
                 raise
             except Exception as exc:
                 log.warning(f"{role} {impl.plugin_name} failed", exc_info=True)
                 raise JobError(f"{role} plugin {impl.plugin_name!r} failed: {exc!r}", ErrorKind.UNKNOWN) from exc
+
+    def _args(self, impl: Any, **available: Any) -> dict[str, Any]:
+        """The arguments an implementation asked for (a hookimpl may take any subset), ``worker`` among them."""
+        if "worker" in impl.argnames and self._worker is None:
+            raise NotStarted(
+                f"{impl.plugin_name} asks for `worker`, but this plugin manager's worker_started never ran"
+            )
+        available["worker"] = self._worker
+        return {name: available[name] for name in impl.argnames}
 
     def _in_call_order(self, hook: str) -> list[Any]:
         # pluggy keeps implementations in reverse call order (tryfirst last).
@@ -244,8 +263,3 @@ class PluginManager:
         if now - self._complained.get(plugin, -math.inf) >= 60:
             self._complained[plugin] = now
             log.error(f"{role} {plugin} raised; carrying on (logged at most once a minute)", exc_info=True)
-
-
-def _args(impl: Any, **available: Any) -> dict[str, Any]:
-    """The arguments an implementation asked for: a hookimpl may take any subset."""
-    return {name: available[name] for name in impl.argnames}

@@ -12,6 +12,21 @@ Hooks run in the worker processes, after fork, one job at a time;
 in the HTTP process and in the model manager process. Do not start threads or
 open connections at import time: do it in ``llm_worker_worker_started``.
 
+Keep what a process opens on an object in its ``worker.stash``, never in a
+module global: ``llm_worker_worker_started(worker)`` puts it there under a
+``StashKey`` of the plugin's own, and every hook but ``llm_worker_providers``
+may take the same ``worker`` and read it back::
+
+    SOCKET = StashKey[socket.socket]()
+
+    @hookimpl
+    def llm_worker_worker_started(worker: WorkerContext) -> None:
+        worker.stash[SOCKET] = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+
+    @hookimpl
+    def llm_worker_record(event: Record, worker: WorkerContext) -> None:
+        sock = worker.stash.get(SOCKET)  # None where this process did not start the plugin
+
 llm-worker calls every hook but ``llm_worker_providers`` one plugin at a time,
 so that a failure names its plugin: a ``wrapper=True`` or ``hookwrapper=True``
 implementation of one of them is refused when plugins load.
@@ -55,7 +70,10 @@ def llm_worker_worker_started(worker: WorkerContext) -> None:
 
     :param worker: the process's identity and settings: ``worker.settings``,
         ``worker.worker_id`` (``<WORKER_ID>:<pid>``), ``worker.queue`` (None
-        outside workers), ``worker.role`` ("worker", "http" or "models").
+        outside workers), ``worker.role`` ("worker", "http" or "models"); and
+        ``worker.stash``, where the plugin keeps what it opens for this
+        process (``worker.stash[KEY] = state``). The later hooks get the same
+        ``worker``.
     """
 
 
@@ -87,7 +105,7 @@ def llm_worker_providers(settings: Settings) -> list[Provider]:
 
 
 @hookspec(firstresult=True)
-def llm_worker_fallback(job: Decoded, error: JobError, attempt: Attempt) -> Plan | None:
+def llm_worker_fallback(job: Decoded, error: JobError, attempt: Attempt, worker: WorkerContext) -> Plan | None:
     """Say what to try after a model call failed, or None to let the failure stand.
 
     Called after every failed attempt while the job has attempts and time
@@ -105,6 +123,8 @@ def llm_worker_fallback(job: Decoded, error: JobError, attempt: Attempt) -> Plan
     :param attempt: the attempt that failed: its number and the job's budget,
         the model, the models already tried, the seconds left, and
         ``attempt.breaker_open(model)``.
+    :param worker: this process's context, as ``llm_worker_worker_started``
+        got it: ``worker.stash[KEY]`` is what the plugin put there.
     :return: a ``llm_worker.plugin.attempts.Plan`` (another model, overridden
         options, unload idle models first), or None.
     """
@@ -116,7 +136,7 @@ def llm_worker_fallback(job: Decoded, error: JobError, attempt: Attempt) -> Plan
 
 
 @hookspec
-def llm_worker_filter_request(job: Decoded) -> None:
+def llm_worker_filter_request(job: Decoded, worker: WorkerContext) -> None:
     """Check or change a job before it runs.
 
     Called for every job after validation, before its first attempt, each
@@ -128,11 +148,15 @@ def llm_worker_filter_request(job: Decoded) -> None:
     Refuse the job by raising ``llm_worker.RequestRejected(reason)``: it
     fails with errorType ``validation`` and that reason, and is not retried.
     Any other exception fails the job too, with an error naming this plugin.
+
+    :param worker: this process's context, as ``llm_worker_worker_started``
+        got it: ``worker.settings``, and ``worker.stash[KEY]`` for the
+        plugin's own state.
     """
 
 
 @hookspec
-def llm_worker_filter_response(job: Decoded, result: Answer) -> None:
+def llm_worker_filter_response(job: Decoded, result: Answer, worker: WorkerContext) -> None:
     """Check or change a job's answer before it is written.
 
     Called once per successful job (and once per request of a batch), before
@@ -143,6 +167,7 @@ def llm_worker_filter_response(job: Decoded, result: Answer) -> None:
 
     :param result: the answer: ``result.response`` (the result's response
         object), ``result.model``, ``result.text``, token counts.
+    :param worker: this process's context, as for ``llm_worker_filter_request``.
     """
 
 
@@ -152,7 +177,7 @@ def llm_worker_filter_response(job: Decoded, result: Answer) -> None:
 
 
 @hookspec
-def llm_worker_record(event: Record) -> None:
+def llm_worker_record(event: Record, worker: WorkerContext) -> None:
     """Receive one job, model or breaker event.
 
     Called in the process where the event happened, after it happened (a
@@ -164,4 +189,7 @@ def llm_worker_record(event: Record) -> None:
         ``llm.request.completed``, ``llm.breaker.opened``), ``event.data`` as
         published on the ``llm:events`` stream, and typed fields (job id,
         queue, job type, model, outcome, duration, tokens, ...).
+    :param worker: this process's context, as ``llm_worker_worker_started``
+        got it: ``worker.stash[KEY]`` is the connection or counters the
+        plugin opened there (absent where it opened none).
     """

@@ -16,44 +16,56 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import psutil
 
+from llm_worker.plugin.context import StashKey
 from llm_worker.plugin.spec import hookimpl
 from llm_worker.protocol.records import Record
 
 if TYPE_CHECKING:
     from llm_worker.plugin.context import WorkerContext
 
-_fd: int | None = None
-_me: psutil.Process | None = None
 _encode = msgspec.json.Encoder().encode
+
+
+class AuditLog:
+    """One worker's audit log: its file, opened O_APPEND, and its own process for the memory it reports."""
+
+    def __init__(self, path: str) -> None:
+        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        self.me = psutil.Process()
+
+    def write(self, event: Record) -> None:
+        """Append one line for a job outcome, with one write() so that lines never interleave."""
+        data = event.data
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        line: dict[str, Any] = {
+            "timestamp": event.timestamp,
+            "workerId": event.worker_id,
+            "jobId": event.job_id,
+            "userId": data.get("userId"),
+            "action": event.outcome,
+            "model": event.model,
+            "processingTime": data.get("processingTime"),
+            "tokensUsed": data.get("tokensUsed"),
+            "success": event.outcome == "completed",
+            "error": data.get("error"),
+            "memoryBytes": self.me.memory_info().rss,
+            "cpuSeconds": round(usage.ru_utime + usage.ru_stime, 3),
+        }
+        os.write(self.fd, _encode(line) + b"\n")
+
+
+AUDIT_LOG = StashKey[AuditLog]()
 
 
 @hookimpl
 def llm_worker_worker_started(worker: WorkerContext) -> None:
-    global _fd, _me
     path = worker.settings.filters.audit_log_path
-    if path and worker.role == "worker":
-        _fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
-        _me = psutil.Process()
+    if path and worker.role == "worker":  # jobs end in workers only
+        worker.stash[AUDIT_LOG] = AuditLog(path)
 
 
 @hookimpl
-def llm_worker_record(event: Record) -> None:
-    if _fd is None or event.outcome is None:
-        return
-    data = event.data
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    line: dict[str, Any] = {
-        "timestamp": event.timestamp,
-        "workerId": event.worker_id,
-        "jobId": event.job_id,
-        "userId": data.get("userId"),
-        "action": event.outcome,
-        "model": event.model,
-        "processingTime": data.get("processingTime"),
-        "tokensUsed": data.get("tokensUsed"),
-        "success": event.outcome == "completed",
-        "error": data.get("error"),
-        "memoryBytes": _me.memory_info().rss if _me is not None else None,
-        "cpuSeconds": round(usage.ru_utime + usage.ru_stime, 3),
-    }
-    os.write(_fd, _encode(line) + b"\n")
+def llm_worker_record(event: Record, worker: WorkerContext) -> None:
+    audit = worker.stash.get(AUDIT_LOG)
+    if audit is not None and event.outcome is not None:
+        audit.write(event)

@@ -11,40 +11,38 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
+from llm_worker.plugin.context import StashKey
 from llm_worker.plugin.spec import hookimpl
 from llm_worker.protocol.jobs import Answer, Decoded, RequestRejected
-from llm_worker.settings.config import Settings
 
 if TYPE_CHECKING:
     from llm_worker.plugin.context import WorkerContext
 
-_settings: Settings | None = None
-_patterns: list[re.Pattern[str]] = []
+# BLOCKED_PATTERNS, compiled once per process; absent with ENABLE_CONTENT_FILTERING off.
+PATTERNS = StashKey[list[re.Pattern[str]]]()
 
 
 @hookimpl
 def llm_worker_worker_started(worker: WorkerContext) -> None:
-    global _settings, _patterns
-    _settings = worker.settings
     filters = worker.settings.filters
-    _patterns = [re.compile(p) for p in filters.blocked_patterns] if filters.content_filtering else []
+    if filters.content_filtering:
+        worker.stash[PATTERNS] = [re.compile(p) for p in filters.blocked_patterns]
 
 
 @hookimpl
-def llm_worker_filter_request(job: Decoded) -> None:
-    if not _patterns:
+def llm_worker_filter_request(job: Decoded, worker: WorkerContext) -> None:
+    patterns = worker.stash.get(PATTERNS)
+    if not patterns:
         return
     text = job.prompt_text()
-    for pattern in _patterns:
+    for pattern in patterns:
         if pattern.search(text):
             raise RequestRejected(f"prompt matches BLOCKED_PATTERNS entry {pattern.pattern!r}")
 
 
 @hookimpl
-def llm_worker_filter_response(result: Answer) -> None:
-    if _settings is None:
-        return
-    cut(result, _settings.filters.max_response_length)
+def llm_worker_filter_response(result: Answer, worker: WorkerContext) -> None:
+    cut(result, worker.settings.filters.max_response_length)
 
 
 def cut(result: Answer, limit: int) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from llm_worker.plugin.context import StashKey
 from llm_worker.plugin.spec import hookimpl
 from llm_worker.protocol.records import Record
 from llm_worker.queue.reliable import DeferredEvents, Event, Keys, connect
@@ -18,18 +19,18 @@ from llm_worker.queue.reliable import DeferredEvents, Event, Keys, connect
 if TYPE_CHECKING:
     from llm_worker.plugin.context import WorkerContext
 
-_sender: DeferredEvents | None = None
+SENDER = StashKey[DeferredEvents]()  # this process's own Redis connection, opened after fork
 
 
 @hookimpl
 def llm_worker_worker_started(worker: WorkerContext) -> None:
-    global _sender
     settings = worker.settings
     keys = Keys(settings.redis.key_prefix, settings.queue.dead_letter)
-    _sender = DeferredEvents(connect(settings), keys.events)
+    worker.stash[SENDER] = DeferredEvents(connect(settings), keys.events)
 
 
 @hookimpl
-def llm_worker_record(event: Record) -> None:
-    if _sender is not None:
-        _sender.send(Event(event.type, event.data))
+def llm_worker_record(event: Record, worker: WorkerContext) -> None:
+    sender = worker.stash.get(SENDER)
+    if sender is not None:
+        sender.send(Event(event.type, event.data))

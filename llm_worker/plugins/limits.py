@@ -19,19 +19,10 @@ from llm_worker.settings.config import Settings
 if TYPE_CHECKING:
     from llm_worker.plugin.context import WorkerContext
 
-_settings: Settings | None = None
-
 
 @hookimpl
-def llm_worker_worker_started(worker: WorkerContext) -> None:
-    global _settings
-    _settings = worker.settings
-
-
-@hookimpl
-def llm_worker_filter_request(job: Decoded) -> None:
-    if _settings is not None:
-        check(job, _settings)
+def llm_worker_filter_request(job: Decoded, worker: WorkerContext) -> None:
+    check(job, worker.settings)
 
 
 def check(job: Decoded, settings: Settings) -> None:

@@ -7,49 +7,63 @@ Payloads refused unrun count as rejected.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from llm_worker.host.layout import Counters
+from llm_worker.host.shm import SharedState
 from llm_worker.host.stats import model_label
+from llm_worker.plugin.context import StashKey
 from llm_worker.plugin.spec import hookimpl
 from llm_worker.protocol.records import Record
 
 if TYPE_CHECKING:
     from llm_worker.plugin.context import WorkerContext
 
-_counters: Counters | None = None
-_label: Callable[[str], int] | None = None
+
+class JobCounts:
+    """One worker's counters in shared memory, and how it numbers the models it counts."""
+
+    def __init__(self, counters: Counters, shared: SharedState, add_labels: bool) -> None:
+        self.counters = counters
+        self.shared = shared
+        self.add_labels = add_labels
+
+    def count(self, event: Record) -> None:
+        """Count a job's outcome; other events (no ``outcome``) are not counted."""
+        if event.outcome is None:
+            return
+        if event.outcome == "rejected":
+            self.counters.rejected += 1
+            return
+        self.counters.record(
+            event.job_type or "chat",
+            self.shared.model_index(model_label(event.model or ""), add=self.add_labels),
+            event.outcome,
+            event.duration or 0.0,
+            event.wait,
+            event.prompt_tokens,
+            event.completion_tokens,
+            event.fallback_used,
+            event.cache_hit,
+            event.cache_lookup,
+        )
+
+
+COUNTS = StashKey[JobCounts]()
 
 
 @hookimpl
 def llm_worker_worker_started(worker: WorkerContext) -> None:
-    global _counters, _label
     if worker.slot is None:
-        return  # the HTTP process counts no jobs
-    _counters = worker.shared.slots[worker.slot].counters
+        return  # the HTTP process and the model manager count no jobs
     # With ALLOWED_MODELS set, the supervisor registered every label in
     # advance and anything else is "other"; without it, first come first served.
     add = not worker.settings.models.allowed
-    _label = lambda model: worker.shared.model_index(model_label(model), add=add)  # noqa: E731
+    worker.stash[COUNTS] = JobCounts(worker.shared.slots[worker.slot].counters, worker.shared, add)
 
 
 @hookimpl
-def llm_worker_record(event: Record) -> None:
-    if _counters is None or _label is None or event.outcome is None:
-        return
-    if event.outcome == "rejected":
-        _counters.rejected += 1
-        return
-    _counters.record(
-        event.job_type or "chat",
-        _label(event.model or ""),
-        event.outcome,
-        event.duration or 0.0,
-        event.wait,
-        event.prompt_tokens,
-        event.completion_tokens,
-        event.fallback_used,
-        event.cache_hit,
-        event.cache_lookup,
-    )
+def llm_worker_record(event: Record, worker: WorkerContext) -> None:
+    counts = worker.stash.get(COUNTS)
+    if counts is not None:
+        counts.count(event)
