@@ -7,7 +7,7 @@ worker's message instead.
 """
 
 OK = 0
-SUPERVISOR_ERROR = 1  # the supervisor itself failed
+SUPERVISOR_ERROR = 1  # the supervisor itself failed (its loop raised: Arbiter.halt), or a child raised unhandled
 USAGE = 2  # bad command line or settings (`llm-worker run`, `check-config`)
 WORKER_BOOT_ERROR = 3
 WORKER_QUIT = 4  # told to stop at once (QUIT); its jobs are handed back uncounted

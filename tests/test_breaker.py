@@ -96,6 +96,18 @@ def test_half_open_probe_success_closes_failure_reopens_with_a_longer_wait() -> 
     assert [t.to for t in b.transitions] == ["opened", "half_open", "opened", "half_open", "closed"]
 
 
+def test_the_open_wait_doubles_on_each_reopen_up_to_its_cap_never_shorter_at_most_a_fifth_longer() -> None:
+    b = breakers(SharedState(4), CIRCUIT_BREAKER_RESET_TIMEOUT="100", CIRCUIT_BREAKER_MAX_RESET_TIMEOUT="250")
+    trip(b)
+    waits = [b.transitions[-1].open_seconds]
+    for _ in range(2):  # the probe fails: open again
+        time.sleep(waits[-1] + 0.02)
+        b.record(b.admit("ollama", "m", 5), FAIL)
+        waits.append(b.transitions[-1].open_seconds)
+    for wait, expected in zip(waits, (0.1, 0.2, 0.25)):
+        assert expected <= wait <= expected * 1.2 + 1e-9, waits
+
+
 def test_off_with_enable_circuit_breaker_false() -> None:
     b = breakers(SharedState(4), ENABLE_CIRCUIT_BREAKER="false")
     for _ in range(10):

@@ -39,6 +39,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from llm_worker.host.backoff import compute_backoff
 from llm_worker.host.layout import BUCKETS, KEY_BYTES, MAX_BREAKERS, Forced, Row, State, Table
 from llm_worker.host.procs import alive
 from llm_worker.protocol import records
@@ -51,6 +52,7 @@ if TYPE_CHECKING:
 
 COUNTED = frozenset({ErrorKind.TIMEOUT, ErrorKind.NETWORK, ErrorKind.PROVIDER})
 HALF_OPEN_RECHECK = 2.0  # seconds before a call refused during a probe tries again
+MAX_DOUBLINGS = 16  # the open wait stops doubling after this many re-opens, even below its cap
 
 
 def counts(error: JobError) -> bool:
@@ -243,8 +245,9 @@ class Breakers:
 
     def _open(self, row: Row, now: float, reason: str) -> None:
         b = self.settings.breaker
-        seconds = min(b.reset_timeout * 2 ** min(row.reopens, 16), b.max_reset_timeout) / 1000
-        seconds *= random.uniform(1.0, 1.2)  # hosts tripped together do not all probe together
+        # Jitter "up": hosts tripped together do not all probe together, and none probes before the reset timeout.
+        reopens = min(row.reopens, MAX_DOUBLINGS)
+        seconds = compute_backoff(reopens + 1, b.reset_timeout, cap=b.max_reset_timeout, jitter="up") / 1000
         row.open_until = now + seconds
         row.opened_total += 1
         self._move(row, State.OPEN, reason, seconds)

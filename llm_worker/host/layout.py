@@ -240,7 +240,6 @@ class Phase(enum.IntEnum):
     RUNNING = 1
     DRAINING = 2
     STOPPING = 3
-    RELOADING = 4
 
 
 JOB_ID_BYTES = 132
@@ -268,6 +267,10 @@ class Slot(ctypes.Structure):
         ("paused_why", ctypes.c_char * 240),  # the pause's reason in words, for readiness and /status
         ("counters", Counters),
     ]
+
+    def up(self) -> bool:
+        """Whether a booted worker holds this slot, idle or busy: the one test of "a worker is up"."""
+        return self.pid > 0 and self.state in (SlotState.IDLE, SlotState.BUSY)
 
     # ---- the worker's side -----------------------------------------------
 

@@ -112,6 +112,11 @@ class LoadBoard:
     def serve(self, provider: str) -> None:
         self.board.provider = provider.encode()[:31]
 
+    def forget_unfinished(self) -> None:
+        """Let go of loads a manager that died (or was replaced on HUP) had begun: asked again, they are made anew."""
+        for row in self.board.rows:
+            row.started = 0.0
+
     def asked_since(self, index: int, since: float) -> bool:
         return self.board.rows[index].asked > since
 

@@ -26,8 +26,8 @@ from prometheus_client import CollectorRegistry, make_wsgi_app
 
 from llm_worker import __version__, logs
 from llm_worker.host.breaker import Breakers, breaker_record
-from llm_worker.host.layout import Phase, SlotState
-from llm_worker.host.procs import exit_with_parent
+from llm_worker.host.layout import Phase
+from llm_worker.host.procs import exit_with_parent, worker_id
 from llm_worker.host.shm import SharedState
 from llm_worker.http.liveprobe import Answer, LiveProbe
 from llm_worker.http.metrics import ShmCollector
@@ -65,7 +65,7 @@ class Health:
         return time.monotonic() - self.state.header.loop_beat < LIVE_STALE
 
     def workers_up(self) -> int:
-        return sum(1 for s in self.state.slots if s.pid > 0 and s.state in (SlotState.IDLE, SlotState.BUSY))
+        return sum(1 for s in self.state.slots if s.up())
 
     def not_ready(self) -> str | None:
         """Why the host should get no traffic now, or None when it is ready."""
@@ -256,7 +256,7 @@ class App:
             for t in self.breakers.transitions:
                 log.warning(f"circuit breaker {t.to}: {t.key}: {t.reason}")
                 if self.plugins is not None:
-                    self.plugins.record(breaker_record(t, f"{self.settings.worker.id}:{os.getpid()}"))
+                    self.plugins.record(breaker_record(t, worker_id(self.settings.worker.id, os.getpid())))
             self.breakers.transitions.clear()
             row = next(r for r in self.breakers.rows() if r["key"] == key)
             return 200, row
@@ -321,7 +321,7 @@ def serve(settings: Settings, state: SharedState, supervisor_pid: int, plugins: 
     app.plugins = PluginManager().load(plugins)
     try:
         app.plugins.worker_started(
-            WorkerContext(settings, f"{settings.worker.id}:{os.getpid()}", "http", None, state, None)
+            WorkerContext(settings, worker_id(settings.worker.id, os.getpid()), "http", None, state, None)
         )
     except Exception:
         log.exception("a plugin failed to start in the HTTP process; its sink may be silent here")

@@ -322,7 +322,7 @@ class ShmCollector(Collector):
         reasons: dict[int, set[int]] = {}
         live: dict[int, int] = {}
         for slot in self.state.slots:
-            if slot.pid > 0 and slot.state in (SlotState.IDLE, SlotState.BUSY):
+            if slot.up():
                 live[slot.pool] = live.get(slot.pool, 0) + 1
                 reasons.setdefault(slot.pool, set()).add(slot.paused)
         for index, pool in enumerate(pools):

@@ -18,6 +18,7 @@ import time
 from llm_worker.host.backpressure import PROBE_EVERY, Reachability, in_flight
 from llm_worker.host.chores import Chore
 from llm_worker.host.layout import MAX_GPUS, NAME
+from llm_worker.host.procs import worker_id
 from llm_worker.host.shm import SharedState
 from llm_worker.http.gpu import GpuReading, GpuSampler, ollama_memory
 from llm_worker.http.hoststats import OLLAMA_NAMES, ProcessWatcher, find_processes, host_reading
@@ -127,7 +128,9 @@ class Sampler(threading.Thread):
         r = self.state.readings
         pools = self.state.pool_names()
         host = self.settings.worker.id
-        held = [(slot.pool, self.keys.processing(f"{host}:{slot.pid}")) for slot in self.state.slots if slot.pid > 0]
+        held = [
+            (slot.pool, self.keys.processing(worker_id(host, slot.pid))) for slot in self.state.slots if slot.pid > 0
+        ]
         pipe = self.redis.pipeline(transaction=False)
         for pool in pools:
             pipe.llen(pool)

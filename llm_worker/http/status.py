@@ -11,6 +11,7 @@ from llm_worker.host.backpressure import Reachability, in_flight
 from llm_worker.host.breaker import Breakers
 from llm_worker.host.layout import Pause, Phase, SlotState
 from llm_worker.host.loadboard import LoadBoard
+from llm_worker.host.procs import worker_id
 from llm_worker.host.shm import SharedState
 from llm_worker.protocol.jobs import iso
 from llm_worker.settings.config import Settings
@@ -29,7 +30,7 @@ def snapshot(settings: Settings, state: SharedState, not_ready: str | None) -> d
             {
                 "slot": index,
                 "pid": slot.pid,
-                "workerId": f"{settings.worker.id}:{slot.pid}",
+                "workerId": worker_id(settings.worker.id, slot.pid),
                 "pool": pools[slot.pool] if slot.pool < len(pools) else None,
                 "state": SlotState(slot.state).name.lower(),
                 "jobsDone": slot.jobs_done,
@@ -123,7 +124,7 @@ def pool_pauses(state: SharedState) -> dict[str, str]:
     pools = state.pool_names()
     seen: dict[int, list[str | None]] = {}
     for slot in state.slots:
-        if slot.pid > 0 and slot.state in (SlotState.IDLE, SlotState.BUSY):
+        if slot.up():
             seen.setdefault(slot.pool, []).append(slot.paused_why.decode(errors="replace") if slot.paused else None)
     return {pools[i]: whys[0] or "" for i, whys in seen.items() if i < len(pools) and all(whys)}
 

@@ -33,9 +33,10 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from llm_worker import exitcodes, logs
+from llm_worker.host.backoff import compute_backoff
 from llm_worker.host.layout import MAX_LOADED, NAME, SlotState
 from llm_worker.host.loadboard import ASKED, PRELOAD, WHY, LoadBoard
-from llm_worker.host.procs import exit_with_parent
+from llm_worker.host.procs import exit_with_parent, worker_id
 from llm_worker.host.shm import SharedState
 from llm_worker.host.stats import model_label
 from llm_worker.models import policy as modelpolicy
@@ -62,10 +63,10 @@ def run_manager(settings: Settings, state: SharedState, supervisor_pid: int, plu
     """The manager child's life: preload, then manage every MODEL_MANAGER_INTERVAL until the supervisor goes."""
     logs.setup(settings.log, role="models", workerId=settings.worker.id)
     threading.Thread(target=exit_with_parent, args=(supervisor_pid,), daemon=True, name="parent-watch").start()
-    worker_id = f"{settings.worker.id}:{os.getpid()}"
+    my_id = worker_id(settings.worker.id, os.getpid())
     manager = PluginManager().load(plugins)
     try:
-        manager.worker_started(WorkerContext(settings, worker_id, "models", None, state, None))
+        manager.worker_started(WorkerContext(settings, my_id, "models", None, state, None))
     except Exception:
         log.exception("a plugin failed to start in the model manager; its sink may be silent here")
     provider = next((p for p in manager.providers(settings) if isinstance(p, OllamaProvider)), None)
@@ -75,7 +76,7 @@ def run_manager(settings: Settings, state: SharedState, supervisor_pid: int, plu
         state.header.models_ready = 1
         while True:
             time.sleep(3600)
-    models = ModelManager(settings, state, provider, manager, worker_id)
+    models = ModelManager(settings, state, provider, manager, my_id)
     models.start()
     interval = settings.models.manage_interval / 1000
     next_turn = time.monotonic() + interval
@@ -133,6 +134,7 @@ class ModelManager:
         m = self.settings.models
         # From now on jobs wait for this manager's loads instead of loading through their own calls.
         self.board.serve(self.provider.name)
+        self.board.forget_unfinished()  # a load the previous manager began died with it; its waiters still wait
         for model in self.preloads:
             self.state.model_index(model_label(model), add=True)
         if m.auto_pull:
@@ -292,7 +294,7 @@ class ModelManager:
 
     def _retry_later(self, model: str) -> float:
         tries = self.retry_at.get(model, (0.0, 0))[1] + 1
-        delay = min(self.settings.models.manage_interval / 1000 * 2 ** (tries - 1), RETRY_CAP)
+        delay = compute_backoff(tries, self.settings.models.manage_interval / 1000, cap=RETRY_CAP)
         self.retry_at[model] = (time.monotonic() + delay, tries)
         return delay
 
@@ -341,7 +343,7 @@ class ModelManager:
         header = self.state.header
         # A worker's slot names the model of the provider call it is in (-1 between calls).
         busy = {
-            slot.model for slot in self.state.slots if slot.pid > 0 and slot.state == SlotState.BUSY and slot.model >= 0
+            slot.model for slot in self.state.slots if slot.up() and slot.state == SlotState.BUSY and slot.model >= 0
         }
         self._publish(running)
         out = []

@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 import msgspec
 
 from llm_worker import __version__
+from llm_worker.host.backoff import compute_backoff
 from llm_worker.plugin.providers import Deadline, ProviderError
 from llm_worker.protocol.jobs import ErrorKind
 
@@ -113,8 +114,10 @@ class JsonHttp:
             attempt += 1
             if attempt > retries:
                 raise error
-            pause = self.retry_delay * 2 ** (attempt - 1)
-            if pause >= deadline.left():
+            # Capped at the time left: a pause that would reach the deadline is not taken at all.
+            left = deadline.left()
+            pause = compute_backoff(attempt, self.retry_delay, cap=left)
+            if pause >= left:
                 raise error
             time.sleep(pause)
 

@@ -16,8 +16,10 @@ from collections.abc import Callable, Mapping
 import redis
 
 from llm_worker import exitcodes
+from llm_worker.host.backoff import compute_backoff
 from llm_worker.host.layout import Phase, SlotState
 from llm_worker.host.loadboard import LoadBoard
+from llm_worker.host.procs import worker_id
 from llm_worker.host.shm import SharedState
 from llm_worker.host.stats import model_label
 from llm_worker.plugin.manager import Found
@@ -25,7 +27,7 @@ from llm_worker.protocol.jobs import iso
 from llm_worker.queue.reliable import ReliableQueue, WorkerInfo, connect
 from llm_worker.settings.config import SettingError, Settings
 from llm_worker.settings.urls import redis_location
-from llm_worker.supervisor.children import Child, Children, Exit, Handback
+from llm_worker.supervisor.children import RESPAWN_CAP, Child, Children, Exit, Handback
 from llm_worker.supervisor.housekeeping import Housekeeping, warn_if_jobs_can_be_lost
 from llm_worker.supervisor.recovery import Gone, Recovery
 from llm_worker.supervisor.sdnotify import Notifier
@@ -37,7 +39,6 @@ log = logging.getLogger("llm_worker.supervisor")
 
 KILL_GRACE = 2.0  # seconds between SIGTERM and SIGKILL for a hung worker
 QUIT_GRACE = 1.0
-BACKOFF_CAP = 30.0
 REDIS_TIMEOUT = 1.0  # the supervisor never waits on Redis longer than this
 
 
@@ -94,16 +95,19 @@ class Arbiter:
 
     def run(self) -> int:
         self.start()
-        while not self.finished():
-            for signum in self.signals.wait(self.sleep_time()):
-                self.dispatch(signum)
-            self.reap_workers()
-            self.murder_workers()
-            self.manage_workers()
-            self.manage_services()
-            self.housekeeping.tick()
-            self.state.header.loop_beat = time.monotonic()
-            self.systemd.turn(old_workers_left=any(c.generation < self.generation for c in self.children.workers()))
+        try:
+            while not self.finished():
+                for signum in self.signals.wait(self.sleep_time()):
+                    self.dispatch(signum)
+                self.reap_workers()
+                self.murder_workers()
+                self.manage_workers()
+                self.manage_services()
+                self.housekeeping.tick()
+                self.state.header.loop_beat = time.monotonic()
+                self.systemd.turn(old_workers_left=any(c.generation < self.generation for c in self.children.workers()))
+        except Exception:
+            self.halt()
         self.shut_down()
         return self.exit_code
 
@@ -180,6 +184,10 @@ class Arbiter:
         if self.phase == Phase.STOPPING:
             return
         log.warning("stopping now: jobs in hand go back to their queues")
+        self.quit_workers()
+
+    def quit_workers(self) -> None:
+        """Stop every worker at once; what each held goes back to its queue, uncounted, as it is reaped."""
         self.phase = Phase.STOPPING
         self.systemd.stopping()
         for child in self.children.workers():
@@ -243,12 +251,12 @@ class Arbiter:
     def _worker_exited(self, ex: Exit) -> None:
         child = ex.child
         slot = self.state.slots[child.slot]
-        worker_id = f"{self.settings.worker.id}:{child.pid}"
+        dead = worker_id(self.settings.worker.id, child.pid)
         if child.term_sent:
             crashed = child.handback is Handback.CRASH
         else:
             crashed = ex.code not in (exitcodes.OK, exitcodes.WORKER_QUIT, exitcodes.WORKER_BOOT_ERROR)
-        self.recovery.worker_gone(Gone(worker_id, child.pool, crashed=crashed))
+        self.recovery.worker_gone(Gone(dead, child.pool, crashed=crashed))
         boot_error = slot.boot_error.decode(errors="replace")
         no_progress = slot.state == SlotState.BOOTING or (slot.state == SlotState.IDLE and slot.jobs_done == 0)
         self.state.retire(slot)
@@ -257,11 +265,11 @@ class Arbiter:
         slot.release()
         self.worker_since.pop(child.pid, None)
         if ex.code == exitcodes.WORKER_BOOT_ERROR:
-            self._boot_failed(worker_id, boot_error)
+            self._boot_failed(dead, boot_error)
             return
         lived = time.monotonic() - child.spawned
         if child.term_sent and not crashed:
-            log.info("worker stopped", extra={"deadWorker": worker_id, "reason": child.reason, "exit": ex.describe()})
+            log.info("worker stopped", extra={"deadWorker": dead, "reason": child.reason, "exit": ex.describe()})
             return
         # Only deaths that show no progress build up the backoff: dying while
         # booting, or idle before a single job. A worker that died holding a
@@ -269,12 +277,12 @@ class Arbiter:
         # job that kills every worker is bounded by JOB_MAX_CRASHES instead.
         streak = self.crash_streak.get(child.pool, 0) + 1 if no_progress else 0
         self.crash_streak[child.pool] = streak
-        delay = 0.0 if streak <= 1 else min(0.25 * 2 ** (streak - 2), BACKOFF_CAP)
+        delay = 0.0 if streak <= 1 else compute_backoff(streak - 1, 0.25, cap=RESPAWN_CAP)
         self.respawn_at[child.pool] = time.monotonic() + delay
         log.error(
             "worker died",
             extra={
-                "deadWorker": worker_id,
+                "deadWorker": dead,
                 "exit": ex.describe(),
                 "reason": child.reason or "unexpected",
                 "livedSeconds": round(lived, 1),
@@ -282,7 +290,7 @@ class Arbiter:
             },
         )
 
-    def _boot_failed(self, worker_id: str, why: str) -> None:
+    def _boot_failed(self, dead: str, why: str) -> None:
         self.boot_failures += 1
         limit = self.settings.worker.max_restarts
         if self.boot_failures >= limit:
@@ -293,10 +301,10 @@ class Arbiter:
             self.exit_code = exitcodes.WORKER_BOOT_ERROR
             self.handle_quit()
             return
-        delay = min(0.5 * 2 ** (self.boot_failures - 1), BACKOFF_CAP)
+        delay = compute_backoff(self.boot_failures, 0.5, cap=RESPAWN_CAP)
         for pool in self.targets:
             self.respawn_at[pool] = max(self.respawn_at.get(pool, 0.0), time.monotonic() + delay)
-        log.error(f"worker failed to boot: {why}", extra={"deadWorker": worker_id, "retryInSeconds": delay})
+        log.error(f"worker failed to boot: {why}", extra={"deadWorker": dead, "retryInSeconds": delay})
 
     def _service_exited(self, ex: Exit) -> None:
         if ex.child.kind == "http":
@@ -343,7 +351,7 @@ class Arbiter:
                 reason = "heartbeat stale"
             else:
                 continue
-            log.error(f"killing worker: {reason}", extra={"deadWorker": f"{self.settings.worker.id}:{child.pid}"})
+            log.error(f"killing worker: {reason}", extra={"deadWorker": worker_id(self.settings.worker.id, child.pid)})
             self.children.stop(
                 child, signal.SIGTERM, grace=KILL_GRACE, handback=Handback.CRASH, reason=reason, wake=False
             )
@@ -361,8 +369,8 @@ class Arbiter:
             live = [c for c in self.children.workers(pool) if not c.term_sent]
             old = [c for c in live if c.generation < self.generation]
             new = [c for c in live if c.generation == self.generation]
-            booted = all(self.state.slots[c.slot].state in (SlotState.IDLE, SlotState.BUSY) for c in new)
-            if any(self.state.slots[c.slot].state in (SlotState.IDLE, SlotState.BUSY) for c in new):
+            booted = all(self.state.slots[c.slot].up() for c in new)
+            if any(self.state.slots[c.slot].up() for c in new):
                 self.boot_failures = 0
             if old and booted:
                 # Rolling reload: one new worker up before one old worker goes.
@@ -414,13 +422,35 @@ class Arbiter:
     def live_workers(self) -> dict[str, WorkerInfo]:
         host = self.settings.worker.id
         return {
-            f"{host}:{c.pid}": WorkerInfo(
+            worker_id(host, c.pid): WorkerInfo(
                 queue=c.pool, host=host, hostname=self.hostname, pid=c.pid, since=self.worker_since.get(c.pid, "")
             )
             for c in self.children.workers()
         }
 
     # ---- the end --------------------------------------------------------------------
+
+    def halt(self) -> None:
+        """The last resort, as gunicorn's arbiter has: the loop raised, so stop as QUIT does, and say so.
+
+        Called inside the ``except``: the traceback goes with the critical line.
+        Workers must not outlive their supervisor's bug holding jobs, so each is
+        stopped at once and reaped here, which hands what it held back to its queue.
+        """
+        log.critical("the supervisor loop failed; stopping now: jobs in hand go back to their queues", exc_info=True)
+        self.exit_code = exitcodes.SUPERVISOR_ERROR
+        try:
+            self.quit_workers()
+            deadline = time.monotonic() + QUIT_GRACE + KILL_GRACE
+            while self.children.workers() and time.monotonic() < deadline:
+                self.signals.wait(0.05)
+                self.reap_workers()
+                self.children.kill_overdue()
+        except Exception:
+            log.critical(
+                "stopping after that failure failed too: jobs still held are recovered once their heartbeats expire",
+                exc_info=True,
+            )
 
     def shut_down(self) -> None:
         """Every worker is gone: hand back what Redis could not take yet, stop HTTP."""

@@ -13,6 +13,10 @@ from typing import NoReturn
 
 from llm_worker import exitcodes
 
+# The longest wait before a child that keeps dying (worker or service) is forked again:
+# a crash loop costs a fork every half minute, and a fixed cause is picked up within one.
+RESPAWN_CAP = 30.0
+
 
 class Handback(enum.Enum):
     """What a dead worker's held jobs count as when they go back to their queue."""
@@ -33,10 +37,6 @@ class Child:
     kill_at: float = 0.0  # when to SIGKILL it if it has not exited
     handback: Handback = Handback.CRASH
     reason: str = ""
-
-    @property
-    def worker_id_suffix(self) -> str:
-        return str(self.pid)
 
 
 @dataclass(frozen=True)
@@ -65,9 +65,6 @@ class Children:
 
     def workers(self, pool: str | None = None) -> list[Child]:
         return [c for c in self.by_pid.values() if c.kind == "worker" and (pool is None or c.pool == pool)]
-
-    def of_kind(self, kind: str) -> list[Child]:
-        return [c for c in self.by_pid.values() if c.kind == kind]
 
     def fork(self, child: Child, in_child: Callable[[], NoReturn]) -> Child:
         """Fork; the child runs ``in_child`` (which must never return)."""

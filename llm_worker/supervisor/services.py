@@ -14,7 +14,8 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from llm_worker.supervisor.children import Child, Exit
+from llm_worker.host.backoff import compute_backoff
+from llm_worker.supervisor.children import RESPAWN_CAP, Child, Exit
 
 if TYPE_CHECKING:
     from llm_worker.host.shm import SharedState
@@ -39,7 +40,6 @@ class Launch:
 Spawn = Callable[[Launch], Child | None]
 LIVED_LONG = 10.0  # a service child that lived this long was not crash-looping
 FIRST_BACKOFF = 0.1
-BACKOFF_CAP = 30.0
 
 
 @dataclass
@@ -83,7 +83,7 @@ class Services:
             return service, None
         now = time.monotonic()
         service.streak = 1 if now - ex.child.spawned > LIVED_LONG else service.streak + 1
-        delay = min(FIRST_BACKOFF * 2 ** (service.streak - 1), BACKOFF_CAP)
+        delay = compute_backoff(service.streak, FIRST_BACKOFF, cap=RESPAWN_CAP)
         service.respawn_at = now + delay
         return service, delay
 

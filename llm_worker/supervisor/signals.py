@@ -51,13 +51,6 @@ class SignalQueue:
             return []
         return list(data)
 
-    def wake(self) -> None:
-        """Make the next wait return at once (used after work is queued internally)."""
-        try:
-            os.write(self._write, b"\0")
-        except BlockingIOError:
-            pass
-
     def reset_in_child(self) -> None:
         """In a freshly forked child: default handlers, no wakeup fd, no pipe."""
         signal.set_wakeup_fd(-1)

@@ -46,7 +46,7 @@ class SystemdLink:
 
     def _up(self) -> bool:
         header = self.state.header
-        up = sum(1 for s in self.state.slots if s.pid > 0 and s.state in (SlotState.IDLE, SlotState.BUSY))
+        up = sum(1 for s in self.state.slots if s.up())
         return (
             up >= header.workers_wanted
             and (header.http_bound == 1 or not self.http_wanted())
@@ -61,8 +61,8 @@ class SystemdLink:
         first_time, first_done = self.finished[0]
         span = max(now - first_time, 1.0)
         per_minute = (done - first_done) * 60 / span if span >= 5 else 0.0
-        up = sum(1 for s in self.state.slots if s.pid > 0 and s.state in (SlotState.IDLE, SlotState.BUSY))
-        busy = sum(1 for s in self.state.slots if s.pid > 0 and s.state == SlotState.BUSY)
+        up = sum(1 for s in self.state.slots if s.up())
+        busy = sum(1 for s in self.state.slots if s.up() and s.state == SlotState.BUSY)
         return f"{up} of {self.state.header.workers_wanted} workers up, {busy} busy, {per_minute:.0f} jobs/min"
 
     def stopping(self) -> None:
