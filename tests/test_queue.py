@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 
 import msgspec
@@ -11,6 +12,7 @@ from conftest import settings_for
 
 from llm_worker.protocol.jobs import DeadLetter, Result
 from llm_worker.queue.reliable import ReliableQueue, WorkerInfo, retry_delay
+from llm_worker.queue.scripts import PRELUDE, SIGNATURES, source
 
 WID = "host-a:100"
 
@@ -145,6 +147,39 @@ def test_recovery_counts_crashes_and_dead_letters_at_the_limit(rq: ReliableQueue
     assert r.lrange("llm:done:a", 0, -1) == [b"failed"]
 
 
+def test_a_crashed_jobs_result_dead_letter_and_events_are_whole(redis_url: str, r: redis.Redis) -> None:
+    # Each is rendered in Python with slots that the script fills in: none may be left.
+    rq = ReliableQueue(r, settings_for({"REDIS_URL": redis_url, "JOB_MAX_CRASHES": "1"}))
+    r.lpush("llm:processing:" + WID, job("a", retryCount=2))
+    assert rq.recover(WID, "llm-chat", crashed=True) == (0, 1)
+    result = msgspec.json.decode(r.get("llm:result:a"), type=Result)
+    reason = "job was in hand of 1 workers that died (JOB_MAX_CRASHES 1)"
+    assert (result.job_id, result.error, result.model, result.requested_model) == ("a", reason, "m", "m")
+    assert (result.retry_count, result.correlation_id, result.worker_id) == (2, "c-a", WID)
+    assert b"startedAt" not in r.get("llm:result:a")  # no worker took it for the last time
+    entry = msgspec.json.decode(r.lindex("llm-dead-letter", 0))
+    assert entry == {
+        "queue": "llm-chat",
+        "error": reason,
+        "errorType": "crashed",
+        "failedAt": result.completed_at,
+        "workerId": WID,
+        "job": msgspec.json.decode(job("a", retryCount=2)),
+        "attempts": 1,
+    }
+    events = [(f[b"type"], msgspec.json.decode(f[b"data"])) for _, f in r.xrange("llm:events")]
+    assert [t for t, _ in events] == [b"llm.request.failed", b"llm.request.dead_lettered"]
+    assert events[0][1] == {
+        "jobId": "a",
+        "workerId": WID,
+        "timestamp": result.completed_at,
+        "queue": "llm-chat",
+        "error": reason,
+        "errorType": "crashed",
+        "attempts": 1,
+    }
+
+
 def test_handing_back_uncounted_never_dead_letters(rq: ReliableQueue, r: redis.Redis) -> None:
     for _ in range(5):
         r.rpush("llm-chat", job("a"))
@@ -216,6 +251,24 @@ def test_reconcile_primitives_forget_and_hand_back(rq: ReliableQueue, r: redis.R
     assert rq.forget(WID, job("answered"))
     assert rq.hand_back(WID, job("lost"), "llm-chat")
     assert r.llen("llm:processing:" + WID) == 0 and r.lrange("llm-chat", 0, -1) == [job("lost")]
+
+
+@pytest.mark.parametrize("name", sorted(SIGNATURES))
+def test_each_script_names_its_keys_and_args_once_in_the_order_python_passes_them(name: str) -> None:
+    keys, args = SIGNATURES[name]
+    text = source(name)
+    named = re.findall(r"^local (\w+) = .*?\b(KEYS|ARGV)\[(\d+)\]", text, re.M)
+    rest = re.findall(r"^local (\w+) = \{unpack\(ARGV, (\d+)\)\}", text, re.M)
+    assert [n for n, kind, _ in named if kind == "KEYS"] == list(keys._fields)
+    assert [n for n, kind, _ in named if kind == "ARGV"] + [n for n, _ in rest] == list(args._fields)
+    assert [int(i) for _, kind, i in named if kind == "KEYS"] == list(range(1, len(keys._fields) + 1))
+    assert [int(i) for _, kind, i in named if kind == "ARGV"] + [int(i) for _, i in rest] == list(
+        range(1, len(args._fields) + 1)
+    )
+    # Nowhere else: the body reads only the names.
+    code = re.sub(r"--.*", "", text)
+    assert code.count("KEYS") == len(keys._fields) and code.count("ARGV") == len(args._fields)
+    assert "KEYS" not in re.sub(r"--.*", "", source(PRELUDE)) and "ARGV" not in re.sub(r"--.*", "", source(PRELUDE))
 
 
 def test_retry_delay_grows_exponentially_with_equal_jitter_and_is_capped() -> None:

@@ -15,15 +15,10 @@ from typing import Any
 import msgspec
 import redis
 
-from llm_worker.queue.reliable import Keys, registered_workers
+from llm_worker.queue.keys import Keys
+from llm_worker.queue.reliable import COMPLETED, FAILED, registered_workers
+from llm_worker.queue.scripts import RequeueArgs, RequeueKeys, Script
 from llm_worker.settings.config import Settings
-
-_MOVE = """
-if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
-redis.call('LPUSH', KEYS[2], ARGV[2])
-redis.call('DEL', KEYS[3], KEYS[4], KEYS[5])
-return 1
-"""
 
 
 @dataclass(frozen=True)
@@ -47,7 +42,7 @@ class QueueAdmin:
         self.redis = client
         self.settings = settings
         self.keys = Keys(settings.redis.key_prefix, settings.queue.dead_letter)
-        self._move = client.register_script(_MOVE)
+        self._requeue = Script(client, "requeue")
 
     def queues(self) -> list[str]:
         q = self.settings.queue
@@ -92,8 +87,8 @@ class QueueAdmin:
             out[name] = {
                 "waiting": replies[2 * i],
                 "active": 0,
-                "completed": int(counts.get(b"completed", 0)),
-                "failed": int(counts.get(b"failed", 0)),
+                "completed": int(counts.get(COMPLETED.encode(), 0)),
+                "failed": int(counts.get(FAILED.encode(), 0)),
             }
         for (_, queue), held in zip(holders, replies[2 * len(names) :]):
             if queue in out:
@@ -125,14 +120,14 @@ class QueueAdmin:
                 continue
             job["retryCount"] = 0
             queue = entry.get("queue") or self.settings.queue.chat
-            keys = [
-                self.keys.dead_letter,
-                queue,
-                self.keys.result(job["id"]),
-                self.keys.done(job["id"]),
-                self.keys.crashes(job["id"]),
-            ]
-            moved += int(self._move(keys=keys, args=[raw, msgspec.json.encode(job)]))
+            keys = RequeueKeys(
+                dead_letter=self.keys.dead_letter,
+                queue=queue,
+                result_key=self.keys.result(job["id"]),
+                done_key=self.keys.done(job["id"]),
+                crashes=self.keys.crashes(job["id"]),
+            )
+            moved += int(self._requeue(keys, RequeueArgs(entry=raw, payload=msgspec.json.encode(job))))
             if job_id is not None:
                 break
         return moved, skipped

@@ -16,6 +16,7 @@ import msgspec
 import redis
 
 from llm_worker.protocol.jobs import Answer, EmbeddingsRequest, Task
+from llm_worker.queue.keys import Keys
 
 log = logging.getLogger("llm_worker.worker")
 _encode = msgspec.json.Encoder().encode
@@ -31,7 +32,7 @@ class Cached(msgspec.Struct, array_like=True):
 class ResponseCache:
     def __init__(self, client: redis.Redis, prefix: str, ttl: int) -> None:
         self.redis = client
-        self.prefix = prefix + "cache:"
+        self._key = Keys(prefix, dead_letter="").cache  # the cache has no use for the dead-letter list
         self.ttl = ttl
 
     def key_of(self, provider: str, task: Task) -> str | None:
@@ -46,7 +47,7 @@ class ResponseCache:
         digest = hashlib.sha256(
             b"\0".join([provider.encode(), task.model.encode(), task.type.encode(), _encode(request)])
         )
-        return self.prefix + digest.hexdigest()
+        return self._key(digest.hexdigest())
 
     def get(self, key: str) -> Answer | None:
         try:

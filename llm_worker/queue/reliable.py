@@ -3,16 +3,16 @@
 A worker takes a job with BLMOVE from its queue into its own processing list;
 everything that ends the job is one Lua script that first removes the job from
 that list (the fence), so a job recovered from a presumed-dead worker is never
-answered twice. Key names follow PROTOCOL.md; internal keys share a prefix.
+answered twice. Every key's name comes from keys.py, the order of each
+script's KEYS and ARGV from scripts.py, and what recover.lua and promote.lua
+write for a job they dead-letter from templates.py.
 """
 
 from __future__ import annotations
 
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib import resources
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
@@ -24,7 +24,20 @@ from redis.exceptions import MasterDownError, ReadOnlyError
 from redis.retry import Retry
 from redis.sentinel import Sentinel, SentinelConnectionPool
 
-from llm_worker.protocol.jobs import DeadLetter, Result, iso
+from llm_worker.host.backoff import compute_backoff
+from llm_worker.protocol.jobs import RAW_KEEP, DeadLetter, Result, iso
+from llm_worker.queue.keys import Keys
+from llm_worker.queue.scripts import (
+    FinishArgs,
+    FinishKeys,
+    PromoteArgs,
+    PromoteKeys,
+    RecoverArgs,
+    RecoverKeys,
+    Script,
+    flag,
+)
+from llm_worker.queue.templates import CrashTemplates, unplaced_entry
 from llm_worker.settings.config import Settings
 from llm_worker.settings.urls import sentinel_addresses
 
@@ -33,6 +46,8 @@ STREAM_MAXLEN = 10_000
 CRASH_COUNTER_TTL = 7 * 86_400  # long enough to outlive any queue backlog
 MASTER_CHECK = 1.0  # seconds between asking the sentinels where the master is
 SENTINEL_TIMEOUT = 1.0  # sentinels answer from memory: a slow one is skipped, not waited on
+DONE_OK, DONE_FAILED = "ok", "failed"  # what a job's done marker says (PROTOCOL.md)
+COMPLETED, FAILED = "completed", "failed"  # the fields of a queue's statistics hash
 _encode = msgspec.json.Encoder(decimal_format="number").encode  # jobs.loose() keeps numbers as Decimal
 
 
@@ -159,48 +174,6 @@ def refuse_cluster(client: redis.Redis) -> None:
 
 
 @dataclass(frozen=True)
-class Keys:
-    """Every Redis key name, built from the configurable prefix."""
-
-    prefix: str
-    dead_letter: str
-
-    @property
-    def delayed(self) -> str:
-        return self.prefix + "delayed"
-
-    @property
-    def events(self) -> str:
-        return self.prefix + "events"
-
-    @property
-    def registry(self) -> str:
-        return self.prefix + "workers"
-
-    def processing(self, worker_id: str) -> str:
-        return f"{self.prefix}processing:{worker_id}"
-
-    def heartbeat(self, worker_id: str) -> str:
-        return f"{self.prefix}worker:{worker_id}"
-
-    def result(self, job_id: str) -> str:
-        return f"{self.prefix}result:{job_id}"
-
-    def done(self, job_id: str) -> str:
-        return f"{self.prefix}done:{job_id}"
-
-    def stream(self, job_id: str) -> str:
-        return f"{self.prefix}stream:{job_id}"
-
-    def crashes(self, job_id: str) -> str:
-        return f"{self.prefix}crashes:{job_id}"
-
-    def stats(self, queue: str) -> str:
-        """Completed and failed counts of a queue, across hosts (for /admin/queue/stats)."""
-        return f"{self.prefix}stats:{queue}"
-
-
-@dataclass(frozen=True)
 class Target:
     """Where a finished job's payload goes besides its result: a list or the delayed set."""
 
@@ -276,10 +249,6 @@ class DeferredEvents:
         self.pending = 0
 
 
-def _script(name: str) -> str:
-    return resources.files("llm_worker.queue").joinpath(f"lua/{name}.lua").read_text()
-
-
 def registered_workers(client: redis.Redis, keys: Keys) -> dict[str, WorkerInfo]:
     """Every host's registered workers; an entry that is not one of ours (hand-edited, say) is skipped."""
     out = {}
@@ -299,9 +268,9 @@ class ReliableQueue:
         self.settings = settings
         self.keys = Keys(settings.redis.key_prefix, settings.queue.dead_letter)
         self.ttl = settings.queue.result_ttl
-        self._finish = client.register_script(_script("finish"))
-        self._recover = client.register_script(_script("recover"))
-        self._promote = client.register_script(_script("promote"))
+        self._finish = Script(client, "finish")
+        self._recover = Script(client, "recover")
+        self._promote = Script(client, "promote")
 
     # ---- a worker's side -------------------------------------------------
 
@@ -340,7 +309,7 @@ class ReliableQueue:
         same transaction, so the stream's last entry and the result agree.
         ``take_from`` also takes the next job of that queue, saving a round trip.
         """
-        status = "ok" if result.success else "failed"
+        status = DONE_OK if result.success else DONE_FAILED
         return self._run_finish(worker_id, raw, result, status, Target(), stream, take_from, queue)
 
     def retry_later(
@@ -364,7 +333,7 @@ class ReliableQueue:
     ) -> Finished:
         """Dead-letter the job with its reason and, when it has an id, its failure result."""
         target = Target("lpush", self.keys.dead_letter, _encode(entry))
-        return self._run_finish(worker_id, raw, result, "failed", target, stream, take_from, entry.queue)
+        return self._run_finish(worker_id, raw, result, DONE_FAILED, target, stream, take_from, entry.queue)
 
     def hand_back(self, worker_id: str, raw: bytes, queue: str) -> bool:
         """Give an untouched job back to the serving end of its queue."""
@@ -388,33 +357,30 @@ class ReliableQueue:
         k = self.keys
         processing = k.processing(worker_id)
         job_id = result.job_id if result is not None else "-"
-        error = result.error or "" if result is not None else ""
-        counted = "" if result is None else ("completed" if result.success else "failed")
-        args = [
-            raw,
-            _encode(result) if result is not None else "",
-            status,
-            self.ttl,
-            target.op,
-            target.member,
-            target.score,
-            stream,
-            error,
-            STREAM_MAXLEN,
-            "1" if take_from else "0",
-            counted,
-        ]
-        keys = [
-            processing,
-            k.result(job_id),
-            k.done(job_id),
-            target.key or processing,
-            k.crashes(job_id),
-            k.stream(job_id),
-            take_from or processing,
-            k.stats(queue),
-        ]
-        reply = self._finish(keys=keys, args=args)
+        keys = FinishKeys(
+            processing=processing,
+            result_key=k.result(job_id),
+            done_key=k.done(job_id),
+            target=target.key or processing,
+            crashes=k.crashes(job_id),
+            stream=k.stream(job_id),
+            queue=take_from or processing,
+            stats=k.stats(queue),
+        )
+        args = FinishArgs(
+            payload=raw,
+            result_json=_encode(result) if result is not None else "",
+            done_status=status,
+            ttl=self.ttl,
+            target_op=target.op,
+            target_member=target.member,
+            target_score=target.score,
+            stream_maxlen=STREAM_MAXLEN,
+            take_next=flag(bool(take_from)),
+            counted="" if result is None else (COMPLETED if result.success else FAILED),
+            stream_end=_stream_end(stream, result),
+        )
+        reply = self._finish(keys, args)
         return Finished(reply[0] == 1, reply[1] if len(reply) > 1 else None)
 
     # ---- a supervisor's side ---------------------------------------------
@@ -444,36 +410,74 @@ class ReliableQueue:
         """Hand back a gone worker's jobs. Returns (requeued, dead-lettered); (-1, 0) if alive."""
         k = self.keys
         s = self.settings
-        keys = [k.processing(worker_id), queue, k.dead_letter, k.events, k.heartbeat(worker_id), k.registry]
-        args = [
-            1 if crashed else 0,
-            s.worker.max_crashes,
-            k.prefix,
-            iso(),
-            worker_id,
-            self.ttl,
-            EVENTS_MAXLEN,
-            1 if only_if_expired else 0,
-            CRASH_COUNTER_TTL,
-            s.limits.max_job_bytes,
-        ]
-        requeued, dead = self._recover(keys=keys, args=args)
+        crash = CrashTemplates.for_worker(worker_id, queue, s.worker.max_crashes, iso())
+        keys = RecoverKeys(
+            processing=k.processing(worker_id),
+            queue=queue,
+            dead_letter=k.dead_letter,
+            events=k.events,
+            heartbeat=k.heartbeat(worker_id),
+            registry=k.registry,
+            stats=k.stats(queue),
+        )
+        args = RecoverArgs(
+            count_crash=flag(crashed),
+            max_crashes=s.worker.max_crashes,
+            only_if_expired=flag(only_if_expired),
+            worker_id=worker_id,
+            max_job_bytes=s.limits.max_job_bytes,
+            raw_keep=RAW_KEEP,
+            result_prefix=k.result(""),
+            done_prefix=k.done(""),
+            crashes_prefix=k.crashes(""),
+            result_ttl=self.ttl,
+            crash_counter_ttl=CRASH_COUNTER_TTL,
+            events_maxlen=EVENTS_MAXLEN,
+            done_status=DONE_FAILED,
+            counted=FAILED,
+            reason_format=crash.reason_format,
+            result_template=crash.result,
+            entry_template=crash.entry,
+            raw_entry_template=crash.raw_entry,
+            event_template=crash.event,
+            failed_event=crash.failed_event,
+            dead_lettered_event=crash.dead_lettered_event,
+        )
+        requeued, dead = self._recover(keys, args)
         return int(requeued), int(dead)
 
     def promote_due(self, now: float | None = None, limit: int = 500) -> int:
         now = time.time() if now is None else now
-        return int(
-            self._promote(keys=[self.keys.delayed, self.keys.dead_letter], args=[int(now * 1000), limit, iso(now)])
+        keys = PromoteKeys(delayed=self.keys.delayed, dead_letter=self.keys.dead_letter)
+        args = PromoteArgs(
+            now_ms=int(now * 1000),
+            most=limit,
+            raw_keep=RAW_KEEP,
+            entry_template=unplaced_entry(self.keys.delayed, iso(now)),
         )
+        return int(self._promote(keys, args))
+
+
+def _stream_end(stream: str, result: Result | None) -> tuple[str, ...]:
+    """The last entry of a streaming job's stream, field and value pairs: done, error, or none."""
+    if stream == "done":
+        return ("event", "done")
+    if stream == "error":
+        return ("event", "error", "error", result.error or "" if result is not None else "")
+    return ()
 
 
 def retry_delay(settings: Settings, retry_count: int) -> float:
-    """Seconds to wait before attempt ``retry_count`` + 1: backoff with equal jitter.
+    """Seconds to wait before attempt ``retry_count`` + 1: QUEUE_DELAY, doubled per retry unless fixed, capped.
 
-    Half the delay is fixed and half random, so that jobs failed together by
-    one outage do not all return in the same instant.
+    Equal jitter (half the delay fixed, half random), so that jobs failed
+    together by one outage do not all return in the same instant.
     """
     q = settings.queue
-    base = q.delay if q.backoff == "fixed" else q.delay * (2 ** min(retry_count, 30))
-    delay = min(base, q.max_delay) / 1000.0
-    return delay / 2 + random.uniform(0, delay / 2)
+    return compute_backoff(
+        retry_count + 1,
+        q.delay / 1000.0,
+        cap=q.max_delay / 1000.0,
+        factor=1.0 if q.backoff == "fixed" else 2.0,
+        jitter="equal",
+    )

@@ -2,56 +2,57 @@
 -- still in that worker's own processing list. If the supervisor recovered it
 -- meanwhile (the worker was stopped, or presumed dead), the job belongs to
 -- someone else now and this worker's outcome is dropped: never two results.
---
--- KEYS[1] the worker's processing list
--- KEYS[2] result key                  KEYS[3] done key
--- KEYS[4] target key (delayed zset, dead-letter list or queue)
--- KEYS[5] the job's crash counter     KEYS[6] the job's stream (streaming jobs)
--- KEYS[7] the worker's queue, to take its next job from in the same round trip
--- KEYS[8] the queue's statistics hash (completed and failed, across hosts)
--- ARGV[1] the payload as it was taken
--- ARGV[2] result JSON, or "" to write none (a retry)
--- ARGV[3] done status: ok | failed
--- ARGV[4] ttl of result and done marker, seconds
--- ARGV[5] target operation: "" | zadd | lpush | rpush
--- ARGV[6] target member       ARGV[7] target score (zadd)
--- ARGV[8] last stream entry: "" | done | error     ARGV[9] its error text
--- ARGV[10] stream approximate maximum length
--- ARGV[11] "1": then take the next job of KEYS[7] into KEYS[1], as BLMOVE would
--- ARGV[12] the statistics field to count the job under: "" | completed | failed
 -- Returns {1 if the job was ours else 0, the next job or nil}.
-local function take_next()
-  if ARGV[11] == '1' then
-    return redis.call('LMOVE', KEYS[7], KEYS[1], 'RIGHT', 'LEFT')
+--
+-- KEYS and ARGV, in the order of scripts.py's FinishKeys and FinishArgs:
+local processing = KEYS[1]     -- the worker's processing list
+local result_key = KEYS[2]     -- the job's result
+local done_key = KEYS[3]       -- the job's done marker
+local target = KEYS[4]         -- the delayed set, the dead-letter list or a queue
+local crashes = KEYS[5]        -- the job's crash counter
+local stream = KEYS[6]         -- the job's chunk stream (streaming jobs)
+local queue = KEYS[7]          -- the worker's queue, to take its next job from in the same round trip
+local stats = KEYS[8]          -- the queue's statistics hash (completed and failed, across hosts)
+local payload = ARGV[1]        -- the job as it was taken
+local result_json = ARGV[2]    -- its result, or "" to write none (a retry)
+local done_status = ARGV[3]    -- what the done marker says: ok | failed
+local ttl = ARGV[4]            -- seconds the result, the done marker and the stream are kept
+local target_op = ARGV[5]      -- what to do with target: "" | zadd | lpush | rpush
+local target_member = ARGV[6]  -- what to add to target
+local target_score = ARGV[7]   -- its score (zadd)
+local stream_maxlen = ARGV[8]  -- the stream's approximate maximum length
+local take_next = ARGV[9] == '1'  -- then take the next job of queue into processing, as BLMOVE would
+local counted = ARGV[10]       -- the statistics field to count the job under: "" | completed | failed
+local stream_end = {unpack(ARGV, 11)}  -- the stream's last entry, field and value pairs; none for no entry
+
+local function take_next_job()
+  if take_next then
+    return redis.call('LMOVE', queue, processing, 'RIGHT', 'LEFT')
   end
   return false
 end
-if redis.call('LREM', KEYS[1], -1, ARGV[1]) == 0 then
-  return {0, take_next()}
+if redis.call('LREM', processing, -1, payload) == 0 then
+  return {0, take_next_job()}
 end
-if ARGV[2] ~= '' then
-  redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[4])
-  redis.call('DEL', KEYS[3])
-  redis.call('LPUSH', KEYS[3], ARGV[3])
-  redis.call('EXPIRE', KEYS[3], ARGV[4])
-  redis.call('DEL', KEYS[5])
+if result_json ~= '' then
+  redis.call('SET', result_key, result_json, 'EX', ttl)
+  redis.call('DEL', done_key)
+  redis.call('LPUSH', done_key, done_status)
+  redis.call('EXPIRE', done_key, ttl)
+  redis.call('DEL', crashes)
 end
-local op = ARGV[5]
-if op == 'zadd' then
-  redis.call('ZADD', KEYS[4], ARGV[7], ARGV[6])
-elseif op == 'lpush' then
-  redis.call('LPUSH', KEYS[4], ARGV[6])
-elseif op == 'rpush' then
-  redis.call('RPUSH', KEYS[4], ARGV[6])
+if target_op == 'zadd' then
+  redis.call('ZADD', target, target_score, target_member)
+elseif target_op == 'lpush' then
+  redis.call('LPUSH', target, target_member)
+elseif target_op == 'rpush' then
+  redis.call('RPUSH', target, target_member)
 end
-if ARGV[12] ~= '' then
-  redis.call('HINCRBY', KEYS[8], ARGV[12], 1)
+if counted ~= '' then
+  redis.call('HINCRBY', stats, counted, 1)
 end
-if ARGV[8] == 'done' then
-  redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[10], '*', 'event', 'done')
-  redis.call('EXPIRE', KEYS[6], ARGV[4])
-elseif ARGV[8] == 'error' then
-  redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[10], '*', 'event', 'error', 'error', ARGV[9])
-  redis.call('EXPIRE', KEYS[6], ARGV[4])
+if #stream_end > 0 then
+  redis.call('XADD', stream, 'MAXLEN', '~', stream_maxlen, '*', unpack(stream_end))
+  redis.call('EXPIRE', stream, ttl)
 end
-return {1, take_next()}
+return {1, take_next_job()}

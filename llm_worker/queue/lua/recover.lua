@@ -3,27 +3,48 @@
 -- Jobs go to the serving (right) end of their queue, oldest served first.
 -- A job that has now been in hand of JOB_MAX_CRASHES dead workers is
 -- dead-lettered with errorType "crashed", and its failure result written.
---
--- KEYS[1] the dead worker's processing list   KEYS[2] its queue
--- KEYS[3] dead-letter list                    KEYS[4] events stream
--- KEYS[5] the dead worker's heartbeat key     KEYS[6] the worker registry hash
--- ARGV[1] "1" to count a crash, "0" to hand back only (QUIT, drain timeout)
--- ARGV[2] JOB_MAX_CRASHES      ARGV[3] key prefix     ARGV[4] now, ISO 8601
--- ARGV[5] dead worker id       ARGV[6] result ttl, s  ARGV[7] events maxlen
--- ARGV[8] "1": only if the heartbeat key has expired (another host's worker)
--- ARGV[9] crash counter ttl, s
--- ARGV[10] MAX_JOB_BYTES: a larger payload is not decoded (it would block Redis),
---          only an id that leads it is read, as the workers do
 -- Returns {requeued, dead_lettered}, or {-1, 0} when the worker is alive.
-if ARGV[8] == '1' and redis.call('EXISTS', KEYS[5]) == 1 then
+--
+-- KEYS and ARGV, in the order of scripts.py's RecoverKeys and RecoverArgs:
+local processing = KEYS[1]       -- the dead worker's processing list
+local queue = KEYS[2]            -- its queue
+local dead_letter = KEYS[3]      -- the dead-letter list
+local events = KEYS[4]           -- the events stream
+local heartbeat = KEYS[5]        -- the dead worker's heartbeat key
+local registry = KEYS[6]         -- the worker registry hash
+local stats = KEYS[7]            -- the queue's statistics hash
+local count_crash = ARGV[1] == '1'  -- count a crash; else hand back only (QUIT, drain timeout)
+local max_crashes = tonumber(ARGV[2])  -- JOB_MAX_CRASHES
+local only_if_expired = ARGV[3] == '1'  -- only if the heartbeat key has expired (another host's worker)
+local worker_id = ARGV[4]        -- the dead worker's id
+local max_job_bytes = tonumber(ARGV[5])  -- MAX_JOB_BYTES: a larger payload is not decoded (it would
+                                         -- block Redis), only an id that leads it is read, as workers do
+local raw_keep = tonumber(ARGV[6])  -- the bytes of a payload that is not JSON that a dead letter keeps
+local result_prefix = ARGV[7]    -- a job's result key: this, then its id
+local done_prefix = ARGV[8]      -- a job's done marker: this, then its id
+local crashes_prefix = ARGV[9]   -- a job's crash counter: this, then its id (or its payload's SHA-1)
+local result_ttl = ARGV[10]      -- seconds a result and its done marker are kept
+local crash_counter_ttl = ARGV[11]  -- seconds a crash counter is kept
+local events_maxlen = ARGV[12]   -- the events stream's approximate maximum length
+local done_status = ARGV[13]     -- what the done marker of a dead-lettered job says
+local counted = ARGV[14]         -- the statistics field it is counted under
+local reason_format = ARGV[15]   -- its reason; %d: the crashes counted
+local result_template = ARGV[16]  -- its failure result (templates.py's CrashTemplates, with the slots)
+local entry_template = ARGV[17]  -- its dead letter, when the payload is JSON
+local raw_entry_template = ARGV[18]  -- its dead letter, when it is not
+local event_template = ARGV[19]  -- the data of its events
+local failed_event = ARGV[20]    -- the type of the first event
+local dead_lettered_event = ARGV[21]  -- the type of the second
+
+if only_if_expired and redis.call('EXISTS', heartbeat) == 1 then
   return {-1, 0}
 end
 local requeued, dead = 0, 0
 while true do
-  local raw = redis.call('LPOP', KEYS[1])
+  local raw = redis.call('LPOP', processing)
   if not raw then break end
   local job, id = nil, nil
-  if #raw > tonumber(ARGV[10]) then
+  if #raw > max_job_bytes then
     id = string.match(string.sub(raw, 1, 4096), '^%s*{%s*"id"%s*:%s*"([%w._:%-]+)"')
   else
     local ok, value = pcall(cjson.decode, raw)
@@ -33,51 +54,42 @@ while true do
   -- Only an id a worker would accept (JOB_ID) gets a result key.
   if id and (#id > 128 or not string.match(id, '^[%w._:%-]+$')) then id = nil end
   local crashes = 0
-  if ARGV[1] == '1' then
-    local counter = ARGV[3] .. 'crashes:' .. (id or redis.sha1hex(raw))
+  if count_crash then
+    local counter = crashes_prefix .. (id or redis.sha1hex(raw))
     crashes = redis.call('INCR', counter)
-    redis.call('EXPIRE', counter, ARGV[9])
+    redis.call('EXPIRE', counter, crash_counter_ttl)
   end
-  if ARGV[1] == '1' and crashes >= tonumber(ARGV[2]) then
-    local reason = 'job was in hand of ' .. crashes .. ' workers that died (JOB_MAX_CRASHES ' .. ARGV[2] .. ')'
-    local entry = cjson.encode({queue = KEYS[2], error = reason, errorType = 'crashed',
-      failedAt = ARGV[4], attempts = crashes, workerId = ARGV[5]})
+  if count_crash and crashes >= max_crashes then
+    local slots = {reason = cjson.encode(string.format(reason_format, crashes)),
+      attempts = cjson.encode(crashes), id = id and cjson.encode(id) or 'null'}
     if job then
-      entry = '{"job":' .. raw .. ',' .. string.sub(entry, 2)
+      slots.job = raw
+      redis.call('LPUSH', dead_letter, fill(entry_template, slots))
     else
-      -- Not JSON, so maybe not UTF-8 either: escape high bytes so the entry stays valid JSON.
-      local text = string.gsub(cjson.encode(string.sub(raw, 1, 65536)), '[\128-\255]',
-        function(c) return string.format('\\u%04x', string.byte(c)) end)
-      entry = '{"raw":' .. text .. ',' .. string.sub(entry, 2)
+      slots.raw = json_bytes(raw, raw_keep)
+      redis.call('LPUSH', dead_letter, fill(raw_entry_template, slots))
     end
-    redis.call('LPUSH', KEYS[3], entry)
-    redis.call('HINCRBY', ARGV[3] .. 'stats:' .. KEYS[2], 'failed', 1)
-    local str = function(v) if type(v) == 'string' then return v end return cjson.null end
+    redis.call('HINCRBY', stats, counted, 1)
     if id then
       local fields = job or {}  -- an oversized payload's fields are not read
-      local model = str(fields['model'])
-      local result = cjson.encode({jobId = id, success = false, response = cjson.null,
-        error = reason, errorType = 'crashed', processingTime = 0, queueTime = cjson.null,
-        model = model, requestedModel = model, tokensUsed = cjson.null,
-        promptTokens = cjson.null, completionTokens = cjson.null,
-        retryCount = tonumber(fields['retryCount']) or 0, fallbackUsed = false, cacheHit = false,
-        workerId = ARGV[5], correlationId = str(fields['correlationId']), completedAt = ARGV[4]})
-      redis.call('SET', ARGV[3] .. 'result:' .. id, result, 'EX', ARGV[6])
-      local done = ARGV[3] .. 'done:' .. id
+      slots.model = json_string_or_null(fields['model'])
+      slots.correlation = json_string_or_null(fields['correlationId'])
+      slots.retries = cjson.encode(tonumber(fields['retryCount']) or 0)
+      redis.call('SET', result_prefix .. id, fill(result_template, slots), 'EX', result_ttl)
+      local done = done_prefix .. id
       redis.call('DEL', done)
-      redis.call('LPUSH', done, 'failed')
-      redis.call('EXPIRE', done, ARGV[6])
+      redis.call('LPUSH', done, done_status)
+      redis.call('EXPIRE', done, result_ttl)
     end
-    local data = cjson.encode({jobId = id or cjson.null, workerId = ARGV[5], timestamp = ARGV[4],
-      queue = KEYS[2], error = reason, errorType = 'crashed', attempts = crashes})
-    redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[7], '*', 'type', 'llm.request.failed', 'data', data)
-    redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[7], '*', 'type', 'llm.request.dead_lettered', 'data', data)
+    local data = fill(event_template, slots)
+    redis.call('XADD', events, 'MAXLEN', '~', events_maxlen, '*', 'type', failed_event, 'data', data)
+    redis.call('XADD', events, 'MAXLEN', '~', events_maxlen, '*', 'type', dead_lettered_event, 'data', data)
     dead = dead + 1
   else
-    redis.call('RPUSH', KEYS[2], raw)
+    redis.call('RPUSH', queue, raw)
     requeued = requeued + 1
   end
 end
-redis.call('DEL', KEYS[5])
-redis.call('HDEL', KEYS[6], ARGV[5])
+redis.call('DEL', heartbeat)
+redis.call('HDEL', registry, worker_id)
 return {requeued, dead}
