@@ -12,6 +12,7 @@ import redis
 
 from llm_worker import __version__, exitcodes
 from llm_worker.cli import flags
+from llm_worker.queue.keys import Keys
 from llm_worker.settings import config, urls
 
 Command = Callable[[argparse.Namespace], int]
@@ -175,7 +176,9 @@ def cmd_queues(args: argparse.Namespace) -> int:
         d = admin.depths()
         for name, count in d.waiting.items():
             print(f"{name:<28} {count:>8} waiting")
-        print(f"{settings.redis.key_prefix + 'delayed':<28} {d.delayed:>8} waiting to retry")
+        print(
+            f"{Keys(settings.redis.key_prefix, settings.queue.dead_letter).delayed:<28} {d.delayed:>8} waiting to retry"
+        )
         print(f"{settings.queue.dead_letter:<28} {d.dead_letter:>8} dead letters")
         for worker, count in sorted(d.processing.items()):
             print(f"{'processing ' + worker:<28} {count:>8} in hand")

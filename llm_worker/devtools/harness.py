@@ -17,6 +17,7 @@ import redis
 import urllib3
 
 from llm_worker.devtools.localredis import free_port
+from llm_worker.queue.keys import Keys
 
 
 class Service:
@@ -110,7 +111,7 @@ class Service:
         """Pids of this service's live workers, from the worker registry in Redis."""
         host = self.env.get("WORKER_ID")
         pids = []
-        for blob in client.hgetall(prefix + "workers").values():
+        for blob in client.hgetall(Keys(prefix, "").registry).values():
             info = msgspec.json.decode(blob)
             if (host is None or info["host"] == host) and _child_of(info["pid"], self.pid):
                 pids.append(int(info["pid"]))

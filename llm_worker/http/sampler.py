@@ -25,7 +25,8 @@ from llm_worker.http.hoststats import OLLAMA_NAMES, ProcessWatcher, find_process
 from llm_worker.http.liveprobe import Answer, LiveProbe
 from llm_worker.plugin.manager import Found, PluginManager
 from llm_worker.plugin.providers import Provider
-from llm_worker.queue.reliable import Keys, connect
+from llm_worker.queue.keys import Keys
+from llm_worker.queue.reliable import connect
 from llm_worker.settings.config import Settings
 
 log = logging.getLogger("llm_worker.http.sampler")

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING
 from llm_worker.plugin.context import StashKey
 from llm_worker.plugin.spec import hookimpl
 from llm_worker.protocol.records import Record
-from llm_worker.queue.reliable import DeferredEvents, Event, Keys, connect
+from llm_worker.queue.keys import Keys
+from llm_worker.queue.reliable import DeferredEvents, Event, connect
 
 if TYPE_CHECKING:
     from llm_worker.plugin.context import WorkerContext
