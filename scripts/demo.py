@@ -105,6 +105,10 @@ def main() -> int:
             ollama = start_simulator(stack)
             models = ("llama3.2", "nomic-embed-text")
             say(f"No Ollama answers; the simulator stands in at {ollama} (300 ms to the first token, 60 ms a token)")
+            print(
+                f"{DIM}(it answers with the question's words, then counts: the protocol is real, the text is not;"
+                f" docs/simulator.md){RESET}"
+            )
         chat_model, embed_model = models
 
         say("llm-worker run: a supervisor, its worker pools and the HTTP process")
