@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -134,3 +136,37 @@ def test_workers_that_redis_refuses_stop_the_supervisor_with_the_reason(service,
         log = svc.tail(200)
         assert "workers cannot boot" in log and "Redis refused us" in log
         assert "Traceback" not in log
+
+
+def test_term_to_the_whole_process_group_drains_as_cleanly_as_term_to_the_supervisor(
+    service, sim: Simulator, redis_url: str, r: redis.Redis
+) -> None:
+    # `timeout 90 llm-worker run`, systemd's KillMode=control-group, `kill -- -PGID`: every process gets TERM.
+    sim.config.latency_ms = 1500
+    svc = service(WORKER_POOLS="llm-chat=2")
+    client = client_for(redis_url)
+    ids = [chat(client, f"job {n}") for n in range(2)]
+    eventually(lambda: len(_held_ids(svc, r)) == 2, what="two jobs in hand")
+    os.killpg(svc.pid, signal.SIGTERM)
+    assert svc.wait(15) == 0
+    assert all(client.result(job_id)["success"] for job_id in ids)  # type: ignore[index]
+    assert nothing_held(r)
+    log = svc.tail(300)
+    assert "died" not in log and "ERROR" not in log and "Traceback" not in log, log
+    assert re.search(r"INFO .* http process stopped: killed by SIGTERM", log), log
+
+
+def test_the_log_names_each_worker_booting_and_a_drained_one_as_stopped_not_dead(
+    service, redis_url: str, r: redis.Redis
+) -> None:
+    svc = service(WORKER_POOLS="llm-chat=2")
+    pids = eventually(lambda: svc.worker_pids(r) if len(svc.worker_pids(r)) == 2 else None, what="two workers")
+    svc.send(signal.SIGTERM)
+    assert svc.wait(15) == 0
+    log = svc.tail(300)
+    for pid in pids:  # type: ignore[union-attr]
+        assert re.search(rf"INFO .* booting worker with pid {pid} .*kind=worker queue=llm-chat", log), log
+        assert re.search(rf"INFO .* worker stopped: exited with 0 .*worker=\S+:{pid} .*reason=drain", log), log
+    assert re.search(r"INFO .* booting http process with pid \d+", log), log
+    assert re.search(r"INFO .* booting models process with pid \d+", log), log
+    assert "deadWorker" not in log and "died" not in log, log

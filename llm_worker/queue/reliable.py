@@ -11,7 +11,7 @@ write for a job they dead-letter from templates.py.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
@@ -171,6 +171,40 @@ def refuse_cluster(client: redis.Redis) -> None:
             "replicas and Redis Sentinel (REDIS_SENTINELS, REDIS_SENTINEL_MASTER) for failover; see the README, "
             '"Redis: Sentinel and Cluster".'
         )
+
+
+MIN_REDIS_VERSION = (6, 2)  # BLMOVE, which every worker blocks on, came in Redis 6.2
+
+
+class RedisTooOld(Exception):
+    """Redis is older than MIN_REDIS_VERSION: workers would fail on their first BLMOVE."""
+
+
+def redis_too_old(server_info: Mapping[str, Any]) -> str | None:
+    """Why the Redis whose ``INFO server`` this is cannot serve, or None; a version we cannot read passes."""
+    version = str(server_info.get("redis_version", ""))
+    try:
+        found = tuple(int(part) for part in version.split(".")[:2])
+    except ValueError:
+        return None
+    if len(found) < 2 or found >= MIN_REDIS_VERSION:
+        return None
+    need = ".".join(map(str, MIN_REDIS_VERSION))
+    return (
+        f"Redis {version} is too old: llm-worker needs Redis {need} or newer (its workers take jobs with BLMOVE, "
+        f"new in {need}). Upgrade Redis, or point REDIS_URL at a newer one."
+    )
+
+
+def refuse_old_redis(client: redis.Redis) -> None:
+    """Raise RedisTooOld when the server's INFO says it is older than MIN_REDIS_VERSION."""
+    try:
+        info = client.info("server")
+    except redis.ResponseError:  # INFO renamed or forbidden: we cannot tell, and will not guess
+        return
+    why = redis_too_old(info)
+    if why:
+        raise RedisTooOld(why)
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from llm_worker.supervisor.recovery import Gone, Recovery
 from llm_worker.supervisor.sdnotify import Notifier
 from llm_worker.supervisor.services import Launch, Services, Spawn
 from llm_worker.supervisor.signals import SignalQueue
+from llm_worker.supervisor.startup import refusal
 from llm_worker.supervisor.systemd import SystemdLink
 
 log = logging.getLogger("llm_worker.supervisor")
@@ -94,7 +95,8 @@ class Arbiter:
     # ---- the table of contents ------------------------------------------------
 
     def run(self) -> int:
-        self.start()
+        if not self.start():
+            return self.exit_code
         try:
             while not self.finished():
                 for signum in self.signals.wait(self.sleep_time()):
@@ -111,7 +113,8 @@ class Arbiter:
         self.shut_down()
         return self.exit_code
 
-    def start(self) -> None:
+    def start(self) -> bool:
+        """Check Redis, recover what an earlier run left, fork the pools; False: refused, nothing forked."""
         header = self.state.header
         header.supervisor_pid = os.getpid()
         header.loop_beat = time.monotonic()
@@ -119,10 +122,17 @@ class Arbiter:
         self.signals.install()
         self._connect()
         try:
-            warn_if_jobs_can_be_lost(self.rq.redis)
-            self.recovery.previous_incarnation(self.hostname)
+            why = refusal(self.rq, self.settings.worker.id, self.hostname, self.settings.worker.heartbeat_timeout)
+            if why is None:
+                warn_if_jobs_can_be_lost(self.rq.redis)
+                self.recovery.previous_incarnation(self.hostname)
         except redis.RedisError as exc:
+            why = None
             log.error("Redis unreachable at start; workers will wait for it", extra={"error": str(exc)})
+        if why is not None:
+            log.critical(f"refusing to start: {why}")
+            self.exit_code = exitcodes.USAGE
+            return False
         log.info(
             "supervisor starting",
             extra={
@@ -134,6 +144,7 @@ class Arbiter:
         self.manage_workers()
         self.phase = Phase.RUNNING
         self.manage_services()
+        return True
 
     def _connect(self) -> None:
         self.rq = ReliableQueue(connect(self.settings, timeout=REDIS_TIMEOUT), self.settings)
@@ -242,7 +253,14 @@ class Arbiter:
     # ---- children -------------------------------------------------------------------
 
     def reap_workers(self) -> None:
-        for ex in self.children.reap():
+        exits = self.children.reap()
+        if exits:
+            # A signal sent to the whole process group (Ctrl-C, `timeout`, `kill -- -PGID`) reaches the
+            # children as it reaches us, and a child may be gone before the loop has read it: act on
+            # what is queued first, so that their exits are judged in the phase that signal asked for.
+            for signum in self.signals.wait(0):
+                self.dispatch(signum)
+        for ex in exits:
             if ex.child.kind in self.services:
                 self._service_exited(ex)
             else:
@@ -269,7 +287,17 @@ class Arbiter:
             return
         lived = time.monotonic() - child.spawned
         if child.term_sent and not crashed:
-            log.info("worker stopped", extra={"deadWorker": dead, "reason": child.reason, "exit": ex.describe()})
+            # Stopped on purpose (drain, reload, scaled down, quit): not a death, so no `deadWorker`.
+            log.info(
+                f"worker stopped: {ex.describe()}",
+                extra={
+                    "worker": dead,
+                    "queue": child.pool,
+                    "childPid": child.pid,
+                    "reason": child.reason,
+                    "exit": ex.describe(),
+                },
+            )
             return
         # Only deaths that show no progress build up the backoff: dying while
         # booting, or idle before a single job. A worker that died holding a
@@ -283,6 +311,8 @@ class Arbiter:
             "worker died",
             extra={
                 "deadWorker": dead,
+                "queue": child.pool,
+                "childPid": child.pid,
                 "exit": ex.describe(),
                 "reason": child.reason or "unexpected",
                 "livedSeconds": round(lived, 1),
@@ -317,10 +347,21 @@ class Arbiter:
             self.exit_code = exitcodes.USAGE
             self.handle_quit()
             return
-        if delay is not None:
+        if delay is None or self.phase in (Phase.DRAINING, Phase.STOPPING):
+            # Asked to stop, or stopped by a signal sent to the whole group while we drain: expected.
+            log.info(
+                f"{service.kind} process stopped: {ex.describe()}",
+                extra={"kind": service.kind, "childPid": ex.child.pid, "exit": ex.describe()},
+            )
+        else:
             log.error(
                 f"{service.kind} process died; starting another",
-                extra={"exit": ex.describe(), "respawnInSeconds": delay},
+                extra={
+                    "kind": service.kind,
+                    "childPid": ex.child.pid,
+                    "exit": ex.describe(),
+                    "respawnInSeconds": delay,
+                },
             )
 
     def manage_services(self) -> None:
@@ -334,7 +375,13 @@ class Arbiter:
                 self.plugins,
                 lambda child, body: self.children.fork(child, lambda: self.in_child(body)),
             )
-            self.services.spawned(service, service.spawn(launch))
+            child = service.spawn(launch)
+            self.services.spawned(service, child)
+            if child is not None:
+                log.info(
+                    f"booting {service.kind} process with pid {child.pid}",
+                    extra={"kind": service.kind, "childPid": child.pid},
+                )
 
     def murder_workers(self) -> None:
         """Stop workers that hang: a job past its timeout and grace, or a stale heartbeat."""
@@ -412,6 +459,15 @@ class Arbiter:
         self.children.fork(child, lambda: self.in_child(lambda: run_worker(spec)))
         slot.pid = child.pid
         self.worker_since[child.pid] = iso()
+        log.info(
+            f"booting worker with pid {child.pid}",
+            extra={
+                "kind": "worker",
+                "queue": pool,
+                "childPid": child.pid,
+                "worker": worker_id(self.settings.worker.id, child.pid),
+            },
+        )
         return child
 
     def in_child(self, body: Callable[[], object]) -> None:
