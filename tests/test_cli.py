@@ -238,6 +238,7 @@ def test_queues_follows_the_configured_names(cli: Cli, r: redis.Redis) -> None:
         "depths",
         QUEUE_CHAT_NAME="my-chat",
         WORKER_POOLS="my-chat=1,extra=1",
+        QUEUE_EXTRA_NAMES="extra",
         REDIS_KEY_PREFIX="app:",
         DEAD_LETTER_QUEUE_NAME="my-dead",
     )
@@ -301,6 +302,7 @@ def test_queues_requeue_moves_dead_jobs_back_and_clears_their_old_results(
 
     unknown = cli("queues", "requeue", "no-such-job")
     assert (unknown.returncode, unknown.stdout) == (1, "requeued 0 job(s)\n")
+    assert f"no dead letter of job 'no-such-job' in {DEAD}" in unknown.stderr, unknown.stderr
     neither = cli("queues", "requeue")
     assert neither.returncode == 2 and "JOB_ID, or --all" in neither.stderr
 
@@ -330,6 +332,19 @@ def test_queues_purge_with_yes_deletes_the_queue(cli: Cli, r: redis.Redis) -> No
     assert not r.exists(DEAD)
     nameless = cli("queues", "purge", "--yes")
     assert nameless.returncode == 2 and "which queue" in nameless.stderr
+    # A known queue that is empty purges nothing, and says so.
+    assert cli("queues", "purge", "llm-batch", "--yes").stdout == "purged 0 job(s) from llm-batch\n"
+
+
+def test_queues_purge_of_no_queue_says_so_exits_1_and_deletes_nothing(cli: Cli, r: redis.Redis) -> None:
+    r.set("llm:result:j1", "{}")
+    for name in ("no-such-queue", "llm:result:j1"):  # nothing there, or a key that is no queue
+        proc = cli("queues", "purge", name, "--yes")
+        assert (proc.returncode, proc.stdout) == (1, ""), proc.stderr
+        assert f"no queue named {name!r}" in proc.stderr and "llm-chat" in proc.stderr and no_traceback(proc)
+    assert r.get("llm:result:j1") == b"{}"
+    r.lpush("old-queue", "a")  # a list no setting names any more is still a queue
+    assert cli("queues", "purge", "old-queue", "--yes").stdout == "purged 1 job(s) from old-queue\n"
 
 
 def test_queues_purge_asks_and_purges_only_when_the_name_is_typed(cli: Cli, r: redis.Redis) -> None:
@@ -412,6 +427,46 @@ def test_a_bad_setting_exits_2_naming_it_without_a_traceback_and_does_nothing(
     assert proc.stderr.startswith("llm-worker: bad setting: ") and named in proc.stderr, proc.stderr
     assert no_traceback(proc) and proc.stdout == ""
     assert r.lrange("llm-chat", 0, -1) == [b"keep me"]
+
+
+def test_submit_help_shows_the_job_flags_first_and_the_setting_flags_on_request(cli: Cli) -> None:
+    proc = cli("submit", "--help")
+    assert proc.returncode == 0, proc.stderr
+    usage, _, rest = proc.stdout.partition("\n\n")
+    assert usage.startswith("usage: llm-worker submit [-h] [--type") and "REDIS_URL" not in proc.stdout
+    options = rest[rest.index("options:") :].splitlines()
+    assert options[1].split()[:2] == ["-h,", "--help"] and options[2].split()[0] == "--type"
+    text = " ".join(proc.stdout.split())
+    for flag, said in (
+        ("--type", "the job's type"),
+        ("--model", "the model (default: DEFAULT_CHAT_MODEL"),
+        ("--correlation-id ID", "an id of your own"),
+    ):
+        assert f"{flag} " in text and said in text, flag
+    assert "llm-worker submit --help-settings" in " ".join(proc.stdout.split())
+    full = cli("submit", "--help-settings")
+    assert full.returncode == 0 and full.stdout.startswith("usage: llm-worker submit [-h] [--type")
+    assert "--redis-url VALUE" in full.stdout and "REDIS_URL: " in full.stdout
+    assert full.stdout.index("--correlation-id") < full.stdout.index("--redis-url VALUE")
+
+
+def test_queues_help_describes_each_action_and_hides_the_setting_flags(cli: Cli) -> None:
+    proc = cli("queues", "--help")
+    assert proc.returncode == 0 and "WORKER_POOLS" not in proc.stdout, proc.stderr
+    for action in ("depths", "dead", "requeue", "purge"):
+        assert any(line.split()[:1] == [action] and len(line.split()) > 3 for line in proc.stdout.splitlines())
+    assert "--help-settings" in proc.stdout
+    assert "--worker-pools VALUE" in cli("queues", "--help-settings").stdout
+
+
+def test_check_config_refuses_a_pool_of_an_undeclared_queue_naming_the_known_ones(cli: Cli) -> None:
+    proc = cli("check-config", WORKER_POOLS="llm-chatt=2")
+    assert proc.returncode == 2 and proc.stdout == "" and no_traceback(proc), proc.stderr
+    assert proc.stderr.startswith("llm-worker: bad setting: WORKER_POOLS='{\"llm-chatt\":2}'"), proc.stderr
+    for known in ("llm-chat", "llm-embeddings", "llm-batch", "llm-priority", "QUEUE_EXTRA_NAMES"):
+        assert known in proc.stderr
+    declared = cli("check-config", WORKER_POOLS="llm-chatt=2", QUEUE_EXTRA_NAMES="llm-chatt")
+    assert declared.returncode == 0 and "llm-chatt=2" in declared.stdout, declared.stderr
 
 
 def test_plugins_with_a_plugin_that_does_not_import_exits_2_naming_it(cli: Cli) -> None:

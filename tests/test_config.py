@@ -333,7 +333,25 @@ def test_a_toml_section_that_is_not_a_table_is_refused(tmp_path: Path) -> None:
             {"llm-chat": 0, "llm-embeddings": 0},
             "at least one worker in all",
         ),
-        ({"WORKER_POOLS": "a=256,b=256,c=256,d=256,e=1"}, "WORKER_POOLS", 1025, "at most 1024 workers per host"),
+        (
+            {"WORKER_POOLS": "a=256,b=256,c=256,d=256,e=1", "QUEUE_EXTRA_NAMES": "a,b,c,d,e"},
+            "WORKER_POOLS",
+            1025,
+            "at most 1024 workers per host",
+        ),
+        (
+            {"QUEUE_EXTRA_NAMES": "extra,llm-batch"},
+            "QUEUE_EXTRA_NAMES",
+            ["extra", "llm-batch"],
+            "queues other than the four job queues and the dead-letter list",
+        ),
+        (
+            {"QUEUE_EXTRA_NAMES": "llm-dead-letter"},
+            "QUEUE_EXTRA_NAMES",
+            ["llm-dead-letter"],
+            "queues other than the four job queues and the dead-letter list",
+        ),
+        ({"QUEUE_EXTRA_NAMES": "x,x"}, "QUEUE_EXTRA_NAMES", ["x", "x"], "different queue names"),
         ({"QUEUE_DELAY": "5000", "QUEUE_MAX_DELAY": "1000"}, "QUEUE_MAX_DELAY", 1000, "at least QUEUE_DELAY (5000)"),
         ({"QUEUE_DELAY": "400000"}, "QUEUE_MAX_DELAY", 300_000, "at least QUEUE_DELAY (400000)"),
         (
@@ -382,7 +400,38 @@ def test_worker_pools_replace_the_default_pools() -> None:
     s = load(WORKER_POOLS=" llm-chat = 4 , llm-embeddings=2 ", WORKER_CONCURRENCY=9)
     assert s.pools == {"llm-chat": 4, "llm-embeddings": 2}
     assert s.worker.pools == {"llm-chat": 4, "llm-embeddings": 2}
-    assert load(WORKER_POOLS="llm-chat=0,custom-q=3").pools == {"llm-chat": 0, "custom-q": 3}
+    assert load(WORKER_POOLS="llm-chat=0,custom-q=3", QUEUE_EXTRA_NAMES="custom-q").pools == {
+        "llm-chat": 0,
+        "custom-q": 3,
+    }
+
+
+KNOWN = (
+    "QUEUE_CHAT_NAME=llm-chat, QUEUE_EMBEDDINGS_NAME=llm-embeddings, QUEUE_BATCH_NAME=llm-batch, "
+    "QUEUE_PRIORITY_NAME=llm-priority"
+)
+
+
+def test_a_pool_of_a_queue_no_setting_names_is_refused_naming_the_known_queues() -> None:
+    # A typo would leave the real chat queue without workers.
+    error = refused({"WORKER_POOLS": "llm-chatt=2"})
+    assert (error.source, error.value) == ("WORKER_POOLS", {"llm-chatt": 2})
+    assert KNOWN in error.allowed and "llm-chatt is none of them" in error.allowed
+    assert "QUEUE_EXTRA_NAMES" in error.allowed
+    assert "WORKER_POOLS='{\"llm-chatt\":2}'" in str(error)
+    # Renamed queues are the known ones; declared extras are known too, and named in the message.
+    renamed = refused({"QUEUE_CHAT_NAME": "chat", "QUEUE_EXTRA_NAMES": "bulk", "WORKER_POOLS": "llm-chat=1"})
+    assert "QUEUE_CHAT_NAME=chat," in renamed.allowed and "QUEUE_EXTRA_NAMES=bulk" in renamed.allowed
+    assert load(QUEUE_CHAT_NAME="chat", WORKER_POOLS="chat=2").pools == {"chat": 2}
+    assert load(QUEUE_EXTRA_NAMES="bulk,night", WORKER_POOLS="llm-chat=1,bulk=2").pools == {"llm-chat": 1, "bulk": 2}
+
+
+def test_more_pools_than_the_shared_pool_table_holds_are_refused() -> None:
+    names = [f"q{i}" for i in range(17)]
+    extra = {"QUEUE_EXTRA_NAMES": ",".join(names)}
+    error = refused({**extra, "WORKER_POOLS": ",".join(f"{n}=1" for n in names)})
+    assert error.source == "WORKER_POOLS" and error.allowed == "at most 16 pools (the host's shared pool table)"
+    assert len(load(**extra, WORKER_POOLS=",".join(f"{n}=1" for n in names[:16])).pools) == 16
 
 
 # ---- secrets -----------------------------------------------------------------------------------

@@ -590,7 +590,8 @@ def test_a_model_outside_allowed_models_is_invalid() -> None:
     )
     assert "'bge-m3'" in invalid(batch, s).reason
     # A default model outside the list is refused too, rather than run.
-    assert "'llama2'" in invalid(chat_job(), s).reason
+    outside = settings(ALLOWED_MODELS="llama3.2,nomic-embed-text", DEFAULT_CHAT_MODEL="llama2")
+    assert "'llama2'" in invalid(chat_job(), outside).reason
 
 
 def test_an_invalid_model_name_inside_a_batch_is_invalid() -> None:

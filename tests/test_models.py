@@ -346,6 +346,10 @@ def test_models_cli_lists_loads_unloads_and_pulls(sim: Simulator) -> None:
     )
     code, out, _ = models_cli(sim.url, "unload", "llama3.2")
     assert code == 0 and out == "unloaded llama3.2\n" and loaded(sim) == set()
+    for zero in ("0", "0s"):  # a load that may stay for no time unloads, and says so
+        models_cli(sim.url, "load", "llama3.2")
+        code, out, _ = models_cli(sim.url, "load", "llama3.2", "--keep-alive", zero)
+        assert code == 0 and out == f"unloaded llama3.2 (--keep-alive {zero})\n" and loaded(sim) == set()
 
     code, out, _ = models_cli(sim.url, "pull", "phi3")  # not a terminal: plain lines
     assert code == 0 and "\r" not in out

@@ -199,6 +199,12 @@ def cmd_queues(args: argparse.Namespace) -> int:
         print(f"requeued {moved} job(s)")
         for why in skipped:
             print(f"not requeued: {why}", file=sys.stderr)
+        if not moved and not args.all:
+            print(
+                f"llm-worker: no dead letter of job {args.job_id!r} in {settings.queue.dead_letter} "
+                "(see `llm-worker queues dead`)",
+                file=sys.stderr,
+            )
         return exitcodes.OK if moved or args.all else 1
     if action == "purge":
         if not args.job_id:
@@ -213,7 +219,12 @@ def cmd_queues(args: argparse.Namespace) -> int:
             if answer.strip() != name:
                 print("not purged")
                 return 1
-        print(f"purged {admin.purge(name)} job(s) from {name}")
+        purged = admin.purge(name)
+        if purged is None:
+            known = ", ".join([*admin.queues(), settings.queue.dead_letter])
+            print(f"llm-worker: no queue named {name!r} (the queues: {known})", file=sys.stderr)
+            return 1
+        print(f"purged {purged} job(s) from {name}")
         return exitcodes.OK
     return exitcodes.USAGE
 
@@ -247,9 +258,20 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--table", action="store_true", help="print the settings table of the README instead")
     check.set_defaults(command=cmd_check_config)
 
-    submit = sub.add_parser("submit", help="queue a job and print its result")
-    submit.add_argument("--type", choices=["chat", "generate", "embeddings", "batch"], default="chat")
-    submit.add_argument("--model")
+    submit = sub.add_parser(
+        "submit",
+        help="queue a job and print its result",
+        description="Queue a job, wait for it and print its result (or stream its text). Exits 1 if the job failed.",
+    )
+    submit.add_argument(
+        "--type",
+        choices=["chat", "generate", "embeddings", "batch"],
+        default="chat",
+        help="the job's type (default: chat); it picks the queue and the default model",
+    )
+    submit.add_argument(
+        "--model", help="the model (default: DEFAULT_CHAT_MODEL, or DEFAULT_EMBEDDING_MODEL for embeddings)"
+    )
     submit.add_argument("--prompt", help="the user's message (chat), the prompt (generate) or the text (embeddings)")
     submit.add_argument("--system", help="a system message or prompt")
     submit.add_argument("--messages", help="chat messages as JSON (a batch job's whole request, for --type batch)")
@@ -259,19 +281,36 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--queue", help="queue to push to (default: by type)")
     submit.add_argument("--urgent", action="store_true", help="push to the serving end of the queue")
     submit.add_argument("--timeout-ms", type=int, help="the job's timeout")
-    submit.add_argument("--correlation-id")
+    submit.add_argument(
+        "--correlation-id", metavar="ID", help="an id of your own, copied into the result, the logs and the events"
+    )
     submit.add_argument("--wait", type=float, default=300.0, help="seconds to wait for the result")
     submit.add_argument("--no-wait", action="store_true", help="print the job id and exit")
-    flags.add_setting_flags(submit)
+    flags.add_setting_flags(submit, hidden=True)
     submit.set_defaults(command=cmd_submit)
 
-    queues = sub.add_parser("queues", help="queue depths; list, requeue or purge dead letters and queues")
-    queues.add_argument("action", nargs="?", choices=["depths", "dead", "requeue", "purge"])
+    queues = sub.add_parser(
+        "queues",
+        help="queue depths; list, requeue or purge dead letters and queues",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "Look at the queues in Redis and mend them by hand.\n\n"
+            "actions:\n"
+            "  depths   jobs waiting in each queue, waiting to retry, dead-lettered and in workers' hands"
+            " (the default)\n"
+            "  dead     the newest dead letters (--limit): when, job id, error type and error\n"
+            "  requeue  put a dead job (JOB_ID), or every one (--all), back at the end of its queue\n"
+            "  purge    delete a queue (QUEUE) and every job in it; asks first unless --yes"
+        ),
+    )
+    queues.add_argument(
+        "action", nargs="?", choices=["depths", "dead", "requeue", "purge"], help="what to do (default: depths)"
+    )
     queues.add_argument("job_id", nargs="?", metavar="JOB_ID|QUEUE", help="requeue: a dead job's id; purge: the queue")
     queues.add_argument("--all", action="store_true", help="requeue every dead letter")
     queues.add_argument("--limit", type=int, default=20, help="dead letters to list")
     queues.add_argument("--yes", action="store_true", help="purge without asking")
-    flags.add_setting_flags(queues)
+    flags.add_setting_flags(queues, hidden=True)
     queues.set_defaults(command=cmd_queues)
 
     plugins = sub.add_parser("plugins", help="list plugins, where they come from and their hooks")

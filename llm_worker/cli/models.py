@@ -28,6 +28,7 @@ from llm_worker.protocol.jobs import ErrorKind
 from llm_worker.settings.config import Settings
 
 ASK_TIMEOUT = 10.0
+_ZERO = re.compile(r"(?:0+(?:\.0*)?|\.0+)(?:ns|us|µs|ms|s|m|h)?")  # a Go duration of zero
 _STAMP = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)?$")
 
 
@@ -41,7 +42,7 @@ def add_parser(subparsers: Any) -> None:
         metavar="DURATION",
         help="load: how long Ollama keeps it once idle, in its syntax (10m, 1h, -1 forever); default: Ollama's",
     )
-    add_setting_flags(models)
+    add_setting_flags(models, hidden=True)
     models.set_defaults(command=cmd_models)
 
 
@@ -57,7 +58,10 @@ def cmd_models(args: argparse.Namespace) -> int:
         if args.action == "load":
             keep_alive = _keep_alive(args.keep_alive)
             seconds = provider.load(args.name, Deadline(settings.models.load_timeout / 1000), keep_alive)
-            print(f"loaded {args.name} in {seconds:.2f}s")
+            if _unloads(keep_alive):  # Ollama unloads a model asked to stay for no time at all
+                print(f"unloaded {args.name} (--keep-alive {args.keep_alive})")
+            else:
+                print(f"loaded {args.name} in {seconds:.2f}s")
         elif args.action == "unload":
             provider.unload(args.name, Deadline(ASK_TIMEOUT))
             print(f"unloaded {args.name}")
@@ -87,6 +91,13 @@ def _keep_alive(text: str | None) -> int | str | None:
         return int(text)  # Ollama reads a number as seconds
     except ValueError:
         return text
+
+
+def _unloads(keep_alive: int | str | None) -> bool:
+    """Whether a keep-alive is zero (``0``, ``0s``, ``0.0m``): Ollama then unloads the model at once."""
+    if isinstance(keep_alive, str):
+        return _ZERO.fullmatch(keep_alive.strip()) is not None
+    return keep_alive == 0
 
 
 def list_models(provider: OllamaProvider, out: IO[str]) -> None:

@@ -46,7 +46,7 @@ class QueueAdmin:
 
     def queues(self) -> list[str]:
         q = self.settings.queue
-        names = [q.chat, q.embeddings, q.batch, q.priority]
+        names = [q.chat, q.embeddings, q.batch, q.priority, *q.extra]
         return names + [name for name in self.settings.pools if name not in names]
 
     def depths(self) -> Depths:
@@ -132,8 +132,16 @@ class QueueAdmin:
                 break
         return moved, skipped
 
-    def purge(self, name: str) -> int:
-        """Delete a queue (or the dead-letter list) with everything in it; return how many jobs."""
+    def purge(self, name: str) -> int | None:
+        """Delete a queue (or the dead-letter list) with everything in it; return how many jobs.
+
+        None, and nothing deleted, when ``name`` is no queue: neither a queue
+        the settings name nor a list in Redis (a key of another kind is left alone).
+        """
+        kind = self.redis.type(name)
+        if kind != b"list":
+            known = kind == b"none" and name in [*self.queues(), self.settings.queue.dead_letter]
+            return 0 if known else None
         pipe = self.redis.pipeline()
         pipe.llen(name)
         pipe.delete(name)

@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 import msgspec
 from msgspec import Meta, Struct, field
 
+from llm_worker.host.layout import MAX_POOLS
 from llm_worker.settings.urls import mask_host_list, mask_url, resolve_redis_url, sentinel_addresses, split_userinfo
 
 if sys.version_info >= (3, 11):
@@ -369,6 +370,16 @@ class QueueSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     priority: Annotated[str, env("QUEUE_PRIORITY_NAME", "Queue of urgent jobs of any type.", pattern=QUEUE_NAME)] = (
         "llm-priority"
     )
+    extra: Annotated[
+        list[QueueKey],
+        env(
+            "QUEUE_EXTRA_NAMES",
+            "Further queues a WORKER_POOLS entry may serve, comma-separated; WORKER_POOLS refuses any other name. "
+            "A producer pushes to one by naming it (`queue` of the Python client, `submit --queue`). Their "
+            "workers take jobs of any type, as the priority queue's do, but without its precedence at the "
+            "provider, and embeddings jobs there are not gathered into shared calls.",
+        ),
+    ] = []
     dead_letter: Annotated[
         str, env("DEAD_LETTER_QUEUE_NAME", "List of jobs that failed for good, with the reason.", pattern=QUEUE_NAME)
     ] = "llm-dead-letter"
@@ -407,10 +418,10 @@ class QueueSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
 
 class ModelSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     default_chat: Annotated[str, env("DEFAULT_CHAT_MODEL", "Model of chat and generate jobs that name none.")] = (
-        "llama2"
+        "llama3.2"
     )
     default_embedding: Annotated[str, env("DEFAULT_EMBEDDING_MODEL", "Model of embeddings jobs that name none.")] = (
-        "llama2"
+        "nomic-embed-text"
     )
     allowed: Annotated[
         list[str],
@@ -984,11 +995,38 @@ def _check_consistency(s: Settings, sources: Mapping[str, str]) -> None:
         raise SettingError(where("DEAD_LETTER_QUEUE_NAME"), s.queue.dead_letter, "a list other than the job queues")
     if len(set(queues)) != len(queues):
         raise SettingError(where("QUEUE_CHAT_NAME"), ",".join(queues), "four different queue names")
+    if s.queue.dead_letter in s.queue.extra or set(queues) & set(s.queue.extra):
+        raise SettingError(
+            where("QUEUE_EXTRA_NAMES"), s.queue.extra, "queues other than the four job queues and the dead-letter list"
+        )
+    if len(set(s.queue.extra)) != len(s.queue.extra):
+        raise SettingError(where("QUEUE_EXTRA_NAMES"), s.queue.extra, "different queue names")
     if s.worker.pools:
         if s.queue.dead_letter in s.worker.pools:
             raise SettingError(where("WORKER_POOLS"), s.worker.pools, "pools that do not serve the dead-letter list")
+        unknown = [name for name in s.worker.pools if name not in queues and name not in s.queue.extra]
+        if unknown:
+            known = ", ".join(
+                [
+                    f"{env_name}={name}"
+                    for env_name, name in zip(
+                        ("QUEUE_CHAT_NAME", "QUEUE_EMBEDDINGS_NAME", "QUEUE_BATCH_NAME", "QUEUE_PRIORITY_NAME"), queues
+                    )
+                ]
+                + [f"QUEUE_EXTRA_NAMES={','.join(s.queue.extra)}"] * bool(s.queue.extra)
+            )
+            raise SettingError(
+                where("WORKER_POOLS"),
+                s.worker.pools,
+                f"pools of known queues ({known}); {', '.join(unknown)} is none of them: "
+                "declare a further queue in QUEUE_EXTRA_NAMES",
+            )
         if sum(s.worker.pools.values()) < 1:
             raise SettingError(where("WORKER_POOLS"), s.worker.pools, "at least one worker in all")
+    if len(s.pools) > MAX_POOLS:
+        raise SettingError(
+            where("WORKER_POOLS"), s.worker.pools, f"at most {MAX_POOLS} pools (the host's shared pool table)"
+        )
     total = sum(s.pools.values())
     if total > 1024:
         raise SettingError(where("WORKER_POOLS"), total, "at most 1024 workers per host")
