@@ -3,7 +3,8 @@
 A worker that exits with WORKER_BOOT_ERROR could not start (bad settings,
 Redis refusing its credentials, a plugin that does not load); respawning it
 would only spin, so after a few in a row the supervisor stops with the
-worker's message instead.
+worker's message instead. A worker Redis refuses while it runs (credentials
+revoked) exits with it too: the job in hand is handed back, not counted as a crash.
 """
 
 OK = 0

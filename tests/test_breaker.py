@@ -12,6 +12,7 @@ import urllib3
 
 from llm_worker.devtools.simulator import Simulator
 from llm_worker.host.breaker import COUNTED, BreakerOpen, Breakers
+from llm_worker.host.layout import MAX_BREAKERS
 from llm_worker.host.shm import SharedState
 from llm_worker.plugin.providers import ProviderError
 from llm_worker.protocol.jobs import ErrorKind, JobError
@@ -39,7 +40,8 @@ def trip(b: Breakers, model: str = "m") -> None:
 
 
 def state_of(b: Breakers, key: str = "ollama:m") -> str:
-    return next(row["state"] for row in b.rows() if row["key"] == key)
+    """A breaker's state; one without a row (nothing counted yet) is closed."""
+    return next((row["state"] for row in b.rows() if row["key"] == key), "closed")
 
 
 @pytest.mark.parametrize("kind", list(ErrorKind))
@@ -212,3 +214,56 @@ def test_a_holder_sigkilled_inside_the_lock_blocks_nobody() -> None:
     started = time.monotonic()
     trip(b)  # needs the lock: the kernel released it with the dead holder
     assert state_of(b) == "open" and time.monotonic() - started < 5
+
+
+NOT_FOUND = ProviderError("model 'nope' not found", ErrorKind.MODEL, status=404)
+
+
+def test_a_full_table_still_guards_a_65th_model_and_recycles_closed_rows_least_recently_used_first() -> None:
+    b = breakers(SharedState(4))
+    for n in range(MAX_BREAKERS):
+        b.record(b.admit("ollama", f"m{n}", 5), None)
+    assert len(b.rows()) == MAX_BREAKERS
+    # Every row was used this very second: the 65th shares the provider's catch-all row, never unguarded.
+    trip(b, "m64")
+    with pytest.raises(BreakerOpen) as refused:
+        b.admit("ollama", "m65", 5)
+    assert refused.value.key == "ollama:*" and state_of(b, "ollama:*") == "open"
+    assert b.refused("m66", "ollama")
+    # Once the rows idle, a closed one is recycled, the least recently used first.
+    time.sleep(1.1)
+    for n in range(1, MAX_BREAKERS):
+        b.admit("ollama", f"m{n}", 5)
+    trip(b, "m100")
+    keys = {row["key"] for row in b.rows()}
+    assert "ollama:m100" in keys and "ollama:m0" not in keys and "ollama:m1" in keys
+    assert state_of(b, "ollama:m100") == "open"
+    with pytest.raises(BreakerOpen):
+        b.admit("ollama", "m100", 5)
+    # The model whose row went is guarded again as a fresh, closed breaker.
+    b.record(b.admit("ollama", "m0", 5), None)
+
+
+def test_open_rows_are_never_recycled() -> None:
+    b = breakers(SharedState(4), CIRCUIT_BREAKER_RESET_TIMEOUT="60000", CIRCUIT_BREAKER_MAX_RESET_TIMEOUT="60000")
+    for n in range(MAX_BREAKERS):
+        trip(b, f"m{n}")
+    time.sleep(1.1)
+    trip(b, "late")
+    assert all(row["state"] == "open" for row in b.rows())
+    assert {row["key"] for row in b.rows()} >= {f"ollama:m{n}" for n in range(MAX_BREAKERS)} | {"ollama:*"}
+    with pytest.raises(BreakerOpen):
+        b.admit("ollama", "another", 5)
+
+
+def test_100_unknown_model_names_take_no_row_and_leave_the_table_usable() -> None:
+    b = breakers(SharedState(4))
+    for n in range(100):
+        b.record(b.admit("ollama", f"no-such-model-{n}", 5), NOT_FOUND)
+    assert b.rows() == []
+    assert not b.force("ollama:no-such-model-1", "reset")
+    trip(b, "m")
+    assert state_of(b) == "open"
+    for n in range(MAX_BREAKERS - 1):
+        b.record(b.admit("ollama", f"real-{n}", 5), None)
+    assert len(b.rows()) == MAX_BREAKERS and all(row["key"] != "ollama:*" for row in b.rows())

@@ -274,6 +274,40 @@ def test_a_redis_user_without_the_rights_it_needs_stops_start_up_with_the_reason
         assert "Traceback" not in svc.tail(200)
 
 
+def test_credentials_revoked_mid_job_stop_the_host_with_the_reason_and_the_job_is_not_a_crash(
+    service, sim: Simulator, tmp_path: Path
+) -> None:
+    sim.config.latency_ms = 1500
+    with LocalRedis(tmp_path / "redis") as store:
+        admin = store.client()
+        admin.execute_command("ACL", "SETUSER", "llm-worker", ">acl-pw-31", *ACL)
+        svc = service(
+            REDIS_URL=f"redis://127.0.0.1:{store.port}/0",
+            REDIS_USERNAME="llm-worker",
+            REDIS_PASSWORD="acl-pw-31",
+            WORKER_POOLS="llm-chat=1",
+            WORKER_BOOT_RETRIES="2",
+        )
+        client = client_for(f"redis://llm-worker:acl-pw-31@127.0.0.1:{store.port}/0")
+        job = client.submit("chat", {"messages": [{"role": "user", "content": "hi"}]}, model="llama3.2")
+        deadline = time.monotonic() + 20
+        while not any(admin.llen(k) for k in admin.scan_iter("llm:processing:*")):
+            assert time.monotonic() < deadline, svc.tail(50)
+            time.sleep(0.02)
+        # The job is in hand, its call under way: the password changes and every session of the user ends.
+        admin.execute_command("ACL", "SETUSER", "llm-worker", "resetpass", ">new-pw-32")
+        admin.execute_command("CLIENT", "KILL", "USER", "llm-worker")
+        code = svc.wait(60)
+        log = svc.tail(400)
+        assert code == 3, log
+        assert "Redis refused the worker while it ran" in log and "workers cannot boot" in log, log
+        assert "worker died" not in log and "Traceback" not in log, log
+        # The innocent job is not counted as a crash, and it is not lost: in a processing list or queued again.
+        assert not admin.exists(f"llm:crashes:{job}")
+        held = [p for k in admin.scan_iter("llm:processing:*") for p in admin.lrange(k, 0, -1)]
+        assert any(job.encode() in p for p in held + admin.lrange("llm-chat", 0, -1)), log
+
+
 # ---- the container --------------------------------------------------------------------------
 
 

@@ -10,6 +10,12 @@ one probe across all processes, through a lease (owner pid, deadline) that
 another process takes back when the prober dies or overruns. The probe's
 success closes it; its failure opens it again.
 
+Rows: a model gets its row when a call of it is first answered with an
+outcome that counts (a success, or a counted failure), so a model the
+provider lacks (a model error) takes none. Full (MAX_BREAKERS), the table
+recycles the least recently used closed row; when every row is open, forced
+or probing, a new model shares its provider's catch-all row (``<provider>:*``).
+
 Transitions happen under the state's lock (a POSIX record lock the kernel
 releases if its holder dies), never held during a provider call. The process
 that makes a transition reports it once (event and log line).
@@ -40,7 +46,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from llm_worker.host.backoff import compute_backoff
-from llm_worker.host.layout import BUCKETS, KEY_BYTES, MAX_BREAKERS, Forced, Row, State, Table
+from llm_worker.host.layout import BUCKETS, KEY_BYTES, MAX_BREAKERS, SHARED_KEY, Forced, Row, State, Table
 from llm_worker.host.procs import alive
 from llm_worker.protocol import records
 from llm_worker.protocol.jobs import ErrorKind, JobError, iso
@@ -106,16 +112,23 @@ class Breakers:
     # ---- around a provider call ------------------------------------------------
 
     def admit(self, provider: str, model: str, lease_seconds: float) -> Admission:
-        """Let a call through, or raise BreakerOpen. A half-open breaker lets one through."""
+        """Let a call through, or raise BreakerOpen. A half-open breaker lets one through.
+
+        A model without a row yet is a closed breaker: its row is made when
+        the call is answered (``record``). When the table has no room for it,
+        the call is guarded by its provider's catch-all row instead.
+        """
         key = f"{provider}:{model}"
         if not self.enabled:
             return Admission(False, key)
-        row = self._row(key)
+        row = self._guarding(provider, key)
         if row is None:
             return Admission(False, key)
+        key = row.key.decode()  # the catch-all's, when the model shares it
+        now = time.monotonic()
+        row.used = now
         if row.state == State.CLOSED and row.forced != Forced.OPEN:
             return Admission(False, key)  # the common case, read without the lock
-        now = time.monotonic()
         with self.lock.held():
             if row.forced == Forced.CLOSED:
                 return Admission(False, key)
@@ -135,15 +148,21 @@ class Breakers:
             return Admission(False, key)
 
     def record(self, admission: Admission, error: JobError | None) -> None:
-        """Count a call's outcome; trip, close or re-open the breaker as it says."""
+        """Count a call's outcome; trip, close or re-open the breaker as it says.
+
+        The first outcome worth counting makes the model's row: a model error
+        (not found, refused) makes none, so names the provider lacks take no row.
+        """
         if not self.enabled:
-            return
-        row = self._rows.get(admission.key)
-        if row is None:
             return
         counted = error is not None and counts(error)
         now = time.monotonic()
         with self.lock.held():
+            row = self._locate(admission.key)
+            if row is None:
+                if error is not None and not counted:
+                    return  # nothing to count: a model error, or one that is not the provider's
+                row = self._make(admission.key, now)
             if error is None or counted:
                 self._count(row, int(now), failed=counted)
             if row.forced != Forced.NONE:
@@ -171,7 +190,7 @@ class Breakers:
 
     def open_until(self, key: str) -> float:
         """When an open breaker may half-open (monotonic); now when it is not open."""
-        row = self._rows.get(key) or self._find(key)
+        row = self._cached(key)
         now = time.monotonic()
         return max(now, row.open_until) if row is not None and row.state == State.OPEN else now
 
@@ -179,7 +198,7 @@ class Breakers:
         """Whether a call to this model would be refused now (for fallback strategies)."""
         if not self.enabled:
             return False
-        row = self._rows.get(f"{provider}:{model}") or self._find(f"{provider}:{model}")
+        row = self._guarding(provider, f"{provider}:{model}", share=False)
         if row is None or row.forced == Forced.CLOSED:
             return False
         if row.forced == Forced.OPEN:
@@ -199,9 +218,10 @@ class Breakers:
         if row is None:
             if action != "force-open":
                 return False
-            row = self._row(key)
-            if row is None:
-                return False
+            with self.lock.held():
+                row = self._locate(key) or self._make(key, time.monotonic())
+            if row.key != key.encode()[: KEY_BYTES - 1]:
+                return False  # no room for it: the table is full of breakers in use
         with self.lock.held():
             if action == "force-open":
                 row.forced = Forced.OPEN
@@ -223,7 +243,7 @@ class Breakers:
     def rows(self) -> list[dict[str, object]]:
         out = []
         now = time.monotonic()
-        for row in self.table.rows[: self.table.count]:
+        for row in self._used():
             calls, failures = self._window(row, int(now))
             out.append(
                 {
@@ -287,27 +307,86 @@ class Breakers:
 
     # ---- rows ------------------------------------------------------------------------
 
+    def _used(self) -> list[Row]:
+        return list(self.table.rows[: min(self.table.count, len(self.table.rows))])
+
     def _find(self, key: str) -> Row | None:
         raw = key.encode()[: KEY_BYTES - 1]
-        for row in self.table.rows[: self.table.count]:
+        for row in self._used():
             if row.key == raw:
                 self._rows[key] = row
                 return row
+        self._rows.pop(key, None)
         return None
 
-    def _row(self, key: str) -> Row | None:
-        """The row of a breaker, made under the lock if it is new; None when the table is full."""
-        row = self._rows.get(key) or self._find(key)
-        if row is not None:
+    def _cached(self, key: str) -> Row | None:
+        """The breaker's row, if it has one: rows are recycled, so a remembered row must still be its."""
+        row = self._rows.get(key)
+        if row is not None and row.key == key.encode()[: KEY_BYTES - 1]:
             return row
-        with self.lock.held():
-            row = self._find(key)
-            if row is None and self.table.count < MAX_BREAKERS:
-                row = self.table.rows[self.table.count]
-                row.key = key.encode()[: KEY_BYTES - 1]
-                self.table.count += 1
-                self._rows[key] = row
+        return self._find(key)
+
+    _locate = _cached  # the same lookup, under the lock
+
+    def _guarding(self, provider: str, key: str, *, share: bool = True) -> Row | None:
+        """The row that guards a call: its own; else None while a row could be made for it; else the catch-all."""
+        row = self._cached(key)
+        if row is not None or self._room(time.monotonic()):
+            return row
+        shared = f"{provider}:{SHARED_KEY}"
+        row = self._cached(shared)
+        if row is None and share:
+            with self.lock.held():
+                row = self._locate(shared) or self._make(shared, time.monotonic())
         return row
+
+    def _room(self, now: float) -> bool:
+        """Whether a new model could have a row: a free one, or a closed one to recycle."""
+        models = [row for row in self._used() if not _shared(row)]
+        return len(models) < MAX_BREAKERS or any(_recyclable(row, now) for row in models)
+
+    def _make(self, key: str, now: float) -> Row:
+        """A new row for a breaker (inside the lock): a free one, else the least recently used closed
+        one, else (the table full of breakers in use) its provider's catch-all row, shared."""
+        raw = key.encode()[: KEY_BYTES - 1]
+        rows = self._used()
+        shared = key.partition(":")[2] == SHARED_KEY
+        models = [row for row in rows if not _shared(row)]
+        row: Row | None = None
+        if len(rows) < len(self.table.rows) and (shared or len(models) < MAX_BREAKERS):
+            row = self.table.rows[len(rows)]
+            self.table.count = len(rows) + 1
+        elif not shared:
+            spare = [r for r in models if _recyclable(r, now)]
+            if spare:
+                row = min(spare, key=lambda r: r.used)
+            else:
+                provider = key.partition(":")[0]
+                return self._locate(f"{provider}:{SHARED_KEY}") or self._make(f"{provider}:{SHARED_KEY}", now)
+        if row is None:  # more providers than catch-all rows: share another provider's
+            row = next(r for r in rows if _shared(r))
+            self._rows[key] = row
+            return row
+        ctypes.memset(ctypes.addressof(row), 0, ctypes.sizeof(row))
+        row.key = raw
+        row.used = now
+        self._rows[key] = row
+        return row
+
+
+def _shared(row: Row) -> bool:
+    return row.key.partition(b":")[2] == SHARED_KEY.encode()
+
+
+def _recyclable(row: Row, now: float) -> bool:
+    """A model's row that holds nothing worth keeping: closed, not forced, no probe, not used this second."""
+    return (
+        not _shared(row)
+        and row.state == State.CLOSED
+        and row.forced == Forced.NONE
+        and row.lease_pid == 0
+        and now - row.used >= 1.0
+    )
 
 
 def breaker_record(t: Transition, worker_id: str) -> Record:

@@ -112,7 +112,8 @@ class Counters(ctypes.Structure):
 
 # ---- breaker ---------------------------------------------------------------------------------------------
 
-MAX_BREAKERS = 64
+MAX_PROVIDERS = 8  # provider rows of the backpressure table; catch-all breaker rows
+MAX_BREAKERS = 64  # rows for models; full, the least recently used closed row is recycled
 BUCKETS = 120  # one-second buckets; CIRCUIT_BREAKER_TIMEOUT is capped to this many seconds
 KEY_BYTES = 160
 
@@ -146,16 +147,25 @@ class Row(ctypes.Structure):
         ("bucket_second", ctypes.c_int64 * BUCKETS),
         ("bucket_calls", ctypes.c_uint32 * BUCKETS),
         ("bucket_failures", ctypes.c_uint32 * BUCKETS),
+        ("used", ctypes.c_double),  # monotonic: the last call admitted, for recycling the least recently used
     ]
 
 
+SHARED_KEY = "*"  # the model of a provider's catch-all row: "<provider>:*"
+
+
 class Table(ctypes.Structure):
-    _fields_ = [("count", ctypes.c_int32), ("rows", Row * MAX_BREAKERS)]
+    """MAX_BREAKERS rows for models, then room for a catch-all row per provider (``<provider>:*``).
+
+    A model gets its row once a call of it was answered with something other
+    than a model error (an unknown model takes none). When every model row is
+    in use and none is closed, a new model shares its provider's catch-all row.
+    """
+
+    _fields_ = [("count", ctypes.c_int32), ("rows", Row * (MAX_BREAKERS + MAX_PROVIDERS))]
 
 
 # ---- backpressure ----------------------------------------------------------------------------------------
-
-MAX_PROVIDERS = 8
 
 
 class Pause(enum.IntEnum):

@@ -102,9 +102,7 @@ class WorkerProcess:
         try:
             self._boot()
         except BootError as exc:
-            log.error(f"worker cannot boot: {exc}")
-            self.slot.boot_error = str(exc).encode()[:255]
-            return exitcodes.WORKER_BOOT_ERROR
+            return self._boot_error("worker cannot boot", exc)
         except Quit:
             return exitcodes.WORKER_QUIT
         block = self.settings.queue.block_timeout / 1000
@@ -125,10 +123,20 @@ class WorkerProcess:
                 self._guard(self.reliable_queue.hand_back, self.id, raw, self.queue_name)
         except Quit:
             return exitcodes.WORKER_QUIT
+        except BootError as exc:
+            # Redis refused us mid-run (credentials revoked or changed): no fault of the
+            # job in hand. The boot-error exit hands it back uncounted, and the supervisor
+            # stops with this reason once respawned workers cannot boot either.
+            return self._boot_error("Redis refused the worker while it ran", exc)
         finally:
             for provider in self.executor.providers:
                 provider.close()
         return exitcodes.OK
+
+    def _boot_error(self, what: str, exc: BootError) -> int:
+        log.error(f"{what}: {exc}")
+        self.slot.boot_error = str(exc).encode()[:255]
+        return exitcodes.WORKER_BOOT_ERROR
 
     def _install_signals(self) -> None:
         signal.signal(signal.SIGTERM, self._on_term)
