@@ -88,6 +88,7 @@ def test_metrics_exist_at_zero_before_the_first_job(service) -> None:
         **FAST,
     )
     samples = scrape(svc)
+    assert value(samples, "llm_worker_dead_letters_trimmed_total") == 0
     for job_type in ("chat", "generate"):
         for outcome in ("completed", "failed", "retried"):
             assert (
@@ -264,6 +265,12 @@ def test_models_outside_allowed_models_are_refused_not_labelled(service, redis_u
         == 1
     )
     assert not any(dict(labels).get("model") == "gemma" for _, labels in samples)
+
+
+def test_dead_letters_trimmed_is_the_redis_counter_all_hosts_share(service, r: redis.Redis) -> None:
+    r.set("llm:dead-letters-trimmed", 7)  # as the queue's scripts count what QUEUE_REMOVE_ON_FAIL trims
+    svc = service(WORKER_POOLS="llm-chat=1")
+    assert value(scrape(svc), "llm_worker_dead_letters_trimmed_total") == 7
 
 
 def test_exposition_negotiates_openmetrics_and_gzip(service) -> None:

@@ -293,3 +293,43 @@ def test_queue_stats_count_what_registered_workers_hold_and_skip_an_entry_not_ou
     r.lpush("llm:processing:hand-edited", job("b"))
     stats = QueueAdmin(r, settings).stats()  # was a 500 from /admin/queue/stats
     assert stats["llm-chat"]["active"] == 1
+
+
+def _dead_letter(rq: ReliableQueue, r: redis.Redis, job_id: str) -> None:
+    r.lpush("llm-chat", job(job_id))
+    raw = rq.take("llm-chat", WID, 0.1)
+    entry = DeadLetter(
+        job=msgspec.Raw(raw), queue="llm-chat", error="bad", error_type="validation", failed_at="t", worker_id=WID
+    )
+    assert rq.dead_letter(WID, raw, entry, None).ours
+
+
+def test_queue_remove_on_fail_keeps_the_newest_dead_letters_and_counts_the_trimmed(
+    redis_url: str, r: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = settings_for({"REDIS_URL": redis_url, "QUEUE_REMOVE_ON_FAIL": "5", "JOB_MAX_CRASHES": "1"})
+    rq = ReliableQueue(r, settings)
+    with caplog.at_level("WARNING", logger="llm_worker.queue"):
+        for n in range(12):  # a flood past the bound, through finish.lua
+            _dead_letter(rq, r, f"j{n}")
+    assert r.llen("llm-dead-letter") == 5
+    kept = [msgspec.json.decode(raw)["job"]["id"] for raw in r.lrange("llm-dead-letter", 0, -1)]
+    assert kept == ["j11", "j10", "j9", "j8", "j7"]  # the newest, newest first
+    assert int(r.get("llm:dead-letters-trimmed")) == 7
+    lines = [rec for rec in caplog.records if "QUEUE_REMOVE_ON_FAIL=5" in rec.getMessage()]
+    assert len(lines) == 1 and "trimmed the 1 oldest" in lines[0].getMessage()  # once a minute, not per trim
+    # recover.lua and promote.lua push dead letters too, and trim the same way.
+    r.lpush("llm:processing:" + WID, job("crashed"))
+    assert rq.recover(WID, "llm-chat", crashed=True) == (0, 1)
+    r.zadd("llm:delayed", {"no-queue-here": 0})
+    assert rq.promote_due() == 1
+    assert r.llen("llm-dead-letter") == 5 and int(r.get("llm:dead-letters-trimmed")) == 9
+    assert b"no-queue-here" in r.lindex("llm-dead-letter", 0)
+    assert msgspec.json.decode(r.lindex("llm-dead-letter", 1))["job"]["id"] == "crashed"
+
+
+def test_queue_remove_on_fail_zero_keeps_every_dead_letter(redis_url: str, r: redis.Redis) -> None:
+    rq = ReliableQueue(r, settings_for({"REDIS_URL": redis_url, "QUEUE_REMOVE_ON_FAIL": "0"}))
+    for n in range(12):
+        _dead_letter(rq, r, f"j{n}")
+    assert r.llen("llm-dead-letter") == 12 and r.get("llm:dead-letters-trimmed") is None

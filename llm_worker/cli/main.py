@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -15,6 +17,7 @@ from llm_worker.cli import flags
 from llm_worker.queue.keys import Keys
 from llm_worker.settings import config, urls
 
+log = logging.getLogger("llm_worker.cli")
 Command = Callable[[argparse.Namespace], int]
 
 
@@ -52,6 +55,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     except config.SettingError as exc:
         return flags.explain(exc)
     logs.setup(settings.log, role="supervisor", workerId=settings.worker.id)
+    for line in config.unused_settings(os.environ):  # once, at start: not on every reload or submit
+        log.warning(line)
     try:
         # Import and check every plugin before anything forks: a broken or
         # misspelled plugin stops start-up here, with its name.
@@ -91,6 +96,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         loaded = flags.load_settings(args)
     except config.SettingError as exc:
         return flags.explain(exc)
+    for line in config.unused_settings(os.environ):
+        print(line, file=sys.stderr)
     width = max(len(d.env) for d in config.declarations())
     for decl, value in config.effective(loaded.settings):
         source = loaded.sources.get(decl.env, "default")

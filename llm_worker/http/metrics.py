@@ -17,6 +17,7 @@ import math
 import platform
 import time
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
@@ -29,6 +30,7 @@ from llm_worker.host.layout import DURATION_BUCKETS, OUTCOMES, TYPES, WAIT_BUCKE
 from llm_worker.host.loadboard import LoadBoard
 from llm_worker.host.shm import SharedState
 from llm_worker.host.stats import PoolTotals, model_label
+from llm_worker.queue.keys import Keys
 from llm_worker.settings.config import Settings
 
 _TYPE_INDEX = {name: i for i, name in enumerate(TYPES)}
@@ -79,10 +81,40 @@ def served_types(pool: str, settings: Settings) -> tuple[str, ...]:
     return {q.chat: ("chat", "generate"), q.embeddings: ("embeddings",), q.batch: ("batch",)}.get(pool, TYPES)
 
 
+class RedisCounter:
+    """A counter kept in Redis (all hosts together), read at most every ``every`` seconds at scrape time.
+
+    A scrape never waits long on Redis (a short timeout), and one that cannot
+    read it shows the last value read: None until a read succeeds.
+    """
+
+    def __init__(self, settings: Settings, key: str, every: float = 5.0) -> None:
+        self.settings, self.key, self.every = settings, key, every
+        self.value: float | None = None
+        self._read_at = -math.inf
+        self._client: Any = None
+
+    def read(self) -> float | None:
+        now = time.monotonic()
+        if now - self._read_at >= self.every:
+            self._read_at = now
+            try:
+                if self._client is None:
+                    from llm_worker.queue.reliable import connect  # redis-py only where it is used
+
+                    self._client = connect(self.settings, timeout=1.0)
+                self.value = float(self._client.get(self.key) or 0)
+            except Exception:  # noqa: BLE001 - Redis down or slow: keep the last value, /health says why
+                pass
+        return self.value
+
+
 class ShmCollector(Collector):
     def __init__(self, settings: Settings, state: SharedState) -> None:
         self.settings = settings
         self.state = state
+        keys = Keys(settings.redis.key_prefix, settings.queue.dead_letter)
+        self.dead_letters_trimmed = RedisCounter(settings, keys.dead_letters_trimmed)
 
     def collect(self) -> Iterator[Metric]:
         state = self.state
@@ -274,7 +306,16 @@ class ShmCollector(Collector):
         delayed.add((), r.delayed)
         dead = Family("llm_worker_dead_letter_jobs", "Jobs in the dead-letter list", "gauge")
         dead.add((), r.dead_letter)
-        return [depth, delayed, dead]
+        trimmed = Family(
+            "llm_worker_dead_letters_trimmed",
+            "Oldest dead letters dropped to keep the list at QUEUE_REMOVE_ON_FAIL, all hosts together (a Redis "
+            "counter: every host shows the same value, so take max, not sum)",
+            "counter",
+        )
+        count = self.dead_letters_trimmed.read()
+        if count is not None:
+            trimmed.add((), count)
+        return [depth, delayed, dead, trimmed]
 
     def _health(self) -> list[Family]:
         header, r = self.state.header, self.state.readings

@@ -26,6 +26,11 @@ class Keys:
         return self.prefix + "delayed"
 
     @property
+    def dead_letters_trimmed(self) -> str:
+        """How many dead letters QUEUE_REMOVE_ON_FAIL has trimmed, all hosts together (a counter)."""
+        return self.prefix + "dead-letters-trimmed"
+
+    @property
     def events(self) -> str:
         return self.prefix + "events"
 

@@ -10,6 +10,7 @@ write for a job they dead-letter from templates.py.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -48,7 +49,9 @@ MASTER_CHECK = 1.0  # seconds between asking the sentinels where the master is
 SENTINEL_TIMEOUT = 1.0  # sentinels answer from memory: a slow one is skipped, not waited on
 DONE_OK, DONE_FAILED = "ok", "failed"  # what a job's done marker says (PROTOCOL.md)
 COMPLETED, FAILED = "completed", "failed"  # the fields of a queue's statistics hash
+TRIM_LOG_INTERVAL = 60.0  # seconds: trimmed dead letters are logged at most this often, per process
 _encode = msgspec.json.Encoder(decimal_format="number").encode  # jobs.loose() keeps numbers as Decimal
+log = logging.getLogger("llm_worker.queue")
 
 
 def connect(
@@ -305,6 +308,22 @@ class ReliableQueue:
         self._finish = Script(client, "finish")
         self._recover = Script(client, "recover")
         self._promote = Script(client, "promote")
+        self.keep = settings.queue.remove_on_fail
+        self._trimmed = 0  # dead letters this process trimmed and has not logged yet
+        self._trim_logged = -TRIM_LOG_INTERVAL  # time.monotonic() of that log
+
+    def _count_trimmed(self, cut: int) -> None:
+        """Note dead letters a script trimmed; say so in the log at most once a minute."""
+        self._trimmed += cut
+        now = time.monotonic()
+        if self._trimmed and now - self._trim_logged >= TRIM_LOG_INTERVAL:
+            log.warning(
+                f"dead-letter list {self.keys.dead_letter} is at QUEUE_REMOVE_ON_FAIL={self.keep}: trimmed the "
+                f"{self._trimmed} oldest dead letter(s) since the last such line "
+                "(llm_worker_dead_letters_trimmed_total counts them all)",
+                extra={"trimmed": self._trimmed, "keep": self.keep, "deadLetterQueue": self.keys.dead_letter},
+            )
+            self._trimmed, self._trim_logged = 0, now
 
     # ---- a worker's side -------------------------------------------------
 
@@ -400,6 +419,7 @@ class ReliableQueue:
             stream=k.stream(job_id),
             queue=take_from or processing,
             stats=k.stats(queue),
+            trimmed=k.dead_letters_trimmed,
         )
         args = FinishArgs(
             payload=raw,
@@ -412,10 +432,13 @@ class ReliableQueue:
             stream_maxlen=STREAM_MAXLEN,
             take_next=flag(bool(take_from)),
             counted="" if result is None else (COMPLETED if result.success else FAILED),
+            keep=self.keep if target.key == k.dead_letter else 0,
             stream_end=_stream_end(stream, result),
         )
         reply = self._finish(keys, args)
-        return Finished(reply[0] == 1, reply[1] if len(reply) > 1 else None)
+        if reply[2]:
+            self._count_trimmed(int(reply[2]))
+        return Finished(reply[0] == 1, reply[1])
 
     # ---- a supervisor's side ---------------------------------------------
 
@@ -453,6 +476,7 @@ class ReliableQueue:
             heartbeat=k.heartbeat(worker_id),
             registry=k.registry,
             stats=k.stats(queue),
+            trimmed=k.dead_letters_trimmed,
         )
         args = RecoverArgs(
             count_crash=flag(crashed),
@@ -476,20 +500,29 @@ class ReliableQueue:
             event_template=crash.event,
             failed_event=crash.failed_event,
             dead_lettered_event=crash.dead_lettered_event,
+            keep=self.keep,
         )
-        requeued, dead = self._recover(keys, args)
+        requeued, dead, cut = self._recover(keys, args)
+        if cut:
+            self._count_trimmed(int(cut))
         return int(requeued), int(dead)
 
     def promote_due(self, now: float | None = None, limit: int = 500) -> int:
         now = time.time() if now is None else now
-        keys = PromoteKeys(delayed=self.keys.delayed, dead_letter=self.keys.dead_letter)
+        keys = PromoteKeys(
+            delayed=self.keys.delayed, dead_letter=self.keys.dead_letter, trimmed=self.keys.dead_letters_trimmed
+        )
         args = PromoteArgs(
             now_ms=int(now * 1000),
             most=limit,
             raw_keep=RAW_KEEP,
             entry_template=unplaced_entry(self.keys.delayed, iso(now)),
+            keep=self.keep,
         )
-        return int(self._promote(keys, args))
+        moved, cut = self._promote(keys, args)
+        if cut:
+            self._count_trimmed(int(cut))
+        return int(moved)
 
 
 def _stream_end(stream: str, result: Result | None) -> tuple[str, ...]:

@@ -55,6 +55,7 @@ class FinishKeys(NamedTuple):
     stream: str
     queue: str  # the processing list again when no next job is taken
     stats: str
+    trimmed: str  # the counter of dead letters trimmed
 
 
 class FinishArgs(NamedTuple):
@@ -68,6 +69,7 @@ class FinishArgs(NamedTuple):
     stream_maxlen: int
     take_next: str
     counted: str
+    keep: int  # QUEUE_REMOVE_ON_FAIL when target is the dead-letter list, else 0
     stream_end: tuple[str, ...]  # the rest of ARGV
 
 
@@ -82,6 +84,7 @@ class RecoverKeys(NamedTuple):
     heartbeat: str
     registry: str
     stats: str
+    trimmed: str
 
 
 class RecoverArgs(NamedTuple):
@@ -106,6 +109,7 @@ class RecoverArgs(NamedTuple):
     event_template: bytes
     failed_event: str
     dead_lettered_event: str
+    keep: int
 
 
 # ---- promote.lua: move due retries back to their queues --------------------------
@@ -114,6 +118,7 @@ class RecoverArgs(NamedTuple):
 class PromoteKeys(NamedTuple):
     delayed: str
     dead_letter: str
+    trimmed: str
 
 
 class PromoteArgs(NamedTuple):
@@ -121,6 +126,7 @@ class PromoteArgs(NamedTuple):
     most: int
     raw_keep: int
     entry_template: bytes
+    keep: int
 
 
 # ---- requeue.lua: move a dead letter back to its queue (admin.py) -----------------

@@ -66,6 +66,40 @@ REMOVED_LOAD_OPTIONS = {
 }
 LoadValue = Union[bool, int, float]
 
+# Settings of the service llm-worker replaces (../shared/reference/worker-service-spec.md) that it
+# does not read, each with what does that job here. One set in the environment is named, with this,
+# by `check-config` and at start-up ("not used by llm-worker: X; use Y"); the README lists them.
+# Its QUEUE_REMOVE_ON_FAIL is honoured (the dead-letter list's bound), as are the settings below.
+UNUSED_SETTINGS: dict[str, str] = {
+    "QUEUE_REMOVE_ON_COMPLETE": "RESULT_TTL (results, done markers and streams expire; no list of "
+    "completed jobs is kept to trim)",
+    "ENABLE_STREAMING": "nothing: a job asks for streaming itself (`stream: true` in its request), and "
+    "every worker can stream",
+    "ENABLE_GPU_OPTIMIZATION": "MODEL_LOAD_OPTIONS (num_gpu, num_batch, ...) and MODEL_MEMORY_THRESHOLD; "
+    "Ollama places layers on the GPU itself",
+    "MEMORY_LIMIT": "the service manager's limit (systemd MemoryMax=, docker --memory); models are "
+    "bounded by MODEL_MEMORY_THRESHOLD and MODEL_CACHE_SIZE",
+    "GPU_MEMORY_LIMIT": "MODEL_MEMORY_THRESHOLD (the share of GPU memory past which idle models are "
+    "unloaded) and MODEL_CACHE_SIZE",
+    "METRICS_ENABLED": "nothing: /metrics is always served on HEALTH_CHECK_PORT (0 turns the HTTP "
+    "process off; HEALTH_CHECK_HOST=127.0.0.1 keeps it to this host)",
+    "ENABLE_PERFORMANCE_MONITORING": "nothing: it is always on; HOST_SAMPLE_INTERVAL sets how often the "
+    "host, GPUs and queues are read",
+    "PERFORMANCE_SAMPLE_RATE": "HOST_SAMPLE_INTERVAL (every job is counted; the host is read on an interval)",
+    "REQUEST_QUEUE_SIZE": "MAX_CONCURRENT_REQUESTS (calls in flight); jobs wait in Redis, not in memory, "
+    "and a worker takes one only when it can serve it",
+    "MEMORY_CLEANUP_INTERVAL": "MODEL_MANAGER_INTERVAL (how often idle models are looked at and unloaded)",
+    "ENABLE_DEAD_LETTER_QUEUE": "nothing: jobs that fail for good always go to DEAD_LETTER_QUEUE_NAME, "
+    "bounded by QUEUE_REMOVE_ON_FAIL",
+    "ERROR_RETRY_ATTEMPTS": "QUEUE_MAX_ATTEMPTS (attempts of a job) or OLLAMA_MAX_RETRIES (retries of one "
+    "call within an attempt)",
+    "ERROR_RETRY_DELAY": "QUEUE_DELAY (between attempts of a job) or OLLAMA_RETRY_DELAY (between retries of one call)",
+    "ENABLE_ERROR_NOTIFICATIONS": "the events stream (llm.request.failed, llm.request.dead_lettered) or an "
+    'event-sink plugin, and alerts on llm_worker_jobs_total{outcome="failed"}',
+    "ENABLE_REQUEST_VALIDATION": "nothing: every job is always checked (MAX_JOB_BYTES, MAX_PROMPT_LENGTH "
+    "and the other limits)",
+}
+
 # Keys and values of dict settings; the title names them in messages ("name=count pairs").
 PoolCount = Annotated[int, Meta(ge=0, le=256, title="count")]
 QueueKey = Annotated[str, Meta(pattern=QUEUE_NAME, title="name")]
@@ -383,6 +417,17 @@ class QueueSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     dead_letter: Annotated[
         str, env("DEAD_LETTER_QUEUE_NAME", "List of jobs that failed for good, with the reason.", pattern=QUEUE_NAME)
     ] = "llm-dead-letter"
+    remove_on_fail: Annotated[
+        int,
+        env(
+            "QUEUE_REMOVE_ON_FAIL",
+            "Dead letters kept, newest first: each push past this many trims the oldest, in the same script "
+            "(counted in llm_worker_dead_letters_trimmed_total, logged at most once a minute). 0: unbounded, "
+            "which under Redis's `noeviction` lets a flood of bad jobs fill Redis.",
+            ge=0,
+            le=100_000_000,
+        ),
+    ] = 10_000
     max_attempts: Annotated[
         int,
         env(
@@ -567,7 +612,16 @@ class HttpSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True
             "HEALTH_CHECK_PORT", "Port of health, readiness and metrics. 0 turns the HTTP process off.", ge=0, le=65535
         ),
     ] = 3008
-    host: Annotated[str, env("HEALTH_CHECK_HOST", "Address the HTTP process binds.", min_length=1)] = "127.0.0.1"
+    host: Annotated[
+        str,
+        env(
+            "HEALTH_CHECK_HOST",
+            "Address the HTTP process binds: every interface by default, as exporters do, so a Prometheus on "
+            "another host can scrape it (the /admin routes stay off without ADMIN_TOKEN). `127.0.0.1` keeps it "
+            "to this host.",
+            min_length=1,
+        ),
+    ] = "0.0.0.0"  # deliberate: metrics and health are for other hosts to read
     admin_token: Annotated[
         str, env("ADMIN_TOKEN", "Bearer token of the /admin routes; unset turns them off.", secret=True)
     ] = ""
@@ -949,6 +1003,13 @@ def load(
     settings = msgspec.convert(sections, Settings)
     _check_consistency(settings, sources)
     return Loaded(settings, sources)
+
+
+def unused_settings(environ: Mapping[str, str]) -> list[str]:
+    """A line for each setting of the replaced service set in ``environ`` that llm-worker does not read."""
+    return [
+        f"not used by llm-worker: {name}; use {instead}" for name, instead in UNUSED_SETTINGS.items() if name in environ
+    ]
 
 
 def _read_toml(path: str) -> dict[str, Any]:

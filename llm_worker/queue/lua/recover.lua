@@ -3,7 +3,8 @@
 -- Jobs go to the serving (right) end of their queue, oldest served first.
 -- A job that has now been in hand of JOB_MAX_CRASHES dead workers is
 -- dead-lettered with errorType "crashed", and its failure result written.
--- Returns {requeued, dead_lettered}, or {-1, 0} when the worker is alive.
+-- Returns {requeued, dead_lettered, dead letters trimmed}, or {-1, 0, 0} when
+-- the worker is alive.
 --
 -- KEYS and ARGV, in the order of scripts.py's RecoverKeys and RecoverArgs:
 local processing = KEYS[1]       -- the dead worker's processing list
@@ -13,6 +14,7 @@ local events = KEYS[4]           -- the events stream
 local heartbeat = KEYS[5]        -- the dead worker's heartbeat key
 local registry = KEYS[6]         -- the worker registry hash
 local stats = KEYS[7]            -- the queue's statistics hash
+local trimmed = KEYS[8]          -- the counter of dead letters trimmed
 local count_crash = ARGV[1] == '1'  -- count a crash; else hand back only (QUIT, drain timeout)
 local max_crashes = tonumber(ARGV[2])  -- JOB_MAX_CRASHES
 local only_if_expired = ARGV[3] == '1'  -- only if the heartbeat key has expired (another host's worker)
@@ -35,9 +37,10 @@ local raw_entry_template = ARGV[18]  -- its dead letter, when it is not
 local event_template = ARGV[19]  -- the data of its events
 local failed_event = ARGV[20]    -- the type of the first event
 local dead_lettered_event = ARGV[21]  -- the type of the second
+local keep = tonumber(ARGV[22])  -- the most dead letters kept (QUEUE_REMOVE_ON_FAIL); 0: all
 
 if only_if_expired and redis.call('EXISTS', heartbeat) == 1 then
-  return {-1, 0}
+  return {-1, 0, 0}
 end
 local requeued, dead = 0, 0
 while true do
@@ -90,6 +93,8 @@ while true do
     requeued = requeued + 1
   end
 end
+local cut = 0
+if dead > 0 then cut = trim_dead_letters(dead_letter, keep, trimmed) end
 redis.call('DEL', heartbeat)
 redis.call('HDEL', registry, worker_id)
-return {requeued, dead}
+return {requeued, dead, cut}
