@@ -45,15 +45,15 @@ def _dead(pid: int) -> bool:
         return True
 
 
-def test_sigkilled_busy_workers_lose_nothing_and_their_jobs_restart_within_a_second(
+def test_sigkilled_busy_workers_lose_nothing_and_their_jobs_restart_at_once_not_at_heartbeat_expiry(
     service, sim: Simulator, redis_url: str, r: redis.Redis
 ) -> None:
-    # Given three chat workers busy with slow jobs and more jobs waiting
+    # Given three chat workers busy with slow jobs and more jobs waiting, and heartbeats that would outlive
+    # the test: only the supervisor reaping its dead child can hand their jobs back, never their expiry
     sim.config.latency_ms = 400
-    svc = service(WORKER_POOLS="llm-chat=3", JOB_MAX_CRASHES="5")
+    svc = service(WORKER_POOLS="llm-chat=3", JOB_MAX_CRASHES="5", WORKER_HEARTBEAT_TIMEOUT="600000")
     client = client_for(redis_url)
     ids = [chat(client, f"job {n}") for n in range(12)]
-    restarts = []
     for _ in range(2):
         # When every busy worker is SIGKILLed mid-job
         victims = _busy_workers(svc, r, 3)
@@ -61,18 +61,18 @@ def test_sigkilled_busy_workers_lose_nothing_and_their_jobs_restart_within_a_sec
         killed_at = time.time()
         for pid in victims:
             os.kill(pid, signal.SIGKILL)
-        # Then each job they held starts again on another worker within a second
+        # Then each job they held starts again on another worker, long before any heartbeat expires
         for job_id, before in starts_before.items():
 
-            def restarted(job_id: str = job_id, before: int = before) -> float | None:
+            def restarted(job_id: str = job_id, before: int = before) -> bool:
                 # Skip a start that raced the snapshot; timestamps are truncated to ms.
-                later = [t for t in _starts(r, job_id)[before:] if t >= killed_at - 0.001]  # noqa: B023 - this turn's
-                return later[0] if later else None
+                return any(t >= killed_at - 0.001 for t in _starts(r, job_id)[before:])  # noqa: B023 - this turn's
 
-            restarts.append(eventually(restarted, timeout=5, what=f"restart of {job_id}") - killed_at)
+            eventually(restarted, timeout=30, what=f"restart of {job_id}")
+        for pid, job_id in victims.items():
+            assert job_id not in held_by(r, f"{svc.env['WORKER_ID']}:{pid}")  # its processing list was handed back
     results = wait_all(client, ids, timeout=60)
     assert all(res["success"] for res in results.values())
-    assert max(restarts) < 1.0, restarts
     assert_each_answered_once(r, ids)
     assert nothing_held(r)
     assert len(svc.worker_pids(r)) == 3  # the slots were respawned
@@ -126,15 +126,21 @@ def test_a_second_host_recovers_the_jobs_of_a_host_that_died(
     host_a = service(WORKER_ID="host-a", WORKER_POOLS="llm-chat=2", WORKER_HEARTBEAT_TIMEOUT="2000")
     client = client_for(redis_url)
     ids = [chat(client, "slow one"), chat(client, "slow two")]
-    _busy_workers(host_a, r, 2)
+    held = _busy_workers(host_a, r, 2)
+    a_workers = {f"host-a:{pid}" for pid in held}
+    assert a_workers <= _registered(r)  # A's workers are registered, each holding its job
     # When host A dies with all its processes, and host B runs
     host_a.kill_all()
-    killed_at = time.monotonic()
     host_b = service(WORKER_ID="host-b", WORKER_POOLS="llm-chat=2", WORKER_HEARTBEAT_TIMEOUT="2000")
     # Then B recovers A's jobs once A's heartbeats expire, and answers them
-    results = wait_all(client, ids, timeout=30)
-    assert time.monotonic() - killed_at < 2.0 + 1.0 + 1.5 + 3.0  # expiry + sweep + latency + slack
+    results = wait_all(client, ids, timeout=60)
     assert all(res["success"] and res["workerId"].startswith("host-b:") for res in results.values())
     assert_each_answered_once(r, ids)
-    assert not any(key.startswith(b"llm:worker:host-a") for key in r.scan_iter("llm:worker:*"))
+    # and recovery removed A's workers from the registry and emptied their processing lists
+    assert not a_workers & _registered(r)
+    assert not any(r.llen(f"llm:processing:{worker}") for worker in a_workers)
     assert host_b.worker_pids(r)
+
+
+def _registered(r: redis.Redis) -> set[str]:
+    return {field.decode() for field in r.hkeys("llm:workers")}

@@ -15,6 +15,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import psutil
 import redis
 
 
@@ -41,33 +42,77 @@ class _Server:
     logfile = "redis.log"
     what = "redis-server"
 
+    attempts = 5  # ports tried when ours was taken between free_port() and the server's bind
+
     def __init__(self, directory: str | Path, port: int | None) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
+        # A port we chose may be taken by another process before our server binds it: then we choose
+        # another. A port the caller named, or one we have served on (a restart), is kept.
+        self.port_pinned = port is not None
         self.process: subprocess.Popen[bytes] | None = None
 
     def client(self) -> redis.Redis:
         raise NotImplementedError
 
-    def _launch(self, args: list[str], timeout: float) -> None:
-        """Start ``args`` and return once the server answers PING; RuntimeError with its log if it does not."""
+    def _args(self) -> list[str]:
+        """The command line that starts this server on ``self.port``."""
+        raise NotImplementedError
+
+    def _launch(self, timeout: float) -> None:
+        """Start the server and return once it answers as itself; RuntimeError with its log if it does not.
+
+        A server of someone else's on our port (a race between free_port() and
+        our bind) must never be taken for ours: its pid is checked, and ours,
+        unable to bind, exits; then another port is tried, unless it is pinned.
+        """
+        for attempt in range(1 if self.port_pinned else self.attempts):
+            if attempt:
+                self.port = free_port()
+            if self._try_launch(timeout):
+                self.port_pinned = True
+                return
+        raise RuntimeError(f"{self.what} found every port it tried taken (last {self.port})")
+
+    def _try_launch(self, timeout: float) -> bool:
+        """True once ours answers; False if it exited while another server answered on its port."""
+        log = self.directory / self.logfile
         self.process = subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+            self._args(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
         deadline = time.monotonic() + timeout
+        stranger = False  # a server that is not ours answered on our port
         while True:
-            try:
-                if self.client().ping():
-                    return
-            except redis.RedisError:
-                pass
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.kill()
-                log = self.directory / self.logfile
+            if self.process.poll() is None:
+                answered = self._answering_pid()
+                if answered is not None and _ours(answered, self.process.pid):
+                    return True
+                stranger = stranger or answered is not None
+            else:
                 tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+                if stranger or "Address already in use" in tail:
+                    if not self.port_pinned:
+                        return False
                 raise RuntimeError(f"{self.what} did not start on port {self.port}: {tail}")
+            if time.monotonic() > deadline:
+                self.kill()
+                tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+                raise RuntimeError(f"{self.what} did not start on port {self.port} within {timeout}s: {tail}")
             time.sleep(0.02)
+
+    def _answering_pid(self) -> int | None:
+        """The pid of the server that answers on our port, if one does."""
+        try:
+            return int(self.client().info("server")["process_id"])
+        except redis.AuthenticationError:
+            return -1  # a server with another password: not ours
+        except (redis.RedisError, KeyError, ValueError):
+            return None
 
     def kill(self) -> None:
         """SIGKILL: what a crash or an OOM kill does."""
@@ -109,8 +154,8 @@ class LocalRedis(_Server):
     def client(self) -> redis.Redis:
         return redis.Redis.from_url(self.url, socket_timeout=5)
 
-    def start(self, timeout: float = 10.0) -> LocalRedis:
-        args = [
+    def _args(self) -> list[str]:
+        return [
             redis_server_binary(),
             "--port",
             str(self.port),
@@ -130,7 +175,9 @@ class LocalRedis(_Server):
             "no",
             *self.extra,
         ]
-        self._launch(args, timeout)
+
+    def start(self, timeout: float = 10.0) -> LocalRedis:
+        self._launch(timeout)
         return self
 
     def restart(self) -> LocalRedis:
@@ -167,8 +214,15 @@ class LocalSentinel(_Server):
     ) -> None:
         super().__init__(directory, port)
         self.master = master
+        self.master_port_at_start = master_port
+        self.quorum = quorum
+        self.down_after_ms = down_after_ms
+        self.failover_timeout_ms = failover_timeout_ms
         self.conf = self.directory / "sentinel.conf"
+
+    def _write_conf(self) -> None:
         # Sentinel rewrites its file as it learns (peers, replicas, failovers), so it must be its own.
+        master = self.master
         self.conf.write_text(
             "\n".join(
                 [
@@ -176,14 +230,19 @@ class LocalSentinel(_Server):
                     "bind 127.0.0.1",
                     f"dir {self.directory}",
                     f"logfile {self.directory / self.logfile}",
-                    f"sentinel monitor {master} 127.0.0.1 {master_port} {quorum}",
-                    f"sentinel down-after-milliseconds {master} {down_after_ms}",
-                    f"sentinel failover-timeout {master} {failover_timeout_ms}",
+                    f"sentinel monitor {master} 127.0.0.1 {self.master_port_at_start} {self.quorum}",
+                    f"sentinel down-after-milliseconds {master} {self.down_after_ms}",
+                    f"sentinel failover-timeout {master} {self.failover_timeout_ms}",
                     f"sentinel parallel-syncs {master} 1",
                     "",
                 ]
             )
         )
+
+    def _args(self) -> list[str]:
+        if not (self.port_pinned and self.conf.exists()):  # a restart keeps what it learned
+            self._write_conf()  # for this port
+        return [redis_server_binary(), str(self.conf), "--sentinel"]
 
     @property
     def address(self) -> str:
@@ -193,7 +252,7 @@ class LocalSentinel(_Server):
         return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5, decode_responses=True)
 
     def start(self, timeout: float = 10.0) -> LocalSentinel:
-        self._launch([redis_server_binary(), str(self.conf), "--sentinel"], timeout)
+        self._launch(timeout)
         return self
 
     def master_port(self) -> int | None:
@@ -223,12 +282,7 @@ class LocalSentinelGroup:
         self.name = master
         first = LocalRedis(self.directory / "redis-0", appendonly=appendonly)
         self.servers = [first] + [
-            LocalRedis(
-                self.directory / f"redis-{n}",
-                appendonly=appendonly,
-                extra=("--replicaof", "127.0.0.1", str(first.port)),
-            )
-            for n in range(1, replicas + 1)
+            LocalRedis(self.directory / f"redis-{n}", appendonly=appendonly) for n in range(1, replicas + 1)
         ]
         quorum = sentinels // 2 + 1
         self.sentinels = [
@@ -253,8 +307,13 @@ class LocalSentinelGroup:
         }  # only its scheme and database count with sentinels
 
     def start(self, timeout: float = 20.0) -> LocalSentinelGroup:
-        for server in self.servers:
+        first, *replicas = self.servers
+        first.start()  # first: its port may change if another process took the one chosen for it
+        for server in replicas:
+            server.extra = ("--replicaof", "127.0.0.1", str(first.port))
             server.start()
+        for sentinel in self.sentinels:
+            sentinel.master_port_at_start = first.port
         self.wait_replicated(timeout)  # so that the sentinels' first look at the master finds its replicas
         for sentinel in self.sentinels:
             sentinel.start()
@@ -331,6 +390,16 @@ class LocalSentinelGroup:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _ours(pid: int, started: int) -> bool:
+    """``pid`` is the process we started, or one of its children (a wrapper that forks the server)."""
+    if pid == started:
+        return True
+    try:
+        return pid in {child.pid for child in psutil.Process(started).children(recursive=True)}
+    except psutil.Error:
+        return False
 
 
 def _replica_behind(server: LocalRedis) -> bool:
