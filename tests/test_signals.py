@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import redis
+import urllib3
 from support import chat, client_for, eventually, held_by, nothing_held, wait_all
 
 from llm_worker.devtools.localredis import LocalRedis
@@ -116,6 +117,39 @@ def test_a_reload_with_a_bad_setting_keeps_the_running_settings(
     eventually(lambda: "reload refused" in svc.tail(50), what="the refusal logged")
     assert "worker.concurrency" in svc.tail(50)
     assert svc.worker_pids(r) == pids and svc.process.poll() is None
+
+
+def test_hups_that_rename_a_pool_over_and_over_never_fill_the_pool_table(
+    service, redis_url: str, r: redis.Redis, tmp_path: Path
+) -> None:
+    # The host's pool table has 16 rows: a pool renamed by HUP must take the row of one gone, not a new one.
+    config = tmp_path / "llm-worker.toml"
+
+    def declare(extra: str) -> None:
+        config.write_text(f'[queue]\nextra = ["{extra}"]\n\n[worker]\npools = {{ "llm-chat" = 1, "{extra}" = 1 }}\n')
+
+    declare("extra-0")
+    svc = service(args=("--config", str(config)))
+    for n in range(1, 21):
+        current = {"llm-chat", f"extra-{n}"}
+        declare(f"extra-{n}")
+        svc.send(signal.SIGHUP)
+
+        def settled(current: set[str] = current) -> dict | None:
+            try:
+                status = svc.get("/status")[1]
+            except (OSError, urllib3.exceptions.HTTPError):  # the HTTP process restarts on each reload
+                return None
+            served = [w["pool"] for w in status["workers"]]  # type: ignore[union-attr]
+            return status if set(served) == current and len(served) == 2 else None
+
+        status = eventually(settled, timeout=30, what=f"the workers of {sorted(current)} alone")
+        assert current <= set(status["pools"]) and len(status["pools"]) <= 16, status["pools"]
+        assert svc.process.poll() is None
+    log = svc.tail(5000)
+    assert "more than 16 pools" not in log and "reload refused" not in log and "Traceback" not in log, log
+    job = chat(client_for(redis_url), queue="extra-20")
+    assert wait_all(client_for(redis_url), [job])[job]["success"]
 
 
 def test_ttin_adds_and_ttou_removes_a_chat_worker(service, redis_url: str, r: redis.Redis) -> None:

@@ -235,6 +235,7 @@ MAX_POOLS = 16
 MAX_GPUS = 16
 MAX_LOADED = 16
 NAME = 96
+POOL_NAME = 129  # a pool is a queue name: up to 128 characters (settings QUEUE_NAME), and its NUL
 
 
 class SlotState(enum.IntEnum):
@@ -342,7 +343,7 @@ class Header(ctypes.Structure):
         ("jobs_crash_dead_lettered", ctypes.c_uint64),  # dead-lettered for crashing workers
         ("worker_exits", ctypes.c_uint64 * MAX_POOLS),  # workers that died unasked, per pool
         ("pool_count", ctypes.c_int32),
-        ("pools", (ctypes.c_char * NAME) * MAX_POOLS),
+        ("pools", (ctypes.c_char * POOL_NAME) * MAX_POOLS),  # a row whose pool went and no worker serves is reused
         ("pool_wanted", ctypes.c_int32 * MAX_POOLS),
         ("model_count", ctypes.c_int32),
         ("models", (ctypes.c_char * NAME) * MAX_MODELS),  # label of index i; index 0 is "other"

@@ -18,13 +18,14 @@ import mmap
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterable, Iterator
 from contextlib import contextmanager
 
 from llm_worker.host.layout import (
     MAX_MODELS,
     MAX_POOLS,
     NAME,
+    POOL_NAME,
     Board,
     Counters,
     Header,
@@ -102,17 +103,54 @@ class SharedState:
 
     # ---- pools ----------------------------------------------------------------
 
-    def pool_index(self, name: str) -> int:
-        """The pool's index, added to the table if new (supervisor only)."""
-        for index in range(self.header.pool_count):
-            if self.header.pools[index].value.decode() == name:
-                return index
-        if self.header.pool_count >= MAX_POOLS:
+    def pool_index(self, name: str, keep: Collection[str] = ()) -> int:
+        """The pool's index, added to the table if new (supervisor only).
+
+        A new name takes a row never used, else the row of a pool that is not in ``keep`` (the pools
+        configured) and that no live worker serves: that pool is no longer shown, and the row's per-pool
+        data is cleared as the new name takes it, so the new pool's counters start at zero instead of
+        inheriting the old one's. ``ValueError`` when neither is left (``pools_fit`` says so beforehand).
+        """
+        names = self.pool_names()
+        if name in names:
+            return names.index(name)
+        if len(name.encode()) >= POOL_NAME:
+            raise ValueError(f"pool name longer than {POOL_NAME - 1} bytes: {name!r}")
+        if self.header.pool_count < MAX_POOLS:
+            index = self.header.pool_count
+            self.header.pools[index].value = name.encode()
+            self.header.pool_count = index + 1
+            return index
+        reusable = self._reusable_rows(names, keep)
+        if not reusable:
             raise ValueError(f"more than {MAX_POOLS} pools")
-        index = self.header.pool_count
-        self.header.pools[index].value = name.encode()[: NAME - 1]
-        self.header.pool_count = index + 1
+        index = reusable[0]
+        self._reuse_row(index, name)
         return index
+
+    def pools_fit(self, names: Iterable[str]) -> bool:
+        """Whether every pool of ``names`` has, or can be given, a row (``pool_index(name, keep=names)``)."""
+        wanted = list(dict.fromkeys(names))
+        table = self.pool_names()
+        new = [name for name in wanted if name not in table]
+        room = MAX_POOLS - self.header.pool_count + len(self._reusable_rows(table, wanted))
+        return len(new) <= room
+
+    def _reusable_rows(self, names: list[str], keep: Collection[str]) -> list[int]:
+        served = {slot.pool for slot in self.slots if slot.pid != 0}  # forked (or forking) and not yet reaped
+        return [index for index, name in enumerate(names) if name not in keep and index not in served]
+
+    def _reuse_row(self, index: int, name: str) -> None:
+        """Give row ``index`` to pool ``name``, its per-pool data cleared; fenced like a retirement."""
+        header = self.header
+        header.fold_seq += 1  # odd: readers retry
+        header.pools[index].value = name.encode()
+        header.pool_wanted[index] = 0
+        header.worker_exits[index] = 0
+        header.pool_models[index] = 0
+        self.retired[index].clear()
+        self.readings.waiting[index] = self.readings.processing[index] = 0  # until the sampler reads the new queue
+        header.fold_seq += 1
 
     def pool_names(self) -> list[str]:
         return [self.header.pools[i].value.decode() for i in range(self.header.pool_count)]

@@ -118,8 +118,10 @@ class ShmCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         state = self.state
-        pools = state.pool_names()
-        totals = state.read_consistently(lambda: [self._pool_totals(i) for i in range(len(pools))])
+        # Names and totals read together: a HUP may give a row to another pool (shm.pool_index) meanwhile.
+        pools, totals = state.read_consistently(
+            lambda: (names := state.pool_names(), [self._pool_totals(i) for i in range(len(names))])
+        )
         labels = state.model_labels()
         for family in (
             *self._build(),

@@ -17,7 +17,7 @@ import redis
 
 from llm_worker import exitcodes
 from llm_worker.host.backoff import compute_backoff
-from llm_worker.host.layout import Phase, SlotState
+from llm_worker.host.layout import MAX_POOLS, Phase, SlotState
 from llm_worker.host.loadboard import LoadBoard
 from llm_worker.host.procs import worker_id
 from llm_worker.host.shm import SharedState
@@ -75,7 +75,7 @@ class Arbiter:
     def _register_labels(self, settings: Settings) -> None:
         """Put pools and model labels in the shared tables before anyone reads them."""
         for pool in settings.pools:
-            self.state.pool_index(pool)
+            self.state.pool_index(pool, keep=settings.pools)
         models = settings.models
         for model in [*models.allowed, models.default_chat, models.default_embedding]:
             self.state.model_index(model_label(model), add=True)
@@ -223,6 +223,16 @@ class Arbiter:
                 log.error(f"reload refused: {name} cannot change while running ({old!r} -> {new!r}); restart instead")
                 self.systemd.reload_refused()
                 return
+        if not self.state.pools_fit(settings.pools):
+            # Rows of pools gone are reused once no worker serves them: old workers still draining hold theirs.
+            log.error(
+                f"reload refused, keeping the running settings: its {len(settings.pools)} pools do not fit the "
+                f"host's table of {MAX_POOLS} beside the pools whose workers are still stopping; send HUP again "
+                "once they have stopped",
+                extra={"pools": settings.pools, "tablePools": self.pool_names},
+            )
+            self.systemd.reload_refused()
+            return
         log.warning("reloading: replacing workers one at a time", extra={"pools": settings.pools})
         old_redis = self.settings.redis
         self.settings = settings
@@ -240,8 +250,11 @@ class Arbiter:
         if sum(self.targets.values()) + 1 > len(self.state) // 2:
             log.warning("TTIN ignored: no room for another worker slot")
             return
+        if not self.state.pools_fit([*self.targets, chat]):
+            log.warning("TTIN ignored: no room for the chat pool in the host's pool table")
+            return
         self.targets[chat] = self.targets.get(chat, 0) + 1
-        self.state.pool_index(chat)
+        self.state.pool_index(chat, keep=self.targets)
         log.info("one more chat worker", extra={"pool": chat, "workers": self.targets[chat]})
 
     def handle_ttou(self) -> None:
