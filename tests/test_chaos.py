@@ -74,6 +74,22 @@ def test_ninety_seconds_of_chaos_lose_nothing_and_answer_nothing_twice(tmp_path:
     assert recoveries and all(r["seconds"] is not None for r in recoveries), recoveries
     assert all(r["recoveredBy"] != r["host"] for r in recoveries), recoveries
 
+    # Each host freeze or kill counted the jobs it caught in hand, and at least one caught some.
+    held = [
+        d
+        for d in figures["disruptions"]
+        if d["name"] in ("kill a host and restart it", "freeze a host past its heartbeat expiry")
+    ]
+    assert held and all(isinstance(d.get("jobsHeld"), int) for d in held), held
+    assert any(d["jobsHeld"] >= 1 for d in held), held
+
+    # A frozen host held jobs, and when it woke the fence dropped its late outcomes for them. The drill
+    # freezes a host just after one of its workers took a job, so every freeze holds one and drops one.
+    frozen = [d for d in held if d["name"] == "freeze a host past its heartbeat expiry"]
+    assert frozen and all(d["jobsHeld"] >= 1 and d["lateOutcomesDropped"] >= 1 for d in frozen), frozen
+    assert figures["serviceLogs"]["duplicatesSuppressed"] >= 1, figures["serviceLogs"]
+    assert "duplicates suppressed (outcomes dropped by the fence): " in report, report
+
     # Malformed payloads: each dead-lettered once, answered when it named an id.
     assert figures["pushed"]["malformed"] >= 8 and c["unknownDeadLetters"] == 0, report
 

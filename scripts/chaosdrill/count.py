@@ -224,6 +224,11 @@ def report(figures: dict[str, Any]) -> str:
             + f" (WORKER_HEARTBEAT_TIMEOUT {rec['heartbeatTimeoutSeconds']:.1f} s + one sweep of {SWEEP:.1f} s: "
             + ("within it" if rec["withinExpiry"] else "LATE")
             + ")"
+            + (
+                f"; late outcomes dropped by the fence on waking: {rec['lateOutcomesDropped']}"
+                if "lateOutcomesDropped" in rec
+                else ""
+            )
         )
     counts = Counter(d["name"] for d in figures["disruptions"])
     lines.append("disruptions: " + ", ".join(f"{name} x{n}" for name, n in counts.items()))

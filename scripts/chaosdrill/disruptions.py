@@ -136,24 +136,72 @@ def within_expiry(seconds: float | None) -> bool:
     return seconds is not None and seconds <= HEARTBEAT_MS / 1000 + SWEEP + 0.5
 
 
+def _items_held_by_host(r: redis.Redis, host: Host) -> set[tuple[bytes, bytes]]:
+    """Each job the host holds now, as (processing list, payload)."""
+    return {(key, item) for key in r.scan_iter(f"llm:processing:{host.name}:*") for item in r.lrange(key, 0, -1)}
+
+
+def _freeze_with_a_fresh_job(drill: Drill, host: Host, group: int) -> tuple[float, dict[str, int], int]:
+    """SIGSTOP the host just after one of its workers took a job, and while it still holds it.
+
+    A job taken moments before the freeze has its whole timeout ahead of it, so
+    when the host wakes its worker is not killed for hanging: it finishes the
+    job, which was recovered meanwhile, and the fence must drop that late
+    outcome. Returns with the host stopped: when, what it holds, and the tries.
+    """
+    give_up = time.monotonic() + 30
+    tries = 0
+    seen = _items_held_by_host(drill.r, host)
+    while True:
+        time.sleep(0.02)
+        now = _items_held_by_host(drill.r, host)
+        fresh, seen = now - seen, now
+        if not fresh and time.monotonic() < give_up:
+            continue
+        tries += 1
+        frozen_at = time.monotonic()
+        os.killpg(group, signal.SIGSTOP)
+        try:
+            still = _items_held_by_host(drill.r, host)
+        except BaseException:
+            os.killpg(group, signal.SIGCONT)
+            raise
+        if fresh & still or time.monotonic() >= give_up:
+            return frozen_at, _jobs_held_by_host(drill.r, host), tries
+        os.killpg(group, signal.SIGCONT)
+        seen = _items_held_by_host(drill.r, host)
+
+
+def _late_outcomes_dropped(host: Host) -> int:
+    return sum(1 for e in host.log() if str(e.get("message", "")).startswith("job no longer ours"))
+
+
 def freeze_host(drill: Drill) -> dict[str, Any]:
     """SIGSTOP a whole host past its heartbeat expiry, then SIGCONT it.
 
     The other host recovers its jobs while it is frozen; when it wakes, its
     workers finish jobs that are no longer theirs, and the fence must drop
-    those outcomes.
+    those outcomes: the freeze lands just after a worker took a job, so there
+    is always at least one, and this waits for the fence's word on it.
     """
     host = drill.hosts[drill.rng.randrange(2)]
-    _wait_until_host_holds_jobs(drill, host)
     assert host.service is not None
     group = host.service.pid
-    frozen_at = time.monotonic()
-    os.killpg(group, signal.SIGSTOP)
+    dropped_before = _late_outcomes_dropped(host)
+    frozen_at, held, tries = _freeze_with_a_fresh_job(drill, host, group)
     try:
-        held = _jobs_held_by_host(drill.r, host)  # once frozen, as kill_host does
         seconds = wait_gone(drill.r, list(held), frozen_at, 3 * HEARTBEAT_MS / 1000 + 30)
     finally:
         os.killpg(group, signal.SIGCONT)
+    # Its workers' outcomes for the recovered jobs: within a job's timeout, unless recovery never came.
+    woke = time.monotonic()
+    limit = (JOB_TIMEOUT_MS + TIMEOUT_GRACE_MS) / 1000 + SUPERVISOR_KILL_GRACE + 2
+    dropped = 0
+    while seconds is not None and time.monotonic() - woke < limit:
+        dropped = _late_outcomes_dropped(host) - dropped_before
+        if dropped >= sum(held.values()):
+            break
+        time.sleep(0.1)
     recovery = {
         "host": host.name,
         "recoveredBy": next(h.name for h in drill.hosts if h is not host),
@@ -163,6 +211,8 @@ def freeze_host(drill: Drill) -> dict[str, Any]:
         "heartbeatTimeoutSeconds": HEARTBEAT_MS / 1000,
         "how": "frozen",
         "withinExpiry": within_expiry(seconds),
+        "lateOutcomesDropped": dropped,
+        "freezeTries": tries,
     }
     if held:
         drill.host_recoveries.append(recovery)
