@@ -1,11 +1,7 @@
 """The producer API: submit a job, wait for its result, follow its stream.
 
-It speaks PROTOCOL.md and nothing more, so it doubles as a reference for
-producers in other languages::
-
-    client = Client.from_url("redis://localhost:6379/0")
-    job_id = client.submit("chat", {"messages": [{"role": "user", "content": "Hi"}]}, model="llama3.2")
-    result = client.wait(job_id, timeout=60)
+It speaks the wire protocol (docs/protocol.md) and nothing more, so it
+doubles as a reference for producers in other languages.
 """
 
 from __future__ import annotations
@@ -49,6 +45,18 @@ class NotReplicated(Exception):
 
 
 class Client:
+    """A producer: pushes jobs (``submit``), waits for results (``wait``), follows streams (``stream``).
+
+    ``settings`` give the queue names and the key prefix (the defaults when
+    None); the connection is the caller's, or the settings' (``from_settings``)::
+
+        client = Client(redis.Redis.from_url("redis://localhost:6379/0"))
+        job_id = client.submit("chat", {"messages": [{"role": "user", "content": "Hi"}]}, model="llama3.2")
+        result = client.wait(job_id, timeout=60)  # the result object, or None on timeout
+        if result and result["success"]:
+            print(result["response"]["message"]["content"])
+    """
+
     def __init__(self, client: redis.Redis, settings: Settings | None = None) -> None:
         self.settings = settings or Settings()
         self.redis = client
