@@ -32,8 +32,8 @@ _KINDS = list(ErrorKind)
 
 
 # Why a load started (``LoadRow.why``), as /status and the events say it.
-PRELOAD, ASKED, DEMAND = 1, 2, 3
-WHY = {PRELOAD: "preload", ASKED: "a job asked", DEMAND: "queued jobs"}
+PRELOAD, ASKED = 1, 2
+WHY = {PRELOAD: "preload", ASKED: "a job asked"}
 
 
 class ModelLoading(JobError):
@@ -116,9 +116,6 @@ class LoadBoard:
         """Let go of loads a manager that died (or was replaced on HUP) had begun: asked again, they are made anew."""
         for row in self.board.rows:
             row.started = 0.0
-
-    def asked_since(self, index: int, since: float) -> bool:
-        return self.board.rows[index].asked > since
 
     def begin(self, index: int, why: int) -> None:
         row = self.board.rows[index]

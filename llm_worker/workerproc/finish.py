@@ -275,14 +275,7 @@ class Finisher:
                 worker_id=self.worker_id,
                 completed_at=now,
             )
-        done = self.guard(
-            self.reliable_queue.dead_letter,
-            self.worker_id,
-            raw,
-            entry,
-            result,
-            take_from=self._take_from(take_next),
-        )
+        done = self._dead_letter(raw, entry, result, take_next)
         if done.ours:
             self._rejected(exc.job_id, None, exc.reason, now, failed=result is not None)
         _say(
@@ -291,6 +284,12 @@ class Finisher:
             {"jobId": exc.job_id, "queue": self.queue_name, "error": exc.reason, "bytes": len(raw)},
         )
         return _recorded(done, Fate.DEAD_LETTERED)
+
+    def _dead_letter(self, raw: bytes, entry: DeadLetter, result: Result | None, take_next: bool) -> Any:
+        """Dead-letter a payload with its failure result (when it has an id), through the fenced script."""
+        return self.guard(
+            self.reliable_queue.dead_letter, self.worker_id, raw, entry, result, take_from=self._take_from(take_next)
+        )
 
     def invalid(self, raw: bytes, exc: Invalid, *, take_next: bool) -> Recorded:
         now = iso()
@@ -318,14 +317,7 @@ class Finisher:
             correlation_id=correlation,
             completed_at=now,
         )
-        done = self.guard(
-            self.reliable_queue.dead_letter,
-            self.worker_id,
-            raw,
-            entry,
-            result,
-            take_from=self._take_from(take_next),
-        )
+        done = self._dead_letter(raw, entry, result, take_next)
         if done.ours:
             self._rejected(job_id, correlation, exc.reason, now, failed=True)
         _say(

@@ -24,6 +24,10 @@ from __future__ import annotations
 import re
 from typing import Literal
 
+# llm/status.go (v0.33) outOfMemorySubstrings, after which the scheduler expires every loaded
+# model: one list of Ollama's texts, kept with the client's table of what each answer means.
+from llm_worker.plugins.ollama_errors import OUT_OF_MEMORY
+
 Wording = Literal["old", "new"]
 _VERSION = re.compile(r"v?(\d+)\.(\d+)(?:\.(\d+))?")
 
@@ -31,21 +35,6 @@ LLAMA_SERVER = (0, 30, 0)
 EMBED_ERRORS_400 = (0, 13, 3)
 GENERATE_SAYS_NOT_FOUND = (0, 5, 2)
 CHAT_SAYS_NOT_FOUND = (0, 12, 0)
-
-# llm/status.go (v0.33) outOfMemorySubstrings: an error holding one of them is an
-# out-of-memory error, after which the scheduler expires every loaded model.
-OUT_OF_MEMORY = (
-    "out of memory",
-    "out of device memory",
-    "cudamalloc failed",
-    "hipmalloc failed",
-    "failed to allocate",
-    "allocation failed",
-    "not enough memory",
-    "insufficient memory",
-    "vk_error_out_of_device_memory",
-    "erroroutofmemory",
-)
 
 
 def parse_version(text: str) -> tuple[int, int, int]:
