@@ -702,7 +702,7 @@ def test_model_allowed(model: str, allowed: list[str], expected: bool) -> None:
 # ---- error kinds ---------------------------------------------------------------------------------
 
 
-def test_error_kinds_are_the_protocols_and_exactly_four_are_retryable() -> None:
+def test_error_kinds_are_the_protocols_and_exactly_five_are_retryable() -> None:
     assert {kind.value for kind in ErrorKind} == {
         "validation",
         "model",
@@ -711,6 +711,7 @@ def test_error_kinds_are_the_protocols_and_exactly_four_are_retryable() -> None:
         "network",
         "provider",
         "crashed",
+        "rate_limit",
         "unknown",
     }
     assert {kind for kind in ErrorKind if kind.retryable} == {
@@ -718,6 +719,7 @@ def test_error_kinds_are_the_protocols_and_exactly_four_are_retryable() -> None:
         ErrorKind.MEMORY,
         ErrorKind.NETWORK,
         ErrorKind.PROVIDER,
+        ErrorKind.RATE_LIMIT,
     }
     assert ErrorKind("timeout") is ErrorKind.TIMEOUT and ErrorKind.TIMEOUT == "timeout"
 

@@ -48,6 +48,7 @@ from llm_worker.plugin.providers import (
     OnChunk,
     Provider,
     ProviderError,
+    RateLimited,
 )
 from llm_worker.plugin.spec import hookimpl
 from llm_worker.protocol.jobs import (
@@ -93,6 +94,7 @@ __all__ = [
     "Deadline",
     "OnChunk",
     "ProviderError",
+    "RateLimited",
     "Incomplete",
     "INCOMPLETE",
     # jobs, errors and fallbacks

@@ -68,6 +68,21 @@ class Incomplete(ProviderError):
         self.partial = partial
 
 
+class RateLimited(ProviderError):
+    """The provider refused for its rate limit (HTTP 429; Anthropic's 529 ``overloaded_error`` is not one).
+
+    ``retry_after`` is how many seconds the provider asked us to wait
+    (``Retry-After``, or its own reset headers), None when it did not say.
+    The job is not failing and the provider is not broken: the job waits that
+    long in the delayed set without spending an attempt, and the breaker does
+    not count it.
+    """
+
+    def __init__(self, message: str, *, retry_after: float | None = None, status: int | None = 429) -> None:
+        super().__init__(message, ErrorKind.RATE_LIMIT, status=status, retryable=True, counted=False)
+        self.retry_after = retry_after
+
+
 class Deadline:
     """An absolute point on the monotonic clock that a call must finish by."""
 

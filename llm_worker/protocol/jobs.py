@@ -34,6 +34,7 @@ class ErrorKind(str, enum.Enum):
     NETWORK = "network"  # the provider could not be reached
     PROVIDER = "provider"  # the provider failed (5xx, busy, broken stream)
     CRASHED = "crashed"  # the job was in hand of workers that died too often
+    RATE_LIMIT = "rate_limit"  # the provider refused for its rate limit (429): the job waits, no attempt spent
     UNKNOWN = "unknown"  # a bug; not retried, so that it surfaces
 
     @property
@@ -41,7 +42,9 @@ class ErrorKind(str, enum.Enum):
         return self in _RETRYABLE
 
 
-_RETRYABLE = frozenset({ErrorKind.TIMEOUT, ErrorKind.MEMORY, ErrorKind.NETWORK, ErrorKind.PROVIDER})
+_RETRYABLE = frozenset(
+    {ErrorKind.TIMEOUT, ErrorKind.MEMORY, ErrorKind.NETWORK, ErrorKind.PROVIDER, ErrorKind.RATE_LIMIT}
+)
 
 
 class JobError(Exception):
