@@ -32,8 +32,8 @@ _KINDS = list(ErrorKind)
 
 
 # Why a load started (``LoadRow.why``), as /status and the events say it.
-PRELOAD, ASKED = 1, 2
-WHY = {PRELOAD: "preload", ASKED: "a job asked"}
+PRELOAD, ASKED, DEMAND = 1, 2, 3
+WHY = {PRELOAD: "preload", ASKED: "a job asked", DEMAND: "queued jobs"}  # DEMAND: parked jobs no host holds
 
 
 class ModelLoading(JobError):

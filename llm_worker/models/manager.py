@@ -32,13 +32,16 @@ import time
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
+import redis
+
 from llm_worker import exitcodes, logs
 from llm_worker.host.backoff import compute_backoff
 from llm_worker.host.layout import MAX_LOADED, NAME, SlotState
-from llm_worker.host.loadboard import ASKED, PRELOAD, WHY, LoadBoard
+from llm_worker.host.loadboard import ASKED, DEMAND, PRELOAD, WHY, LoadBoard
 from llm_worker.host.procs import exit_with_parent, worker_id
 from llm_worker.host.shm import SharedState
 from llm_worker.host.stats import model_label
+from llm_worker.models import fleet
 from llm_worker.models import policy as modelpolicy
 from llm_worker.models.policy import Loaded
 from llm_worker.models.pullprogress import PullProgress
@@ -49,6 +52,9 @@ from llm_worker.plugins.ollama import LoadOptionsRefused, OllamaProvider
 from llm_worker.protocol import records
 from llm_worker.protocol.jobs import ErrorKind, iso
 from llm_worker.protocol.records import Record
+from llm_worker.queue.keys import Keys
+from llm_worker.queue.parking import Parking, parked_models
+from llm_worker.queue.reliable import connect
 from llm_worker.settings.config import Settings
 
 log = logging.getLogger("llm_worker.models.manager")
@@ -56,7 +62,7 @@ ASK_TIMEOUT = 10.0  # /api/tags, /api/ps and an unload: quick answers, or Ollama
 PULL_TIMEOUT = 6 * 3600.0  # a whole pull; a stalled one fails sooner, after OLLAMA_TIMEOUT without a byte
 RETRY_CAP = 300.0  # longest wait between two tries of a failed preload or pull
 TICK = 0.05  # seconds between looks at the load board
-MODELS_PER_GPU = 3  # Ollama's default OLLAMA_MAX_LOADED_MODELS per GPU (server/sched.go defaultModelsPerGPU, v0.33)
+DEMAND_RETRY = 60.0  # seconds before a model whose load by demand failed is loaded by demand again
 
 
 def run_manager(settings: Settings, state: SharedState, supervisor_pid: int, plugins: list[Found]) -> NoReturn:
@@ -77,12 +83,21 @@ def run_manager(settings: Settings, state: SharedState, supervisor_pid: int, plu
         while True:
             time.sleep(3600)
     models = ModelManager(settings, state, provider, manager, my_id)
+    client = connect(settings)
+    keys = Keys(settings.redis.key_prefix, settings.queue.dead_letter)
+    models.fleet = fleet.Fleet(client, keys, settings.worker.id)
+    models.parking = Parking(client, keys, settings.worker.id)
     models.start()
     interval = settings.models.manage_interval / 1000
     next_turn = time.monotonic() + interval
+    next_share = time.monotonic()
     while True:
         models.serve_loads()
-        if time.monotonic() >= next_turn:
+        now = time.monotonic()
+        if now >= next_share:
+            models.share()
+            next_share = now + fleet.PUBLISH_EVERY
+        if now >= next_turn:
             models.turn()
             next_turn = time.monotonic() + interval
         time.sleep(TICK)
@@ -127,6 +142,9 @@ class ModelManager:
         self.to_load: queue.Queue[tuple[int, str, int]] = queue.Queue()
         self.outcomes: queue.Queue[LoadOutcome] = queue.Queue()
         self.loader: threading.Thread | None = None
+        self.fleet: fleet.Fleet | None = None  # where this host publishes what it holds (set by run_manager)
+        self.parking: Parking | None = None
+        self.demand_retry: dict[str, float] = {}  # label -> when a failed load by demand may be tried again
 
     # ---- start ---------------------------------------------------------------------
 
@@ -227,13 +245,53 @@ class ModelManager:
             if row.asked <= self.asked_seen.get(index, 0.0) or row.started or row.resident:
                 continue
             self.asked_seen[index] = row.asked
-            self._make_room()
-            self._began(index, labels[index], ASKED)
-            self.loading.add(labels[index])
-            self.to_load.put((index, labels[index], ASKED))
-            if self.loader is None:
-                self.loader = threading.Thread(target=self._load_forever, daemon=True, name="loader")
-                self.loader.start()
+            self._start_load(index, labels[index], ASKED)
+
+    def _start_load(self, index: int, label: str, why: int) -> None:
+        """Make room, then hand the load to the loader thread."""
+        self._make_room()
+        self._began(index, label, why)
+        self.loading.add(label)
+        self.to_load.put((index, label, why))
+        if self.loader is None:
+            self.loader = threading.Thread(target=self._load_forever, daemon=True, name="loader")
+            self.loader.start()
+
+    # ---- the fleet: what this host holds, and loads for jobs no host holds -------------------
+
+    def share(self) -> None:
+        """Publish what this host holds (models/fleet.py); with MODEL_AFFINITY, load by demand. Never raises."""
+        if self.fleet is None:
+            return
+        held = fleet.held_here(self.state, self.board, self._slots_of)
+        size = self.cache_size()
+        try:
+            self.fleet.publish(held, size)
+            if self.settings.models.affinity:
+                self._load_by_demand(held, size)
+        except redis.RedisError as exc:
+            self._complain(f"model manager: Redis unreachable: {exc}")
+
+    def _load_by_demand(self, held: dict[str, fleet.ModelHeld], size: int) -> None:
+        """Load one model that parked jobs wait for and no host holds, when it evicts no busy model here."""
+        if self.loading or not fleet.has_room(held, size):
+            return
+        assert self.fleet is not None and self.parking is not None
+        elsewhere = {label for host, h in self.fleet.read().items() if host != self.fleet.me for label in h.models}
+        now = time.monotonic()
+        for label in parked_models(self.fleet.redis, self.parking.keys, self.state.pool_names()):
+            if label in held or label in elsewhere or self.demand_retry.get(label, 0.0) > now:
+                continue
+            if self.available and label not in self.available:  # Ollama lacks it: loading would fail
+                continue
+            index = self._index(label)
+            if index == 0 or not self.parking.claim(label):
+                continue
+            self._start_load(index, label, DEMAND)
+            return
+
+    def _slots_of(self, label: str) -> int:
+        return self.provider.model_slots(label, False)
 
     def _load_forever(self) -> None:
         """The loader thread: one load at a time, as Ollama's scheduler loads one at a time."""
@@ -260,12 +318,7 @@ class ModelManager:
             log.warning(f"could not make room before a load: {exc.message}")
 
     def cache_size(self) -> int:
-        """MODEL_CACHE_SIZE, or Ollama's own default: 3 models per GPU as NVML counts them, 3 without one."""
-        size = self.settings.models.cache_size
-        if size:
-            return size
-        r = self.state.readings
-        return MODELS_PER_GPU * max(1, r.gpu_count if r.gpu_collector_up else 1)
+        return modelpolicy.cache_size(self.settings.models.cache_size, self.state.readings)
 
     def _began(self, index: int, model: str, why: int) -> None:
         self.board.begin(index, why)
@@ -280,6 +333,8 @@ class ModelManager:
         assert outcome.error is not None
         self.board.failed(outcome.index, outcome.error)
         label = model_label(outcome.model)
+        if outcome.why == DEMAND:  # not again for a while: the jobs' own loads will say what is wrong
+            self.demand_retry[label] = time.monotonic() + DEMAND_RETRY
         log.error(
             f"loading {outcome.model} failed: {outcome.error.message}",
             extra={"model": label, "reason": WHY[outcome.why], "errorType": outcome.error.kind.value},

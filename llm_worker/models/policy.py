@@ -51,6 +51,16 @@ def over_cache(models: list[Loaded], cache_size: int) -> list[Loaded]:
     return evictable(models)[:excess] if excess > 0 else []
 
 
+MODELS_PER_GPU = 3  # Ollama's default OLLAMA_MAX_LOADED_MODELS per GPU (server/sched.go defaultModelsPerGPU, v0.33)
+
+
+def cache_size(setting: int, readings: Readings) -> int:
+    """MODEL_CACHE_SIZE, or Ollama's own default: 3 models per GPU as NVML counts them, 3 without one."""
+    if setting:
+        return setting
+    return MODELS_PER_GPU * max(1, readings.gpu_count if readings.gpu_collector_up else 1)
+
+
 @dataclass(frozen=True)
 class Memory:
     """Memory in use where the models live: the GPUs summed, or the host without GPU readings."""

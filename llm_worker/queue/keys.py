@@ -60,6 +60,29 @@ class Keys:
         """Completed and failed counts of a queue, across hosts (for /admin/queue/stats)."""
         return f"{self.prefix}stats:{queue}"
 
+    # ---- model affinity (parking.py, models/fleet.py) ----
+
+    def parked_index(self, queue: str) -> str:
+        """A queue's parked models: a sorted set of model labels, scored by when each one's oldest job was parked."""
+        return f"{self.prefix}parked:{queue}"
+
+    def parked(self, queue: str, model: str) -> str:
+        """A queue's jobs parked for one model (a list). '#' is in neither a queue's nor a model's name."""
+        return f"{self.prefix}parked:{queue}#{model}"
+
+    def claim(self, model: str) -> str:
+        """Which host is about to load a model that no host held (a string that expires)."""
+        return f"{self.prefix}claim:{model}"
+
+    @property
+    def fleet(self) -> str:
+        """The hosts that publish what they hold: a set of WORKER_IDs (models/fleet.py)."""
+        return self.prefix + "fleet"
+
+    def holdings(self, host: str) -> str:
+        """What one host holds now: its published holdings, expiring unless published again."""
+        return f"{self.prefix}fleet:{host}"
+
     def cache(self, digest: str) -> str:
         """A response cache entry, named by the digest of its request (cache.py)."""
         return f"{self.prefix}cache:{digest}"

@@ -145,9 +145,62 @@ class RequeueArgs(NamedTuple):
     payload: bytes
 
 
+# ---- park.lua, pick.lua, claim.lua: model affinity (parking.py) ------------------
+
+
+class ParkKeys(NamedTuple):
+    processing: str
+    parked: str
+    index: str
+
+
+class ParkArgs(NamedTuple):
+    payload: bytes
+    model: str
+
+
+class PickKeys(NamedTuple):
+    processing: str
+    index: str
+
+
+class PickArgs(NamedTuple):
+    parked_prefix: str
+    claim_prefix: str
+    max_wait_ms: int
+    host: str
+    claim_ms: int
+    cold: str
+    hot_count: int
+    models: tuple[str, ...]  # the rest of ARGV: hot models, then those other hosts hold
+
+
+class ClaimKeys(NamedTuple):
+    claim: str
+
+
+class ClaimArgs(NamedTuple):
+    host: str
+    claim_ms: int
+
+
+class UnparkKeys(NamedTuple):
+    index: str
+    queue: str
+
+
+class UnparkArgs(NamedTuple):
+    parked_prefix: str
+    most: int
+
+
 SIGNATURES: dict[str, tuple[type[tuple[Any, ...]], type[tuple[Any, ...]]]] = {
     "finish": (FinishKeys, FinishArgs),
     "recover": (RecoverKeys, RecoverArgs),
     "promote": (PromoteKeys, PromoteArgs),
     "requeue": (RequeueKeys, RequeueArgs),
+    "park": (ParkKeys, ParkArgs),
+    "pick": (PickKeys, PickArgs),
+    "claim": (ClaimKeys, ClaimArgs),
+    "unpark": (UnparkKeys, UnparkArgs),
 }

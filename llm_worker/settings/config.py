@@ -539,6 +539,25 @@ class ModelSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
             le=600_000,
         ),
     ] = 5_000
+    affinity: Annotated[
+        bool,
+        env(
+            "MODEL_AFFINITY",
+            "Model affinity across hosts: take first the jobs whose model this host has loaded, park the others "
+            'for the hosts that hold theirs (README, "Model affinity"). false: first in, first out. Set it '
+            "alike on every host of a queue.",
+        ),
+    ] = True
+    affinity_max_wait: Annotated[
+        int,
+        env(
+            "MODEL_AFFINITY_MAX_WAIT",
+            f"Longest a job waits parked for a host that holds its model, in {MS}; then the first host with a "
+            "free worker takes it, loading its model if it must.",
+            ge=0,
+            le=3_600_000,
+        ),
+    ] = 30_000
     load_options: Annotated[
         dict[str, LoadValue],
         env(

@@ -24,6 +24,7 @@ from llm_worker.host.shm import SharedState
 from llm_worker.host.stats import model_label
 from llm_worker.plugin.manager import Found
 from llm_worker.protocol.jobs import iso
+from llm_worker.queue.parking import unpark_all
 from llm_worker.queue.reliable import ReliableQueue, WorkerInfo, connect
 from llm_worker.settings.config import SettingError, Settings
 from llm_worker.settings.urls import redis_location
@@ -126,6 +127,7 @@ class Arbiter:
             if why is None:
                 warn_if_jobs_can_be_lost(self.rq.redis)
                 self.recovery.previous_incarnation(self.hostname)
+                self._unpark_without_affinity()
         except redis.RedisError as exc:
             why = None
             log.error("Redis unreachable at start; workers will wait for it", extra={"error": str(exc)})
@@ -145,6 +147,18 @@ class Arbiter:
         self.phase = Phase.RUNNING
         self.manage_services()
         return True
+
+    def _unpark_without_affinity(self) -> None:
+        """With MODEL_AFFINITY off, jobs an earlier run parked go back to their queues: nothing here would pick them."""
+        if self.settings.models.affinity:
+            return
+        for queue in self.targets:
+            moved = unpark_all(self.rq.redis, self.rq.keys, queue)
+            if moved:
+                log.warning(
+                    f"MODEL_AFFINITY is off: moved {moved} parked job(s) back to {queue}",
+                    extra={"queue": queue, "jobs": moved},
+                )
 
     def _connect(self) -> None:
         self.rq = ReliableQueue(connect(self.settings, timeout=REDIS_TIMEOUT), self.settings)

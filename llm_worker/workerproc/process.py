@@ -31,14 +31,17 @@ from llm_worker.host.layout import Pause, SlotState
 from llm_worker.host.loadboard import LoadBoard
 from llm_worker.host.procs import worker_id
 from llm_worker.host.shm import SharedState
+from llm_worker.models.fleet import Fleet, FleetView
 from llm_worker.plugin.context import WorkerContext
 from llm_worker.plugin.manager import Found, PluginManager
 from llm_worker.plugin.providers import Deadline
 from llm_worker.protocol import jobs
 from llm_worker.protocol.jobs import Decoded, EmbeddingsRequest, Invalid, JobError, Malformed, decode, iso
 from llm_worker.queue.cache import ResponseCache
+from llm_worker.queue.parking import Parking
 from llm_worker.queue.reliable import ClusterRefused, ReliableQueue, WorkerInfo, connect, refuse_cluster, waiting_helps
 from llm_worker.settings.config import Settings
+from llm_worker.workerproc.affinity import Affinity
 from llm_worker.workerproc.execute import Executor
 from llm_worker.workerproc.finish import Finisher, Recorded
 from llm_worker.workerproc.outcome import Outcome
@@ -93,6 +96,7 @@ class WorkerProcess:
         self.redis_lost = False
         self.connections = 0  # opened by our client; every one after the first follows a loss
         self.in_hand: list[bytes] = []  # payloads taken and not yet finished: kept when our list is reconciled
+        self.affinity: Affinity | None = None  # model affinity's choices (MODEL_AFFINITY), set at boot
 
     # ---- life ---------------------------------------------------------------
 
@@ -110,15 +114,16 @@ class WorkerProcess:
         try:
             while not self.stopping and os.getppid() == self.spec.supervisor_pid:
                 self.slot.beat()
+                picked = False
                 if raw is None:
                     if self._paused():  # the jobs stay queued, for hosts that can serve them
                         time.sleep(PAUSE_CHECK)
                         continue
-                    raw = self._guard(self.reliable_queue.take, self.queue_name, self.id, block)
+                    raw, picked = self._take(block)
                 if raw is not None:
                     # Finishing a job takes the next one in the same round trip
                     # while the queue has work, so a busy worker blocks only when idle.
-                    raw = self._handle_batch(self._gather(raw)) if self.gathers else self._handle(raw)
+                    raw = self._handle_batch(self._gather(raw)) if self.gathers else self._handle(raw, picked)
             if raw is not None:  # taken with the last finish, then told to stop: give it back
                 self._guard(self.reliable_queue.hand_back, self.id, raw, self.queue_name)
         except Quit:
@@ -150,8 +155,28 @@ class WorkerProcess:
         self.stopping = True
 
     def _wants_more(self) -> bool:
-        """Whether to take another job now: asked as each job is finished, and while gathering."""
+        """Whether to take another job now: asked as each job is finished, and while gathering.
+
+        Not while jobs are parked (model affinity): the next take looks at them before the queue.
+        """
+        if self.affinity is not None and self.affinity.parked:
+            return False
         return not self.stopping and os.getppid() == self.spec.supervisor_pid and not self._paused()
+
+    def _take(self, block: float) -> tuple[bytes | None, bool]:
+        """The next job, in our processing list, and whether it was parked (its place already chosen)."""
+        if self.affinity is None:
+            return self._guard(self.reliable_queue.take, self.queue_name, self.id, block), False
+        if self.affinity.should_look():
+            picked = self._guard(self.affinity.pick, self.id)
+            if picked is not None:
+                log.debug(
+                    "took a parked job",
+                    extra={"model": picked.model, "how": picked.why, "parkedMs": picked.waited_ms},
+                )
+                return picked.raw, True
+        raw = self._guard(self.reliable_queue.take, self.queue_name, self.id, self.affinity.block_for(block))
+        return raw, False
 
     def _paused(self) -> bool:
         """Whether to take no jobs now (backpressure); probes a down provider now and then."""
@@ -208,6 +233,7 @@ class WorkerProcess:
         )
         self.watch = PoolWatch(state, self.slot.pool, providers, self.executor.provider_for, self.reach, breakers)
         self.reliable_queue = ReliableQueue(self.client, self.settings)
+        self.affinity = self._affinity(LoadBoard(state.loads)) if self.settings.models.affinity else None
         info = WorkerInfo(
             queue=self.queue_name,
             host=self.settings.worker.id,
@@ -233,10 +259,38 @@ class WorkerProcess:
         self.slot.beat()
         log.debug("worker ready")
 
+    def _affinity(self, board: LoadBoard) -> Affinity | None:
+        """Model affinity for this worker's queue; None where jobs are gathered (taken first in, first out)."""
+        if self.gathers:
+            return None
+        keys = self.reliable_queue.keys
+
+        def managed(model: str) -> bool:
+            try:
+                return board.manages(self.executor.provider_for(model).name)
+            except JobError:  # no provider serves it: the job fails as it runs
+                return False
+
+        def slots_of(label: str) -> int:
+            try:
+                provider = self.executor.provider_for(label)
+            except JobError:
+                return 1
+            slots = getattr(provider, "model_slots", None)
+            return slots(label, False) if slots is not None else 1
+
+        parking = Parking(self.client, keys, self.settings.worker.id)
+        view = FleetView(Fleet(self.client, keys, self.settings.worker.id))
+        return Affinity(self.settings, self.spec.state, board, parking, view, self.queue_name, managed, slots_of)
+
     # ---- one job --------------------------------------------------------------
 
-    def _handle(self, raw: bytes) -> bytes | None:
-        """Run one job to its outcome and record it; the next job, when the finish took one."""
+    def _handle(self, raw: bytes, picked: bool = False) -> bytes | None:
+        """Run one job to its outcome and record it; the next job, when the finish took one.
+
+        A job taken from the queue (not ``picked`` from a parked list) whose model another
+        host holds is parked instead, when model affinity is on.
+        """
         taken = time.time()
         # In hand before decoding: finishing a malformed job writes to Redis, and a
         # reconcile on the way must not hand back the job being finished.
@@ -245,6 +299,12 @@ class WorkerProcess:
             decoded = self._decode(raw)
             if not isinstance(decoded, Decoded):
                 return self._reject(raw, decoded, take_next=self._wants_more()).next
+            if not picked and self.affinity is not None:
+                label = self._guard(self.affinity.park_as, decoded)
+                if label is not None:
+                    self._guard(self.affinity.parking.park, self.id, raw, self.queue_name, label)
+                    self.affinity.parked = True
+                    return None
             self.slot.begin(decoded.job.id, decoded.timeout)
             try:
                 refused = self._admit(decoded, taken)
