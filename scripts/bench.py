@@ -32,6 +32,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterator
 
+import bench_fleet
 import msgspec
 import psutil
 import urllib3
@@ -425,6 +426,17 @@ def main(argv: list[str] | None = None) -> int:
         default="docs/benchmarks-pool.png",
         help="where to draw throughput and latency against pool size (needs matplotlib; default %(default)s)",
     )
+    parser.add_argument(
+        "--only",
+        choices=("fleet",),
+        help="run one part alone: fleet, model affinity against first in, first out (scripts/bench_fleet.py)",
+    )
+    parser.add_argument(
+        "--fleet-chart",
+        metavar="PNG",
+        default="docs/benchmarks-fleet.png",
+        help="where to draw the fleet benchmark (needs matplotlib; default %(default)s)",
+    )
     args = parser.parse_args(argv)
     scale = 0.25 if args.quick else 1.0
     with tempfile.TemporaryDirectory(prefix="llm-worker-bench-") as tmp:
@@ -438,74 +450,89 @@ def main(argv: list[str] | None = None) -> int:
                 "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
             },
         }
-        figures["simulator_ceiling_rps"] = sim_ceiling(int(6000 * scale))
+        if args.only != "fleet":
+            everything_else(figures, scale, workdir, args)
+        figures["fleet"] = bench_fleet.fleet(workdir)
+        f = figures["fleet"]
         print(
-            f"simulator ceiling: {figures['simulator_ceiling_rps']['1_client']:.0f} req/s from one client, "
-            f"{figures['simulator_ceiling_rps']['2_client']:.0f} req/s from two",
+            f"fleet: model affinity {f['throughput_ratio']}x the throughput of first in, first out, with "
+            f"{f['loads_ratio']:.1%} of its model loads",
             flush=True,
         )
-        runs = [throughput(int(8000 * scale), workdir) for _ in range(3)]
-        figures["throughput_jobs_per_s"] = {"median": statistics.median(runs), "runs": runs}
-        print(
-            f"throughput: {statistics.median(runs):.0f} jobs/s median of {', '.join(f'{x:.0f}' for x in runs)} "
-            f"(2 workers, provider latency 0)",
-            flush=True,
-        )
-        figures["pickup"] = pickup(int(1000 * scale), workdir)
-        p = figures["pickup"]
-        print(
-            f"pickup latency (idle): p50 {p['p50_ms']:.3f} ms, p99 {p['p99_ms']:.3f} ms, max {p['max_ms']:.3f} ms",
-            flush=True,
-        )
-        figures["utilization"] = utilization(10 * scale, workdir)
-        u = figures["utilization"]
-        print(
-            f"provider utilization (4 workers, 4 slots x 50 ms): {u['jobs_per_s']:.1f} jobs/s = "
-            f"{u['of_measured_capacity']:.1%} of the {u['plain_clients_per_s']:.1f} jobs/s four plain clients get, "
-            f"{u['of_nominal']:.1%} of the nominal {u['nominal_per_s']:.0f}; slots busy "
-            f"{u['slot_busy_fraction']:.1%} of the time",
-            flush=True,
-        )
-        figures["liveness_while_busy"] = liveness_while_busy(int(2000 * scale), workdir)
-        lv = figures["liveness_while_busy"]
-        print(
-            f"/health/live while every worker is busy: p50 {lv['p50_ms']:.2f} ms, p99 {lv['p99_ms']:.2f} ms, "
-            f"max {lv['max_ms']:.2f} ms",
-            flush=True,
-        )
-        figures["metrics_render"] = metrics_render(int(100 * scale), workdir)
-        mr = figures["metrics_render"]
-        print(
-            f"/metrics with 64 worker slots and 16 models: p50 {mr['p50_ms']:.1f} ms, p99 {mr['p99_ms']:.1f} ms "
-            f"({mr['lines']} lines)",
-            flush=True,
-        )
-        figures["batching"] = batching(int(1000 * scale), int(200 * scale), workdir)
-        b = figures["batching"]
-        print(
-            f"embeddings, one slot of 20 ms/call + 1 ms/input: {b['off']['jobs_per_s']:.0f} jobs/s batching off "
-            f"({b['off']['provider_calls']} calls), {b['on']['jobs_per_s']:.0f} jobs/s on "
-            f"({b['on']['provider_calls']} calls): "
-            f"{b['speedup']:.1f}x; a lone job waits {b['added_latency_ms']['p50_ms']:.1f} ms more at p50, "
-            f"{b['added_latency_ms']['p99_ms']:.1f} ms at p99 (BATCH_TIMEOUT 20 ms)",
-            flush=True,
-        )
-        figures["pool_sweep"] = pool_sweep(5 * scale, workdir)
-        for row in figures["pool_sweep"]:
-            print(
-                f"{row['workers']} chat worker(s), 8 slots x 20 ms: {row['jobs_per_s']:.0f} jobs/s = "
-                f"{row['of_ideal']:.1%} "
-                f"of {row['ideal_per_s']:.0f}; processing p50 {row['processing_p50_ms']:.1f} ms, "
-                f"p99 {row['processing_p99_ms']:.1f} ms",
-                flush=True,
-            )
-        if chart(figures["pool_sweep"], Path(args.chart)):
-            print(f"chart: {args.chart}", flush=True)
-        else:
-            print("chart: skipped (pip install matplotlib to draw it)", flush=True)
+        if bench_fleet.chart(f, Path(args.fleet_chart)):
+            print(f"chart: {args.fleet_chart}", flush=True)
     if args.json:
         Path(args.json).write_text(msgspec.json.format(msgspec.json.encode(figures), indent=2).decode())
     return 0
+
+
+def everything_else(figures: dict[str, Any], scale: float, workdir: Path, args: argparse.Namespace) -> None:
+    """Every part but the fleet's, in order, printing each figure as it comes."""
+    figures["simulator_ceiling_rps"] = sim_ceiling(int(6000 * scale))
+    print(
+        f"simulator ceiling: {figures['simulator_ceiling_rps']['1_client']:.0f} req/s from one client, "
+        f"{figures['simulator_ceiling_rps']['2_client']:.0f} req/s from two",
+        flush=True,
+    )
+    runs = [throughput(int(8000 * scale), workdir) for _ in range(3)]
+    figures["throughput_jobs_per_s"] = {"median": statistics.median(runs), "runs": runs}
+    print(
+        f"throughput: {statistics.median(runs):.0f} jobs/s median of {', '.join(f'{x:.0f}' for x in runs)} "
+        f"(2 workers, provider latency 0)",
+        flush=True,
+    )
+    figures["pickup"] = pickup(int(1000 * scale), workdir)
+    p = figures["pickup"]
+    print(
+        f"pickup latency (idle): p50 {p['p50_ms']:.3f} ms, p99 {p['p99_ms']:.3f} ms, max {p['max_ms']:.3f} ms",
+        flush=True,
+    )
+    figures["utilization"] = utilization(10 * scale, workdir)
+    u = figures["utilization"]
+    print(
+        f"provider utilization (4 workers, 4 slots x 50 ms): {u['jobs_per_s']:.1f} jobs/s = "
+        f"{u['of_measured_capacity']:.1%} of the {u['plain_clients_per_s']:.1f} jobs/s four plain clients get, "
+        f"{u['of_nominal']:.1%} of the nominal {u['nominal_per_s']:.0f}; slots busy "
+        f"{u['slot_busy_fraction']:.1%} of the time",
+        flush=True,
+    )
+    figures["liveness_while_busy"] = liveness_while_busy(int(2000 * scale), workdir)
+    lv = figures["liveness_while_busy"]
+    print(
+        f"/health/live while every worker is busy: p50 {lv['p50_ms']:.2f} ms, p99 {lv['p99_ms']:.2f} ms, "
+        f"max {lv['max_ms']:.2f} ms",
+        flush=True,
+    )
+    figures["metrics_render"] = metrics_render(int(100 * scale), workdir)
+    mr = figures["metrics_render"]
+    print(
+        f"/metrics with 64 worker slots and 16 models: p50 {mr['p50_ms']:.1f} ms, p99 {mr['p99_ms']:.1f} ms "
+        f"({mr['lines']} lines)",
+        flush=True,
+    )
+    figures["batching"] = batching(int(1000 * scale), int(200 * scale), workdir)
+    b = figures["batching"]
+    print(
+        f"embeddings, one slot of 20 ms/call + 1 ms/input: {b['off']['jobs_per_s']:.0f} jobs/s batching off "
+        f"({b['off']['provider_calls']} calls), {b['on']['jobs_per_s']:.0f} jobs/s on "
+        f"({b['on']['provider_calls']} calls): "
+        f"{b['speedup']:.1f}x; a lone job waits {b['added_latency_ms']['p50_ms']:.1f} ms more at p50, "
+        f"{b['added_latency_ms']['p99_ms']:.1f} ms at p99 (BATCH_TIMEOUT 20 ms)",
+        flush=True,
+    )
+    figures["pool_sweep"] = pool_sweep(5 * scale, workdir)
+    for row in figures["pool_sweep"]:
+        print(
+            f"{row['workers']} chat worker(s), 8 slots x 20 ms: {row['jobs_per_s']:.0f} jobs/s = "
+            f"{row['of_ideal']:.1%} "
+            f"of {row['ideal_per_s']:.0f}; processing p50 {row['processing_p50_ms']:.1f} ms, "
+            f"p99 {row['processing_p99_ms']:.1f} ms",
+            flush=True,
+        )
+    if chart(figures["pool_sweep"], Path(args.chart)):
+        print(f"chart: {args.chart}", flush=True)
+    else:
+        print("chart: skipped (pip install matplotlib to draw it)", flush=True)
 
 
 if __name__ == "__main__":

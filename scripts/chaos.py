@@ -40,10 +40,13 @@ import msgspec
 from chaosdrill.count import drain, report, summarize
 from chaosdrill.disruptions import run_schedule
 from chaosdrill.drill import (
+    CHAT_MODELS,
+    EMBED_MODEL,
     HEARTBEAT_MS,
     HOSTS,
     JOB_TIMEOUT_MS,
     MAX_JOB_BYTES,
+    MODEL_CACHE_SIZE,
     POOLS,
     TIMEOUT_GRACE_MS,
     Drill,
@@ -98,6 +101,8 @@ def simulator(args: argparse.Namespace) -> Iterator[str]:
             "2",
             "--load-ms",
             str(args.load_ms),
+            "--models",
+            ",".join(f"{m}:latest" for m in (*CHAT_MODELS, EMBED_MODEL)),
             "--seed",
             str(args.seed),
         ],
@@ -134,6 +139,9 @@ def host_env(redis_url: str, sim_url: str, duration: float) -> dict[str, str]:
         "RESULT_TTL": str(int(max(7200, 3 * duration))),
         "MODEL_MEMORY_THRESHOLD": "1",
         "HOST_SAMPLE_INTERVAL": "2000",
+        "MODEL_AFFINITY": "true",
+        "MODEL_CACHE_SIZE": str(MODEL_CACHE_SIZE),
+        "MODEL_AFFINITY_MAX_WAIT": "3000",
     }
 
 

@@ -31,7 +31,9 @@ _WB = len(WAIT_BUCKETS) + 1
 TYPE_INDEX = {name: i for i, name in enumerate(TYPES)}
 OUTCOME_INDEX = {name: i for i, name in enumerate(OUTCOMES)}
 
+AFFINITY = ("parked", "hot", "cold", "overdue")  # a job parked; a parked job taken, and why (pick.lua)
 _ARRAYS = (
+    "affinity",
     "jobs",
     "duration_buckets",
     "duration_sum",
@@ -61,6 +63,7 @@ class Counters(ctypes.Structure):
         ("cache_hits", ctypes.c_uint64 * _M),
         ("cache_misses", ctypes.c_uint64 * _M),
         ("rejected", ctypes.c_uint64),  # payloads dead-lettered unrun: not a job, or an invalid one
+        ("affinity", ctypes.c_uint64 * len(AFFINITY)),  # model affinity's moves, indexed as AFFINITY
     ]
 
     def record(
@@ -389,6 +392,7 @@ class Readings(ctypes.Structure):
         ("depths_checked", ctypes.c_double),
         ("waiting", ctypes.c_int64 * MAX_POOLS),
         ("processing", ctypes.c_int64 * MAX_POOLS),
+        ("parked", ctypes.c_int64 * MAX_POOLS),  # jobs of each pool parked for a host holding their model
         ("delayed", ctypes.c_int64),
         ("dead_letter", ctypes.c_int64),
         ("gpu_collector_up", ctypes.c_int32),

@@ -18,13 +18,14 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 # The counters' shape: types x models x outcomes, bucket counts (with +Inf), the arrays a sum adds.
-from llm_worker.host.layout import _ARRAYS, _DB, _M, _O, _T, _WB, Counters
+from llm_worker.host.layout import _ARRAYS, _DB, _M, _O, _T, _WB, AFFINITY, Counters
 
 
 @dataclass
 class PoolTotals:
     """One pool's counts, added up over its live slots and retired block."""
 
+    affinity: list[int] = field(default_factory=lambda: [0] * len(AFFINITY))
     jobs: list[int] = field(default_factory=lambda: [0] * (_T * _M * _O))
     duration_buckets: list[int] = field(default_factory=lambda: [0] * (_T * _DB))
     duration_sum: list[float] = field(default_factory=lambda: [0.0] * _T)

@@ -31,6 +31,7 @@ from llm_worker.host.procs import exit_with_parent, worker_id
 from llm_worker.host.shm import SharedState
 from llm_worker.http.liveprobe import Answer, LiveProbe
 from llm_worker.http.metrics import ShmCollector
+from llm_worker.models.fleet import FleetSeen
 from llm_worker.plugin.context import WorkerContext
 from llm_worker.plugin.manager import Found, PluginManager
 from llm_worker.protocol.jobs import iso
@@ -99,11 +100,14 @@ class Health:
 class App:
     """The WSGI callable: a route table over Health and the shared tables."""
 
-    def __init__(self, settings: Settings, state: SharedState, live: LiveProbe) -> None:
+    def __init__(
+        self, settings: Settings, state: SharedState, live: LiveProbe, fleet: Callable[[], FleetSeen] | None = None
+    ) -> None:
         self.settings = settings
         self.state = state
         self.health = Health(settings, state)
         self.live = live
+        self.fleet = fleet  # the sampler's last look at the fleet (model affinity), for /status
         self._ollama_waiting = threading.BoundedSemaphore(OLLAMA_WAITING)
         registry = CollectorRegistry(auto_describe=False)
         registry.register(ShmCollector(settings, state))
@@ -241,7 +245,8 @@ class App:
     def status(self, environ: dict[str, Any]) -> tuple[int, Any]:
         from llm_worker.http.status import snapshot
 
-        return 200, snapshot(self.settings, self.state, self.health.not_ready())
+        fleet = self.fleet() if self.fleet is not None else None
+        return 200, snapshot(self.settings, self.state, self.health.not_ready(), fleet)
 
     def breakers_list(self, environ: dict[str, Any]) -> tuple[int, Any]:
         return 200, {"enabled": self.breakers.enabled, "breakers": self.breakers.rows()}
@@ -301,7 +306,7 @@ def serve(settings: Settings, state: SharedState, supervisor_pid: int, plugins: 
     logs.setup(settings.log, role="http", workerId=settings.worker.id)
     threading.Thread(target=exit_with_parent, args=(supervisor_pid,), daemon=True, name="parent-watch").start()
     sampler = Sampler(settings, state, plugins)
-    app = App(settings, state, sampler.live)
+    app = App(settings, state, sampler.live, lambda: sampler.fleet_seen)
     try:
         # No route reads a body (admin actions take their arguments in the query), so
         # waitress refuses big ones with 413 instead of buffering up to its 1 GiB default.

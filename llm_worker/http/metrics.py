@@ -26,7 +26,7 @@ from prometheus_client.utils import floatToGoString
 
 from llm_worker import __version__
 from llm_worker.host.backpressure import Reachability, in_flight
-from llm_worker.host.layout import DURATION_BUCKETS, OUTCOMES, TYPES, WAIT_BUCKETS, Pause, SlotState
+from llm_worker.host.layout import AFFINITY, DURATION_BUCKETS, OUTCOMES, TYPES, WAIT_BUCKETS, Pause, SlotState
 from llm_worker.host.loadboard import LoadBoard
 from llm_worker.host.shm import SharedState
 from llm_worker.host.stats import PoolTotals, model_label
@@ -240,9 +240,18 @@ class ShmCollector(Collector):
             "counter",
             ("queue",),
         )
+        affinity = Family(
+            "llm_worker_affinity_jobs",
+            "Model affinity: jobs parked for a host holding their model, and parked jobs taken (hot: model loaded "
+            "here; cold: loaded for them; overdue: past MODEL_AFFINITY_MAX_WAIT)",
+            "counter",
+            ("queue", "how"),
+        )
         defaults = self._defaults(labels)
         for index, pool in enumerate(pools):
             total = totals[index]
+            for i, how in enumerate(AFFINITY):
+                affinity.add((pool, how), total.affinity[i])
             served = [_TYPE_INDEX[t] for t in served_types(pool, self.settings)]
             for t, m in sorted(total.rows_used() | {(t, defaults[t]) for t in served}):
                 for o, outcome in enumerate(OUTCOMES):
@@ -254,7 +263,7 @@ class ShmCollector(Collector):
             fallbacks.add((pool,), sum(total.fallbacks))
             cache.add((pool,), sum(total.cache_hits))
             misses.add((pool,), sum(total.cache_misses))
-        return [jobs, duration, wait, rejected, fallbacks, cache, misses]
+        return [jobs, duration, wait, rejected, fallbacks, cache, misses, affinity]
 
     def _models(self, totals: list[PoolTotals], labels: list[str]) -> list[Family]:
         seconds = Family(
@@ -297,13 +306,15 @@ class ShmCollector(Collector):
         r = self.state.readings
         depth = Family(
             "llm_worker_queue_jobs",
-            "Jobs in each queue as last sampled: waiting, and in hand of this host's workers",
+            "Jobs in each queue as last sampled: waiting, parked for a host that holds their model (MODEL_AFFINITY), "
+            "and in hand of this host's workers",
             "gauge",
             ("queue", "state"),
         )
         for index, pool in enumerate(pools):
             depth.add((pool, "waiting"), r.waiting[index])
             depth.add((pool, "processing"), r.processing[index])
+            depth.add((pool, "parked"), r.parked[index])
         delayed = Family("llm_worker_delayed_jobs", "Jobs waiting to be retried, all queues", "gauge")
         delayed.add((), r.delayed)
         dead = Family("llm_worker_dead_letter_jobs", "Jobs in the dead-letter list", "gauge")

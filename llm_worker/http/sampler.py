@@ -23,9 +23,11 @@ from llm_worker.host.shm import SharedState
 from llm_worker.http.gpu import GpuReading, GpuSampler, ollama_memory
 from llm_worker.http.hoststats import OLLAMA_NAMES, ProcessWatcher, find_processes, host_reading
 from llm_worker.http.liveprobe import Answer, LiveProbe
+from llm_worker.models.fleet import Fleet, FleetSeen
 from llm_worker.plugin.manager import Found, PluginManager
 from llm_worker.plugin.providers import Provider
 from llm_worker.queue.keys import Keys
+from llm_worker.queue.parking import parked_counts
 from llm_worker.queue.reliable import connect
 from llm_worker.settings.config import Settings
 
@@ -46,6 +48,8 @@ class Sampler(threading.Thread):
         self.provider: Provider | None = None
         self.provider_index = 0  # its place among the providers, as the workers number them
         self.reach = Reachability(state.providers, state.lock)
+        self.fleet = Fleet(self.redis, self.keys, settings.worker.id)
+        self.fleet_seen = FleetSeen({}, {})  # the last sample's, for /status
         # The process's one way to ask the provider for its health: this thread's
         # periodic probe and /health/ollama's live ones share it (see liveprobe).
         self.live = LiveProbe(self._provider, on_answer=self._answered)
@@ -144,11 +148,14 @@ class Sampler(threading.Thread):
         for (pool, _), count in zip(held, replies[len(pools) :]):
             if pool < len(pools):
                 processing[pool] += count
-        for i in range(len(pools)):
+        parked = parked_counts(self.redis, self.keys, pools)
+        for i, pool in enumerate(pools):
             r.waiting[i] = replies[i]
             r.processing[i] = processing[i]
+            r.parked[i] = sum(parked.get(pool, {}).values())
         r.delayed, r.dead_letter = replies[-2], replies[-1]
         r.depths_checked = time.monotonic()
+        self.fleet_seen = FleetSeen(self.fleet.read(), parked)
 
     def read_host(self) -> None:
         r = self.state.readings

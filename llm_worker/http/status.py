@@ -13,11 +13,14 @@ from llm_worker.host.layout import Pause, Phase, SlotState
 from llm_worker.host.loadboard import LoadBoard
 from llm_worker.host.procs import worker_id
 from llm_worker.host.shm import SharedState
+from llm_worker.models.fleet import FleetSeen
 from llm_worker.protocol.jobs import iso
 from llm_worker.settings.config import Settings
 
 
-def snapshot(settings: Settings, state: SharedState, not_ready: str | None) -> dict[str, Any]:
+def snapshot(
+    settings: Settings, state: SharedState, not_ready: str | None, fleet: FleetSeen | None = None
+) -> dict[str, Any]:
     header, r = state.header, state.readings
     now = time.monotonic()
     pools = state.pool_names()
@@ -55,7 +58,10 @@ def snapshot(settings: Settings, state: SharedState, not_ready: str | None) -> d
         "providerCalls": {"inFlight": in_flight(state).calling, "limit": settings.worker.max_in_flight},
         "workers": workers,
         "queues": {
-            **{name: {"waiting": r.waiting[i], "processing": r.processing[i]} for i, name in enumerate(pools)},
+            **{
+                name: {"waiting": r.waiting[i], "processing": r.processing[i], "parked": r.parked[i]}
+                for i, name in enumerate(pools)
+            },
             "delayed": r.delayed,
             "deadLetter": r.dead_letter,
             "sampledSecondsAgo": round(now - r.depths_checked, 1) if r.depths_checked else None,
@@ -78,6 +84,11 @@ def snapshot(settings: Settings, state: SharedState, not_ready: str | None) -> d
                 {"model": m.label, "seconds": round(m.seconds, 1), "why": m.why}
                 for m in LoadBoard(state.loads).in_progress(state.model_labels())
             ],
+        },
+        "affinity": {
+            "enabled": settings.models.affinity,
+            "maxWaitMs": settings.models.affinity_max_wait,
+            **(fleet.document() if fleet is not None else {"hosts": {}, "parked": {}}),
         },
         "breakers": Breakers(state.breakers, state.lock, settings).rows(),
         "gpu": {

@@ -14,6 +14,8 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import msgspec
 import redis
@@ -134,6 +136,20 @@ class Fleet:
         if gone:
             self.redis.srem(self.keys.fleet, *gone)
         return out
+
+
+@dataclass(frozen=True)
+class FleetSeen:
+    """The fleet as the HTTP process last sampled it, for /status."""
+
+    hosts: dict[str, Holdings]
+    parked: dict[str, dict[str, int]]  # queue -> model -> jobs parked
+
+    def document(self) -> dict[str, Any]:
+        return {
+            "hosts": {host: msgspec.to_builtins(held) for host, held in sorted(self.hosts.items())},
+            "parked": self.parked,
+        }
 
 
 class FleetView:

@@ -17,6 +17,7 @@ COMPLETED = "llm.request.completed"
 FAILED = "llm.request.failed"
 RETRIED = "llm.request.retried"
 DEAD_LETTERED = "llm.request.dead_lettered"
+PARKED = "llm.request.parked"  # model affinity: left for a host that holds the job's model
 MODEL_LOADING = "llm.model.loading"  # a load began (why: preload, a job asked)
 MODEL_LOADED = "llm.model.loaded"
 MODEL_LOAD_FAILED = "llm.model.load_failed"

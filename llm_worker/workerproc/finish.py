@@ -108,8 +108,12 @@ class Finisher:
 
     # ---- jobs that were run ------------------------------------------------
 
-    def started(self, d: Decoded, taken: float) -> None:
-        self.plugins.record(self._record(records.STARTED, d, taken))
+    def started(self, d: Decoded, taken: float, **more: Any) -> None:
+        self.plugins.record(self._record(records.STARTED, d, taken, **more))
+
+    def parked(self, d: Decoded, taken: float, model: str) -> None:
+        """The job was parked for a host that holds its model (model affinity): it waits, nothing is written."""
+        self.plugins.record(self._record(records.PARKED, d, taken, parkedFor=model))
 
     def record(self, d: Decoded, taken: float, outcome: Outcome, *, take_next: bool) -> Recorded:
         """Write the job's outcome: its result, a retry or a dead letter; take the next job if ``take_next``."""

@@ -27,7 +27,7 @@ import redis
 from llm_worker import exitcodes, logs
 from llm_worker.host.backpressure import PAUSE_CHECK, CallGate, PoolWatch, Reachability
 from llm_worker.host.breaker import Breakers
-from llm_worker.host.layout import Pause, SlotState
+from llm_worker.host.layout import AFFINITY, Pause, SlotState
 from llm_worker.host.loadboard import LoadBoard
 from llm_worker.host.procs import worker_id
 from llm_worker.host.shm import SharedState
@@ -38,7 +38,7 @@ from llm_worker.plugin.providers import Deadline
 from llm_worker.protocol import jobs
 from llm_worker.protocol.jobs import Decoded, EmbeddingsRequest, Invalid, JobError, Malformed, decode, iso
 from llm_worker.queue.cache import ResponseCache
-from llm_worker.queue.parking import Parking
+from llm_worker.queue.parking import Parking, Picked
 from llm_worker.queue.reliable import ClusterRefused, ReliableQueue, WorkerInfo, connect, refuse_cluster, waiting_helps
 from llm_worker.settings.config import Settings
 from llm_worker.workerproc.affinity import Affinity
@@ -114,7 +114,7 @@ class WorkerProcess:
         try:
             while not self.stopping and os.getppid() == self.spec.supervisor_pid:
                 self.slot.beat()
-                picked = False
+                picked = None
                 if raw is None:
                     if self._paused():  # the jobs stay queued, for hosts that can serve them
                         time.sleep(PAUSE_CHECK)
@@ -163,20 +163,17 @@ class WorkerProcess:
             return False
         return not self.stopping and os.getppid() == self.spec.supervisor_pid and not self._paused()
 
-    def _take(self, block: float) -> tuple[bytes | None, bool]:
-        """The next job, in our processing list, and whether it was parked (its place already chosen)."""
+    def _take(self, block: float) -> tuple[bytes | None, Picked | None]:
+        """The next job, in our processing list, and how it was taken when it was parked (its place chosen)."""
         if self.affinity is None:
-            return self._guard(self.reliable_queue.take, self.queue_name, self.id, block), False
+            return self._guard(self.reliable_queue.take, self.queue_name, self.id, block), None
         if self.affinity.should_look():
             picked = self._guard(self.affinity.pick, self.id)
             if picked is not None:
-                log.debug(
-                    "took a parked job",
-                    extra={"model": picked.model, "how": picked.why, "parkedMs": picked.waited_ms},
-                )
-                return picked.raw, True
+                self.slot.counters.affinity[AFFINITY.index(picked.why)] += 1
+                return picked.raw, picked
         raw = self._guard(self.reliable_queue.take, self.queue_name, self.id, self.affinity.block_for(block))
-        return raw, False
+        return raw, None
 
     def _paused(self) -> bool:
         """Whether to take no jobs now (backpressure); probes a down provider now and then."""
@@ -285,7 +282,7 @@ class WorkerProcess:
 
     # ---- one job --------------------------------------------------------------
 
-    def _handle(self, raw: bytes, picked: bool = False) -> bytes | None:
+    def _handle(self, raw: bytes, picked: Picked | None = None) -> bytes | None:
         """Run one job to its outcome and record it; the next job, when the finish took one.
 
         A job taken from the queue (not ``picked`` from a parked list) whose model another
@@ -299,15 +296,11 @@ class WorkerProcess:
             decoded = self._decode(raw)
             if not isinstance(decoded, Decoded):
                 return self._reject(raw, decoded, take_next=self._wants_more()).next
-            if not picked and self.affinity is not None:
-                label = self._guard(self.affinity.park_as, decoded)
-                if label is not None:
-                    self._guard(self.affinity.parking.park, self.id, raw, self.queue_name, label)
-                    self.affinity.parked = True
-                    return None
+            if picked is None and self.affinity is not None and self._park(decoded, taken):
+                return None
             self.slot.begin(decoded.job.id, decoded.timeout)
             try:
-                refused = self._admit(decoded, taken)
+                refused = self._admit(decoded, taken, picked)
                 outcome = Outcome(error=refused) if refused is not None else self._execute(decoded)
                 return self.finisher.record(decoded, taken, outcome, take_next=self._wants_more()).next
             finally:
@@ -331,14 +324,29 @@ class WorkerProcess:
             return self.finisher.invalid(raw, refusal, take_next=take_next)
         return self.finisher.malformed(raw, refusal, take_next=take_next)
 
-    def _admit(self, decoded: Decoded, taken: float) -> JobError | None:
+    def _admit(self, decoded: Decoded, taken: float, picked: Picked | None = None) -> JobError | None:
         """Pass the job through the request filters and announce it; the refusal, if a filter refused it."""
         try:
             self.plugins.filter_request(decoded)
         except JobError as exc:  # refused (validation), or a filter that broke
             return exc
-        self.finisher.started(decoded, taken)
+        if picked is not None:  # how long affinity kept it parked, and why this worker took it
+            self.finisher.started(decoded, taken, parkedMs=picked.waited_ms, affinity=picked.why)
+        else:
+            self.finisher.started(decoded, taken)
         return None
+
+    def _park(self, decoded: Decoded, taken: float) -> bool:
+        """Park a job taken from the queue for a host that holds its model, when affinity says so."""
+        assert self.affinity is not None
+        label = self._guard(self.affinity.park_as, decoded)
+        if label is None:
+            return False
+        if self._guard(self.affinity.parking.park, self.id, decoded.raw, self.queue_name, label):
+            self.slot.counters.affinity[AFFINITY.index("parked")] += 1
+            self.finisher.parked(decoded, taken, label)
+        self.affinity.parked = True
+        return True
 
     def _execute(self, decoded: Decoded) -> Outcome:
         """Run an admitted job, its chunks streamed when it asks for them."""

@@ -17,10 +17,12 @@ from chaosdrill.drill import DEAD_LETTER, HEARTBEAT_MS, HOSTS, JOB_TIMEOUT_MS, P
 
 
 def leftovers(r: redis.Redis) -> dict[str, int]:
-    """Jobs anywhere but answered: waiting in a queue, held in a processing list, parked as a retry."""
+    """Jobs anywhere but answered: waiting in a queue, held in a processing list, parked for a host that holds
+    their model (model affinity), delayed as a retry."""
     return {
         "queued": sum(int(r.llen(q)) for q in set(QUEUE_OF.values())),
         "processing": sum(int(r.llen(k)) for k in r.scan_iter("llm:processing:*")),
+        "parked": sum(int(r.llen(k)) for k in r.scan_iter("llm:parked:*#*")),
         "delayed": int(r.zcard("llm:delayed")),
     }
 

@@ -32,6 +32,10 @@ TIMEOUT_GRACE_MS = 1000
 SUPERVISOR_KILL_GRACE = 2.0  # the arbiter's SIGTERM-to-SIGKILL grace for a hung worker
 MAX_JOB_BYTES = 65536
 CHAT_MODEL, EMBED_MODEL = "llama3.2", "nomic-embed-text"
+# Chat jobs name one of these: with the hosts' MODEL_CACHE_SIZE below their number (and the embedding
+# model's), model affinity parks jobs for the host holding their model, and loads and evicts.
+CHAT_MODELS = (CHAT_MODEL, "qwen3", "mistral")
+MODEL_CACHE_SIZE = 3
 DEAD_LETTER = "llm-dead-letter"
 PUSHED = "chaos:pushed"  # the drill's own hash: which keys were pushed (pushes are retried after a lost reply)
 QUEUE_OF = {
@@ -179,7 +183,7 @@ def make_job(kind: str, key: str, rng: random.Random) -> bytes:
         "type": "chat" if kind == "stream" else kind,
         "userId": "chaos",
         "correlationId": key,
-        "model": EMBED_MODEL if kind == "embeddings" else CHAT_MODEL,
+        "model": EMBED_MODEL if kind == "embeddings" else rng.choice(CHAT_MODELS),
         "request": request,
         "createdAt": iso(),
     }

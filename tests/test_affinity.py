@@ -1,0 +1,129 @@
+"""Model affinity across hosts, end to end: real services, each with its own simulator, one Redis."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+
+import msgspec
+import redis
+from support import assert_each_answered_once, chat, client_for, eventually, wait_all
+
+from llm_worker.devtools.simulator import Simulator, SimulatorConfig
+from llm_worker.queue.keys import Keys
+from llm_worker.queue.parking import Parking
+
+KEYS = Keys("llm:", "llm-dead-letter")
+# One worker pool, models managed by the host, a quick manager.
+HOST = {"WORKER_POOLS": "llm-chat=3", "MODEL_MANAGER_INTERVAL": "500", "MODEL_CACHE_SIZE": "1"}
+
+
+def simulator(*models: str) -> Simulator:
+    return Simulator(SimulatorConfig(port=0, models=list(models), max_loaded=1, num_parallel=2, latency_ms=5.0))
+
+
+def holdings(r: redis.Redis) -> dict[str, set[str]]:
+    hosts = [h.decode() for h in r.smembers(KEYS.fleet)]
+    out = {}
+    for host in hosts:
+        blob = r.get(KEYS.holdings(host))
+        if blob is not None:
+            out[host] = set(msgspec.json.decode(blob)["models"])
+    return out
+
+
+def test_jobs_go_to_the_host_that_holds_their_model(service, redis_url: str, r) -> None:  # type: ignore[no-untyped-def]
+    # Given: two hosts, each with its own Ollama that keeps one model, one holding m-a and the other m-b.
+    with simulator("m-a", "m-b") as sim_a, simulator("m-a", "m-b") as sim_b:
+        a = service(WORKER_ID="host-a", OLLAMA_BASE_URL=sim_a.url, MODEL_PRELOAD_LIST="m-a", **HOST)
+        service(WORKER_ID="host-b", OLLAMA_BASE_URL=sim_b.url, MODEL_PRELOAD_LIST="m-b", **HOST)
+        eventually(
+            lambda: holdings(r) == {"host-a": {"m-a"}, "host-b": {"m-b"}}, timeout=15, what="both hosts published"
+        )
+        # When: 40 jobs alternate between the two models.
+        client = client_for(redis_url)
+        ids = [chat(client, model=("m-a", "m-b")[i % 2]) for i in range(40)]
+        results = wait_all(client, ids, timeout=60)
+        # Then: every job was answered once, by the host holding its model, and no model was loaded again.
+        assert all(res["success"] for res in results.values())
+        assert_each_answered_once(r, ids)
+        stats_a, stats_b = sim_a.stats(), sim_b.stats()
+        assert set(stats_a.requests_by_model) <= {"m-a", "m-a:latest"}, stats_a.requests_by_model
+        assert set(stats_b.requests_by_model) <= {"m-b", "m-b:latest"}, stats_b.requests_by_model
+        assert sum(stats_a.loads.values()) == 1 and sum(stats_b.loads.values()) == 1
+        # And: /status shows the fleet as published, and no job is left parked.
+        status = a.get("/status")[1]["affinity"]
+        assert status["enabled"] is True
+        assert eventually(lambda: set(a.get("/status")[1]["affinity"]["hosts"]) == {"host-a", "host-b"}, timeout=10)
+        assert not any(r.scan_iter(match="llm:parked:*"))
+
+
+def test_a_parked_job_waits_no_longer_than_the_bound_then_any_host_takes_it(  # type: ignore[no-untyped-def]
+    service, redis_url: str, r
+) -> None:
+    # Given: a host holding m-a, and another host that says it holds m-b but takes no jobs.
+    r.sadd(KEYS.fleet, "ghost")
+    ghost = {"host": "ghost", "hostname": "x", "at": "now", "cacheSize": 1, "models": {}}
+    ghost["models"] = {"m-b": {"state": "loaded", "slots": 2, "busy": 0}}
+    r.set(KEYS.holdings("ghost"), msgspec.json.encode(ghost), px=120_000)
+    with simulator("m-a", "m-b") as sim:
+        svc = service(
+            WORKER_ID="host-a",
+            OLLAMA_BASE_URL=sim.url,
+            MODEL_PRELOAD_LIST="m-a",
+            MODEL_AFFINITY_MAX_WAIT="1500",
+            HOST_SAMPLE_INTERVAL="200",
+            **HOST,
+        )
+        client = client_for(redis_url)
+        # When: a job for m-b comes.
+        pushed = time.time()
+        job = chat(client, model="m-b")
+        # Then: it is parked for the host that holds m-b (and /status counts it) ...
+        eventually(lambda: svc.get("/status")[1]["queues"]["llm-chat"]["parked"] == 1, timeout=10, what="parked")
+        assert svc.get("/status")[1]["affinity"]["parked"] == {"llm-chat": {"m-b": 1}}
+        # ... until MODEL_AFFINITY_MAX_WAIT, when this host takes it and loads m-b.
+        (result,) = wait_all(client, [job], timeout=30).values()
+        assert result["success"]
+        took = datetime.fromisoformat(result["startedAt"].replace("Z", "+00:00")).timestamp() - pushed
+        assert took >= 1.5, took
+        assert sim.stats().requests_by_model.get("m-b", 0) + sim.stats().requests_by_model.get("m-b:latest", 0) >= 1
+
+
+def test_with_affinity_off_jobs_an_earlier_run_parked_are_served(  # type: ignore[no-untyped-def]
+    service, redis_url: str, r
+) -> None:
+    # Given: jobs an earlier run parked (taken by a worker, then parked for another host).
+    client = client_for(redis_url)
+    ids = [chat(client, model="llama3.2") for _ in range(3)]
+    parking = Parking(r, KEYS, "old")
+    for _ in ids:
+        raw = r.lmove("llm-chat", KEYS.processing("old:1"), "RIGHT", "LEFT")
+        assert parking.park("old:1", raw, "llm-chat", "llama3.2")
+    assert r.llen("llm-chat") == 0
+    # When: a host starts with MODEL_AFFINITY=false.
+    svc = service(MODEL_AFFINITY="false", WORKER_POOLS="llm-chat=2")
+    # Then: it moves them back to their queue and serves them, and says so.
+    results = wait_all(client, ids, timeout=30)
+    assert all(res["success"] for res in results.values())
+    assert "MODEL_AFFINITY is off: moved 3 parked job(s) back to llm-chat" in svc.tail(200)
+    assert not any(r.scan_iter(match="llm:parked:*"))
+
+
+def test_parked_jobs_no_host_holds_are_loaded_for_by_demand(  # type: ignore[no-untyped-def]
+    service, redis_url: str, r
+) -> None:
+    # Given: jobs for m-c parked (their host went away), which no host holds.
+    client = client_for(redis_url)
+    ids = [chat(client, model="m-c") for _ in range(4)]
+    parking = Parking(r, KEYS, "gone")
+    for _ in ids:
+        raw = r.lmove("llm-chat", KEYS.processing("gone:1"), "RIGHT", "LEFT")
+        assert parking.park("gone:1", raw, "llm-chat", "m-c")
+    with simulator("m-a", "m-c") as sim:
+        # When: a host with room for it runs.
+        service(WORKER_ID="host-a", OLLAMA_BASE_URL=sim.url, **{**HOST, "MODEL_CACHE_SIZE": "2"})
+        # Then: it loads m-c once, for all of them, and answers them.
+        results = wait_all(client, ids, timeout=30)
+        assert all(res["success"] for res in results.values())
+        assert sim.stats().loads.get("m-c:latest", 0) + sim.stats().loads.get("m-c", 0) == 1
