@@ -16,7 +16,7 @@ from support import chat, client_for, wait_all
 
 from llm_worker.devtools.simulator import Fault, Simulator, SimulatorConfig
 from llm_worker.plugin.manager import PluginManager
-from llm_worker.plugin.providers import INCOMPLETE, Completion, Deadline, Incomplete, ProviderError
+from llm_worker.plugin.providers import INCOMPLETE, Completion, Deadline, Incomplete, ProviderError, RateLimited
 from llm_worker.plugins import openai as plugin
 from llm_worker.plugins.openai import OpenAIProvider, classify
 from llm_worker.protocol import jobs
@@ -455,32 +455,30 @@ def test_a_408_is_a_timeout_error(openai: OpenAIProvider, sim: Simulator) -> Non
 
 
 @pytest.mark.parametrize("streaming", [False, True], ids=["whole", "streamed"])
-def test_a_rate_limit_is_retried_within_the_call_and_then_succeeds(
-    openai: OpenAIProvider, sim: Simulator, streaming: bool
+def test_a_rate_limit_is_raised_at_once_as_rate_limited_not_retried_within_the_call(
+    provider_for: ProviderFactory, sim: Simulator, streaming: bool
 ) -> None:
-    sim.set_faults([Fault(reason="rate_limit", count=2)])
-    chunks: list[str] | None = [] if streaming else None
-    assert call(openai, "chat", chunks=chunks).text == REPLY
-    assert requests_to(sim) == 3 and sim.stats().responses == {429: 2, 200: 1}
+    # The job waits in the delayed set instead, spending no attempt (tests/test_ratelimit.py).
+    openai = provider_for(sim.url + "/v1", OPENAI_MAX_RETRIES="2")
+    sim.set_faults([Fault(reason="rate_limit", count=1)])
+    error = raised(lambda: call(openai, "chat", chunks=[] if streaming else None))
+    assert isinstance(error, RateLimited)
+    assert (error.kind, error.status, error.retryable, error.counted) == (ErrorKind.RATE_LIMIT, 429, True, False)
+    assert error.message == f"POST /chat/completions: {RATE_LIMITED}"
+    assert error.retry_after is None  # the simulator sends no Retry-After: the job's backoff decides
+    assert requests_to(sim) == 1 and sim.stats().responses == {429: 1}
+    assert call(openai, "chat").text == REPLY
 
 
-@pytest.mark.parametrize(
-    "fault, status, message",
-    [
-        (Fault(reason="rate_limit"), 429, RATE_LIMITED),
-        (Fault(reason="busy"), 503, "server busy, please try again.  maximum pending requests exceeded"),
-    ],
-    ids=["429", "503"],
-)
-def test_load_refusals_are_retried_max_retries_times_then_are_provider_errors(
-    provider_for: ProviderFactory, sim: Simulator, fault: Fault, status: int, message: str
+def test_a_busy_answer_is_retried_max_retries_times_then_is_a_provider_error(
+    provider_for: ProviderFactory, sim: Simulator
 ) -> None:
     openai = provider_for(sim.url + "/v1", OPENAI_MAX_RETRIES="2")
-    sim.set_faults([fault])
+    sim.set_faults([Fault(reason="busy")])
     started = time.monotonic()
     error = raised(lambda: call(openai, "chat"))
-    assert (error.kind, error.status, error.retryable) == (ErrorKind.PROVIDER, status, True)
-    assert error.message == f"POST /chat/completions: {message}"
+    assert (error.kind, error.status, error.retryable) == (ErrorKind.PROVIDER, 503, True)
+    assert error.message == "POST /chat/completions: server busy, please try again.  maximum pending requests exceeded"
     assert requests_to(sim) == 3  # the first try and OPENAI_MAX_RETRIES more
     assert time.monotonic() - started >= 0.01 + 0.02  # with the doubling OPENAI_RETRY_DELAY between them
 
@@ -751,7 +749,7 @@ def test_openai_timeout_bounds_the_wait_for_an_answer_within_a_longer_deadline(
         (403, "Country, region, or territory not supported", ErrorKind.PROVIDER),
         (404, "The model `gpt-9` does not exist or you do not have access to it.", ErrorKind.MODEL),
         (408, "Request timed out", ErrorKind.TIMEOUT),
-        (429, RATE_LIMITED, ErrorKind.PROVIDER),
+        (429, RATE_LIMITED, ErrorKind.RATE_LIMIT),
         (500, "The server had an error while processing your request.", ErrorKind.PROVIDER),
         (502, "Bad gateway", ErrorKind.PROVIDER),
         (503, "The engine is currently overloaded", ErrorKind.PROVIDER),

@@ -202,6 +202,34 @@ class ProviderTable(ctypes.Structure):
     _fields_ = [("count", ctypes.c_int32), ("rows", ProviderRow * MAX_PROVIDERS)]
 
 
+# ---- rate limits -----------------------------------------------------------------------------------------
+
+RATE_WINDOW = 60  # seconds: RATE_LIMIT_RPM and RATE_LIMIT_TPM are per minute
+# One-second buckets, one more than the window: a minute that starts inside a second spans 61 of them.
+RATE_BUCKETS = RATE_WINDOW + 1
+
+
+class RateRow(ctypes.Structure):
+    """One provider's calls and tokens over the last minute, and what rate limits did to its calls."""
+
+    _fields_ = [
+        ("name", ctypes.c_char * 32),
+        ("bucket_second", ctypes.c_int64 * RATE_BUCKETS),  # int(monotonic) of what each bucket counts
+        ("bucket_calls", ctypes.c_uint32 * RATE_BUCKETS),
+        ("bucket_tokens", ctypes.c_int64 * RATE_BUCKETS),  # estimated when a call goes, settled when it ends
+        ("hold_until", ctypes.c_double * MAX_MODELS),  # monotonic, per model label: the provider's Retry-After
+        ("limited", ctypes.c_uint64 * MAX_MODELS),  # calls a rate limit stopped, per model label
+        ("models", ctypes.c_uint32),  # bit i: model label i was called through this provider (metrics at zero)
+        ("refusals", ctypes.c_uint64),  # the provider's own 429s
+        ("waits", ctypes.c_uint64),  # calls that waited on the host for the budget or a hold
+        ("wait_seconds", ctypes.c_double),
+    ]
+
+
+class RateTable(ctypes.Structure):
+    _fields_ = [("count", ctypes.c_int32), ("rows", RateRow * MAX_PROVIDERS)]
+
+
 # ---- loadboard -------------------------------------------------------------------------------------------
 
 ERROR_BYTES = 200

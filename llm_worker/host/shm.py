@@ -30,6 +30,7 @@ from llm_worker.host.layout import (
     Counters,
     Header,
     ProviderTable,
+    RateTable,
     Readings,
     Slot,
     SlotState,
@@ -70,6 +71,7 @@ class SharedState:
             ("breakers", BreakerTable),
             ("providers", ProviderTable),
             ("loads", Board),
+            ("ratelimits", RateTable),
             ("retired", Counters * MAX_POOLS),
             ("slots", Slot * size),
         ]
@@ -83,6 +85,7 @@ class SharedState:
         self.breakers = BreakerTable.from_buffer(self._map, offsets["breakers"])
         self.providers = ProviderTable.from_buffer(self._map, offsets["providers"])
         self.loads = Board.from_buffer(self._map, offsets["loads"])
+        self.ratelimits = RateTable.from_buffer(self._map, offsets["ratelimits"])
         self.retired = (Counters * MAX_POOLS).from_buffer(self._map, offsets["retired"])
         self.slots = (Slot * size).from_buffer(self._map, offsets["slots"])
         self.lock = ShmLock()

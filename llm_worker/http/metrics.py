@@ -28,6 +28,7 @@ from llm_worker import __version__
 from llm_worker.host.backpressure import Reachability, in_flight
 from llm_worker.host.layout import AFFINITY, DURATION_BUCKETS, OUTCOMES, TYPES, WAIT_BUCKETS, Pause, SlotState
 from llm_worker.host.loadboard import LoadBoard
+from llm_worker.host.ratelimit import snapshot as rate_limits
 from llm_worker.host.shm import SharedState
 from llm_worker.host.stats import PoolTotals, model_label
 from llm_worker.queue.keys import Keys
@@ -132,6 +133,7 @@ class ShmCollector(Collector):
             *self._queues(pools),
             *self._health(),
             *self._backpressure(pools),
+            *self._rate_limits(labels),
             *self._model_lifecycle(labels),
             *self._host(),
             *self._gpus(),
@@ -407,6 +409,60 @@ class ShmCollector(Collector):
         )
         limit.add((), self.settings.worker.max_in_flight)
         return [paused, reachable, outages, calls, limit]
+
+    def _rate_limits(self, labels: list[str]) -> list[Family]:
+        """Calls rate limits stopped, waits on the host, and each budget's room (see host/ratelimit.py)."""
+        limited = Family(
+            "llm_worker_rate_limited",
+            "Calls a rate limit stopped, each job then waiting in the delayed set: the provider's 429, or this "
+            "host's budget with no time to wait for it",
+            "counter",
+            ("provider", "model"),
+        )
+        refusals = Family("llm_worker_rate_limit_refusals", "429 answers from each provider", "counter", ("provider",))
+        waits = Family(
+            "llm_worker_rate_limit_waits",
+            "Calls that waited on the host for a budget or a provider's Retry-After",
+            "counter",
+            ("provider",),
+        )
+        waited = Family(
+            "llm_worker_rate_limit_wait_seconds",
+            "Time calls waited on the host for rate limits",
+            "counter",
+            ("provider",),
+        )
+        budget = Family(
+            "llm_worker_rate_limit_per_minute",
+            "RATE_LIMIT_RPM (kind calls) and RATE_LIMIT_TPM (kind tokens) of each provider",
+            "gauge",
+            ("provider", "kind"),
+        )
+        left = Family(
+            "llm_worker_rate_limit_remaining",
+            "Calls and tokens each provider's budget has left over the last minute",
+            "gauge",
+            ("provider", "kind"),
+        )
+        table = self.state.ratelimits
+        for row in table.rows[: table.count]:
+            provider = row.name.decode(errors="replace")
+            for index, label in enumerate(labels):
+                if row.models & (1 << index) or row.limited[index]:
+                    limited.add((provider, label), row.limited[index])
+        for status in rate_limits(self.state, self.settings):
+            provider = str(status["provider"])
+            refusals.add((provider,), status["providerRefusals"])
+            waits.add((provider,), status["waits"])
+            waited.add((provider,), status["waitSeconds"])
+            for kind, per_minute, remaining in (
+                ("calls", status["rpm"], status["callsLeft"]),
+                ("tokens", status["tpm"], status["tokensLeft"]),
+            ):
+                if per_minute:
+                    budget.add((provider, kind), per_minute)
+                    left.add((provider, kind), remaining)
+        return [limited, refusals, waits, waited, budget, left]
 
     def _model_lifecycle(self, labels: list[str]) -> list[Family]:
         """The model manager's loads and unloads, per model label (see models.py)."""

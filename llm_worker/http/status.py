@@ -12,6 +12,7 @@ from llm_worker.host.breaker import Breakers
 from llm_worker.host.layout import Pause, Phase, SlotState
 from llm_worker.host.loadboard import LoadBoard
 from llm_worker.host.procs import worker_id
+from llm_worker.host.ratelimit import snapshot as rate_limits
 from llm_worker.host.shm import SharedState
 from llm_worker.models.fleet import FleetSeen
 from llm_worker.protocol.jobs import iso
@@ -91,6 +92,7 @@ def snapshot(
             **(fleet.document() if fleet is not None else {"hosts": {}, "parked": {}}),
         },
         "breakers": Breakers(state.breakers, state.lock, settings).rows(),
+        "rateLimits": rate_limits(state, settings),
         "gpu": {
             "collectorUp": bool(r.gpu_collector_up),
             "error": r.gpu_error.decode(errors="replace") or None,

@@ -50,6 +50,7 @@ from llm_worker.plugin.providers import (
     ProviderError,
     RateLimited,
 )
+from llm_worker.plugin.ratelimit import retry_after_seconds
 from llm_worker.plugin.spec import hookimpl
 from llm_worker.protocol.jobs import (
     Answer,
@@ -96,6 +97,7 @@ __all__ = [
     "OnChunk",
     "ProviderError",
     "RateLimited",
+    "retry_after_seconds",
     "Incomplete",
     "INCOMPLETE",
     # jobs, errors and fallbacks

@@ -26,7 +26,8 @@ import msgspec
 
 from llm_worker import __version__
 from llm_worker.host.backoff import compute_backoff
-from llm_worker.plugin.providers import Deadline, ProviderError
+from llm_worker.plugin.providers import Deadline, ProviderError, RateLimited
+from llm_worker.plugin.ratelimit import wait_from_headers
 from llm_worker.protocol.jobs import ErrorKind
 
 Classify = Callable[[int, str], ErrorKind]
@@ -42,7 +43,9 @@ class JsonHttp:
     Retries within a call only what the server never saw or refused for load:
     failed connects, a kept-alive connection that died before the reply began,
     and the statuses ``retry_statuses`` (503 busy). Everything else is raised
-    at once as a ProviderError, for the job-level retry, breaker and fallback.
+    at once as a ProviderError, for the job-level retry, breaker and fallback;
+    a 429 as ``RateLimited``, with the wait its headers ask for: the job waits
+    that long in the delayed set, and other calls of the host with it.
     """
 
     def __init__(
@@ -180,6 +183,8 @@ class JsonHttp:
         except (OSError, http.client.HTTPException):
             data = b""
         message = _message(data) or f"HTTP {resp.status}"
+        if resp.status == 429:
+            return RateLimited(f"{what}: {message}", retry_after=wait_from_headers(resp.getheader, time.time()))
         return ProviderError(f"{what}: {message}", self.classify(resp.status, message), status=resp.status)
 
     def json(

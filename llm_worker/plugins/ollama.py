@@ -8,7 +8,8 @@ run or cannot do the task with is a model error (the model fallback, no
 retries), an option of the wrong type in the host's settings is
 ``LoadOptionsRefused``, and a 403 (Ollama's Host check) pauses the host with
 the setting to change. Refused connections are network errors, read timeouts
-timeouts (the HTTP client's).
+timeouts (the HTTP client's). A 429 (cloud and remote models: ollama.com's rate
+limit) is ``RateLimited``, with the Retry-After it came with.
 
 An answer without its end is never a success: a stream that stops before its
 ``done: true`` line, or a whole answer with ``done: false`` (Ollama ends a
@@ -49,6 +50,7 @@ from llm_worker.plugin.providers import (
     ModelInfo,
     OnChunk,
     ProviderError,
+    RateLimited,
 )
 from llm_worker.plugin.spec import hookimpl
 from llm_worker.plugins.httpclient import JsonHttp
@@ -429,7 +431,11 @@ class OllamaProvider:
         """Turn Ollama's error answers (status 400 and up) into what TABLE says they are."""
         try:
             yield
-        except OllamaError:
+        except (OllamaError, RateLimited):
+            # A 429 stays a rate limit, with its Retry-After (the HTTP client's): Ollama answers one for a
+            # cloud model (server/cloud_proxy.go proxyCloudRequestWithPath passes ollama.com's status and
+            # headers through) or a remote one (server/routes.go GenerateHandler/ChatHandler answer the
+            # remote's api.StatusError with its status), v0.33.0-rc2. Its own queue being full is 503.
             raise
         except ProviderError as exc:
             if exc.status is None or exc.status < 400:

@@ -31,8 +31,11 @@ unstreamed, it answers them as errors.
 
 Failures map to error kinds by ``classify``: 400 and 422 (and any "maximum
 context length" answer) validation; 401 and 403 provider, never retried (a
-wrong key stays wrong); 404 model; 408 timeout; 429 and 503 provider, retried
-within the call first; other statuses provider. An ``error`` event inside a
+wrong key stays wrong); 404 model; 408 timeout; 429 rate limit, raised at once
+as ``RateLimited`` with the wait its headers ask (``retry-after-ms``,
+``Retry-After``, else ``x-ratelimit-reset-*``: plugin/ratelimit.py), so the
+job waits in the delayed set without spending an attempt; 503 provider,
+retried within the call first; other statuses provider. An ``error`` event inside a
 stream is a provider error. An answer of the wrong shape for the model (one
 embedding per token: a model without pooling) is a model error. Refused
 connections are network errors; no byte within OPENAI_TIMEOUT, or by the
@@ -64,7 +67,7 @@ from llm_worker.settings.config import Settings
 CHAT_PATH = "/chat/completions"
 CONNECT_TIMEOUT = 10.0  # seconds; OPENAI_TIMEOUT when shorter
 MAX_CONNECTIONS = 10  # per process: its worker thread and the HTTP process's probes
-RETRY_STATUSES = frozenset({429, 503})  # refused for load: retried within the call
+RETRY_STATUSES = frozenset({503})  # busy: retried within the call (a 429 is RateLimited: the job waits)
 NOT_RETRYABLE = frozenset({401, 403})  # refused for the key: retrying cannot help
 SAMPLING = ("temperature", "top_p", "stop", "seed", "presence_penalty", "frequency_penalty")
 # Ollama's think levels as OpenAI's reasoning_effort: "max" is beyond OpenAI's scale, whose top is "high".
@@ -79,7 +82,7 @@ _BY_STATUS = {
     403: ErrorKind.PROVIDER,
     404: ErrorKind.MODEL,
     408: ErrorKind.TIMEOUT,
-    429: ErrorKind.PROVIDER,
+    429: ErrorKind.RATE_LIMIT,
 }
 _CONTEXT_SIGNS = ("maximum context length", "context_length_exceeded", "context length exceeded")
 _IMAGE_TYPES = {"iVBOR": "image/png", "/9j/": "image/jpeg", "R0lG": "image/gif", "UklG": "image/webp"}

@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 import msgspec
 from msgspec import Meta, Struct, field
 
-from llm_worker.host.layout import MAX_POOLS
+from llm_worker.host.layout import MAX_POOLS, MAX_PROVIDERS
 from llm_worker.settings.urls import mask_host_list, mask_url, resolve_redis_url, sentinel_addresses, split_userinfo
 
 if sys.version_info >= (3, 11):
@@ -105,6 +105,8 @@ PoolCount = Annotated[int, Meta(ge=0, le=256, title="count")]
 QueueKey = Annotated[str, Meta(pattern=QUEUE_NAME, title="name")]
 LocalModel = Annotated[str, Meta(pattern=MODEL_NAME, title="model")]
 RemoteModel = Annotated[str, Meta(pattern=r"^\S{1,256}$", title="remote")]
+ProviderKey = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,30}$", title="provider")]
+PerMinute = Annotated[int, Meta(ge=1, le=1_000_000_000, title="limit")]
 
 
 # --------------------------------------------------------------------------
@@ -369,8 +371,8 @@ class OpenAISettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
         int,
         env(
             "OPENAI_MAX_RETRIES",
-            "Retries of a call that failed before the API saw it (connect errors) or that it refused for load "
-            "(429, 503), within one attempt.",
+            "Retries of a call that failed before the API saw it (connect errors) or that it answered busy "
+            "(503), within one attempt; a 429 is not retried in the call (see RATE_LIMIT_MAX_WAIT).",
             ge=0,
             le=20,
         ),
@@ -731,6 +733,39 @@ class BreakerSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     ] = 1_800_000
 
 
+class RateLimitSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    rpm: Annotated[
+        dict[ProviderKey, PerMinute],
+        env(
+            "RATE_LIMIT_RPM",
+            "Most calls per minute to each provider from this host, all workers together, `provider=N,...` "
+            "(e.g. `openai=500,anthropic=50`; providers by their name in /status). A call over it waits on "
+            "the host while that leaves the job half its time, else the job waits in the delayed set as for "
+            "the provider's own 429. Unset: no limit but the provider's.",
+        ),
+    ] = {}
+    tpm: Annotated[
+        dict[ProviderKey, PerMinute],
+        env(
+            "RATE_LIMIT_TPM",
+            "Most tokens per minute to each provider from this host, as RATE_LIMIT_RPM: each call is counted "
+            "before it goes at an estimate (prompt characters / 4, plus num_predict or 256), then at what the "
+            "provider reports it used.",
+        ),
+    ] = {}
+    max_wait: Annotated[
+        int,
+        env(
+            "RATE_LIMIT_MAX_WAIT",
+            f"Longest a job may wait in all for rate limits (the provider's 429s, this host's budgets) in the "
+            f"delayed set, in {MS}: a job whose next wait would pass it fails with errorType `rate_limit`. 0: "
+            "fail at the first.",
+            ge=0,
+            le=86_400_000,
+        ),
+    ] = 300_000
+
+
 class FallbackSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     enabled: Annotated[
         bool,
@@ -794,6 +829,7 @@ class Settings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     http: HttpSettings = field(default_factory=HttpSettings)
     log: LogSettings = field(default_factory=LogSettings)
     breaker: BreakerSettings = field(default_factory=BreakerSettings)
+    ratelimit: RateLimitSettings = field(default_factory=RateLimitSettings)
     fallback: FallbackSettings = field(default_factory=FallbackSettings)
     filters: FilterSettings = field(default_factory=FilterSettings)
 
@@ -1110,6 +1146,11 @@ def _check_consistency(s: Settings, sources: Mapping[str, str]) -> None:
     total = sum(s.pools.values())
     if total > 1024:
         raise SettingError(where("WORKER_POOLS"), total, "at most 1024 workers per host")
+    budgets = {**s.ratelimit.rpm, **s.ratelimit.tpm}
+    if len(budgets) > MAX_PROVIDERS:
+        raise SettingError(
+            where("RATE_LIMIT_RPM"), ",".join(budgets), f"budgets for at most {MAX_PROVIDERS} providers in all"
+        )
     if s.queue.max_delay < s.queue.delay:
         raise SettingError(where("QUEUE_MAX_DELAY"), s.queue.max_delay, f"at least QUEUE_DELAY ({s.queue.delay})")
     url = s.redis.url

@@ -4,7 +4,9 @@ Each model call goes through its provider's circuit breaker. When a call
 fails, the fallback strategies (plugins) are asked what to try next, within
 the job's one budget of attempts and its one deadline. What to do with a
 failure that stands (retry later, dead-letter) is the finisher's decision:
-the executor returns one Outcome per job and raises for none of them.
+the executor returns one Outcome per job and raises for none of them. A rate
+limit (the provider's 429, or the host's budget: host/ratelimit.py) is no
+failure: it ends the run at once, with no attempt spent and no fallback.
 """
 
 from __future__ import annotations
@@ -21,10 +23,20 @@ import msgspec
 from llm_worker.host.backpressure import CallGate, ProviderDown, Reachability
 from llm_worker.host.breaker import BreakerOpen, Breakers, breaker_record, counts
 from llm_worker.host.loadboard import LoadBoard
+from llm_worker.host.ratelimit import RateLimits, Ticket
 from llm_worker.host.stats import model_label
 from llm_worker.plugin.attempts import Attempt, Plan
 from llm_worker.plugin.manager import PluginManager
-from llm_worker.plugin.providers import INCOMPLETE, Completion, Deadline, Incomplete, OnChunk, Provider, ProviderError
+from llm_worker.plugin.providers import (
+    INCOMPLETE,
+    Completion,
+    Deadline,
+    Incomplete,
+    OnChunk,
+    Provider,
+    ProviderError,
+    RateLimited,
+)
 from llm_worker.protocol.jobs import (
     Answer,
     ChatRequest,
@@ -61,8 +73,10 @@ class Executor:
         gate: CallGate | None = None,
         reach: Reachability | None = None,
         loads: LoadBoard | None = None,
+        limits: RateLimits | None = None,
     ) -> None:
         self.providers = providers
+        self.limits = limits
         self.loads = loads
         self.gate = gate
         self.reach = reach
@@ -115,6 +129,10 @@ class Executor:
             except BreakerOpen as exc:  # refused before any call: no attempt spent
                 error: JobError = exc
                 refused.append(exc)
+            except RateLimited:
+                # Not a failure: the job waits as the provider (or the host's budget) asks, spending no
+                # attempt, and for its own model: a fallback model is most often the same provider's quota.
+                raise
             except JobError as exc:
                 error = exc
                 tally.calls += 1
@@ -241,7 +259,7 @@ class Executor:
         unloaded: bool = False,
         reduced: bool = False,
     ) -> Answer:
-        """One provider call: its reachability, its breaker, its model's load, then the host's call gate.
+        """One provider call: its reachability, its breaker, its model's load, its rate limits, the host's call gate.
 
         ``unloaded``: the memory strategy already unloaded idle models for this
         job, so a crashed runner now is a broken model, counted by the breaker.
@@ -254,9 +272,10 @@ class Executor:
         self._report_transitions()
         try:
             self._await_model(provider, task.model, deadline)
-            with self._gate(provider, task, deadline):
+            with self._budget(provider, task, deadline) as ticket, self._gate(provider, task, deadline):
                 call_deadline = self._call_deadline(task, deadline, sink, reduced)
                 answer = self._run_task(provider, task, call_deadline, sink)
+                ticket.used = answer.tokens
         except JobError as exc:
             if unloaded and getattr(exc, "crashed", False):
                 exc.counted = True  # type: ignore[attr-defined]
@@ -297,6 +316,13 @@ class Executor:
             log.info(
                 f"waited {waited:.1f}s for {model} to load", extra={"model": model, "waitSeconds": round(waited, 2)}
             )
+
+    def _budget(self, provider: Provider, task: Task, deadline: Deadline) -> Any:
+        """The host's rate limits for this call: its provider's budget and 429 holds (host/ratelimit.py)."""
+        if self.limits is None:
+            return nullcontext(Ticket(None))
+        beat = self.gate.slot.beat if self.gate is not None else None
+        return self.limits.call(provider.name, task, deadline, beat)
 
     def _gate(self, provider: Provider, task: Task, deadline: Deadline) -> Any:
         """The host's call gate for this call: its cap, the model's slots and the provider's cap."""

@@ -3,7 +3,9 @@
 Success writes the result; a retryable failure with attempts left parks the
 job in the delayed set; a job refused by open circuit breakers waits there
 until one could half-open, without spending an attempt; anything else
-dead-letters it with its failure result. Every write goes through the Redis
+dead-letters it with its failure result. A job stopped by a rate limit waits
+there as long as it asks, without spending an attempt, until
+RATE_LIMIT_MAX_WAIT (workerproc/ratewait.py). Every write goes through the Redis
 guard the finisher is given, which waits out a lost Redis, so a job in hand
 is finished once Redis is back. After an outcome is written, the metric sinks
 get its Record (the event stream, the shared-memory statistics, ...).
@@ -23,6 +25,7 @@ import msgspec
 from llm_worker import logs
 from llm_worker.host.breaker import BreakerOpen
 from llm_worker.plugin.manager import PluginManager
+from llm_worker.plugin.providers import RateLimited
 from llm_worker.protocol import jobs, records
 from llm_worker.protocol.jobs import (
     RAW_KEEP,
@@ -40,6 +43,7 @@ from llm_worker.protocol.records import Record
 from llm_worker.queue.reliable import Finished, ReliableQueue, retry_delay
 from llm_worker.settings.config import Settings
 from llm_worker.workerproc.outcome import Outcome
+from llm_worker.workerproc.ratewait import gave_up, rate_wait
 
 log = logging.getLogger("llm_worker.worker")
 T = TypeVar("T")
@@ -156,6 +160,8 @@ class Finisher:
         streaming job that has already sent chunks is not retried: a reader
         cannot take back text it has shown.
         """
+        if isinstance(error, RateLimited) and not streamed:
+            return self._rate_limited(d, taken, error, attempts, take_from)
         if isinstance(error, BreakerOpen) and not streamed and not self._probed_enough(d, error):
             # An outage, not the job's fault: wait for the breaker; refusals spend no attempt.
             due = time.time() + max(0.0, error.retry_at - time.monotonic())
@@ -170,6 +176,21 @@ class Finisher:
         if error.retryable and attempt >= d.max_attempts:
             reason = f"{reason} (gave up after {attempt} attempts)"
         return self._dead(d, taken, reason, error.kind, attempt, take_from)
+
+    def _rate_limited(
+        self, d: Decoded, taken: float, error: RateLimited, attempts: int, take_from: str | None
+    ) -> Recorded:
+        """Park the job as long as the rate limit asks, spending no attempt; fail it once it has waited enough.
+
+        ``attempts`` are the run's calls before the rate limit (a timeout, say,
+        then a fallback that was rate limited): those are spent as usual.
+        """
+        loose = jobs.loose(d.raw)
+        wait = rate_wait(loose, error, self.settings)
+        if wait is None:
+            reason = gave_up(loose, error, self.settings)
+            return self._dead(d, taken, reason, error.kind, d.job.retry_count + max(1, attempts), take_from)
+        return self._retry(d, taken, error, time.time() + wait.seconds, attempts, take_from, extra=wait.fields())
 
     @staticmethod
     def _probed_enough(d: Decoded, error: BreakerOpen) -> bool:
@@ -189,11 +210,13 @@ class Finisher:
         spent: int,
         take_from: str | None,
         probed: bool = False,
+        extra: dict[str, Any] | None = None,
     ) -> Recorded:
         loose = jobs.loose(d.raw)
         loose["retryCount"] = d.job.retry_count + spent
         if probed:  # an addition to the job (docs/protocol.md): failed breaker probes, which spend no attempt
             loose["probeFailures"] = _probe_failures(d.raw) + 1
+        loose.update(extra or {})  # more additions (docs/protocol.md): a rate-limited job's waits
         payload = jobs.encode(loose)
         limit = self.settings.limits.max_job_bytes
         if len(payload) > limit:
@@ -218,6 +241,7 @@ class Finisher:
                     error=error,
                     retryCount=loose["retryCount"],
                     delayMs=delay_ms,
+                    **(extra or {}),
                 )
             )
         self._report(done.ours, d, "retried", None, errorType=error.kind.value, delayMs=delay_ms)

@@ -13,7 +13,8 @@ class Outcome:
 
     ``attempts``: the job's attempts this run spent, one per provider call;
     0 when it made none (every candidate refused by an open breaker, or the
-    cache answered). A job a request filter refused spends one, as a run does.
+    cache answered). A call a rate limit stopped (the provider's 429 included)
+    is none. A job a request filter refused spends one, as a run does.
     ``tried``: the models the job was routed to, in order. ``streamed``: the
     chunks a reader has already seen, which no retry can take back.
     """

@@ -30,6 +30,7 @@ from llm_worker.host.breaker import Breakers
 from llm_worker.host.layout import AFFINITY, Pause, SlotState
 from llm_worker.host.loadboard import LoadBoard
 from llm_worker.host.procs import worker_id
+from llm_worker.host.ratelimit import RateLimits
 from llm_worker.host.shm import SharedState
 from llm_worker.models.fleet import Fleet, FleetView
 from llm_worker.plugin.context import WorkerContext
@@ -219,8 +220,19 @@ class WorkerProcess:
             priority,
             add_labels=not self.settings.models.allowed,
         )
+        limits = RateLimits(state, self.settings, add_labels=not self.settings.models.allowed)
+        limits.check_providers([p.name for p in providers])
         self.executor = Executor(
-            providers, self.plugins, breakers, self.settings, self.id, cache, gate, self.reach, LoadBoard(state.loads)
+            providers,
+            self.plugins,
+            breakers,
+            self.settings,
+            self.id,
+            cache,
+            gate,
+            self.reach,
+            LoadBoard(state.loads),
+            limits,
         )
         # Embeddings workers gather jobs into shared calls (ENABLE_BATCH_PROCESSING).
         self.gathers = (
