@@ -492,7 +492,13 @@ def test_admin_routes_need_the_token_and_are_off_without_one(service, redis_url:
     assert wrong.status == 401 and wrong.headers["WWW-Authenticate"].startswith("Bearer")
     ok = urllib3.request("GET", svc.url + "/admin/queue/stats", headers={"Authorization": "Bearer s3cret-token"})
     stats = ok.json()
-    assert ok.status == 200 and stats["llm-chat"] == {"waiting": 0, "active": 0, "completed": 1, "failed": 0}
+    assert ok.status == 200 and stats["llm-chat"] == {
+        "waiting": 0,
+        "parked": 0,
+        "active": 0,
+        "completed": 1,
+        "failed": 0,
+    }
     for path in ("/health", "/status", "/metrics"):
         assert b"s3cret-token" not in urllib3.request("GET", svc.url + path).data
     off = service(WORKER_POOLS="llm-chat=1")

@@ -8,7 +8,9 @@ import time
 import msgspec
 import pytest
 import redis
+from conftest import settings_for
 
+from llm_worker.queue.admin import QueueAdmin
 from llm_worker.queue.keys import Keys
 from llm_worker.queue.parking import Parking, parked_counts, parked_models, unpark_all
 
@@ -155,3 +157,16 @@ def test_concurrent_pickers_take_each_parked_job_exactly_once(r: redis.Redis, re
     assert sorted(taken_all) == sorted(jobs)  # none lost, none twice
     assert sorted(r.lrange(KEYS.processing(W1), 0, -1) + r.lrange(KEYS.processing(W2), 0, -1)) == sorted(jobs)
     assert r.zcard(KEYS.parked_index(Q)) == 0
+
+
+def test_admin_counts_parked_jobs_as_waiting_and_purges_them_with_their_queue(
+    r: redis.Redis, redis_url: str, parking: Parking
+) -> None:
+    admin = QueueAdmin(r, settings_for({"REDIS_URL": redis_url}))
+    park(r, parking, job("1", "m1"), "m1")
+    park(r, parking, job("2", "m2"), "m2")
+    r.lpush(Q, job("3", "m1"))
+    assert admin.depths().parked == {Q: {"m1": 1, "m2": 1}}
+    assert admin.stats()[Q] == {"waiting": 3, "parked": 2, "active": 0, "completed": 0, "failed": 0}
+    assert admin.purge(Q) == 3
+    assert not r.exists(Q) and not list(r.scan_iter(match="llm:parked:*"))

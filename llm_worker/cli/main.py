@@ -183,6 +183,8 @@ def cmd_queues(args: argparse.Namespace) -> int:
         d = admin.depths()
         for name, count in d.waiting.items():
             print(f"{name:<28} {count:>8} waiting")
+            for model, parked in sorted(d.parked.get(name, {}).items()):
+                print(f"{'  parked for ' + model:<28} {parked:>8} waiting for a host holding it")
         print(
             f"{Keys(settings.redis.key_prefix, settings.queue.dead_letter).delayed:<28} {d.delayed:>8} waiting to retry"
         )

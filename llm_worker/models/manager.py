@@ -276,6 +276,9 @@ class ModelManager:
         """Load one model that parked jobs wait for and no host holds, when it evicts no busy model here."""
         if self.loading or not fleet.has_room(held, size):
             return
+        memory = modelpolicy.memory_in_use(self.state.readings)
+        if memory is not None and memory.ratio > self.settings.models.memory_threshold:  # no room after all
+            return
         assert self.fleet is not None and self.parking is not None
         elsewhere = {label for host, h in self.fleet.read().items() if host != self.fleet.me for label in h.models}
         now = time.monotonic()

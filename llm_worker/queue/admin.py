@@ -16,6 +16,7 @@ import msgspec
 import redis
 
 from llm_worker.queue.keys import Keys
+from llm_worker.queue.parking import parked_counts
 from llm_worker.queue.reliable import COMPLETED, FAILED, registered_workers
 from llm_worker.queue.scripts import RequeueArgs, RequeueKeys, Script
 from llm_worker.settings.config import Settings
@@ -27,11 +28,13 @@ class Depths:
     processing: dict[str, int]  # per worker id
     delayed: int
     dead_letter: int
+    parked: dict[str, dict[str, int]]  # per queue and model: waiting for a host holding the model (affinity)
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "waiting": self.waiting,
             "processing": self.processing,
+            "parked": self.parked,
             "delayed": self.delayed,
             "deadLetter": self.dead_letter,
         }
@@ -62,13 +65,15 @@ class QueueAdmin:
             length = self.redis.llen(key)
             if length:
                 processing[key.decode()[len(self.keys.processing("")) :]] = length
-        return Depths(dict(zip(names, waiting)), processing, delayed, dead)
+        parked = parked_counts(self.redis, self.keys, names)
+        return Depths(dict(zip(names, waiting)), processing, delayed, dead, parked)
 
     def stats(self) -> dict[str, Any]:
-        """Per queue, across every host: waiting, active (in a worker's hands), completed, failed.
+        """Per queue, across every host: waiting, active (in a worker's hands), completed, failed, parked.
 
-        The shape of the gateway's /admin/queue/stats, plus the delayed and
-        dead-letter totals.
+        The shape of the gateway's /admin/queue/stats, plus the jobs parked
+        for a host holding their model (also counted as waiting) and the
+        delayed and dead-letter totals.
         """
         names = self.queues()
         holders = [(worker, info.queue) for worker, info in registered_workers(self.redis, self.keys).items()]
@@ -86,6 +91,7 @@ class QueueAdmin:
             counts = replies[2 * i + 1]
             out[name] = {
                 "waiting": replies[2 * i],
+                "parked": 0,
                 "active": 0,
                 "completed": int(counts.get(COMPLETED.encode(), 0)),
                 "failed": int(counts.get(FAILED.encode(), 0)),
@@ -93,6 +99,9 @@ class QueueAdmin:
         for (_, queue), held in zip(holders, replies[2 * len(names) :]):
             if queue in out:
                 out[queue]["active"] += held
+        for queue, models in parked_counts(self.redis, self.keys, names).items():
+            out[queue]["parked"] = sum(models.values())
+            out[queue]["waiting"] += out[queue]["parked"]
         out["delayed"], out["deadLetter"] = replies[-2], replies[-1]
         return out
 
@@ -133,17 +142,20 @@ class QueueAdmin:
         return moved, skipped
 
     def purge(self, name: str) -> int | None:
-        """Delete a queue (or the dead-letter list) with everything in it; return how many jobs.
+        """Delete a queue (or the dead-letter list) with everything in it, its parked jobs included; return how
+        many jobs.
 
         None, and nothing deleted, when ``name`` is no queue: neither a queue
         the settings name nor a list in Redis (a key of another kind is left alone).
         """
         kind = self.redis.type(name)
-        if kind != b"list":
+        parked = [self.keys.parked(name, m.decode()) for m in self.redis.zrange(self.keys.parked_index(name), 0, -1)]
+        if kind != b"list" and not parked:
             known = kind == b"none" and name in [*self.queues(), self.settings.queue.dead_letter]
             return 0 if known else None
         pipe = self.redis.pipeline()
-        pipe.llen(name)
-        pipe.delete(name)
-        count, _ = pipe.execute()
-        return int(count)
+        for key in [name, *parked]:
+            pipe.llen(key)
+        pipe.delete(name, self.keys.parked_index(name), *parked)
+        *counts, _ = pipe.execute()
+        return sum(int(c) for c in counts)
