@@ -10,6 +10,7 @@ import redis
 from support import assert_each_answered_once, chat, client_for, eventually, wait_all
 
 from llm_worker.devtools.simulator import Simulator, SimulatorConfig
+from llm_worker.queue.client import Client
 from llm_worker.queue.keys import Keys
 from llm_worker.queue.parking import Parking
 
@@ -30,6 +31,17 @@ def holdings(r: redis.Redis) -> dict[str, set[str]]:
         if blob is not None:
             out[host] = set(msgspec.json.decode(blob)["models"])
     return out
+
+
+def parked_by_a_host_gone(r: redis.Redis, client: Client, model: str, n: int) -> list[str]:
+    """Submit ``n`` jobs and park them as a host's worker would (taken, then parked); their ids."""
+    ids = [chat(client, model=model) for _ in range(n)]
+    parking = Parking(r, KEYS, "gone")
+    for _ in ids:
+        raw = r.lmove("llm-chat", KEYS.processing("gone:1"), "RIGHT", "LEFT")
+        assert parking.park("gone:1", raw, "llm-chat", model)
+    assert r.llen("llm-chat") == 0
+    return ids
 
 
 def test_jobs_go_to_the_host_that_holds_their_model(service, redis_url: str, r) -> None:  # type: ignore[no-untyped-def]
@@ -95,12 +107,7 @@ def test_with_affinity_off_jobs_an_earlier_run_parked_are_served(  # type: ignor
 ) -> None:
     # Given: jobs an earlier run parked (taken by a worker, then parked for another host).
     client = client_for(redis_url)
-    ids = [chat(client, model="llama3.2") for _ in range(3)]
-    parking = Parking(r, KEYS, "old")
-    for _ in ids:
-        raw = r.lmove("llm-chat", KEYS.processing("old:1"), "RIGHT", "LEFT")
-        assert parking.park("old:1", raw, "llm-chat", "llama3.2")
-    assert r.llen("llm-chat") == 0
+    ids = parked_by_a_host_gone(r, client, "llama3.2", 3)
     # When: a host starts with MODEL_AFFINITY=false.
     svc = service(MODEL_AFFINITY="false", WORKER_POOLS="llm-chat=2")
     # Then: it moves them back to their queue and serves them, and says so.
@@ -115,11 +122,7 @@ def test_parked_jobs_no_host_holds_are_loaded_for_by_demand(  # type: ignore[no-
 ) -> None:
     # Given: jobs for m-c parked (their host went away), which no host holds.
     client = client_for(redis_url)
-    ids = [chat(client, model="m-c") for _ in range(4)]
-    parking = Parking(r, KEYS, "gone")
-    for _ in ids:
-        raw = r.lmove("llm-chat", KEYS.processing("gone:1"), "RIGHT", "LEFT")
-        assert parking.park("gone:1", raw, "llm-chat", "m-c")
+    ids = parked_by_a_host_gone(r, client, "m-c", 4)
     with simulator("m-a", "m-c") as sim:
         # When: a host with room for it runs.
         service(WORKER_ID="host-a", OLLAMA_BASE_URL=sim.url, **{**HOST, "MODEL_CACHE_SIZE": "2"})
