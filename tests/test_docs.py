@@ -15,6 +15,15 @@ def test_the_readme_settings_table_is_the_generated_one() -> None:
     assert table.strip() == config.markdown_table().strip(), "run `llm-worker check-config --table` into the README"
 
 
+def test_the_readme_table_of_the_provider_plugins_settings_is_the_generated_one() -> None:
+    from llm_worker.plugins import anthropic, openrouter
+
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("<!-- plugin-settings:begin -->\n", 1)[1].split("<!-- plugin-settings:end -->", 1)[0]
+    sections = (anthropic.AnthropicSettings, openrouter.OpenRouterSettings)
+    assert table.strip() == config.markdown_table(sections).strip(), "run scripts/readme_table.py"
+
+
 def test_ci_runs_the_readmes_test_command() -> None:
     readme = (ROOT / "README.md").read_text()
     commands = [

@@ -38,3 +38,20 @@ def test_examples_and_the_plugin_guide_import_only_from_the_plugin_surface() -> 
             stripped = line.strip()
             if stripped.startswith("from llm_worker") and " import " in stripped and ".devtools" not in stripped:
                 assert stripped.startswith(("from llm_worker.plugin import", "from llm_worker import hookimpl")), line
+
+
+def test_the_anthropic_and_openrouter_providers_import_only_the_plugin_surface() -> None:
+    # Written as a third party would write them: llm_worker.plugin, and the plugin's own sibling module.
+    own = {"anthropic.py": "llm_worker.plugins.anthropic_shapes", "anthropic_shapes.py": "", "openrouter.py": ""}
+    for name, sibling in own.items():
+        tree = ast.parse((ROOT / "llm_worker" / "plugins" / name).read_text())
+        imported: set[str] = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module == "llm_worker.plugins":
+                imported |= {f"llm_worker.plugins.{alias.name}" for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                imported.add(node.module or "")
+        ours = {module for module in imported if module.startswith("llm_worker")}
+        assert ours <= {"llm_worker.plugin", sibling}, (name, ours)

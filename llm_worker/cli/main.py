@@ -61,8 +61,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         # Import and check every plugin before anything forks: a broken or
         # misspelled plugin stops start-up here, with its name.
         plugins = discover()
-        PluginManager().load(plugins)
+        manager = PluginManager().load(plugins)
     except Exception as exc:
+        print(f"llm-worker: a plugin failed to load: {exc!r}", file=sys.stderr)
+        return exitcodes.USAGE
+    try:
+        manager.check_settings()  # plugins' own settings, as strictly as ours, before any process reads them
+    except config.SettingError as exc:
+        return flags.explain(exc)
+    except Exception as exc:  # a plugin whose llm_worker_settings hook itself is broken
         print(f"llm-worker: a plugin failed to load: {exc!r}", file=sys.stderr)
         return exitcodes.USAGE
     refusal = _redis_refusal(settings)
@@ -89,6 +96,8 @@ def _redis_refusal(settings: config.Settings) -> str | None:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from llm_worker.plugin.manager import PluginManager
+
     if args.table:
         print(config.markdown_table())
         return exitcodes.OK
@@ -96,6 +105,13 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         loaded = flags.load_settings(args)
     except config.SettingError as exc:
         return flags.explain(exc)
+    try:
+        plugin_settings = PluginManager().load().check_settings()
+    except config.SettingError as exc:
+        return flags.explain(exc)
+    except Exception as exc:
+        print(f"llm-worker: a plugin failed to load: {exc!r}", file=sys.stderr)
+        return exitcodes.USAGE
     for line in config.unused_settings(os.environ):
         print(line, file=sys.stderr)
     width = max(len(d.env) for d in config.declarations())
@@ -104,6 +120,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         print(f"{decl.env:<{width}}  {value:<32}  ({source})")
     print(f"{'(redis url)':<{width}}  {urls.mask_url(loaded.settings.redis_url):<32}  (derived)")
     print(f"{'(pools)':<{width}}  {','.join(f'{k}={v}' for k, v in loaded.settings.pools.items()):<32}  (derived)")
+    for plugin, section in plugin_settings:  # read from the environment only, by the plugin that declares them
+        for decl, value in config.effective_section(section):
+            source = decl.env if decl.env in os.environ else "default"
+            print(f"{decl.env:<{width}}  {value:<32}  ({source}; plugin {plugin})")
     print("settings are valid", file=sys.stderr)
     return exitcodes.OK
 

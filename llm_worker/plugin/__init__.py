@@ -31,12 +31,22 @@ and puts it there, and the other hooks take ``worker`` to read it back::
     @hookimpl
     def llm_worker_record(event: Record, worker: WorkerContext) -> None:
         worker.stash[COUNTS][event.type] += 1
+
+A provider plugin reads its own settings as the core declares its own, so that
+a bad value stops start-up naming the variable, the value and what is allowed
+(``env``, ``load_section`` and the ``llm_worker_settings`` hook), and speaks
+HTTP through ``JsonHttp``, which keeps the job's deadline and turns every
+failure into a ``ProviderError`` (``events`` reads Server-Sent Events,
+``retry_after_seconds`` a ``Retry-After`` header, ``wait_from_headers`` a
+429's headers). ``llm_worker/plugins/anthropic.py`` and ``openrouter.py`` are
+two providers written on this module alone.
 """
 
 from llm_worker.host.shm import SharedState
 from llm_worker.plugin.attempts import Attempt, Plan
 from llm_worker.plugin.context import Stash, StashKey, WorkerContext
 from llm_worker.plugin.manager import Found, PluginManager
+from llm_worker.plugin.openai_shapes import ToolCalls, ollama_tool_call, openai_content, openai_messages
 from llm_worker.plugin.providers import (
     INCOMPLETE,
     Completion,
@@ -52,6 +62,7 @@ from llm_worker.plugin.providers import (
 )
 from llm_worker.plugin.ratelimit import retry_after_seconds
 from llm_worker.plugin.spec import hookimpl
+from llm_worker.plugin.transport import JsonHttp, Response, ServerSentEvent, sse_events
 from llm_worker.protocol.jobs import (
     Answer,
     ChatRequest,
@@ -78,7 +89,7 @@ from llm_worker.protocol.records import (
     STARTED,
     Record,
 )
-from llm_worker.settings.config import Settings
+from llm_worker.settings.config import SettingError, Settings, env, load_section
 
 __all__ = [
     "hookimpl",
@@ -87,6 +98,10 @@ __all__ = [
     "Stash",
     "StashKey",
     "Settings",
+    # a plugin's own settings, read from the environment and checked at start (the llm_worker_settings hook)
+    "env",
+    "load_section",
+    "SettingError",
     # providers
     "Provider",
     "Completion",
@@ -100,6 +115,16 @@ __all__ = [
     "retry_after_seconds",
     "Incomplete",
     "INCOMPLETE",
+    # speaking HTTP to a provider's API
+    "JsonHttp",
+    "Response",
+    "ServerSentEvent",
+    "sse_events",
+    # OpenAI's chat-completions shapes, for OpenAI-compatible APIs
+    "openai_messages",
+    "openai_content",
+    "ollama_tool_call",
+    "ToolCalls",
     # jobs, errors and fallbacks
     "Decoded",
     "ChatRequest",

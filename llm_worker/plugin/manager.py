@@ -14,16 +14,18 @@ import logging
 import math
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any
 
 import pluggy
+from msgspec import Struct
 
 from llm_worker.plugin import spec as hookspecs
 from llm_worker.plugin.providers import Provider
 from llm_worker.protocol.jobs import Answer, Decoded, ErrorKind, JobError, RequestRejected
-from llm_worker.settings.config import Settings
+from llm_worker.settings.config import Settings, load_section
 
 if TYPE_CHECKING:
     from llm_worker.plugin.attempts import Attempt, Plan
@@ -199,6 +201,18 @@ class PluginManager:
         if failed:
             why = "; ".join(f"plugin {name!r} raised {exc!r}" for name, exc in failed)
             raise PluginStartError(why) from failed[0][1]
+
+    def settings_sections(self) -> list[tuple[str, type]]:
+        """Each plugin's own sections of settings (``llm_worker_settings``), with the plugin's name."""
+        return [
+            (impl.plugin_name, section)
+            for impl in self._in_call_order("llm_worker_settings")
+            for section in impl.function() or ()
+        ]
+
+    def check_settings(self, environ: Mapping[str, str] | None = None) -> list[tuple[str, Struct]]:
+        """Read every plugin's settings from ``environ``; a bad one raises SettingError naming it."""
+        return [(name, load_section(section, environ)) for name, section in self.settings_sections()]
 
     def providers(self, settings: Settings) -> list[Provider]:
         # pluggy calls the most recently registered plugin first, so a

@@ -53,6 +53,28 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
 # --------------------------------------------------------------------------
+# Settings
+# --------------------------------------------------------------------------
+
+
+@hookspec
+def llm_worker_settings() -> list[type]:
+    """Return the sections of settings this plugin reads from the environment with ``load_section``.
+
+    Called by ``llm-worker run`` before anything forks, and by ``llm-worker
+    check-config``: each section is read from the environment, and a bad value
+    stops start-up with exit code 2 and the variable, the value and what is
+    allowed, as a bad core setting does; ``check-config`` prints each one,
+    secrets masked. A section is a ``msgspec.Struct`` whose fields are
+    declared as ``Settings``' are, ``Annotated[int, env("MY_TIMEOUT", "doc",
+    ge=1)] = 30``; the plugin reads it again where it needs it
+    (``load_section(MySettings)`` in ``llm_worker_providers``, say).
+
+    :return: the section structs, each once; an empty list for none.
+    """
+
+
+# --------------------------------------------------------------------------
 # Life of a process
 # --------------------------------------------------------------------------
 

@@ -53,7 +53,7 @@ from llm_worker.plugin.providers import (
     RateLimited,
 )
 from llm_worker.plugin.spec import hookimpl
-from llm_worker.plugins.httpclient import JsonHttp
+from llm_worker.plugin.transport import JsonHttp
 from llm_worker.plugins.ollama_errors import LoadOptionsRefused, OllamaError, classify, error_for
 from llm_worker.protocol.jobs import ChatRequest, ErrorKind, GenerateRequest
 from llm_worker.settings.config import LOAD_OPTIONS, Settings

@@ -60,7 +60,7 @@ from llm_worker.plugin.providers import (
     ProviderError,
 )
 from llm_worker.plugin.spec import hookimpl
-from llm_worker.plugins.httpclient import JsonHttp, Response
+from llm_worker.plugin.transport import JsonHttp, Response
 from llm_worker.protocol.jobs import ChatRequest, ErrorKind, GenerateRequest, Message, Options
 from llm_worker.settings.config import Settings
 

@@ -16,9 +16,9 @@ import os
 import re
 import socket
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, TypeVar, Union
 from urllib.parse import urlsplit
 
 import msgspec
@@ -884,20 +884,25 @@ class Declaration:
 def declarations() -> Iterator[Declaration]:
     """Every setting, in declaration order."""
     for section in msgspec.structs.fields(Settings):
-        for f in msgspec.structs.fields(section.type):
-            meta = msgspec.inspect.type_info(f.type)
-            assert isinstance(meta, msgspec.inspect.Metadata), f.name
-            default = f.default if f.default is not msgspec.NODEFAULT else f.default_factory()
-            yield Declaration(
-                section=section.name,
-                name=f.name,
-                env=meta.extra["env"],
-                type=f.type,
-                info=meta.type,
-                doc=meta.extra_json_schema["description"],
-                secret=meta.extra.get("secret", False),
-                default=default,
-            )
+        yield from section_declarations(section.type, section.name)
+
+
+def section_declarations(struct: type, section: str = "") -> Iterator[Declaration]:
+    """The settings one section declares: a section of ``Settings``, or a plugin's own (``read_settings``)."""
+    for f in msgspec.structs.fields(struct):
+        meta = msgspec.inspect.type_info(f.type)
+        assert isinstance(meta, msgspec.inspect.Metadata), f.name
+        default = f.default if f.default is not msgspec.NODEFAULT else f.default_factory()
+        yield Declaration(
+            section=section,
+            name=f.name,
+            env=meta.extra["env"],
+            type=f.type,
+            info=meta.type,
+            doc=meta.extra_json_schema["description"],
+            secret=meta.extra.get("secret", False),
+            default=default,
+        )
 
 
 def describe(info: msgspec.inspect.Type) -> str:
@@ -1058,6 +1063,25 @@ def load(
     settings = msgspec.convert(sections, Settings)
     _check_consistency(settings, sources)
     return Loaded(settings, sources)
+
+
+SectionT = TypeVar("SectionT", bound=Struct)
+
+
+def load_section(struct: type[SectionT], environ: Mapping[str, str] | None = None) -> SectionT:
+    """Read one section of settings from the environment alone: how a plugin reads its own.
+
+    ``struct`` declares its settings as ``Settings``' sections do (``env(...)``
+    on each field, a default on each). Raises SettingError naming the
+    variable, the value and what is allowed.
+    """
+    environ = os.environ if environ is None else environ
+    values = {
+        decl.name: _convert(decl, environ[decl.env], decl.env)
+        for decl in section_declarations(struct)
+        if decl.env in environ
+    }
+    return msgspec.convert(values, struct)
 
 
 def unused_settings(environ: Mapping[str, str]) -> list[str]:
@@ -1250,6 +1274,11 @@ def effective(settings: Settings) -> list[tuple[Declaration, str]]:
     return rows
 
 
+def effective_section(section: Struct) -> list[tuple[Declaration, str]]:
+    """One section's settings (a plugin's, as ``load_section`` read them) with their values, secrets masked."""
+    return [(decl, show_value(decl, getattr(section, decl.name))) for decl in section_declarations(type(section))]
+
+
 def show_value(decl: Declaration, value: Any) -> str:
     if decl.secret and value:
         return mask_url(value) if decl.env == "REDIS_URL" else "***"
@@ -1262,10 +1291,11 @@ def show_value(decl: Declaration, value: Any) -> str:
     return str(value)
 
 
-def markdown_table() -> str:
-    """The README's settings table, generated from the declarations."""
+def markdown_table(sections: Iterable[type] | None = None) -> str:
+    """The README's settings table, generated from the declarations (of ``sections`` when given: plugins')."""
     lines = ["| Variable | Default | Allowed | Description |", "| --- | --- | --- | --- |"]
-    for decl in declarations():
+    found = declarations() if sections is None else (d for s in sections for d in section_declarations(s))
+    for decl in found:
         default = "hostname" if decl.env == "WORKER_ID" else show_value(decl, decl.default)
         allowed = describe(decl.info).replace("|", "\\|")
         lines.append(

@@ -3,8 +3,11 @@
 Serves Ollama's API shapes (``/``, ``/api/version``, ``/api/tags``, ``/api/ps``,
 ``/api/show``, ``/api/pull``, ``/api/delete``, ``/api/chat``, ``/api/generate``,
 ``/api/embed``, ``/api/embeddings``) and, as Ollama does beside them, OpenAI's
-(``/v1/models``, ``/v1/chat/completions``, ``/v1/embeddings``; see openai.py)
-with settable latency, capacity and faults::
+(``/v1/models``, ``/v1/chat/completions``, ``/v1/embeddings``; see openai.py);
+and, on the same engine, Anthropic's Messages API (``/v1/messages``, and
+``/v1/models`` for a client that sends ``anthropic-version`` or ``x-api-key``;
+anthropic.py) and OpenRouter's (``/api/v1/chat/completions``,
+``/api/v1/models``; openrouter.py); with settable latency, capacity and faults::
 
     with Simulator(SimulatorConfig(latency_ms=50, num_parallel=1)) as sim:
         requests.post(f"{sim.url}/api/chat", json={...})
@@ -43,22 +46,27 @@ excepted) in order; the first that matches and fires wins::
      "status": 500,             # status: HTTP code; default from reason and endpoint, else 500
      "reason": "oom",           # oom | runner (the load failed) | crash | run_oom | internal
                                 #   (the call failed) | busy | bad_request | not_found
-                                #   | rate_limit (429): the message; default from status
-                                #   (500: runner)
+                                #   | rate_limit (429) | overloaded (529, Anthropic's):
+                                #   the message (each API's own words on its routes);
+                                #   default from status (500: runner)
      "message": null,           # the error text itself, instead of the reason's
      "model": "llama3.2",       # only this model (x and x:latest alike); absent: any
-     "endpoints": ["chat"],     # absent: the inference routes of both APIs, chat,
-                                #   generate, embed, embeddings, openai_chat and
-                                #   openai_embeddings (abort: chat and generate);
-                                #   also pull, show, delete, tags, ps, version, root
-                                #   and openai_models
+     "endpoints": ["chat"],     # absent: the inference routes of every API, chat,
+                                #   generate, embed, embeddings, openai_chat,
+                                #   openai_embeddings, anthropic_messages and
+                                #   openrouter_chat (abort: chat and generate);
+                                #   also pull, show, delete, tags, ps, version, root,
+                                #   openai_models, anthropic_models, openrouter_models
      "count": 3,                # fire 3 times, then retire; absent: forever
      "probability": 1.0,        # chance that a matching request is hit
      "after_chunks": 0,         # stream_error, cut, abort: pieces sent first
-     "seconds": null}           # hang: answer normally after this long; absent: never
+     "seconds": null,           # hang: answer normally after this long; absent: never
+     "retry_after": null}       # status: a Retry-After header (seconds, or a text such
+                                #   as an HTTP-date); absent: none
 
 - ``status`` answers at once with ``{"error": message}`` (on /v1, OpenAI's
-  ``{"error": {"message", "type", "param", "code"}}``); the call's own failures
+  ``{"error": {"message", "type", "param", "code"}}``; on /v1/messages,
+  Anthropic's; on /api/v1, OpenRouter's); the call's own failures
   (crash, run_oom, internal) are 400 on /api/embed, as Ollama answers them.
 - ``stream_error`` sends ``after_chunks`` lines of a 200 stream, then
   ``{"error": ...}`` (default "an error was encountered while running the

@@ -15,12 +15,15 @@ FAULT_HELP = """\
 a fault to start with (repeatable): JSON, or key=value pairs joined by commas.
 Keys: kind (status | stream_error | cut | hang | abort; default status), status
 (HTTP code), reason (oom | runner | crash | run_oom | busy | bad_request |
-not_found | internal | rate_limit: which message), message, model, endpoints
-(chat+generate+embed+embeddings+openai_chat+openai_embeddings, the default, and
-pull+show+delete+tags+ps+version+root+openai_models), count, probability,
-after_chunks, seconds. E.g. `reason=oom,count=3,model=llama3.2`,
-`kind=cut,after_chunks=2`, `kind=abort,after_chunks=5`, `reason=crash,endpoints=embed`,
-`kind=hang,endpoints=tags`, `reason=rate_limit,endpoints=openai_chat`.
+not_found | internal | rate_limit | overloaded: which message), message, model,
+endpoints (chat+generate+embed+embeddings+openai_chat+openai_embeddings+
+anthropic_messages+openrouter_chat, the default, and pull+show+delete+tags+ps+
+version+root+openai_models+anthropic_models+openrouter_models), count,
+probability, after_chunks, seconds, retry_after (a Retry-After header). E.g.
+`reason=oom,count=3,model=llama3.2`, `kind=cut,after_chunks=2`,
+`kind=abort,after_chunks=5`, `reason=crash,endpoints=embed`,
+`kind=hang,endpoints=tags`, `reason=rate_limit,retry_after=7,count=3`,
+`reason=overloaded,endpoints=anthropic_messages`.
 Change them at run time with POST /_sim/faults (see docs/simulator.md)."""
 
 
@@ -38,7 +41,8 @@ def _load_time(text: str) -> tuple[str, float]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llm-worker simulate",
-        description="Serve an Ollama look-alike, its /v1 API included, with settable latency, capacity and faults.",
+        description="Serve an Ollama look-alike, its /v1 API included, and Anthropic's and OpenRouter's APIs, "
+        "with settable latency, capacity and faults.",
     )
     add = parser.add_argument
     add("--host", default="127.0.0.1", help="address to bind (default %(default)s)")

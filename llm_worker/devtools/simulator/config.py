@@ -12,15 +12,38 @@ from msgspec import Struct, field
 from llm_worker.devtools.simulator.versions import parse_version
 
 FaultKind = Literal["status", "stream_error", "cut", "hang", "abort"]
-Reason = Literal["oom", "runner", "crash", "run_oom", "busy", "bad_request", "not_found", "internal", "rate_limit"]
+Reason = Literal[
+    "oom", "runner", "crash", "run_oom", "busy", "bad_request", "not_found", "internal", "rate_limit", "overloaded"
+]
 
-# Endpoints a fault may name; a fault that names none hits the inference ones, of both APIs.
-INFERENCE_ENDPOINTS = ("chat", "generate", "embed", "embeddings", "openai_chat", "openai_embeddings")
+# Endpoints a fault may name; a fault that names none hits the inference ones, of every API.
+INFERENCE_ENDPOINTS = (
+    "chat",
+    "generate",
+    "embed",
+    "embeddings",
+    "openai_chat",
+    "openai_embeddings",
+    "anthropic_messages",
+    "openrouter_chat",
+)
 ABORT_ENDPOINTS = ("chat", "generate")  # where an answer can end without its done line
 # "load": a chat, generate or embed request with nothing to answer, which only loads (or unloads) its model,
 # as llm-worker's model manager sends. Faults hit it only when they name it, so that a fault meant for the
 # jobs' calls does not keep the host from loading the model they need.
-ENDPOINTS = INFERENCE_ENDPOINTS + ("load", "pull", "show", "delete", "tags", "ps", "version", "root", "openai_models")
+ENDPOINTS = INFERENCE_ENDPOINTS + (
+    "load",
+    "pull",
+    "show",
+    "delete",
+    "tags",
+    "ps",
+    "version",
+    "root",
+    "openai_models",
+    "anthropic_models",
+    "openrouter_models",
+)
 
 DEFAULT_MODELS = ("llama3.2:latest", "nomic-embed-text:latest")
 MODELS_PER_GPU = 3  # server/sched.go defaultModelsPerGPU: OLLAMA_MAX_LOADED_MODELS when unset
@@ -44,6 +67,7 @@ class Fault(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     probability: float = 1.0  # chance that a matching request is hit
     after_chunks: int = 0  # stream_error, cut, abort: lines sent before the fault
     seconds: float | None = None  # hang: answer normally after this long; None: never
+    retry_after: float | str | None = None  # status: a Retry-After header, seconds (a text, an HTTP-date, goes as is)
 
     def __post_init__(self) -> None:
         if self.status is not None and not 100 <= self.status <= 599:
@@ -54,6 +78,10 @@ class Fault(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
             raise ValueError("count and after_chunks must not be negative")
         if self.seconds is not None and self.seconds < 0:
             raise ValueError("seconds must not be negative")
+        if isinstance(self.retry_after, (int, float)) and self.retry_after < 0:
+            raise ValueError("retry_after must not be negative")
+        if isinstance(self.retry_after, str) and any(c in self.retry_after for c in "\r\n"):
+            raise ValueError("retry_after must be one line")
         unknown = set(self.endpoints) - set(ENDPOINTS)
         if unknown:
             raise ValueError(f"unknown endpoints {sorted(unknown)}; known: {', '.join(ENDPOINTS)}")

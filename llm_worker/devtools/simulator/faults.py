@@ -11,7 +11,11 @@ error arises:
   /api/embed (and /v1/embeddings, which runs it) 400: EmbedHandler answers
   every error of the embedding call that carries no status of its own with
   400 (v0.13.3 on; 500 before).
-- ``busy`` 503, ``bad_request`` 400, ``not_found`` 404, ``rate_limit`` 429.
+- ``busy`` 503, ``bad_request`` 400, ``not_found`` 404, ``rate_limit`` 429,
+  ``overloaded`` 529 (Anthropic's; its text "Overloaded" in every API).
+
+A status fault's ``retry_after`` goes out as a ``Retry-After`` header. Each
+API words a reason as it would (its dialect's ``messages``, else Ollama's).
 
 A stream_error breaks a 200 stream off, which only the runner dying under the
 answer does in Ollama: its text is then "an error was encountered while
@@ -41,8 +45,11 @@ REASON_STATUS = {
     "not_found": 404,
     "internal": 500,
     "rate_limit": 429,
+    "overloaded": 529,
 }
-STATUS_REASON = {400: "bad_request", 404: "not_found", 429: "rate_limit", 500: "runner", 503: "busy"}
+STATUS_REASON = {400: "bad_request", 404: "not_found", 429: "rate_limit", 500: "runner", 503: "busy", 529: "overloaded"}
+# Reasons no Ollama version has words for: how the API that has them says them.
+FOREIGN_MESSAGES = {"overloaded": "Overloaded"}  # Anthropic's 529 (https://docs.anthropic.com/en/api/errors)
 RUN_REASONS = frozenset({"crash", "run_oom", "internal"})  # errors of the call itself, not of the load
 MIDSTREAM_REASONS = RUN_REASONS | {"oom", "runner"}  # a stream_error with one: the runner died mid-answer
 EMBED_ENDPOINTS = frozenset({"embed", "openai_embeddings"})  # the routes that run EmbedHandler
@@ -81,8 +88,20 @@ def fault_message(fault: Fault, model: str | None, wording: str, version: Ollama
     if reason == "not_found":
         return not_found_message(model or "", wording)
     if reason:
-        return version.messages()[reason]
-    return HTTPStatus(fault.status or 500).phrase.lower()
+        return version.messages().get(reason) or FOREIGN_MESSAGES[reason]
+    try:
+        return HTTPStatus(fault.status or 500).phrase.lower()
+    except ValueError:  # a status with no phrase of its own (529)
+        return f"status {fault.status}"
+
+
+def retry_after_header(fault: Fault) -> bytes:
+    """The header line of a fault's ``retry_after`` (none without one): seconds as a whole number where whole."""
+    value = fault.retry_after
+    if value is None:
+        return b""
+    text = value if isinstance(value, str) else str(int(value)) if float(value).is_integer() else str(value)
+    return f"Retry-After: {text}\r\n".encode()
 
 
 class _Armed:

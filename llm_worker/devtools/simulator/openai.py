@@ -40,6 +40,7 @@ import time
 import weakref
 from collections.abc import Iterator
 from datetime import datetime
+from email.message import Message as Headers
 from typing import Any, Literal
 
 from msgspec import Struct
@@ -138,12 +139,12 @@ def event(obj: Any) -> bytes:
     return b"data: " + ENCODER.encode(obj) + b"\n\n"
 
 
-def stream_error(message: str) -> bytes:
+def stream_error(status: int, message: str) -> bytes:
     return event({"error": {"message": message, "type": "api_error", "param": None, "code": None}})
 
 
-def authorize(header: str | None, api_key: str) -> None:
-    if api_key and header != f"Bearer {api_key}":
+def authorize(headers: Headers, api_key: str) -> None:
+    if api_key and headers.get("Authorization") != f"Bearer {api_key}":
         raise ApiError(401, BAD_KEY)
 
 

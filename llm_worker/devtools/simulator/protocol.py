@@ -6,8 +6,9 @@ ignored, as Ollama ignores what it does not know.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from email.message import Message as Headers
 from typing import Any
 
 import msgspec
@@ -176,24 +177,31 @@ class ModelRequest(Struct, kw_only=True):
 
 
 class Reply:
-    """A whole response, sent with Content-Length (and no Content-Type when ``content_type`` is empty)."""
+    """A whole response, sent with Content-Length (and no Content-Type when ``content_type`` is empty).
 
-    __slots__ = ("status", "body", "content_type")
+    ``headers`` are further header lines, each ending in CRLF (``b"request-id: req_1\\r\\n"``).
+    """
 
-    def __init__(self, status: int, body: bytes, content_type: bytes = JSON) -> None:
+    __slots__ = ("status", "body", "content_type", "headers")
+
+    def __init__(self, status: int, body: bytes, content_type: bytes = JSON, headers: bytes = b"") -> None:
         self.status = status
         self.body = body
         self.content_type = content_type
+        self.headers = headers
 
 
 class StreamReply:
     """A 200 stream, sent chunked, one chunk per item of ``lines`` as it comes (its API says the type)."""
 
-    __slots__ = ("lines", "on_close")
+    __slots__ = ("lines", "on_close", "headers")
 
-    def __init__(self, lines: Iterator[bytes], on_close: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self, lines: Iterator[bytes], on_close: Callable[[], None] | None = None, headers: bytes = b""
+    ) -> None:
         self.lines = lines
         self.on_close = on_close
+        self.headers = headers  # as Reply's
 
     def close(self) -> None:
         """Stop the producer and release what it holds; safe to call more than once."""
@@ -206,12 +214,16 @@ class StreamReply:
 
 
 class ApiError(Exception):
-    """A refused request: its status and message, shaped by the route's dialect (Ollama: ``{"error": message}``)."""
+    """A refused request: its status and message, shaped by the route's dialect (Ollama: ``{"error": message}``).
 
-    def __init__(self, status: int, message: str) -> None:
+    ``headers`` go out with the answer, after the dialect's own (a fault's ``Retry-After``).
+    """
+
+    def __init__(self, status: int, message: str, headers: bytes = b"") -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = headers
 
 
 def json_reply(obj: Any, status: int = 200) -> Reply:
@@ -229,12 +241,13 @@ def line(obj: Any) -> bytes:
 
 @dataclass(frozen=True)
 class Dialect:
-    """What an API shapes alike on every route of it: error answers, streams, and who may call."""
+    """What an API shapes alike on every route of it: error answers, streams, who may call, its error texts."""
 
     error: Callable[[int, str], Reply]  # the answer to a failed request: (status, message)
     stream_type: bytes  # Content-Type of its streams
-    stream_error: Callable[[str], bytes]  # the line that a stream_error fault sends mid-stream
-    authorize: Callable[[str | None, str], None] | None = None  # (Authorization header, api_key): raise ApiError
+    stream_error: Callable[[int, str], bytes]  # the line a stream_error fault sends mid-stream: (status, message)
+    authorize: Callable[[Headers, str], None] | None = None  # (request headers, api_key): raise ApiError
+    messages: Mapping[str, str] = field(default_factory=dict)  # a fault reason's text in this API's words ({model})
 
 
-OLLAMA = Dialect(error=error_reply, stream_type=NDJSON, stream_error=lambda message: line({"error": message}))
+OLLAMA = Dialect(error=error_reply, stream_type=NDJSON, stream_error=lambda status, message: line({"error": message}))

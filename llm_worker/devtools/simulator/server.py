@@ -29,17 +29,23 @@ import msgspec
 
 from llm_worker.devtools.simulator.config import Fault, SimulatorConfig
 from llm_worker.devtools.simulator.engine import Engine, RequestContext
-from llm_worker.devtools.simulator.faults import RUN_REASONS, fault_message, fault_reason, fault_status
+from llm_worker.devtools.simulator.faults import (
+    RUN_REASONS,
+    fault_message,
+    fault_reason,
+    fault_status,
+    retry_after_header,
+)
 from llm_worker.devtools.simulator.models import normalize_name
 from llm_worker.devtools.simulator.protocol import NDJSON, OLLAMA, SSE, ApiError, Dialect, Reply, StreamReply
-from llm_worker.devtools.simulator.routes import ROUTES, Route
+from llm_worker.devtools.simulator.routes import BY_HEADER, ROUTES, Route
 from llm_worker.devtools.simulator.stats import ClientGone, SimStats, Stopping
 from llm_worker.devtools.simulator.versions import is_out_of_memory
 
 # Response heads are assembled from bytes made once: this path bounds every benchmark.
 _STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in HTTPStatus}
 _STREAM_HEADS = {
-    kind: _STATUS_LINES[200] + b"Content-Type: " + kind + b"\r\nTransfer-Encoding: chunked\r\n\r\n"
+    kind: _STATUS_LINES[200] + b"Content-Type: " + kind + b"\r\nTransfer-Encoding: chunked\r\n"
     for kind in (NDJSON, SSE)
 }
 _STREAM_END = b"0\r\n\r\n"
@@ -90,7 +96,11 @@ class SimRequestHandler(BaseHTTPRequestHandler):
         self._dispatch("DELETE")
 
     def _dispatch(self, method: str) -> None:
-        route = ROUTES.get((method, self.path.partition("?")[0]))
+        key = (method, self.path.partition("?")[0])
+        route = ROUTES.get(key)
+        alternate = BY_HEADER.get(key)
+        if alternate is not None and any(name in self.headers for name in alternate[0]):
+            route = alternate[1]  # another API's route at the same path, told apart by its headers
         self._counted = route is None or route.name != "_sim"  # stats tell of Ollama traffic only
         self._dialect: Dialect = route.dialect if route is not None else OLLAMA
         self._endpoint = route.name if route is not None else ""
@@ -117,6 +127,8 @@ class SimRequestHandler(BaseHTTPRequestHandler):
                 reply = route.handler(self.server.engine, request)
             except ApiError as exc:
                 reply = self._dialect.error(exc.status, exc.message)
+                if exc.headers:
+                    reply = Reply(reply.status, reply.body, reply.content_type, reply.headers + exc.headers)
             except (Stopping, ClientGone):
                 self.close_connection = True
                 return
@@ -154,7 +166,7 @@ class SimRequestHandler(BaseHTTPRequestHandler):
         engine = self.server.engine
         try:
             if route.dialect.authorize is not None:
-                route.dialect.authorize(self.headers.get("Authorization"), engine.config.api_key)
+                route.dialect.authorize(self.headers, engine.config.api_key)
             request = _decode(route, body)
         except ApiError:
             engine.counters.request(route.name, None)
@@ -166,7 +178,8 @@ class SimRequestHandler(BaseHTTPRequestHandler):
         if fault is None or fault.kind in ("stream_error", "cut"):
             return request, fault
         if fault.kind == "status":
-            raise ApiError(fault_status(fault, route.name, engine.version), self._fault_text(fault, asked))
+            status = fault_status(fault, route.name, engine.version)
+            raise ApiError(status, self._fault_text(fault, asked), retry_after_header(fault))
         if fault.kind == "abort":
             engine.context().abort = fault
         else:
@@ -204,10 +217,11 @@ class SimRequestHandler(BaseHTTPRequestHandler):
         if self._counted:
             self.server.engine.counters.response(reply.status)
         kind = b"Content-Type: %s\r\n" % reply.content_type if reply.content_type else b""
-        head = b"%s%sContent-Length: %d\r\n%s\r\n" % (
+        head = b"%s%sContent-Length: %d\r\n%s%s\r\n" % (
             _status_line(reply.status),
             kind,
             len(reply.body),
+            reply.headers,
             b"Connection: close\r\n" if self.close_connection else b"",
         )
         self.wfile.write(head if head_only else head + reply.body)
@@ -227,7 +241,7 @@ class SimRequestHandler(BaseHTTPRequestHandler):
                 return
             self.server.engine.counters.response(200)
             # The head goes out with the first chunk, after the first-byte latency.
-            self._head = _STREAM_HEADS[self._dialect.stream_type]
+            self._head = _STREAM_HEADS[self._dialect.stream_type] + reply.headers + b"\r\n"
             if fault is None:
                 for chunk in reply.lines:
                     self._send_chunk(chunk)
@@ -253,7 +267,8 @@ class SimRequestHandler(BaseHTTPRequestHandler):
             self.wfile.write(self._head)
             self.close_connection = True
             return False
-        self._send_chunk(self._dialect.stream_error(self._fault_text(fault)))
+        status = fault_status(fault, self._endpoint, self.server.engine.version)
+        self._send_chunk(self._dialect.stream_error(status, self._fault_text(fault)))
         return True
 
     def _send_chunk(self, chunk: bytes) -> None:
@@ -263,6 +278,9 @@ class SimRequestHandler(BaseHTTPRequestHandler):
     def _fault_text(self, fault: Fault, model: str | None = None) -> str:
         """Return the fault's error text; one of the call itself that says out of memory expires every model."""
         engine = self.server.engine
+        own = self._dialect.messages.get(fault_reason(fault)) if fault.message is None else None
+        if own is not None:  # another API's words for it (Anthropic's, OpenRouter's): no Ollama runner behind
+            return own.format(model=model or "")
         text = fault_message(
             fault,
             model,

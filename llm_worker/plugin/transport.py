@@ -1,4 +1,12 @@
-"""JSON over HTTP for providers: one kept-alive connection per thread, deadlines, error kinds.
+"""JSON over HTTP for providers: one kept-alive connection per thread, deadlines, error kinds, streams.
+
+The transport every provider plugin uses, built-in or not (``from
+llm_worker.plugin import JsonHttp``): ``JsonHttp`` sends a request within a
+job's ``Deadline`` and turns every failure into a ``ProviderError`` of the
+right kind; ``lines`` and ``events`` read a streamed answer (NDJSON lines,
+or Server-Sent Events) within it; ``retry_after`` reads a ``Retry-After``
+header for ``RateLimited``. A provider that reads its API's own error shape
+subclasses ``JsonHttp`` and overrides ``error_of``.
 
 A worker process runs one job at a time, so it needs one connection to its
 provider, not a pool. We keep it with the standard library's http.client:
@@ -18,8 +26,8 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 import msgspec
@@ -178,6 +186,12 @@ class JsonHttp:
             del self._local.conn
 
     def error_of(self, resp: Response, what: str) -> ProviderError:
+        """The error a non-2xx answer is: its ``{"error": ...}`` message, its kind by ``classify``.
+
+        Override it to read an API's own error shape (or its headers:
+        ``resp.getheader("retry-after")``); ``resp`` is unread. Return, do not
+        raise: ``request`` decides whether the status is retried first.
+        """
         try:
             data = resp.read()
         except (OSError, http.client.HTTPException):
@@ -211,6 +225,18 @@ class JsonHttp:
         connection can be reused; one that stops for an error leaves it, and
         the half-read connection is closed.
         """
+        return self._read_lines(resp, deadline, what, keep_blank=False)
+
+    def events(self, resp: Response, deadline: Deadline, what: str) -> Iterator[ServerSentEvent]:
+        """Yield the Server-Sent Events of a streamed answer, minding the deadline (see ``sse_events``).
+
+        Every line that arrives, a comment (a keep-alive) included, restarts
+        the wait for the next byte (``read_timeout``); the job's deadline
+        bounds the whole. Finish or stop as with ``lines``.
+        """
+        return sse_events(self._read_lines(resp, deadline, what, keep_blank=True))
+
+    def _read_lines(self, resp: Response, deadline: Deadline, what: str, keep_blank: bool) -> Iterator[bytes]:
         conn = getattr(self._local, "conn", None)
         sock = conn.sock if conn is not None else None
         try:
@@ -220,7 +246,7 @@ class JsonHttp:
                 line = resp.readline()
                 if not line:
                     return
-                if line.strip():
+                if keep_blank or line.strip():
                     yield line
                 deadline.check(what)
         except socket.timeout:
@@ -242,6 +268,48 @@ class JsonHttp:
         conn = getattr(self._local, "conn", None)
         if conn is not None:
             self._drop(conn)
+
+
+class ServerSentEvent(NamedTuple):
+    """One event of a ``text/event-stream``: its name (``message`` when it has none) and its data."""
+
+    event: str
+    data: bytes  # its data lines, joined with newlines
+
+
+def sse_events(lines: Iterable[bytes]) -> Iterator[ServerSentEvent]:
+    """Read Server-Sent Events from an answer's lines, as the WHATWG event-stream rules say.
+
+    Lines starting with ``:`` are comments, which servers send as keep-alives
+    (OpenRouter's ``: OPENROUTER PROCESSING``), and are skipped; ``event:``
+    names the event, each ``data:`` line adds to its data, ``id:`` and
+    ``retry:`` are not used; a blank line ends the event, and one without data
+    is no event. An event the stream ends in the middle of is dropped, as the
+    rules say: a cut stream shows as a missing end, never as half an event.
+    Closing this iterator closes ``lines``.
+    https://html.spec.whatwg.org/multipage/server-sent-events.html#event-stream-interpretation
+    """
+    name, data = "", []
+    try:
+        for raw in lines:
+            line = raw.rstrip(b"\r\n")
+            if not line:
+                if data:
+                    yield ServerSentEvent(name or "message", b"\n".join(data))
+                name, data = "", []
+                continue
+            if line.startswith(b":"):
+                continue
+            field, _, value = line.partition(b":")
+            value = value[1:] if value.startswith(b" ") else value
+            if field == b"data":
+                data.append(value)
+            elif field == b"event":
+                name = value.decode(errors="replace")
+    finally:
+        close = getattr(lines, "close", None)
+        if close is not None:
+            close()
 
 
 class _Retryable(Exception):
