@@ -54,7 +54,7 @@ def test_ninety_seconds_of_chaos_lose_nothing_and_answer_nothing_twice(tmp_path:
 
     # Conservation: every job pushed has one terminal outcome, none two, nothing left anywhere.
     assert c["holds"] and c["lost"] == 0 and c["answeredTwice"] == 0, report
-    assert c["leftovers"] == {"queued": 0, "processing": 0, "delayed": 0}, report
+    assert c["leftovers"] == {"queued": 0, "processing": 0, "parked": 0, "delayed": 0}, report
     assert c["outcomesCounted"] == c["jobsAnswered"] > 100, report
 
     # Every disruption ran, and the ones that hold jobs really caught jobs in hand.
@@ -106,7 +106,7 @@ def test_chaos_under_sentinel_failovers_loses_nothing(tmp_path: Path) -> None:
     c = figures["conservation"]
     assert figures["config"]["redis"] == "sentinel", figures["config"]
     assert c["holds"] and c["lost"] == 0 and c["answeredTwice"] == 0, report
-    assert c["leftovers"] == {"queued": 0, "processing": 0, "delayed": 0}, report
+    assert c["leftovers"] == {"queued": 0, "processing": 0, "parked": 0, "delayed": 0}, report
     assert c["outcomesCounted"] == c["jobsAnswered"] > 50, report
     failovers = [
         d for d in figures["disruptions"] if d["name"] in ("kill and restart Redis", "planned Sentinel failover")
