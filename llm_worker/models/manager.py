@@ -2,8 +2,15 @@
 
 A child of the supervisor, like the HTTP process, so that slow calls to Ollama
 (a pull, a two-minute load) stall nothing else. Workers never decide about
-models; they say in shared memory which model each busy worker holds
-(``Slot.model``) and when each model was last used (``model_last_used``).
+models; they say in shared memory which model each busy worker holds on which
+endpoint (``Slot.model``, ``Slot.provider``) and when each model was last used
+there (the load board's ``last_used``).
+
+Each Ollama of OLLAMA_BASE_URL (one per GPU, say) is an endpoint with models
+of its own, and gets a ``ModelManager`` of its own, on a thread of its own
+(endpoints.py): its cache size, idle unloads, memory, loads and loader thread
+are its own, so a slow load or a dead server on one holds up no other. All
+that follows is per endpoint.
 
 At start it pulls the preloaded models Ollama lacks (MODEL_AUTO_PULL), loads
 MODEL_PRELOAD_LIST, then sets ``models_ready``: readiness waits for the
@@ -34,17 +41,19 @@ from typing import Any, NoReturn
 
 from llm_worker import exitcodes, logs
 from llm_worker.host.backoff import compute_backoff
+from llm_worker.host.endpoints import EndpointTable
 from llm_worker.host.layout import MAX_LOADED, NAME, SlotState
 from llm_worker.host.loadboard import ASKED, PRELOAD, WHY, LoadBoard
 from llm_worker.host.procs import exit_with_parent, worker_id
 from llm_worker.host.shm import SharedState
 from llm_worker.host.stats import model_label
+from llm_worker.models import endpoints as several
 from llm_worker.models import policy as modelpolicy
 from llm_worker.models.policy import Loaded
 from llm_worker.models.pullprogress import PullProgress
 from llm_worker.plugin.context import WorkerContext
 from llm_worker.plugin.manager import Found, PluginManager
-from llm_worker.plugin.providers import Deadline, ProviderError
+from llm_worker.plugin.providers import Deadline, ProviderError, endpoint_of
 from llm_worker.plugins.ollama import LoadOptionsRefused, OllamaProvider
 from llm_worker.protocol import records
 from llm_worker.protocol.jobs import ErrorKind, iso
@@ -55,7 +64,6 @@ log = logging.getLogger("llm_worker.models.manager")
 ASK_TIMEOUT = 10.0  # /api/tags, /api/ps and an unload: quick answers, or Ollama is in trouble
 PULL_TIMEOUT = 6 * 3600.0  # a whole pull; a stalled one fails sooner, after OLLAMA_TIMEOUT without a byte
 RETRY_CAP = 300.0  # longest wait between two tries of a failed preload or pull
-TICK = 0.05  # seconds between looks at the load board
 MODELS_PER_GPU = 3  # Ollama's default OLLAMA_MAX_LOADED_MODELS per GPU (server/sched.go defaultModelsPerGPU, v0.33)
 
 
@@ -69,23 +77,31 @@ def run_manager(settings: Settings, state: SharedState, supervisor_pid: int, plu
         manager.worker_started(WorkerContext(settings, my_id, "models", None, state, None))
     except Exception:
         log.exception("a plugin failed to start in the model manager; its sink may be silent here")
-    provider = next((p for p in manager.providers(settings) if isinstance(p, OllamaProvider)), None)
-    if provider is None:  # the Ollama plugin is disabled: there are no models to manage
+    providers = [p for p in manager.providers(settings) if isinstance(p, OllamaProvider)]
+    if not providers:  # the Ollama plugin is disabled: there are no models to manage
         LoadBoard(state.loads).serve("")  # nor loads to wait for
         log.warning("no Ollama provider: the model manager has nothing to manage")
         state.header.models_ready = 1
         while True:
             time.sleep(3600)
-    models = ModelManager(settings, state, provider, manager, my_id)
-    models.start()
-    interval = settings.models.manage_interval / 1000
-    next_turn = time.monotonic() + interval
-    while True:
-        models.serve_loads()
-        if time.monotonic() >= next_turn:
-            models.turn()
-            next_turn = time.monotonic() + interval
-        time.sleep(TICK)
+    table = EndpointTable(state.providers, state.lock)
+    recording = threading.Lock()  # the sinks are called from every endpoint's thread
+    preloads = several.place_preloads(settings, providers, ASK_TIMEOUT)
+    managers = [
+        ModelManager(
+            settings,
+            state,
+            provider,
+            manager,
+            my_id,
+            endpoint=table.register(endpoint_of(provider), provider.name, provider.url),
+            endpoints=len(providers),
+            preloads=mine,
+            recording=recording,
+        )
+        for provider, mine in zip(providers, preloads)
+    ]
+    several.drive(managers, state, settings.models.manage_interval / 1000)
 
 
 @dataclass(frozen=True)
@@ -100,17 +116,37 @@ class LoadOutcome:
 
 
 class ModelManager:
+    """The models of one endpoint (one Ollama server): its preloads, loads, unloads and memory."""
+
     def __init__(
-        self, settings: Settings, state: SharedState, provider: OllamaProvider, plugins: PluginManager, worker_id: str
+        self,
+        settings: Settings,
+        state: SharedState,
+        provider: OllamaProvider,
+        plugins: PluginManager,
+        worker_id: str,
+        *,
+        endpoint: int = 0,
+        endpoints: int = 1,
+        preloads: list[str] | None = None,
+        recording: threading.Lock | None = None,
     ) -> None:
+        """``endpoint``: the server's index in the endpoint table; ``endpoints``: how many Ollama servers
+        the host has; ``preloads``: this one's share of MODEL_PRELOAD_LIST (default: all of it)."""
         self.settings = settings
         self.state = state
         self.provider = provider
         self.plugins = plugins
         self.worker_id = worker_id
+        self.endpoint = endpoint
+        self.endpoints = endpoints
+        self.name = endpoint_of(provider) if provider is not None else "ollama"
+        self.recording = recording or threading.Lock()
         m = settings.models
         self.unload_after = m.unload_timeout / 1000
-        self.preloads = _unique(m.preload) if m.preload_enabled else []
+        if preloads is None:
+            preloads = m.preload if m.preload_enabled else []
+        self.preloads = _unique(preloads)
         self.first_seen: dict[str, float] = {}  # label -> when it was loaded, as near as we know
         self.surveyed = time.monotonic()  # the last look at /api/ps: what is new since was loaded after it
         self.surveyed_once = False  # what the first look finds was loaded before us (a respawn): not counted
@@ -122,6 +158,7 @@ class ModelManager:
         self.memory_warned = False  # "no idle model to unload", said once while the pressure lasts
         self.complaint = ""  # the trouble last logged, so that an outage is one line, not one a turn
         self.board = LoadBoard(state.loads)
+        self.block = state.loads.endpoints[endpoint]  # this endpoint's rows of the board
         self.asked_seen: dict[int, float] = {}  # model index -> the last request on the board we served
         self.loading: set[str] = set()  # labels the loader thread has in hand
         self.to_load: queue.Queue[tuple[int, str, int]] = queue.Queue()
@@ -134,7 +171,8 @@ class ModelManager:
         m = self.settings.models
         # From now on jobs wait for this manager's loads instead of loading through their own calls.
         self.board.serve(self.provider.name)
-        self.board.forget_unfinished()  # a load the previous manager began died with it; its waiters still wait
+        self.board.forget_unfinished(self.endpoint)  # a load the previous manager began died with it
+        self.block.cache_size = self.cache_size()  # routing reads it: room for more models here
         for model in self.preloads:
             self.state.model_index(model_label(model), add=True)
         if m.auto_pull:
@@ -146,7 +184,7 @@ class ModelManager:
             loaded = {model_label(m.name) for m in self.provider.running(Deadline(ASK_TIMEOUT))}
         except ProviderError as exc:
             if self.preloads:
-                log.error(f"cannot preload now, Ollama does not answer: {exc.message}; trying again later")
+                log.error(f"cannot preload now, Ollama{self.on} does not answer: {exc.message}; trying again later")
             for model in self.preloads:
                 self._retry_later(model)
         else:
@@ -157,11 +195,23 @@ class ModelManager:
             for model in self.preloads:
                 if model_label(model) in loaded:
                     self.preloaded[model_label(model)] = self.first_seen[model_label(model)] = time.monotonic()
-                    log.info(f"{model} is loaded already", extra={"model": model})
+                    log.info(f"{model} is loaded already{self.on}", extra={"model": model, **self.where})
                 else:
                     self.preload(model)
-        self.state.header.models_ready = 1
-        log.info("models ready", extra={"preloaded": sorted(self.preloaded), "failed": sorted(self.retry_at)})
+        log.info(
+            f"models ready{self.on}",
+            extra={"preloaded": sorted(self.preloaded), "failed": sorted(self.retry_at), **self.where},
+        )
+
+    @property
+    def on(self) -> str:
+        """Where, in log lines ("on ollama@2 (its URL)"), when the host has several Ollama servers; "" with one."""
+        return f" on {self.name} ({self.provider.url})" if self.endpoints > 1 else ""
+
+    @property
+    def where(self) -> dict[str, str]:
+        """The endpoint, for log lines and events, when the host has several Ollama servers."""
+        return {"endpoint": self.name} if self.endpoints > 1 else {}
 
     def missing(self, models: list[str]) -> list[str]:
         try:
@@ -171,14 +221,14 @@ class ModelManager:
         return [m for m in models if model_label(m) not in self.available]
 
     def pull(self, model: str) -> bool:
-        log.info(f"pulling {model}", extra={"model": model})
+        log.info(f"pulling {model}{self.on}", extra={"model": model, **self.where})
         progress = PullProgress(
-            lambda text, fields: log.info(f"pulling {model}: {text}", extra={"model": model, **fields})
+            lambda text, fields: log.info(f"pulling {model}{self.on}: {text}", extra={"model": model, **fields})
         )
         try:
             self.provider.pull(model, Deadline(PULL_TIMEOUT), progress)
         except ProviderError as exc:
-            log.error(f"pulling {model} failed: {exc.message}", extra={"model": model})
+            log.error(f"pulling {model}{self.on} failed: {exc.message}", extra={"model": model, **self.where})
             if exc.kind == ErrorKind.NETWORK:  # Ollama down: try again; a registry's "no such model" is final
                 self._retry_later(model)
                 self.pulls.append(model)
@@ -194,13 +244,18 @@ class ModelManager:
         except LoadOptionsRefused as exc:
             # Our settings check each option's type as Ollama v0.33 does; a server that
             # still refuses one is another version. Every load would fail the same way.
-            log.critical(f"Ollama refused {exc.setting} while preloading {model}: {exc.message}; fix {exc.setting}")
+            log.critical(
+                f"Ollama{self.on} refused {exc.setting} while preloading {model}: {exc.message}; fix {exc.setting}"
+            )
             self._load_failed(LoadOutcome(index, model, PRELOAD, None, exc))
             raise SystemExit(exitcodes.USAGE) from None
         except ProviderError as exc:
             self._load_failed(LoadOutcome(index, model, PRELOAD, None, exc))
             delay = self._retry_later(model)
-            log.error(f"preloading {model} failed: {exc.message}; trying again in {delay:.1f}s", extra={"model": model})
+            log.error(
+                f"preloading {model}{self.on} failed: {exc.message}; trying again in {delay:.1f}s",
+                extra={"model": model, **self.where},
+            )
             return False
         self.retry_at.pop(model, None)
         self.preloaded[model_label(model)] = time.monotonic()
@@ -223,7 +278,7 @@ class ModelManager:
                 self._load_failed(outcome)
         labels = self.state.model_labels()
         for index in range(1, len(labels)):
-            row = self.board.board.rows[index]
+            row = self.block.rows[index]
             if row.asked <= self.asked_seen.get(index, 0.0) or row.started or row.resident:
                 continue
             self.asked_seen[index] = row.asked
@@ -232,7 +287,7 @@ class ModelManager:
             self.loading.add(labels[index])
             self.to_load.put((index, labels[index], ASKED))
             if self.loader is None:
-                self.loader = threading.Thread(target=self._load_forever, daemon=True, name="loader")
+                self.loader = threading.Thread(target=self._load_forever, daemon=True, name=f"loader-{self.name}")
                 self.loader.start()
 
     def _load_forever(self) -> None:
@@ -246,7 +301,7 @@ class ModelManager:
             except ProviderError as exc:
                 self.outcomes.put(LoadOutcome(index, model, why, None, exc))
             except Exception as exc:  # a bug must not leave the waiting jobs waiting for ever
-                log.exception(f"loading {model} failed")
+                log.exception(f"loading {model}{self.on} failed")
                 self.outcomes.put(LoadOutcome(index, model, why, None, ProviderError(repr(exc), ErrorKind.UNKNOWN)))
             else:
                 self.outcomes.put(LoadOutcome(index, model, why, seconds, None))
@@ -257,32 +312,40 @@ class ModelManager:
             models = self.survey()
             self.unload_all(modelpolicy.over_cache(models, self.cache_size() - 1), modelpolicy.CACHE_SIZE, models)
         except ProviderError as exc:  # the load itself will say what is wrong
-            log.warning(f"could not make room before a load: {exc.message}")
+            log.warning(f"could not make room{self.on} before a load: {exc.message}")
 
     def cache_size(self) -> int:
-        """MODEL_CACHE_SIZE, or Ollama's own default: 3 models per GPU as NVML counts them, 3 without one."""
+        """MODEL_CACHE_SIZE, or Ollama's own default: 3 models per GPU as NVML counts them, 3 without one.
+
+        Per endpoint: with several Ollama servers, each is taken to see its
+        share of the GPUs (one per GPU: 3 each), never less than one GPU's.
+        """
         size = self.settings.models.cache_size
         if size:
             return size
         r = self.state.readings
-        return MODELS_PER_GPU * max(1, r.gpu_count if r.gpu_collector_up else 1)
+        gpus = r.gpu_count if r.gpu_collector_up else 1
+        return MODELS_PER_GPU * max(1, gpus // max(1, self.endpoints))
 
     def _began(self, index: int, model: str, why: int) -> None:
-        self.board.begin(index, why)
-        log.info(f"loading {model} ({WHY[why]})", extra={"model": model_label(model), "reason": WHY[why]})
+        self.board.begin(self.endpoint, index, why)
+        log.info(
+            f"loading {model}{self.on} ({WHY[why]})",
+            extra={"model": model_label(model), "reason": WHY[why], **self.where},
+        )
         self._record(records.MODEL_LOADING, model_label(model), reason=WHY[why])
 
     def _loaded(self, outcome: LoadOutcome) -> None:
-        self.board.succeeded(outcome.index, outcome.seconds or 0.0)
+        self.board.succeeded(self.endpoint, outcome.index, outcome.seconds or 0.0)
         self._count_load(outcome.model, outcome.seconds, WHY[outcome.why])
 
     def _load_failed(self, outcome: LoadOutcome) -> None:
         assert outcome.error is not None
-        self.board.failed(outcome.index, outcome.error)
+        self.board.failed(self.endpoint, outcome.index, outcome.error)
         label = model_label(outcome.model)
         log.error(
-            f"loading {outcome.model} failed: {outcome.error.message}",
-            extra={"model": label, "reason": WHY[outcome.why], "errorType": outcome.error.kind.value},
+            f"loading {outcome.model}{self.on} failed: {outcome.error.message}",
+            extra={"model": label, "reason": WHY[outcome.why], "errorType": outcome.error.kind.value, **self.where},
         )
         self._record(
             records.MODEL_LOAD_FAILED,
@@ -303,6 +366,7 @@ class ModelManager:
     def turn(self) -> None:
         """Retry what failed, then unload what should go. Never raises: the next turn tries again."""
         try:
+            self.block.cache_size = self.cache_size()  # GPUs are counted by the sampler, maybe after our start
             self.refresh_available()
             self.retry_due()
             models = self.survey()
@@ -311,7 +375,7 @@ class ModelManager:
             models = self.unload_all(modelpolicy.over_cache(models, self.cache_size()), modelpolicy.CACHE_SIZE, models)
             self.relieve_memory(models)
         except ProviderError as exc:
-            self._complain(f"model manager: Ollama unreachable: {exc.message}")
+            self._complain(f"model manager: Ollama{self.on} unreachable: {exc.message}")
             return
         except Exception as exc:  # a bug must not end the manager; the next turn tries again
             if repr(exc) != self.complaint:
@@ -319,7 +383,7 @@ class ModelManager:
             self.complaint = repr(exc)
             return
         if self.complaint:
-            log.info("model manager back at work")
+            log.info(f"model manager back at work{self.on}")
             self.complaint = ""
 
     def refresh_available(self) -> None:
@@ -340,10 +404,11 @@ class ModelManager:
         """What Ollama has loaded now, with what shared memory says of its use."""
         running = self.provider.running(Deadline(ASK_TIMEOUT))
         now = time.monotonic()
-        header = self.state.header
-        # A worker's slot names the model of the provider call it is in (-1 between calls).
+        # A worker's slot names the model and endpoint of the call it is in or bound for (-1 between calls).
         busy = {
-            slot.model for slot in self.state.slots if slot.up() and slot.state == SlotState.BUSY and slot.model >= 0
+            slot.model
+            for slot in self.state.slots
+            if slot.up() and slot.state == SlotState.BUSY and slot.model >= 0 and slot.provider == self.endpoint
         }
         self._publish(running)
         out = []
@@ -352,31 +417,34 @@ class ModelManager:
             label = model_label(info.name)
             index = self._index(label)
             resident.add(index)
+            row = self.block.rows[index]
             if label not in self.first_seen and self.surveyed_once and label not in self.loading:
                 # Loaded by a job's request (Ollama loads on demand), not by us: counted all the same.
                 self._count_load(info.name, None, "on demand")
+            if label not in self.first_seen or not row.slots:  # how many calls it serves at once, for other hosts
+                row.slots = self.provider.slots_of(info)
             # A model new in /api/ps was loaded since the last look; its jobs may say it was used later.
-            last_used = max(self.first_seen.setdefault(label, self.surveyed), header.model_last_used[index])
+            last_used = max(self.first_seen.setdefault(label, self.surveyed), row.last_used)
             preloaded = self.preloaded.get(label)
             protected = preloaded is not None and now - preloaded < self.unload_after
             out.append(Loaded(info.name, label, info.vram or info.size, last_used, index in busy, protected))
         for label in set(self.first_seen) - {m.label for m in out}:  # Ollama let it go on its own
             del self.first_seen[label]
         for index in range(1, self.state.header.model_count):  # what the workers may call without waiting
-            self.board.set_resident(index, index in resident)
+            self.board.set_resident(self.endpoint, index, index in resident)
         self.surveyed = now
         self.surveyed_once = True
         return out
 
     def _publish(self, running: list[Any]) -> None:
-        """What Ollama has loaded, for /status and /metrics (the manager is the writer of these readings)."""
-        r = self.state.readings
+        """What Ollama has loaded, for /status, /metrics and routing (the manager writes these readings)."""
+        block = self.block
         shown = running[:MAX_LOADED]
         for i, info in enumerate(shown):
-            r.loaded_names[i].value = info.name.encode()[: NAME - 1]
-            r.loaded_vram[i] = float(info.vram)
-            r.loaded_bytes[i] = float(info.vram or info.size)
-        r.loaded_count = len(shown)
+            block.loaded_names[i].value = info.name.encode()[: NAME - 1]
+            block.loaded_vram[i] = float(info.vram)
+            block.loaded_bytes[i] = float(info.vram or info.size)
+        block.loaded_count = len(shown)
 
     def unload_all(self, chosen: list[Loaded], reason: str, models: list[Loaded]) -> list[Loaded]:
         """Unload each of ``chosen``; return ``models`` without those that went."""
@@ -387,6 +455,10 @@ class ModelManager:
         """Past the threshold, unload idle models, least recently used first, until under it or none is left."""
         threshold = self.settings.models.memory_threshold
         memory = modelpolicy.memory_in_use(self.state.readings)
+        if memory is not None:  # this endpoint's part of it, with several
+            everyone = sum(sum(b.loaded_bytes[: b.loaded_count]) for b in self.state.loads.endpoints)
+            own = float(sum(m.bytes for m in models))
+            memory = modelpolicy.endpoint_share(memory, own, max(everyone, own), self.endpoints)
         if memory is None or memory.ratio <= threshold:
             self.memory_warned = False
             return
@@ -403,9 +475,9 @@ class ModelManager:
             if not candidates:
                 if not self.memory_warned:
                     log.warning(
-                        f"{memory.source} memory at {memory.ratio:.0%}, past {threshold:.0%}, and no idle model "
-                        "to unload",
-                        extra={"loaded": [m.label for m in models]},
+                        f"{memory.source} memory{self.on} at {memory.ratio:.0%}, past {threshold:.0%}, and no idle "
+                        "model to unload",
+                        extra={"loaded": [m.label for m in models], **self.where},
                     )
                 self.memory_warned = True
                 return
@@ -426,15 +498,19 @@ class ModelManager:
         try:
             self.provider.unload(model.name, Deadline(ASK_TIMEOUT))
         except ProviderError as exc:
-            log.warning(f"unloading {model.name} failed: {exc.message}", extra={"model": model.label, "reason": reason})
+            log.warning(
+                f"unloading {model.name}{self.on} failed: {exc.message}",
+                extra={"model": model.label, "reason": reason, **self.where},
+            )
             return False
-        self.state.header.model_unloads[self._index(model.label)] += 1
-        self.board.set_resident(self._index(model.label), False)
+        index = self._index(model.label)
+        self.block.rows[index].unloads += 1
+        self.board.set_resident(self.endpoint, index, False)
         self.first_seen.pop(model.label, None)
         self.preloaded.pop(model.label, None)
         log.info(
-            f"model unloaded: {model.label} ({reason})",
-            extra={"model": model.label, "reason": reason, "idleSeconds": idle_seconds, **why},
+            f"model unloaded: {model.label}{self.on} ({reason})",
+            extra={"model": model.label, "reason": reason, "idleSeconds": idle_seconds, **why, **self.where},
         )
         self._record(records.MODEL_UNLOADED, model.label, reason=reason, idleSeconds=idle_seconds, **why)
         return True
@@ -443,22 +519,21 @@ class ModelManager:
         """Count a load; ``seconds`` is None for one we only saw done (a job's request loaded it)."""
         label = model_label(model)
         index = self._index(label)
-        header = self.state.header
-        if seconds is not None:  # our own load: it happened just now
-            header.model_load_seconds[index] = seconds
+        if seconds is not None:  # our own load: it happened just now (the board has its seconds)
             self.first_seen[label] = time.monotonic()
-        header.model_loads[index] += 1
+        self.block.rows[index].loads += 1
         took = round(seconds, 3) if seconds is not None else None
         log.info(
-            f"model loaded: {label}" + (f" in {seconds:.2f}s" if seconds is not None else "") + f" ({reason})",
-            extra={"model": label, "loadSeconds": took, "reason": reason},
+            f"model loaded: {label}{self.on}" + (f" in {seconds:.2f}s" if seconds is not None else "") + f" ({reason})",
+            extra={"model": label, "loadSeconds": took, "reason": reason, **self.where},
         )
         self._record(records.MODEL_LOADED, label, loadSeconds=took, reason=reason)
 
     def _record(self, kind: str, label: str, **data: Any) -> None:
         now = iso()
-        body = {"model": label, "workerId": self.worker_id, "timestamp": now, **data}
-        self.plugins.record(Record(kind, self.worker_id, now, body, model=label))
+        body = {"model": label, "workerId": self.worker_id, "timestamp": now, **data, **self.where}
+        with self.recording:  # each endpoint's thread records; a sink need not be thread-safe
+            self.plugins.record(Record(kind, self.worker_id, now, body, model=label))
 
     def _index(self, label: str) -> int:
         # As the stats sink does: with ALLOWED_MODELS set, models outside it count as "other".

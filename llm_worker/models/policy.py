@@ -67,6 +67,20 @@ class Memory:
         return Memory(max(0.0, self.used - freed), self.total, self.source)
 
 
+def endpoint_share(memory: Memory, own: float, everyone: float, endpoints: int) -> Memory:
+    """One endpoint's part of ``memory``, when the host runs ``endpoints`` Ollama servers (one per GPU).
+
+    Which GPU a server uses is not known here, so each is taken to have an
+    equal share of the memory, and of what is used there by other than the
+    models: its own models' bytes (``own``, of ``everyone``'s) plus that
+    share. With one endpoint it is ``memory`` itself.
+    """
+    if endpoints <= 1:
+        return memory
+    others = max(0.0, memory.used - everyone)
+    return Memory(own + others / endpoints, memory.total / endpoints, memory.source)
+
+
 def memory_in_use(readings: Readings, host: Callable[[], Any] = psutil.virtual_memory) -> Memory | None:
     """GPU memory as the sampler last read it, when it can; else the host's, read now."""
     if readings.gpu_collector_up:

@@ -49,6 +49,7 @@ from llm_worker.plugin.providers import (
     Provider,
     ProviderError,
     RateLimited,
+    endpoint_names,
 )
 from llm_worker.plugin.spec import hookimpl
 from llm_worker.protocol.jobs import (
@@ -97,6 +98,7 @@ __all__ = [
     "RateLimited",
     "Incomplete",
     "INCOMPLETE",
+    "endpoint_names",
     # jobs, errors and fallbacks
     "Decoded",
     "ChatRequest",

@@ -33,7 +33,7 @@ from llm_worker.host.procs import worker_id
 from llm_worker.host.shm import SharedState
 from llm_worker.plugin.context import WorkerContext
 from llm_worker.plugin.manager import Found, PluginManager
-from llm_worker.plugin.providers import Deadline
+from llm_worker.plugin.providers import Deadline, endpoint_of
 from llm_worker.protocol import jobs
 from llm_worker.protocol.jobs import Decoded, EmbeddingsRequest, Invalid, JobError, Malformed, decode, iso
 from llm_worker.queue.cache import ResponseCache
@@ -169,7 +169,7 @@ class WorkerProcess:
         return verdict.pause != Pause.NONE
 
     def _probe(self, name: str) -> None:
-        provider = next(p for p in self.executor.providers if p.name == name)
+        provider = next(p for p in self.executor.providers if endpoint_of(p) == name)
         health = provider.health(timeout=2.0)
         self.slot.beat()
         if health.ok and self.reach.mark_up(name):
@@ -206,7 +206,7 @@ class WorkerProcess:
             and self.settings.worker.batch_size > 1
             and self.queue_name == self.settings.queue.embeddings
         )
-        self.watch = PoolWatch(state, self.slot.pool, providers, self.executor.provider_for, self.reach, breakers)
+        self.watch = PoolWatch(state, self.slot.pool, providers, self.executor.endpoints_for, self.reach, breakers)
         self.reliable_queue = ReliableQueue(self.client, self.settings)
         info = WorkerInfo(
             queue=self.queue_name,
