@@ -189,7 +189,7 @@ def test_a_pool_pauses_only_when_every_model_it_served_is_unavailable() -> None:
     settings = load({"CIRCUIT_BREAKER_THRESHOLD": "2", "CIRCUIT_BREAKER_RESET_TIMEOUT": "60000"}).settings
     breakers = Breakers(state.breakers, state.lock, settings)
     ollama = _Provider("ollama")
-    route = lambda model: ollama  # noqa: E731
+    route = lambda model: [ollama]  # noqa: E731
     assert pause_reason([], [ollama], route, reach, breakers).pause == Pause.NONE  # type: ignore[list-item]
     for _ in range(2):
         breakers.record(breakers.admit("ollama", "a", 5), FAIL)

@@ -458,7 +458,7 @@ class _Stuck:
 
 def test_a_health_probe_that_overruns_holds_no_caller_past_its_timeout() -> None:
     stuck = _Stuck()
-    probe = LiveProbe(lambda: stuck)
+    probe = LiveProbe(lambda: [stuck])
     first = probe.check(0.1)
     assert not first.health.ok and "no answer within 0.1s" in first.health.error_details
     second = probe.check(0.1)  # joins the probe still in flight instead of starting one

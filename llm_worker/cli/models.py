@@ -1,6 +1,7 @@
 """``llm-worker models [list] | pull NAME | load NAME | unload NAME``: Ollama's models, by hand.
 
-Talks to OLLAMA_BASE_URL directly, with the settings of the other commands
+Talks to OLLAMA_BASE_URL directly (the first of its servers, or the one
+``--endpoint`` names), with the settings of the other commands
 (environment, ``--config``, flags). A load or unload made here is not the
 model manager's: a running service sees it in /api/ps on its next turn and
 treats the model like any other (an idle one is unloaded after
@@ -26,6 +27,7 @@ from llm_worker.plugin.providers import Deadline, ProviderError
 from llm_worker.plugins.ollama import OllamaProvider
 from llm_worker.protocol.jobs import ErrorKind
 from llm_worker.settings.config import Settings
+from llm_worker.settings.urls import split_urls
 
 ASK_TIMEOUT = 10.0
 _ZERO = re.compile(r"(?:0+(?:\.0*)?|\.0+)(?:ns|us|µs|ms|s|m|h)?")  # a Go duration of zero
@@ -37,6 +39,11 @@ def add_parser(subparsers: Any) -> None:
     models = subparsers.add_parser("models", help="list Ollama's models, loaded or not; pull, load or unload one")
     models.add_argument("action", nargs="?", choices=["list", "pull", "load", "unload"], default="list")
     models.add_argument("name", nargs="?", metavar="NAME", help="the model to pull, load or unload")
+    models.add_argument(
+        "--endpoint",
+        metavar="N|URL",
+        help="which Ollama of OLLAMA_BASE_URL, when it names several: its place (1, 2, ...) or its URL (default: 1)",
+    )
     models.add_argument(
         "--keep-alive",
         metavar="DURATION",
@@ -51,7 +58,14 @@ def cmd_models(args: argparse.Namespace) -> int:
     if args.action != "list" and not args.name:
         print(f"llm-worker: say which model: llm-worker models {args.action} NAME", file=sys.stderr)
         return exitcodes.USAGE
-    provider = OllamaProvider(_no_retries(settings))
+    urls = split_urls(settings.ollama.base_url)
+    url = _endpoint(urls, args.endpoint)
+    if url is None:
+        print(
+            f"llm-worker: --endpoint {args.endpoint}: not one of OLLAMA_BASE_URL's {', '.join(urls)}", file=sys.stderr
+        )
+        return exitcodes.USAGE
+    provider = OllamaProvider(_no_retries(settings), url)
     try:
         if args.action == "pull":
             return pull(provider, args.name, sys.stdout)
@@ -70,13 +84,22 @@ def cmd_models(args: argparse.Namespace) -> int:
     except ProviderError as exc:
         if exc.kind == ErrorKind.NETWORK:
             reason = exc.message.rpartition(": ")[2]  # "GET /api/ps: cannot reach URL: <reason>"
-            print(f"llm-worker: cannot reach Ollama at {settings.ollama.base_url}: {reason}", file=sys.stderr)
+            print(f"llm-worker: cannot reach Ollama at {url}: {reason}", file=sys.stderr)
         else:
             print(f"llm-worker: {exc.message}", file=sys.stderr)
         return 1
     finally:
         provider.close()
     return exitcodes.OK
+
+
+def _endpoint(urls: list[str], chosen: str | None) -> str | None:
+    """The URL ``--endpoint`` names (a place from 1, or a URL of the list); the first when it names none."""
+    if chosen is None:
+        return urls[0]
+    if chosen.isdigit():
+        return urls[int(chosen) - 1] if 1 <= int(chosen) <= len(urls) else None
+    return chosen.rstrip("/") if chosen.rstrip("/") in urls else None
 
 
 def _no_retries(settings: Settings) -> Settings:

@@ -1,21 +1,23 @@
 """Backpressure: take no job the host cannot serve, and no more provider calls than it can bear.
 
-Three pieces, all in shared memory so that every worker of the host agrees:
+Three pieces, all in shared memory so that every worker of the host agrees,
+each per endpoint (a server a provider speaks to; see endpoints.py):
 
-- ``Reachability``: whether each provider answers at all. A worker whose
-  connect is refused marks its provider down at once (the sampler's periodic
-  probe does too); paused workers then probe it about once a second, one
-  of them at a time, and the first success marks it up for everyone.
+- ``Reachability``: whether each endpoint answers at all. A worker whose
+  connect is refused marks its endpoint down at once; paused workers then
+  probe it about once a second, one of them at a time (the sampler does too,
+  paused or not), and the first success marks it up for everyone.
 - ``pause_reason``: a pool's workers stop taking jobs while every model the
-  pool has served is unavailable, its provider down or its circuit breaker
-  open. The jobs stay in the queue, where healthy hosts take them; the
-  workers resume on their own when a probe succeeds or a breaker half-opens.
+  pool has served is unavailable: every endpoint that could serve it down or
+  its circuit breaker there open. The jobs stay in the queue, where healthy
+  hosts take them; the workers resume on their own when a probe succeeds or a
+  breaker half-opens. One endpoint down while another serves pauses nothing.
 - ``CallGate``: at most MAX_CONCURRENT_REQUESTS provider calls in flight from
-  the host; at most a model's slots per model (Ollama serves OLLAMA_NUM_PARALLEL
-  requests per loaded model, 1 for embedding models, and queues the rest
-  inside itself without limit: a call queued there idles a worker and spends
-  its job's deadline while another model's slot may be free); at most a
-  provider's ``max_concurrent`` per provider (a llama.cpp server with one
+  the host; at most a model's slots per model and endpoint (Ollama serves
+  OLLAMA_NUM_PARALLEL requests per loaded model, 1 for embedding models, and
+  queues the rest inside itself without limit: a call queued there idles a
+  worker and spends its job's deadline while another model's slot may be
+  free); at most an endpoint's ``max_concurrent`` (a llama.cpp server with one
   slot interrupts a running generation for a new request). A worker waiting
   for a place marks its slot; the priority pool's waiters go first. Counts are
   derived from the slots, never kept as a running total, so a worker
@@ -32,10 +34,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from llm_worker.host.breaker import BreakerOpen
-from llm_worker.host.layout import MAX_PROVIDERS, Call, Pause, ProviderRow, ProviderTable
+from llm_worker.host.endpoints import EndpointTable
+from llm_worker.host.layout import Call, Pause, ProviderRow, ProviderTable
 from llm_worker.host.procs import alive
 from llm_worker.host.stats import model_label
-from llm_worker.plugin.providers import Deadline, ProviderError
+from llm_worker.plugin.providers import Deadline, ProviderError, endpoint_of
 from llm_worker.protocol.jobs import ErrorKind
 
 if TYPE_CHECKING:
@@ -50,7 +53,7 @@ VERDICT_TTL = 0.05  # seconds a worker trusts "take jobs" before it looks again 
 
 
 class ProviderDown(BreakerOpen):
-    """A call refused because its provider does not answer: no attempt is spent, the job waits."""
+    """A call refused because its endpoint does not answer: no attempt is spent, the job waits (or goes to another)."""
 
     kind = ErrorKind.NETWORK
 
@@ -59,12 +62,12 @@ class ProviderDown(BreakerOpen):
 
 
 class Reachability:
-    """Up or down, per provider name, shared by the host's processes."""
+    """Up or down, per endpoint name (a provider's, when it has one server), shared by the host's processes."""
 
     def __init__(self, table: ProviderTable, lock: ShmLock) -> None:
         self.table = table
         self.lock = lock
-        self._rows: dict[str, ProviderRow] = {}
+        self.endpoints = EndpointTable(table, lock)
 
     def is_down(self, provider: str) -> bool:
         row = self._row(provider, add=False)
@@ -114,40 +117,26 @@ class Reachability:
             return True
 
     def rows(self) -> list[dict[str, object]]:
-        return [
-            {
-                "provider": r.name.decode(),
-                "up": not r.down,
-                "since": r.since,
-                "outages": r.outages,
-                "error": r.error.decode(errors="replace") if r.down else None,
-            }
-            for r in self.table.rows[: self.table.count]
-        ]
+        """Each endpoint's reachability: ``provider`` is the provider's name, ``endpoint`` the server's."""
+        out: list[dict[str, object]] = []
+        for endpoint in self.endpoints.all():
+            r = self.endpoints.row(endpoint.index)
+            out.append(
+                {
+                    "provider": endpoint.provider,
+                    "endpoint": endpoint.name,
+                    "url": endpoint.url or None,
+                    "up": not r.down,
+                    "since": r.since,
+                    "outages": r.outages,
+                    "error": r.error.decode(errors="replace") if r.down else None,
+                }
+            )
+        return out
 
-    def _row(self, provider: str, *, add: bool) -> ProviderRow | None:
-        row = self._rows.get(provider)
-        if row is not None:
-            return row
-        name = provider.encode()[:31]
-        for candidate in self.table.rows[: self.table.count]:
-            if candidate.name == name:
-                self._rows[provider] = candidate
-                return candidate
-        if not add:
-            return None
-        with self.lock.held():
-            for candidate in self.table.rows[: self.table.count]:
-                if candidate.name == name:
-                    break
-            else:
-                if self.table.count >= MAX_PROVIDERS:
-                    return None
-                candidate = self.table.rows[self.table.count]
-                candidate.name = name
-                self.table.count += 1
-        self._rows[provider] = candidate
-        return candidate
+    def _row(self, endpoint: str, *, add: bool) -> ProviderRow | None:
+        index = self.endpoints.register(endpoint) if add else self.endpoints.find(endpoint)
+        return self.endpoints.row(index) if index >= 0 else None
 
 
 # ---- pausing a pool ---------------------------------------------------------------
@@ -157,7 +146,7 @@ class Reachability:
 class Verdict:
     pause: Pause
     why: str = ""
-    down: tuple[str, ...] = ()  # the providers that are down, for the paused worker to probe
+    down: tuple[str, ...] = ()  # the endpoints that are down, for the paused worker to probe
 
 
 RUNNING = Verdict(Pause.NONE)
@@ -166,17 +155,20 @@ RUNNING = Verdict(Pause.NONE)
 def pause_reason(
     models: list[str],
     providers: list[Provider],
-    provider_for: Callable[[str], Provider],
+    endpoints_for: Callable[[str], list[Provider]],
     reach: Reachability,
     breakers: Breakers,
 ) -> Verdict:
     """Whether a pool that has served ``models`` should take no jobs now, and why.
 
-    A pool that has served nothing yet pauses only when every provider is
-    down; otherwise it pauses when no model it has served could be called.
+    ``providers``: every endpoint of the host; ``endpoints_for(model)``: those
+    that could serve a model. A pool that has served nothing yet pauses only
+    when every endpoint is down; otherwise it pauses when no model it has
+    served could be called anywhere: each of its endpoints down, or its
+    breaker there open.
     """
     if not models:
-        down = [p.name for p in providers if reach.is_down(p.name)]
+        down = [endpoint_of(p) for p in providers if reach.is_down(endpoint_of(p))]
         if providers and len(down) == len(providers):
             return Verdict(Pause.PROVIDER_DOWN, _down_text(down, reach), tuple(down))
         return RUNNING
@@ -184,16 +176,19 @@ def pause_reason(
     opened: list[str] = []
     for model in models:
         try:
-            provider = provider_for(model)
+            endpoints = [endpoint_of(p) for p in endpoints_for(model)]
         except Exception:  # no provider serves it: not a reason to stop serving the others
             return RUNNING
-        if reach.is_down(provider.name):
-            if provider.name not in down:
-                down.append(provider.name)
-        elif any(breakers.refused(name, provider.name) for name in (model, model + ":latest")):
-            opened.append(f"{provider.name}:{model}")
-        else:
+        if not endpoints:
             return RUNNING
+        for name in endpoints:
+            if reach.is_down(name):
+                if name not in down:
+                    down.append(name)
+            elif any(breakers.refused(label, name) for label in (model, model + ":latest")):
+                opened.append(f"{name}:{model}")
+            else:
+                return RUNNING  # this endpoint can serve the model: the pool has work it can do
     if down and not opened:
         return Verdict(Pause.PROVIDER_DOWN, _down_text(down, reach), tuple(down))
     why = f"circuit breakers open for {', '.join(opened)}"
@@ -214,14 +209,14 @@ class PoolWatch:
         state: SharedState,
         pool: int,
         providers: list[Provider],
-        provider_for: Callable[[str], Provider],
+        endpoints_for: Callable[[str], list[Provider]],
         reach: Reachability,
         breakers: Breakers,
     ) -> None:
         self.state = state
         self.pool = pool
         self.providers = providers
-        self.provider_for = provider_for
+        self.endpoints_for = endpoints_for
         self.reach = reach
         self.breakers = breakers
         self._labels: list[str] = []
@@ -239,7 +234,7 @@ class PoolWatch:
         now = time.monotonic()
         if now < self._running_until:
             return RUNNING
-        verdict = pause_reason(self.models(), self.providers, self.provider_for, self.reach, self.breakers)
+        verdict = pause_reason(self.models(), self.providers, self.endpoints_for, self.reach, self.breakers)
         if verdict.pause == Pause.NONE:
             self._running_until = now + VERDICT_TTL
         return verdict
@@ -264,14 +259,34 @@ class CallGate:
         self.priority_pool = priority_pool  # index of the priority queue's pool; -1 when there is none
 
     @contextmanager
+    def routed(self, model: str, endpoint: int) -> Iterator[None]:
+        """Mark this worker as bound for ``model`` on ``endpoint`` until its call is over.
+
+        From the moment the call is routed, before its model has loaded there
+        and before a place at the gate: routing counts it, so that the jobs
+        right behind it follow it to that endpoint instead of loading the model
+        on another, and the model manager counts the model as in use there.
+        """
+        self.slot.model = self.state.model_index(model_label(model), add=self.add_labels)
+        self.slot.provider = endpoint
+        self.slot.call = Call.ROUTED
+        try:
+            yield
+        finally:
+            self.slot.model = -1
+            self.slot.provider = -1
+            self.slot.call = Call.NONE
+
+    @contextmanager
     def call(
         self, model: str, deadline: Deadline, *, model_slots: int = 0, provider: int = -1, provider_cap: int = 0
     ) -> Iterator[None]:
         """Hold a place for one provider call of ``model``.
 
-        ``model_slots``: the most calls of this model at once from the host (0:
-        no cap of its own); ``provider``/``provider_cap``: the provider's index
-        among the host's providers and the most calls to it at once (0: none).
+        ``model_slots``: the most calls of this model at once on its endpoint
+        (0: no cap of its own); ``provider``/``provider_cap``: the endpoint's
+        index (endpoints.py; -1: none, and the model's cap is host-wide) and
+        the most calls to it at once (0: none).
         """
         index = self.state.model_index(model_label(model), add=self.add_labels)
         header = self.state.header
@@ -289,14 +304,19 @@ class CallGate:
             self._enter(deadline, caps)
         else:
             self.slot.call = Call.CALLING
-        header.model_last_used[index] = time.monotonic()
+        self._used(index, provider)
         try:
             yield
         finally:
-            header.model_last_used[index] = time.monotonic()
+            self._used(index, provider)
             self.slot.model = -1
             self.slot.provider = -1
             self.slot.call = Call.NONE
+
+    def _used(self, model: int, endpoint: int) -> None:
+        """Keep the model's last use on its endpoint fresh, for the model manager's idle unloading there."""
+        if endpoint >= 0:
+            self.state.loads.endpoints[endpoint].rows[model].last_used = time.monotonic()
 
     def models_in_use(self) -> set[str]:
         """The model labels other workers of the host are calling now."""
@@ -330,7 +350,7 @@ class CallGate:
             if caps.model and load.model >= caps.model:
                 return f"one of the model's {caps.model} slots (OLLAMA_NUM_PARALLEL; 1 for embedding models)"
             if caps.provider_cap and load.provider >= caps.provider_cap:
-                return f"one of the provider's {caps.provider_cap} places (its max_concurrent)"
+                return f"one of the endpoint's {caps.provider_cap} places (its max_concurrent)"
             self.slot.call = Call.CALLING
             return None
 
@@ -341,7 +361,7 @@ class Caps:
 
     host: int
     model: int
-    provider: int
+    provider: int  # the endpoint's index
     provider_cap: int
 
     def binds(self, workers: int) -> bool:
@@ -353,12 +373,12 @@ class Caps:
 class Load:
     calling: int  # provider calls in flight from the host
     priority_waiting: int  # priority-pool workers waiting for a place
-    model: int  # calls in flight of the given model
-    provider: int  # calls in flight to the given provider
+    model: int  # calls in flight of the given model (on the given endpoint, when one is given)
+    provider: int  # calls in flight to the given endpoint
 
 
 def in_flight(state: SharedState, priority_pool: int = -1, model: int = -1, provider: int = -1) -> Load:
-    """The host's provider calls in flight, and of one model and one provider."""
+    """The host's provider calls in flight, and of one model and one endpoint."""
     calling = waiting = of_model = of_provider = 0
     for slot in state.slots:
         if not slot.pid or slot.call == Call.NONE:
@@ -366,8 +386,23 @@ def in_flight(state: SharedState, priority_pool: int = -1, model: int = -1, prov
         if slot.call == Call.CALLING:
             if alive(slot.pid):  # a worker killed mid-call holds no place, reaped or not
                 calling += 1
-                of_model += slot.model == model
+                here = provider < 0 or slot.provider == provider
+                of_model += here and slot.model == model
                 of_provider += provider >= 0 and slot.provider == provider
-        elif slot.pool == priority_pool:
+        elif slot.call == Call.WAITING and slot.pool == priority_pool:
             waiting += 1
     return Load(calling, waiting, of_model, of_provider)
+
+
+def bound_for(state: SharedState) -> dict[tuple[int, int], int]:
+    """Workers bound for each (endpoint, model label): calling, waiting at the gate or for the model's load there.
+
+    What routing and the load board weigh an endpoint's business by; a worker
+    killed on the way holds nothing, as in ``in_flight``.
+    """
+    out: dict[tuple[int, int], int] = {}
+    for slot in state.slots:
+        if slot.pid and slot.call != Call.NONE and slot.provider >= 0 and slot.model >= 0 and alive(slot.pid):
+            key = (slot.provider, slot.model)
+            out[key] = out.get(key, 0) + 1
+    return out

@@ -1,4 +1,10 @@
-"""Circuit breakers in shared memory: one per provider and model, for every process of the host.
+"""Circuit breakers in shared memory: one per endpoint and model, for every process of the host.
+
+An endpoint is a server a provider speaks to (endpoints.py): keys are
+``<endpoint>:<model>``, ``ollama:llama3.2`` on a host with one Ollama as
+always, ``ollama@2:llama3.2`` for the second of several, so that one server's
+failures never open another's breaker. The ``provider`` argument of the
+methods below is the endpoint's name.
 
 A breaker trips (opens) on CIRCUIT_BREAKER_THRESHOLD consecutive failures,
 or when the failures over the last CIRCUIT_BREAKER_TIMEOUT of one-second
@@ -48,6 +54,7 @@ from typing import TYPE_CHECKING
 from llm_worker.host.backoff import compute_backoff
 from llm_worker.host.layout import BUCKETS, KEY_BYTES, MAX_BREAKERS, SHARED_KEY, Forced, Row, State, Table
 from llm_worker.host.procs import alive
+from llm_worker.plugin.providers import ENDPOINT_SEPARATOR
 from llm_worker.protocol import records
 from llm_worker.protocol.jobs import ErrorKind, JobError, iso
 from llm_worker.protocol.records import Record
@@ -390,8 +397,9 @@ def _recyclable(row: Row, now: float) -> bool:
 
 
 def breaker_record(t: Transition, worker_id: str) -> Record:
-    """The event of a transition, for the metric sinks."""
-    provider, _, model = t.key.partition(":")
+    """The event of a transition, for the metric sinks; ``endpoint`` only when the provider has several."""
+    endpoint, _, model = t.key.partition(":")
+    provider, several, _ = endpoint.partition(ENDPOINT_SEPARATOR)
     now = iso()
     data: dict[str, object] = {
         "model": model,
@@ -401,6 +409,8 @@ def breaker_record(t: Transition, worker_id: str) -> Record:
         "state": t.to,
         "reason": t.reason,
     }
+    if several:
+        data["endpoint"] = endpoint
     if t.open_seconds is not None:
         data["openSeconds"] = round(t.open_seconds, 3)
     return Record(_EVENT[t.to], worker_id, now, data, model=model)

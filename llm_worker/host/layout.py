@@ -115,7 +115,8 @@ class Counters(ctypes.Structure):
 
 # ---- breaker ---------------------------------------------------------------------------------------------
 
-MAX_PROVIDERS = 8  # provider rows of the backpressure table; catch-all breaker rows
+MAX_ENDPOINTS = 8  # servers one provider setting may name (OLLAMA_BASE_URL, OPENAI_BASE_URL)
+MAX_PROVIDERS = 24  # rows of the endpoint table (every provider's endpoints); catch-all breaker rows
 MAX_BREAKERS = 64  # rows for models; full, the least recently used closed row is recycled
 BUCKETS = 120  # one-second buckets; CIRCUIT_BREAKER_TIMEOUT is capped to this many seconds
 KEY_BYTES = 160
@@ -135,7 +136,7 @@ class Forced(enum.IntEnum):
 
 class Row(ctypes.Structure):
     _fields_ = [
-        ("key", ctypes.c_char * KEY_BYTES),  # "<provider>:<model>"
+        ("key", ctypes.c_char * KEY_BYTES),  # "<endpoint>:<model>": "ollama:llama3.2", "ollama@2:llama3.2"
         ("state", ctypes.c_int32),
         ("forced", ctypes.c_int32),
         ("consecutive", ctypes.c_uint32),
@@ -154,15 +155,15 @@ class Row(ctypes.Structure):
     ]
 
 
-SHARED_KEY = "*"  # the model of a provider's catch-all row: "<provider>:*"
+SHARED_KEY = "*"  # the model of an endpoint's catch-all row: "<endpoint>:*"
 
 
 class Table(ctypes.Structure):
-    """MAX_BREAKERS rows for models, then room for a catch-all row per provider (``<provider>:*``).
+    """MAX_BREAKERS rows for models, then room for a catch-all row per endpoint (``<endpoint>:*``).
 
     A model gets its row once a call of it was answered with something other
     than a model error (an unknown model takes none). When every model row is
-    in use and none is closed, a new model shares its provider's catch-all row.
+    in use and none is closed, a new model shares its endpoint's catch-all row.
     """
 
     _fields_ = [("count", ctypes.c_int32), ("rows", Row * (MAX_BREAKERS + MAX_PROVIDERS))]
@@ -185,16 +186,33 @@ class Call(enum.IntEnum):
     NONE = 0
     WAITING = 1
     CALLING = 2
+    ROUTED = 3  # sent to an endpoint, waiting for its model to load there (not yet at the gate)
+
+
+ENDPOINT_NAME = 32
+URL_BYTES = 200
 
 
 class ProviderRow(ctypes.Structure):
+    """One endpoint: a server a provider speaks to (the provider itself, when it speaks to one).
+
+    Its index in the table is the endpoint's number in every process: slots name
+    the endpoint of their call by it, and the load board keeps its rows under it.
+    """
+
     _fields_ = [
-        ("name", ctypes.c_char * 32),
+        ("name", ctypes.c_char * ENDPOINT_NAME),  # "ollama", or "ollama@2" among several (breaker keys use it)
         ("down", ctypes.c_int32),
         ("since", ctypes.c_double),  # wall clock of the last change, for /status
         ("probed", ctypes.c_double),  # monotonic; the last probe's start, so one process probes at a time
         ("error", ctypes.c_char * 256),
         ("outages", ctypes.c_uint64),
+        ("provider", ctypes.c_char * ENDPOINT_NAME),  # the provider it belongs to: "ollama"
+        ("url", ctypes.c_char * URL_BYTES),  # where it is, for /status and the metrics' endpoint label
+        ("checked", ctypes.c_double),  # monotonic: the sampler's last health probe of it (0: none yet)
+        ("healthy", ctypes.c_int32),  # that probe's answer
+        ("version", ctypes.c_char * 64),
+        ("health_error", ctypes.c_char * 256),
     ]
 
 
@@ -233,11 +251,15 @@ class RateTable(ctypes.Structure):
 # ---- loadboard -------------------------------------------------------------------------------------------
 
 ERROR_BYTES = 200
+MAX_LOADED = 16
+NAME = 96
 
 
 class LoadRow(ctypes.Structure):
+    """One model label on one endpoint."""
+
     _fields_ = [
-        ("resident", ctypes.c_int32),  # 1: loaded in the provider, as the manager last knew
+        ("resident", ctypes.c_int32),  # 1: loaded on the endpoint, as the manager last knew
         ("asked", ctypes.c_double),  # monotonic: a worker's latest request for a load
         ("started", ctypes.c_double),  # monotonic: the load in progress began (0: none)
         ("started_wall", ctypes.c_double),  # the same on the wall clock, for /status
@@ -250,13 +272,30 @@ class LoadRow(ctypes.Structure):
         ("failed_at", ctypes.c_double),  # monotonic
         ("error", ctypes.c_char * ERROR_BYTES),
         ("seconds", ctypes.c_double),  # the last successful load took
+        ("last_used", ctypes.c_double),  # monotonic: a worker's last call of it here, for idle unloading
+        ("slots", ctypes.c_int32),  # calls it serves at once here (OLLAMA_NUM_PARALLEL; 1 for embedding models)
+        ("loads", ctypes.c_uint64),  # loads the manager saw here (its own and on demand)
+        ("unloads", ctypes.c_uint64),  # unloads the manager made here
+    ]
+
+
+class EndpointLoads(ctypes.Structure):
+    """One endpoint's models, as its model manager keeps them (written by the manager, but ``asked``)."""
+
+    _fields_ = [
+        ("cache_size", ctypes.c_int32),  # models the manager keeps loaded here; 0: it does not manage this endpoint
+        ("loaded_count", ctypes.c_int32),  # what /api/ps listed at the last look
+        ("loaded_names", (ctypes.c_char * NAME) * MAX_LOADED),
+        ("loaded_vram", ctypes.c_double * MAX_LOADED),
+        ("loaded_bytes", ctypes.c_double * MAX_LOADED),  # the memory each holds: its VRAM, else its size (CPU)
+        ("rows", LoadRow * MAX_MODELS),  # by model label index
     ]
 
 
 class Board(ctypes.Structure):
     _fields_ = [
         ("provider", ctypes.c_char * 32),  # the provider whose models the manager loads ("": none)
-        ("rows", LoadRow * MAX_MODELS),
+        ("endpoints", EndpointLoads * MAX_PROVIDERS),  # by endpoint index (ProviderTable)
     ]
 
 
@@ -264,8 +303,6 @@ class Board(ctypes.Structure):
 
 MAX_POOLS = 16
 MAX_GPUS = 16
-MAX_LOADED = 16
-NAME = 96
 POOL_NAME = 129  # a pool is a queue name: up to 128 characters (settings QUEUE_NAME), and its NUL
 
 
@@ -305,7 +342,7 @@ class Slot(ctypes.Structure):
         ("model", ctypes.c_int32),  # the model label of the job in hand, for the model manager
         ("paused", ctypes.c_int32),  # why the worker takes no jobs now (a backpressure.Pause), 0 when it does
         ("call", ctypes.c_int32),  # waiting for or in a provider call (a backpressure.Call)
-        ("provider", ctypes.c_int32),  # index of the provider of that call, for per-provider caps
+        ("provider", ctypes.c_int32),  # the endpoint of that call (ProviderTable index), for its caps and slots
         ("paused_why", ctypes.c_char * 240),  # the pause's reason in words, for readiness and /status
         ("counters", Counters),
     ]
@@ -378,12 +415,8 @@ class Header(ctypes.Structure):
         ("pool_wanted", ctypes.c_int32 * MAX_POOLS),
         ("model_count", ctypes.c_int32),
         ("models", (ctypes.c_char * NAME) * MAX_MODELS),  # label of index i; index 0 is "other"
-        ("model_last_used", ctypes.c_double * MAX_MODELS),  # monotonic, by any worker: for idle unloading
         ("pool_models", ctypes.c_uint32 * MAX_POOLS),  # bit i: the pool has called model label i (backpressure)
         ("models_ready", ctypes.c_int32),  # the model manager has preloaded what it should (readiness waits)
-        ("model_load_seconds", ctypes.c_double * MAX_MODELS),  # the last load of each model label took, by the manager
-        ("model_loads", ctypes.c_uint64 * MAX_MODELS),  # loads the manager made, per model label
-        ("model_unloads", ctypes.c_uint64 * MAX_MODELS),  # unloads the manager made, per model label
     ]
 
 
@@ -409,14 +442,6 @@ class Readings(ctypes.Structure):
 
     _fields_ = [
         ("sampled", ctypes.c_double),
-        ("provider_checked", ctypes.c_double),
-        ("provider_up", ctypes.c_int32),
-        ("provider_version", ctypes.c_char * 64),
-        ("provider_error", ctypes.c_char * 256),
-        ("loaded_count", ctypes.c_int32),
-        ("loaded_names", (ctypes.c_char * NAME) * MAX_LOADED),
-        ("loaded_vram", ctypes.c_double * MAX_LOADED),
-        ("loaded_bytes", ctypes.c_double * MAX_LOADED),  # the memory each holds: its VRAM, else its size (CPU)
         ("depths_checked", ctypes.c_double),
         ("waiting", ctypes.c_int64 * MAX_POOLS),
         ("processing", ctypes.c_int64 * MAX_POOLS),

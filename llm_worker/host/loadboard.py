@@ -11,9 +11,14 @@ manager loads each asked-for model once, under its own long deadline
 (OLLAMA_MODEL_LOAD_TIMEOUT), and posts the outcome. A job's deadline may end
 its own wait, never the load; waiting is never a provider failure.
 
-One row per model label (the index of ``SharedState.model_index``). Writers:
-workers write ``asked`` (any of them, a plain store of a time: the latest
-wins, which is all the manager needs); the manager writes everything else.
+One block of rows per endpoint (an Ollama server: several when OLLAMA_BASE_URL
+names several, each with its own models), one row per model label in it (the
+index of ``SharedState.model_index``). Writers: workers write ``asked`` (any
+of them, a plain store of a time: the latest wins, which is all the manager
+needs) and ``last_used`` (the call gate); the manager writes everything else.
+
+At the end, two questions about the whole host, for whoever publishes what
+it holds to other hosts: ``resident_labels`` and ``can_load_without_evicting_busy``.
 """
 
 from __future__ import annotations
@@ -21,10 +26,15 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+from llm_worker.host.backpressure import bound_for
 from llm_worker.host.layout import ERROR_BYTES, MAX_MODELS, Board, LoadRow
 from llm_worker.plugin.providers import Deadline, ProviderError
 from llm_worker.protocol.jobs import ErrorKind, JobError
+
+if TYPE_CHECKING:
+    from llm_worker.host.shm import SharedState
 
 POLL = 0.02  # seconds between a waiting worker's looks at its row
 UNSERVED = 5.0  # seconds after which a request no manager took up is given up: the call loads on demand
@@ -51,6 +61,7 @@ class InProgress:
     label: str
     seconds: float
     why: str
+    endpoint: int  # the endpoint's index (endpoints.py)
 
 
 def waiting_error(row: LoadRow, model: str) -> ProviderError:
@@ -73,14 +84,20 @@ class LoadBoard:
         """Whether the model manager loads this provider's models (then jobs wait for loads here)."""
         return bool(self.board.provider) and self.board.provider.decode() == provider
 
-    def wait_resident(self, index: int, model: str, deadline: Deadline, beat: Callable[[], None]) -> float:
-        """Return at once when the model is resident; else ask for it and wait. Return the seconds waited.
+    def row(self, endpoint: int, index: int) -> LoadRow:
+        """Model label ``index`` on endpoint ``endpoint``."""
+        return self.board.endpoints[endpoint].rows[index]
+
+    def wait_resident(
+        self, endpoint: int, index: int, model: str, deadline: Deadline, beat: Callable[[], None]
+    ) -> float:
+        """Return at once when the model is loaded on the endpoint; else ask for it and wait. Return the seconds waited.
 
         Raises the load's own error when it fails (a model Ollama lacks is a
         model error; a crashed runner is transient), or ModelLoading when the
         job's deadline comes first; the load goes on for the jobs after it.
         """
-        row = self.board.rows[index]
+        row = self.row(endpoint, index)
         if index <= 0 or row.resident:
             return 0.0
         began = time.monotonic()
@@ -112,27 +129,27 @@ class LoadBoard:
     def serve(self, provider: str) -> None:
         self.board.provider = provider.encode()[:31]
 
-    def forget_unfinished(self) -> None:
+    def forget_unfinished(self, endpoint: int) -> None:
         """Let go of loads a manager that died (or was replaced on HUP) had begun: asked again, they are made anew."""
-        for row in self.board.rows:
+        for row in self.board.endpoints[endpoint].rows:
             row.started = 0.0
 
-    def begin(self, index: int, why: int) -> None:
-        row = self.board.rows[index]
+    def begin(self, endpoint: int, index: int, why: int) -> None:
+        row = self.row(endpoint, index)
         row.why = why
         row.started_wall = time.time()
         row.started = time.monotonic()
 
-    def succeeded(self, index: int, seconds: float) -> None:
-        row = self.board.rows[index]
+    def succeeded(self, endpoint: int, index: int, seconds: float) -> None:
+        row = self.row(endpoint, index)
         row.seconds = seconds
         row.failed = 0
         row.resident = 1
         row.started = 0.0
         row.done += 1
 
-    def failed(self, index: int, error: ProviderError) -> None:
-        row = self.board.rows[index]
+    def failed(self, endpoint: int, index: int, error: ProviderError) -> None:
+        row = self.row(endpoint, index)
         row.error = error.message.encode(errors="replace")[: ERROR_BYTES - 1]
         row.error_kind = _KINDS.index(error.kind)
         row.crashed = int(error.crashed)
@@ -142,15 +159,78 @@ class LoadBoard:
         row.started = 0.0
         row.done += 1
 
-    def set_resident(self, index: int, resident: bool) -> None:
-        self.board.rows[index].resident = int(resident)
+    def set_resident(self, endpoint: int, index: int, resident: bool) -> None:
+        self.row(endpoint, index).resident = int(resident)
 
     def in_progress(self, labels: list[str]) -> list[InProgress]:
-        """Loads under way now, for /status and /metrics."""
+        """Loads under way now, on every endpoint, for /status and /metrics."""
         now = time.monotonic()
         out = []
-        for index, label in enumerate(labels[:MAX_MODELS]):
-            row = self.board.rows[index]
-            if row.started:
-                out.append(InProgress(label, max(0.0, now - row.started), WHY.get(row.why, "unknown")))
+        for endpoint, block in enumerate(self.board.endpoints):
+            for index, label in enumerate(labels[:MAX_MODELS]):
+                row = block.rows[index]
+                if row.started:
+                    out.append(InProgress(label, max(0.0, now - row.started), WHY.get(row.why, "unknown"), endpoint))
         return out
+
+
+# ---- the host as a whole, for other hosts -------------------------------------------------
+
+
+def resident_labels(state: SharedState) -> dict[str, int]:
+    """Which model labels are loaded on this host, on any endpoint, and how many free slots each has.
+
+    Label -> free slots summed over the endpoints that hold it (a slot is free
+    while no worker of the host calls, waits for, or is bound for it there).
+    Only endpoints that are up count, and only what the model manager saw
+    loaded at its last look (every MODEL_MANAGER_INTERVAL, and after each of
+    its loads and unloads). A label loaded with every slot taken maps to 0.
+    """
+    labels = state.model_labels()
+    bound = bound_for(state)
+    out: dict[str, int] = {}
+    for endpoint in managed_up(state):
+        rows = state.loads.endpoints[endpoint].rows
+        for index in range(1, min(len(labels), MAX_MODELS)):
+            row = rows[index]
+            if row.resident:
+                free = max(0, max(1, row.slots) - bound.get((endpoint, index), 0))
+                out[labels[index]] = out.get(labels[index], 0) + free
+    return out
+
+
+def can_load_without_evicting_busy(state: SharedState, label: str, cache_size: int = 0) -> bool:
+    """Whether this host could load model ``label`` without unloading a model a worker is busy with.
+
+    True when an endpoint that is up has it loaded already, or room under its
+    cache size for one more model (a load under way counts as loaded), or a
+    loaded model no worker calls, waits for or is bound for (the manager
+    unloads that one to make room). ``cache_size``: models an endpoint keeps
+    loaded; 0 (or less) takes each endpoint's own, as its manager applies it
+    (MODEL_CACHE_SIZE, else Ollama's default). A label the host never saw
+    (``""``) asks whether there is room for any new model.
+    """
+    return any(endpoint_has_room(state, endpoint, label, cache_size) for endpoint in managed_up(state))
+
+
+def endpoint_has_room(state: SharedState, endpoint: int, label: str = "", cache_size: int = 0) -> bool:
+    """``can_load_without_evicting_busy`` for one endpoint."""
+    labels = state.model_labels()
+    wanted = labels.index(label) if label in labels else -1
+    bound = bound_for(state)
+    block = state.loads.endpoints[endpoint]
+    size = cache_size if cache_size > 0 else block.cache_size
+    held = [i for i in range(1, min(len(labels), MAX_MODELS)) if block.rows[i].resident or block.rows[i].started]
+    if wanted in held or max(len(held), block.loaded_count) < size:
+        return True
+    return any(not block.rows[i].started and not bound.get((endpoint, i)) for i in held)
+
+
+def managed_up(state: SharedState) -> list[int]:
+    """The endpoints whose models the model manager keeps, and that answer (not marked down)."""
+    table = state.providers
+    return [
+        i
+        for i in range(min(table.count, len(state.loads.endpoints)))
+        if state.loads.endpoints[i].cache_size > 0 and not table.rows[i].down
+    ]

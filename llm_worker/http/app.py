@@ -199,11 +199,13 @@ class App:
     def ollama(self, environ: dict[str, Any]) -> tuple[int, Any]:
         """Whether Ollama answers a GET now (HEALTHCHECK_TIMEOUT): 200 if it did, else 503.
 
-        Requests that arrive together share one probe, and an answer whose
-        probe started under a second ago is reused (see liveprobe). At most
-        OLLAMA_WAITING requests wait on a probe at once; any more are answered
-        at once with the last probe's answer (``checkedSecondsAgo`` says how
-        old), or 503 "unknown" before there is one.
+        With several Ollama servers (OLLAMA_BASE_URL), 200 while at least one
+        answers; ``endpoints`` has each one's answer and ``down`` the URLs of
+        those that did not. Requests that arrive together share one probe, and
+        an answer whose probe started under a second ago is reused (see
+        liveprobe). At most OLLAMA_WAITING requests wait on a probe at once;
+        any more are answered at once with the last probe's answer
+        (``checkedSecondsAgo`` says how old), or 503 "unknown" before there is one.
         """
         url = self.settings.ollama.base_url
         if self._ollama_waiting.acquire(blocking=False):
@@ -222,14 +224,29 @@ class App:
             }
         health = answer.health
         age = round(max(0.0, time.monotonic() - answer.finished), 1)
+        each = {
+            "endpoints": [
+                {
+                    "endpoint": p.endpoint,
+                    "url": p.health.url,
+                    "status": "healthy" if p.health.ok else "unhealthy",
+                    "version": p.health.version or None,
+                    "error_details": None if p.health.ok else (p.health.error_details or p.health.message),
+                }
+                for p in answer.endpoints
+            ],
+            "down": [p.health.url for p in answer.down],
+        }
         if health.ok:
+            several = len(answer.endpoints) > 1
             return 200, {
                 "status": "healthy",
-                "message": "Ollama server is reachable.",
+                "message": f"Ollama server is reachable{f' ({health.message})' if several and answer.down else ''}.",
                 "url": url,
-                "error_details": None,
+                "error_details": health.error_details if answer.down else None,
                 "version": health.version or "",
                 "checkedSecondsAgo": age,
+                **each,
             }
         # The provider's own message: "Ollama is not reachable", or what to set when Ollama refused us.
         return 503, {
@@ -238,6 +255,7 @@ class App:
             "url": url,
             "error_details": health.error_details or health.message,
             "checkedSecondsAgo": age,
+            **each,
         }
 
     # ---- status and admin -----------------------------------------------------------

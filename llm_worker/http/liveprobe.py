@@ -1,4 +1,8 @@
-"""Live health probes of the provider, shared by every thread of the HTTP process that asks.
+"""Live health probes of the provider's endpoints, shared by every thread of the HTTP process that asks.
+
+One probe asks every endpoint of the provider (each Ollama of OLLAMA_BASE_URL)
+at once, each on a thread of its own, and answers when all have: the host's
+provider is up when any endpoint is, and the answer says which are down.
 
 /health/ollama asks on each request, and the sampler asks on its period; a
 burst of requests, or a request and the sampler together, must not turn into
@@ -22,10 +26,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from llm_worker.plugin.providers import Health, Provider
+from llm_worker.plugin.providers import Health, Provider, endpoint_of
 
 log = logging.getLogger("llm_worker.http.liveprobe")
 FRESH = 1.0  # seconds an answer is reused, counted from its probe's start
@@ -33,29 +37,42 @@ GRACE = 0.2  # seconds a caller waits past its timeout, for the probe's own time
 
 
 @dataclass(frozen=True)
-class Answer:
+class Probed:
+    """One endpoint's answer."""
+
+    endpoint: str  # its name: "ollama", "ollama@2"
     health: Health
+
+
+@dataclass(frozen=True)
+class Answer:
+    health: Health  # the provider's: ok when any endpoint is (see ``whole``)
     provider: str  # the provider's name; "" when it could not be made
     started: float  # monotonic: when the probe began
     finished: float  # monotonic: when its answer came (for a caller that gave up: when it did)
+    endpoints: tuple[Probed, ...] = ()  # each endpoint's own, in order
+
+    @property
+    def down(self) -> list[Probed]:
+        return [p for p in self.endpoints if not p.health.ok]
 
 
 class LiveProbe:
-    """Single-flight, rate-limited ``health(timeout)`` calls to one provider (see the module docstring).
+    """Single-flight, rate-limited ``health(timeout)`` calls to one provider's endpoints (see the module docstring).
 
-    ``provider`` makes the provider; it is called once, on the probe thread,
-    at the first probe. ``on_answer`` is called on the probe thread with each
-    probe's answer, before any caller sees it.
+    ``providers`` makes the provider objects, one per endpoint; it is called
+    once, on the probe thread, at the first probe. ``on_answer`` is called on
+    the probe thread with each probe's answer, before any caller sees it.
     """
 
     def __init__(
         self,
-        provider: Callable[[], Provider],
+        providers: Callable[[], Sequence[Provider]],
         *,
         fresh: float = FRESH,
         on_answer: Callable[[Answer], None] | None = None,
     ) -> None:
-        self._make = provider
+        self._make = providers
         self.fresh = fresh
         self.on_answer = on_answer
         self._cond = threading.Condition()
@@ -63,7 +80,7 @@ class LiveProbe:
         self._wanted: float | None = None  # the timeout of the probe asked for or running; None: none is
         self._finished = 0  # probes finished so far: a waiter waits for this to move
         self._thread: threading.Thread | None = None
-        self._provider: Provider | None = None
+        self._providers: Sequence[Provider] | None = None
         self._failing = False
 
     def check(self, timeout: float) -> Answer:
@@ -88,7 +105,8 @@ class LiveProbe:
                     now = time.monotonic()
                     error = f"no answer within {timeout:.1f}s (a probe is still waiting for one)"
                     failed = self._failed("no answer within the health check's timeout", error)
-                    return Answer(failed, self._name(), now, now)
+                    each = tuple(Probed(endpoint_of(p), failed) for p in self._providers or ())
+                    return Answer(failed, self._name(), now, now, each)
                 self._cond.wait(left)
             assert self._last is not None
             return self._last
@@ -109,8 +127,8 @@ class LiveProbe:
                     self._cond.wait()
                 timeout = self._wanted
             started = time.monotonic()
-            health = self._probe(timeout)
-            answer = Answer(health, self._name(), started, time.monotonic())
+            each = self._probe(timeout)
+            answer = Answer(whole([p.health for p in each]), self._name(), started, time.monotonic(), tuple(each))
             if self.on_answer is not None:
                 try:
                     self.on_answer(answer)
@@ -122,21 +140,62 @@ class LiveProbe:
                 self._finished += 1
                 self._cond.notify_all()
 
-    def _probe(self, timeout: float) -> Health:
+    def _probe(self, timeout: float) -> list[Probed]:
+        """Every endpoint's health, asked at once (one alone: on this thread)."""
         try:
-            if self._provider is None:
-                self._provider = self._make()
-            health = self._provider.health(timeout=timeout)
+            if self._providers is None:
+                self._providers = list(self._make())
+        except Exception as exc:  # a plugin that cannot make its provider: the route must still answer
+            return [Probed("", self._health_failed(None, exc))]
+        providers = self._providers
+        if len(providers) == 1:
+            return [Probed(endpoint_of(providers[0]), self._health(providers[0], timeout))]
+        out: list[Probed | None] = [None] * len(providers)
+
+        def ask(i: int) -> None:
+            out[i] = Probed(endpoint_of(providers[i]), self._health(providers[i], timeout))
+
+        threads = [threading.Thread(target=ask, args=(i,), daemon=True) for i in range(len(providers))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return [p for p in out if p is not None]
+
+    def _health(self, provider: Provider, timeout: float) -> Health:
+        try:
+            health = provider.health(timeout=timeout)
         except Exception as exc:  # health() should not raise; a plugin's may, and the route must still answer
-            if not self._failing:
-                log.warning("the provider's health probe raised", extra={"error": repr(exc)})
-            self._failing = True
-            return self._failed("the provider's health probe failed", repr(exc)[:255])
+            return self._health_failed(provider, exc)
         self._failing = False
         return health
 
+    def _health_failed(self, provider: Provider | None, exc: Exception) -> Health:
+        if not self._failing:
+            log.warning("the provider's health probe raised", extra={"error": repr(exc)})
+        self._failing = True
+        url = str(getattr(provider, "url", ""))
+        return Health(ok=False, message="the provider's health probe failed", url=url, error_details=repr(exc)[:255])
+
     def _name(self) -> str:
-        return self._provider.name if self._provider is not None else ""
+        return self._providers[0].name if self._providers else ""
 
     def _failed(self, message: str, error: str) -> Health:
-        return Health(ok=False, message=message, url=str(getattr(self._provider, "url", "")), error_details=error)
+        url = str(getattr(self._providers[0], "url", "")) if self._providers else ""
+        return Health(ok=False, message=message, url=url, error_details=error)
+
+
+def whole(each: list[Health]) -> Health:
+    """The provider's health from its endpoints': up when any is (the first that is), down when none is.
+
+    With several, ``error_details`` names those that are down, by URL.
+    """
+    if len(each) == 1:
+        return each[0]
+    up = [h for h in each if h.ok]
+    down = "; ".join(f"{h.url}: {h.error_details or h.message}" for h in each if not h.ok) or None
+    if up:
+        message = up[0].message if len(up) == len(each) else f"{len(up)} of {len(each)} endpoints answer"
+        return Health(ok=True, message=message, url=up[0].url, version=up[0].version, error_details=down)
+    first = each[0] if each else Health(ok=False, message="no provider", url="")
+    return Health(ok=False, message=first.message, url=first.url, error_details=down or first.error_details)

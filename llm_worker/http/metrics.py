@@ -9,6 +9,11 @@ default models, so rates and alerts work before the first job.
 Samples are appended directly with label dicts cached across scrapes: the
 families' ``add_metric`` builds a dict per sample, which on a 2-core host cost
 as much as the exposition itself.
+
+Series of one endpoint (a server a provider speaks to: provider reachability
+and health, breakers, loaded models, loads and unloads) carry an ``endpoint``
+label, its URL, when the provider has several; with one, they are as they
+always were, without it.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from prometheus_client.utils import floatToGoString
 
 from llm_worker import __version__
 from llm_worker.host.backpressure import Reachability, in_flight
+from llm_worker.host.endpoints import Endpoint, EndpointTable
 from llm_worker.host.layout import AFFINITY, DURATION_BUCKETS, OUTCOMES, TYPES, WAIT_BUCKETS, Pause, SlotState
 from llm_worker.host.loadboard import LoadBoard
 from llm_worker.host.ratelimit import snapshot as rate_limits
@@ -60,6 +66,15 @@ class Family:
 
     def add(self, values: tuple[str, ...], value: float) -> None:
         labels = _LABELS.get((self.names, values)) or _labels(self.names, values)
+        self.metric.samples.append(Sample(self._sample_name, labels, value, None, None, None))
+
+    def add_at(self, endpoint: Endpoint | None, values: tuple[str, ...], value: float) -> None:
+        """A sample of one endpoint: labelled ``endpoint`` (its URL) when its provider has several."""
+        label = endpoint.label if endpoint is not None else None
+        if label is None:
+            self.add(values, value)
+            return
+        labels = _labels((*self.names, "endpoint"), (*values, label))
         self.metric.samples.append(Sample(self._sample_name, labels, value, None, None, None))
 
     def add_histogram(
@@ -124,6 +139,7 @@ class ShmCollector(Collector):
             lambda: (names := state.pool_names(), [self._pool_totals(i) for i in range(len(names))])
         )
         labels = state.model_labels()
+        endpoints = EndpointTable(state.providers, state.lock).all()
         for family in (
             *self._build(),
             *self._workers(pools),
@@ -131,10 +147,10 @@ class ShmCollector(Collector):
             *self._models(totals, labels),
             *self._recovery(pools),
             *self._queues(pools),
-            *self._health(),
-            *self._backpressure(pools),
+            *self._health(endpoints),
+            *self._backpressure(pools, endpoints),
             *self._rate_limits(labels),
-            *self._model_lifecycle(labels),
+            *self._model_lifecycle(labels, endpoints),
             *self._host(),
             *self._gpus(),
         ):
@@ -332,16 +348,23 @@ class ShmCollector(Collector):
             trimmed.add((), count)
         return [depth, delayed, dead, trimmed]
 
-    def _health(self) -> list[Family]:
-        header, r = self.state.header, self.state.readings
+    def _managed(self, endpoints: list[Endpoint]) -> list[Endpoint]:
+        """The endpoints whose models the model manager keeps (Ollama's): their model series exist from the start."""
+        provider = self.state.loads.provider.decode(errors="replace")
+        return [e for e in endpoints if provider and e.provider == provider]
+
+    def _health(self, endpoints: list[Endpoint]) -> list[Family]:
+        header = self.state.header
         redis_up = Family("llm_worker_redis_up", "Whether Redis answered the supervisor's last ping", "gauge")
         redis_up.add((), float(header.redis_up))
         provider = Family(
             "llm_worker_provider_up", "Whether the provider answered its last health probe", "gauge", ("provider",)
         )
-        provider.add(("ollama",), float(r.provider_up))
+        rows = self.state.providers.rows
+        for e in endpoints:
+            if e.provider == "ollama" or rows[e.index].checked:
+                provider.add_at(e, (e.provider,), float(rows[e.index].healthy))
         loaded = Family("llm_worker_models_loaded", "Models the provider has in memory", "gauge")
-        loaded.add((), r.loaded_count)
         held = Family(
             "llm_worker_model_memory_bytes",
             "Memory each loaded model holds: its VRAM, or its size when it "
@@ -349,8 +372,15 @@ class ShmCollector(Collector):
             "gauge",
             ("model",),
         )
-        for i in range(min(r.loaded_count, len(r.loaded_names))):
-            held.add((model_label(r.loaded_names[i].value.decode(errors="replace")),), r.loaded_bytes[i])
+        managed = self._managed(endpoints)
+        for e in managed:
+            block = self.state.loads.endpoints[e.index]
+            loaded.add_at(e, (), block.loaded_count)
+            for i in range(min(block.loaded_count, len(block.loaded_names))):
+                name = block.loaded_names[i].value.decode(errors="replace")
+                held.add_at(e, (model_label(name),), block.loaded_bytes[i])
+        if not managed:
+            loaded.add((), 0)
         state = Family(
             "llm_worker_breaker_state",
             "Circuit breaker per provider and model: 0 closed, 1 open, 2 half-open",
@@ -360,14 +390,17 @@ class ShmCollector(Collector):
         opened = Family(
             "llm_worker_breaker_opened", "Times each circuit breaker opened", "counter", ("provider", "model")
         )
+        by_name = {e.name: e for e in endpoints}
         table = self.state.breakers
         for row in table.rows[: table.count]:
-            labels = tuple(row.key.decode(errors="replace").partition(":")[::2])
-            state.add(labels, row.state)
-            opened.add(labels, row.opened_total)
+            name, _, model = row.key.decode(errors="replace").partition(":")
+            endpoint = by_name.get(name)
+            labels = (endpoint.provider if endpoint is not None else name, model)
+            state.add_at(endpoint, labels, row.state)
+            opened.add_at(endpoint, labels, row.opened_total)
         return [redis_up, provider, loaded, held, state, opened]
 
-    def _backpressure(self, pools: list[str]) -> list[Family]:
+    def _backpressure(self, pools: list[str], endpoints: list[Endpoint]) -> list[Family]:
         """Paused pools, provider reachability and the host's calls in flight (see backpressure.py)."""
         paused = Family(
             "llm_worker_pool_paused",
@@ -395,20 +428,29 @@ class ShmCollector(Collector):
         outages = Family(
             "llm_worker_provider_outages", "Times the workers found each provider unreachable", "counter", ("provider",)
         )
-        for row in Reachability(self.state.providers, self.state.lock).rows():
-            reachable.add((str(row["provider"]),), float(bool(row["up"])))
-            outages.add((str(row["provider"]),), float(row["outages"]))  # type: ignore[arg-type]
+        rows = Reachability(self.state.providers, self.state.lock).rows()
+        for endpoint, row in zip(endpoints, rows):
+            reachable.add_at(endpoint, (str(row["provider"]),), float(bool(row["up"])))
+            outages.add_at(endpoint, (str(row["provider"]),), float(row["outages"]))  # type: ignore[arg-type]
         calls = Family(
             "llm_worker_provider_calls_in_flight", "Provider calls in flight from this host, all workers", "gauge"
         )
         calls.add((), in_flight(self.state).calling)
+        each = Family(
+            "llm_worker_endpoint_calls_in_flight",
+            "Provider calls in flight from this host to each endpoint (a server a provider speaks to)",
+            "gauge",
+            ("provider", "endpoint"),
+        )
+        for e in endpoints:
+            each.add((e.provider, e.url or e.name), in_flight(self.state, provider=e.index).provider)
         limit = Family(
             "llm_worker_provider_calls_limit",
             "MAX_CONCURRENT_REQUESTS: the most provider calls in flight at once",
             "gauge",
         )
         limit.add((), self.settings.worker.max_in_flight)
-        return [paused, reachable, outages, calls, limit]
+        return [paused, reachable, outages, calls, limit, each]
 
     def _rate_limits(self, labels: list[str]) -> list[Family]:
         """Calls rate limits stopped, waits on the host, and each budget's room (see host/ratelimit.py)."""
@@ -464,9 +506,8 @@ class ShmCollector(Collector):
                     left.add((provider, kind), remaining)
         return [limited, refusals, waits, waited, budget, left]
 
-    def _model_lifecycle(self, labels: list[str]) -> list[Family]:
-        """The model manager's loads and unloads, per model label (see models.py)."""
-        header = self.state.header
+    def _model_lifecycle(self, labels: list[str], endpoints: list[Endpoint]) -> list[Family]:
+        """The model manager's loads and unloads, per model label and endpoint (see models/manager.py)."""
         seconds = Family(
             "llm_worker_model_load_seconds", "How long the last load of each model took", "gauge", ("model",)
         )
@@ -477,13 +518,16 @@ class ShmCollector(Collector):
             "counter",
             ("model",),
         )
-        for index, label in enumerate(labels):
-            if index == 0 and not (header.model_loads[0] or header.model_unloads[0]):
-                continue  # "other" only once something was counted under it
-            if header.model_loads[index]:
-                seconds.add((label,), header.model_load_seconds[index])
-            loads.add((label,), header.model_loads[index])
-            unloads.add((label,), header.model_unloads[index])
+        for e in self._managed(endpoints):
+            rows = self.state.loads.endpoints[e.index].rows
+            for index, label in enumerate(labels[: len(rows)]):
+                row = rows[index]
+                if index == 0 and not (row.loads or row.unloads):
+                    continue  # "other" only once something was counted under it
+                if row.loads:
+                    seconds.add_at(e, (label,), row.seconds)
+                loads.add_at(e, (label,), row.loads)
+                unloads.add_at(e, (label,), row.unloads)
         loading = Family(
             "llm_worker_model_loading_seconds",
             "How long each load in progress has taken so far (the "
@@ -492,7 +536,8 @@ class ShmCollector(Collector):
             ("model", "reason"),
         )
         for load in LoadBoard(self.state.loads).in_progress(labels):
-            loading.add((load.label, load.why), load.seconds)
+            endpoint = endpoints[load.endpoint] if load.endpoint < len(endpoints) else None
+            loading.add_at(endpoint, (load.label, load.why), load.seconds)
         return [seconds, loads, unloads, loading]
 
     def _host(self) -> list[Family]:

@@ -1,6 +1,7 @@
 """The sampler: a thread of the HTTP process that probes slow things and writes shared memory.
 
-Probing Ollama, Redis queue depths, NVML and psutil can each take from
+Probing Ollama (every endpoint of OLLAMA_BASE_URL), Redis queue depths, NVML
+and psutil can each take from
 microseconds to seconds; here they stall nothing that matters (the supervisor
 never waits on them, and HTTP answers from what was last written; only
 /health/ollama asks Ollama live, through the same LiveProbe as the sampler).
@@ -17,6 +18,7 @@ import time
 
 from llm_worker.host.backpressure import PROBE_EVERY, Reachability, in_flight
 from llm_worker.host.chores import Chore
+from llm_worker.host.endpoints import EndpointTable
 from llm_worker.host.layout import MAX_GPUS, NAME
 from llm_worker.host.procs import worker_id
 from llm_worker.host.shm import SharedState
@@ -25,7 +27,7 @@ from llm_worker.http.hoststats import OLLAMA_NAMES, ProcessWatcher, find_process
 from llm_worker.http.liveprobe import Answer, LiveProbe
 from llm_worker.models.fleet import Fleet, FleetSeen
 from llm_worker.plugin.manager import Found, PluginManager
-from llm_worker.plugin.providers import Provider
+from llm_worker.plugin.providers import Provider, endpoint_of
 from llm_worker.queue.keys import Keys
 from llm_worker.queue.parking import parked_counts
 from llm_worker.queue.reliable import connect
@@ -45,18 +47,21 @@ class Sampler(threading.Thread):
         self.keys = Keys(settings.redis.key_prefix, settings.queue.dead_letter)
         self.gpus = GpuSampler(os.environ.get(NVML_MODULE_ENV, "pynvml"))
         self.processes = ProcessWatcher()
-        self.provider: Provider | None = None
-        self.provider_index = 0  # its place among the providers, as the workers number them
+        self.providers: list[Provider] | None = None  # every endpoint of every provider, made once
+        self.probed: list[Provider] = []  # those the live probe asks: Ollama's (else the first provider's)
+        self._making = threading.Lock()  # the probe thread and this one both ask for them
         self.reach = Reachability(state.providers, state.lock)
         self.fleet = Fleet(self.redis, self.keys, settings.worker.id)
         self.fleet_seen = FleetSeen({}, {})  # the last sample's, for /status
+        self.endpoints = EndpointTable(state.providers, state.lock)
         # The process's one way to ask the provider for its health: this thread's
         # periodic probe and /health/ollama's live ones share it (see liveprobe).
-        self.live = LiveProbe(self._provider, on_answer=self._answered)
+        self.live = LiveProbe(self._probed, on_answer=self._answered)
         every = settings.http.sample_interval / 1000
         self.provider_chore = Chore("provider", settings.ollama.health_check_interval / 1000, self.probe_provider)
         self.chores = [
             self.provider_chore,
+            Chore("endpoints", PROBE_EVERY, self.probe_down),
             Chore("queues", every, self.read_queues),
             Chore("host", every, self.read_host),
             Chore("gpus", every, self.read_gpus),
@@ -85,49 +90,74 @@ class Sampler(threading.Thread):
     # ---- chores ------------------------------------------------------------------
 
     def probe_provider(self) -> None:
-        r = self.state.readings
-        provider = self._provider()
-        if getattr(provider, "max_concurrent", 0) and self._calls_in_flight(provider):
+        probed = self._probed()
+        if any(getattr(p, "max_concurrent", 0) and self._calls_in_flight(p) for p in probed):
             # A server with few slots (llama-cpp-python's interrupts a running generation for any
             # request, a listing included) is probed only while idle: calls in flight show it answers.
-            r.provider_checked = time.monotonic()
             return
         answer = self.live.check(timeout=min(5.0, self.settings.ollama.health_check_interval / 1000))
-        health = answer.health
-        r.provider_up = int(health.ok)
-        # While a provider is down (its workers paused), look every second, so
-        # that the host takes jobs again soon after it is back.
-        down = not health.ok or (answer.provider != "" and self.reach.is_down(answer.provider))
+        # While an endpoint is down (its calls go elsewhere, or its workers paused), look every
+        # second, so that the host uses it again soon after it is back.
+        down = bool(answer.down) or any(self.reach.is_down(p.endpoint) for p in answer.endpoints)
         self.provider_chore.period = PROBE_EVERY if down else self.settings.ollama.health_check_interval / 1000
-        r.provider_version = (health.version or "").encode()[:63]
-        r.provider_error = (health.error_details or "").encode()[:255]
-        r.provider_checked = answer.finished  # a reused answer is as old as its probe, not as this look
 
     def _answered(self, answer: Answer) -> None:
-        """Every probe's answer, the sampler's or /health/ollama's: a success marks the provider up.
+        """Every probe's answer, the sampler's or /health/ollama's: recorded per endpoint; a success marks it up.
 
         A success is the evidence the workers' own probes accept (``health()``
-        ok), so it may end their pause. A failure is never written: the
-        workers mark a provider down only when a call finds nothing listening,
+        ok), so it may end their pause. A failure is never taken for down: the
+        workers mark an endpoint down only when a call finds nothing listening,
         and a slow or failed health GET (with HEALTHCHECK_TIMEOUT, an
         operator's choice for monitoring) must not pause them.
         """
-        if answer.health.ok and answer.provider and self.reach.mark_up(answer.provider):
-            log.warning(f"provider {answer.provider} answers again; workers take jobs")
+        for probed in answer.endpoints:
+            if not probed.endpoint:  # the provider could not even be made
+                continue
+            index = self.endpoints.register(probed.endpoint, answer.provider, probed.health.url)
+            if index < 0:
+                continue
+            health = probed.health
+            # A reused answer is as old as its probe, not as this look.
+            self.endpoints.record_health(index, health.ok, health.version, health.error_details, answer.finished)
+            if health.ok and self.reach.mark_up(probed.endpoint):
+                log.warning(f"provider {probed.endpoint} answers again; workers take jobs")
+
+    def probe_down(self) -> None:
+        """Probe each endpoint the workers found down, about once a second (one process at a time).
+
+        An endpoint down while another serves its models pauses no worker, so
+        no paused worker probes it; and the live probe may not come for
+        OLLAMA_HEALTH_CHECK_INTERVAL. Without this it would be used again late.
+        One probe a turn, so that several servers that do not answer hold up
+        the sampler's other chores for one probe's timeout at most.
+        """
+        for row in self.reach.rows():
+            name = str(row["endpoint"])
+            if row["up"] or not self.reach.probe_due(name):
+                continue
+            provider = next((p for p in self._all() if endpoint_of(p) == name), None)
+            if provider is not None and provider.health(timeout=2.0).ok and self.reach.mark_up(name):
+                log.warning(f"provider {name} answers again; calls go to it")
+            return
 
     def _calls_in_flight(self, provider: Provider) -> bool:
-        """Whether a worker is in a call to ``provider`` now (the slots name the provider of each call).
+        """Whether a worker is in a call to this endpoint now (the slots name the endpoint of each call)."""
+        index = self.endpoints.find(endpoint_of(provider))
+        return index >= 0 and in_flight(self.state, provider=index).provider > 0
 
-        Workers number the providers in the order the plugins give them, as ``_provider`` does here.
-        """
-        return in_flight(self.state, provider=self.provider_index).provider > 0
+    def _probed(self) -> list[Provider]:
+        """The endpoints the live probe asks: Ollama's, else the first provider's (made on first use)."""
+        self._all()
+        return self.probed
 
-    def _provider(self) -> Provider:
-        if self.provider is None:
-            providers = PluginManager().load(self.plugins).providers(self.settings)
-            self.provider_index = next((i for i, p in enumerate(providers) if p.name == "ollama"), 0)
-            self.provider = providers[self.provider_index]
-        return self.provider
+    def _all(self) -> list[Provider]:
+        with self._making:
+            if self.providers is None:
+                providers = PluginManager().load(self.plugins).providers(self.settings)
+                name = "ollama" if any(p.name == "ollama" for p in providers) else providers[0].name
+                self.probed = [p for p in providers if p.name == name]
+                self.providers = providers
+        return self.providers
 
     def read_queues(self) -> None:
         r = self.state.readings

@@ -7,8 +7,9 @@ import time
 from typing import Any
 
 from llm_worker import __version__
-from llm_worker.host.backpressure import Reachability, in_flight
+from llm_worker.host.backpressure import Reachability, bound_for, in_flight
 from llm_worker.host.breaker import Breakers
+from llm_worker.host.endpoints import Endpoint, EndpointTable
 from llm_worker.host.layout import Pause, Phase, SlotState
 from llm_worker.host.loadboard import LoadBoard
 from llm_worker.host.procs import worker_id
@@ -25,6 +26,8 @@ def snapshot(
     header, r = state.header, state.readings
     now = time.monotonic()
     pools = state.pool_names()
+    endpoints = EndpointTable(state.providers, state.lock).all()
+    calls = bound_for(state)
     workers = []
     for index, slot in enumerate(state.slots):
         if slot.pid <= 0 or slot.state == SlotState.EMPTY:
@@ -68,22 +71,20 @@ def snapshot(
             "sampledSecondsAgo": round(now - r.depths_checked, 1) if r.depths_checked else None,
         },
         "redis": {"up": bool(header.redis_up)},
-        "provider": {
-            "name": "ollama",
-            "url": settings.ollama.base_url,
-            "up": bool(r.provider_up),
-            "version": r.provider_version.decode(errors="replace") or None,
-            "error": r.provider_error.decode(errors="replace") or None,
-        },
+        "provider": _provider(settings, state, endpoints),
+        "endpoints": [_endpoint(state, e, calls) for e in endpoints],
         "reachability": Reachability(state.providers, state.lock).rows(),
         "models": {
             "loaded": [
-                {"name": r.loaded_names[i].value.decode(), "vramBytes": r.loaded_vram[i]} for i in range(r.loaded_count)
+                {"name": name, "vramBytes": vram, "endpoint": e.name}
+                for e in endpoints
+                for name, vram in _loaded(state, e.index)
             ],
             "labels": state.model_labels(),
             "loading": [
-                {"model": m.label, "seconds": round(m.seconds, 1), "why": m.why}
+                {"model": m.label, "seconds": round(m.seconds, 1), "why": m.why, "endpoint": endpoints[m.endpoint].name}
                 for m in LoadBoard(state.loads).in_progress(state.model_labels())
+                if m.endpoint < len(endpoints)
             ],
         },
         "affinity": {
@@ -118,6 +119,46 @@ def snapshot(
             "memoryTotalBytes": _value(r.memory_total_bytes),
         },
     }
+
+
+def _provider(settings: Settings, state: SharedState, endpoints: list[Endpoint]) -> dict[str, Any]:
+    """Ollama as the sampler last probed it: up when any of its endpoints answered (``endpoints`` says which)."""
+    rows = [state.providers.rows[e.index] for e in endpoints if e.provider == "ollama"]
+    up = [row for row in rows if row.healthy]
+    shown = up[0] if up else (rows[0] if rows else None)
+    return {
+        "name": "ollama",
+        "url": settings.ollama.base_url,
+        "up": bool(up),
+        "version": (shown.version.decode(errors="replace") or None) if shown is not None else None,
+        "error": "; ".join(row.health_error.decode(errors="replace") for row in rows if not row.healthy and row.checked)
+        or None,
+    }
+
+
+def _endpoint(state: SharedState, e: Endpoint, calls: dict[tuple[int, int], int]) -> dict[str, Any]:
+    """One endpoint: where it is, whether it answers, what it holds and how busy it is."""
+    row = state.providers.rows[e.index]
+    block = state.loads.endpoints[e.index]
+    return {
+        "endpoint": e.name,
+        "provider": e.provider,
+        "url": e.url or None,
+        "up": bool(row.healthy) if row.checked else None,  # the sampler's last probe; None: not probed
+        "reachable": not row.down,  # the workers' calls connect
+        "version": row.version.decode(errors="replace") or None,
+        "error": (row.error if row.down else row.health_error).decode(errors="replace") or None,
+        "callsInFlight": in_flight(state, provider=e.index).provider,
+        "workersBound": sum(n for (endpoint, _), n in calls.items() if endpoint == e.index),  # calling, or on the way
+        "cacheSize": block.cache_size or None,  # the model manager's, when it keeps this endpoint's models
+        "modelsLoaded": [name for name, _ in _loaded(state, e.index)],
+    }
+
+
+def _loaded(state: SharedState, endpoint: int) -> list[tuple[str, float]]:
+    """What the model manager last saw loaded on an endpoint: (name, VRAM bytes)."""
+    block = state.loads.endpoints[endpoint]
+    return [(block.loaded_names[i].value.decode(), block.loaded_vram[i]) for i in range(block.loaded_count)]
 
 
 def _pool(name: str, wanted: int, workers: list[dict[str, Any]]) -> dict[str, Any]:

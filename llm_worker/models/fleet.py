@@ -13,23 +13,27 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 import redis
 
-from llm_worker.host.layout import SlotState
-from llm_worker.host.loadboard import LoadBoard
+from llm_worker.host.backpressure import bound_for
+from llm_worker.host.layout import MAX_MODELS
+from llm_worker.host.loadboard import can_load_without_evicting_busy, endpoint_has_room, managed_up
 from llm_worker.host.shm import SharedState
+from llm_worker.models.policy import memory_in_use
 from llm_worker.protocol.jobs import iso
 from llm_worker.queue.keys import Keys
+from llm_worker.queue.parking import Parking, parked_models
+from llm_worker.settings.config import Settings
 
 PUBLISH_EVERY = 0.5  # seconds between two publications of a host's holdings
-EXPIRES_MS = 3_000  # a host that stops publishing leaves every view this much later
+EXPIRES_MS = 5_000  # a host that stops publishing leaves every view this much later (10 publications missed)
 VIEW_TTL = 0.25  # seconds a worker's view of the fleet is reused before it is read again
 LOADED, LOADING = "loaded", "loading"
+DEMAND_RETRY = 60.0  # seconds before a model whose load by demand failed on an endpoint is tried there again
 log = logging.getLogger("llm_worker.models.fleet")
 
 
@@ -58,36 +62,40 @@ _decode = msgspec.json.Decoder(Holdings).decode
 _encode = msgspec.json.Encoder().encode
 
 
-def busy_by_model(state: SharedState) -> dict[int, int]:
-    """How many of the host's workers are in a call of each model (by label index)."""
-    out: dict[int, int] = {}
-    for slot in state.slots:
-        if slot.up() and slot.state == SlotState.BUSY and slot.model > 0:
-            out[slot.model] = out.get(slot.model, 0) + 1
-    return out
+def held_here(state: SharedState) -> dict[str, ModelHeld]:
+    """The models this host has loaded or is loading, on any endpoint its manager keeps that is up.
 
-
-def held_here(state: SharedState, board: LoadBoard, slots_of: Callable[[str], int]) -> dict[str, ModelHeld]:
-    """The models this host has loaded or is loading, from shared memory (the manager's board)."""
-    busy = busy_by_model(state)
-    out = {}
-    for index, label in enumerate(state.model_labels()):
-        if index == 0:  # "other" lumps unlisted models together: not one model
-            continue
-        row = board.board.rows[index]
-        if row.resident or row.started:
-            out[label] = ModelHeld(
-                state=LOADED if row.resident else LOADING, slots=slots_of(label), busy=busy.get(index, 0)
+    A model's slots and busy workers are summed over the endpoints that hold it
+    (a worker counts as busy with it while calling, waiting for a slot, or
+    bound for it there: backpressure.bound_for).
+    """
+    labels = state.model_labels()
+    bound = bound_for(state)
+    out: dict[str, ModelHeld] = {}
+    for endpoint in managed_up(state):
+        rows = state.loads.endpoints[endpoint].rows
+        for index in range(1, min(len(labels), MAX_MODELS)):  # 0 is "other": not one model
+            row = rows[index]
+            if not (row.resident or row.started):
+                continue
+            was = out.get(labels[index])
+            loaded = bool(row.resident) or (was is not None and was.state == LOADED)
+            out[labels[index]] = ModelHeld(
+                state=LOADED if loaded else LOADING,
+                slots=(was.slots if was else 0) + (max(1, row.slots) if row.resident else 0),
+                busy=(was.busy if was else 0) + bound.get((endpoint, index), 0),
             )
     return out
 
 
-def has_room(held: dict[str, ModelHeld], cache_size: int) -> bool:
-    """Whether the host can load one more model without evicting a busy one: a free place in its cache, or a
-    loaded model no worker is calling (the manager evicts the least recently used idle one)."""
-    if len(held) < cache_size:
-        return True
-    return any(m.state == LOADED and m.busy == 0 for m in held.values())
+def cache_size_here(state: SharedState) -> int:
+    """Models this host keeps loaded, all its managed endpoints together."""
+    return sum(state.loads.endpoints[endpoint].cache_size for endpoint in managed_up(state))
+
+
+def has_room(state: SharedState) -> bool:
+    """Whether the host can load one more model without evicting a busy one (loadboard's test, for any model)."""
+    return can_load_without_evicting_busy(state, "")
 
 
 def hot(held: dict[str, ModelHeld]) -> list[str]:
@@ -170,3 +178,67 @@ class FleetView:
     def held_elsewhere(self) -> set[str]:
         """Model labels another live host has loaded or is loading."""
         return {label for held in self.others().values() for label in held.models}
+
+
+class EndpointManager(Protocol):
+    """What the fleet duty needs of one endpoint's model manager (models/manager.py)."""
+
+    endpoint: int
+    loading: set[str]
+    available: set[str]
+    demand_failed: dict[str, float]
+
+    def demand(self, label: str) -> None: ...
+
+
+class FleetDuty:
+    """The model manager's part for the fleet, on its main thread: publish what the host holds, and load by
+    demand (MODEL_AFFINITY) a model that parked jobs wait for and no host holds, on an endpoint with room."""
+
+    def __init__(self, settings: Settings, state: SharedState, fleet: Fleet, managers: list[EndpointManager]) -> None:
+        self.settings = settings
+        self.state = state
+        self.fleet = fleet
+        self.managers = managers
+        self.parking = Parking(fleet.redis, fleet.keys, fleet.me)
+        self.complaint = ""
+
+    def share(self) -> None:
+        """Never raises: Redis away is said once, and the next turn tries again."""
+        held = held_here(self.state)
+        try:
+            self.fleet.publish(held, cache_size_here(self.state))
+            if self.settings.models.affinity:
+                self._load_by_demand(held)
+        except redis.RedisError as exc:
+            if str(exc) != self.complaint:
+                log.warning(f"model manager: cannot publish what the host holds: {exc}")
+            self.complaint = str(exc)
+            return
+        self.complaint = ""
+
+    def _load_by_demand(self, held: dict[str, ModelHeld]) -> None:
+        if any(m.loading for m in self.managers) or not has_room(self.state):  # one load at a time, and room
+            return
+        memory = memory_in_use(self.state.readings)
+        if memory is not None and memory.ratio > self.settings.models.memory_threshold:  # no room after all
+            return
+        elsewhere = {label for host, h in self.fleet.read().items() if host != self.fleet.me for label in h.models}
+        now = time.monotonic()
+        for label in parked_models(self.fleet.redis, self.fleet.keys, self.state.pool_names()):
+            if label in held or label in elsewhere:
+                continue
+            manager = next(
+                (
+                    m
+                    for m in self.managers
+                    if now - m.demand_failed.get(label, -DEMAND_RETRY) >= DEMAND_RETRY
+                    and (not m.available or label in m.available)  # a server without it would fail the load
+                    and m.endpoint in managed_up(self.state)
+                    and endpoint_has_room(self.state, m.endpoint)
+                ),
+                None,
+            )
+            if manager is not None and self.parking.claim(label):
+                manager.demand(label)
+                return

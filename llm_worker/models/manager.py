@@ -2,8 +2,15 @@
 
 A child of the supervisor, like the HTTP process, so that slow calls to Ollama
 (a pull, a two-minute load) stall nothing else. Workers never decide about
-models; they say in shared memory which model each busy worker holds
-(``Slot.model``) and when each model was last used (``model_last_used``).
+models; they say in shared memory which model each busy worker holds on which
+endpoint (``Slot.model``, ``Slot.provider``) and when each model was last used
+there (the load board's ``last_used``).
+
+Each Ollama of OLLAMA_BASE_URL (one per GPU, say) is an endpoint with models
+of its own, and gets a ``ModelManager`` of its own, on a thread of its own
+(endpoints.py): its cache size, idle unloads, memory, loads and loader thread
+are its own, so a slow load or a dead server on one holds up no other. All
+that follows is per endpoint.
 
 At start it pulls the preloaded models Ollama lacks (MODEL_AUTO_PULL), loads
 MODEL_PRELOAD_LIST, then sets ``models_ready``: readiness waits for the
@@ -32,28 +39,27 @@ import time
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-import redis
-
 from llm_worker import exitcodes, logs
 from llm_worker.host.backoff import compute_backoff
+from llm_worker.host.endpoints import EndpointTable
 from llm_worker.host.layout import MAX_LOADED, NAME, SlotState
 from llm_worker.host.loadboard import ASKED, DEMAND, PRELOAD, WHY, LoadBoard
 from llm_worker.host.procs import exit_with_parent, worker_id
 from llm_worker.host.shm import SharedState
 from llm_worker.host.stats import model_label
+from llm_worker.models import endpoints as several
 from llm_worker.models import fleet
 from llm_worker.models import policy as modelpolicy
 from llm_worker.models.policy import Loaded
 from llm_worker.models.pullprogress import PullProgress
 from llm_worker.plugin.context import WorkerContext
 from llm_worker.plugin.manager import Found, PluginManager
-from llm_worker.plugin.providers import Deadline, ProviderError
+from llm_worker.plugin.providers import Deadline, ProviderError, endpoint_of
 from llm_worker.plugins.ollama import LoadOptionsRefused, OllamaProvider
 from llm_worker.protocol import records
 from llm_worker.protocol.jobs import ErrorKind, iso
 from llm_worker.protocol.records import Record
 from llm_worker.queue.keys import Keys
-from llm_worker.queue.parking import Parking, parked_models
 from llm_worker.queue.reliable import connect
 from llm_worker.settings.config import Settings
 
@@ -61,8 +67,6 @@ log = logging.getLogger("llm_worker.models.manager")
 ASK_TIMEOUT = 10.0  # /api/tags, /api/ps and an unload: quick answers, or Ollama is in trouble
 PULL_TIMEOUT = 6 * 3600.0  # a whole pull; a stalled one fails sooner, after OLLAMA_TIMEOUT without a byte
 RETRY_CAP = 300.0  # longest wait between two tries of a failed preload or pull
-TICK = 0.05  # seconds between looks at the load board
-DEMAND_RETRY = 60.0  # seconds before a model whose load by demand failed is loaded by demand again
 
 
 def run_manager(settings: Settings, state: SharedState, supervisor_pid: int, plugins: list[Found]) -> NoReturn:
@@ -75,32 +79,34 @@ def run_manager(settings: Settings, state: SharedState, supervisor_pid: int, plu
         manager.worker_started(WorkerContext(settings, my_id, "models", None, state, None))
     except Exception:
         log.exception("a plugin failed to start in the model manager; its sink may be silent here")
-    provider = next((p for p in manager.providers(settings) if isinstance(p, OllamaProvider)), None)
-    if provider is None:  # the Ollama plugin is disabled: there are no models to manage
+    providers = [p for p in manager.providers(settings) if isinstance(p, OllamaProvider)]
+    if not providers:  # the Ollama plugin is disabled: there are no models to manage
         LoadBoard(state.loads).serve("")  # nor loads to wait for
         log.warning("no Ollama provider: the model manager has nothing to manage")
         state.header.models_ready = 1
         while True:
             time.sleep(3600)
-    models = ModelManager(settings, state, provider, manager, my_id)
+    table = EndpointTable(state.providers, state.lock)
+    recording = threading.Lock()  # the sinks are called from every endpoint's thread
+    preloads = several.place_preloads(settings, providers, ASK_TIMEOUT)
+    managers = [
+        ModelManager(
+            settings,
+            state,
+            provider,
+            manager,
+            my_id,
+            endpoint=table.register(endpoint_of(provider), provider.name, provider.url),
+            endpoints=len(providers),
+            preloads=mine,
+            recording=recording,
+        )
+        for provider, mine in zip(providers, preloads)
+    ]
     client = connect(settings)
     keys = Keys(settings.redis.key_prefix, settings.queue.dead_letter)
-    models.fleet = fleet.Fleet(client, keys, settings.worker.id)
-    models.parking = Parking(client, keys, settings.worker.id)
-    models.start()
-    interval = settings.models.manage_interval / 1000
-    next_turn = time.monotonic() + interval
-    next_share = time.monotonic()
-    while True:
-        models.serve_loads()
-        now = time.monotonic()
-        if now >= next_share:
-            models.share()
-            next_share = now + fleet.PUBLISH_EVERY
-        if now >= next_turn:
-            models.turn()
-            next_turn = time.monotonic() + interval
-        time.sleep(TICK)
+    duty = fleet.FleetDuty(settings, state, fleet.Fleet(client, keys, settings.worker.id), managers)
+    several.drive(managers, state, settings.models.manage_interval / 1000, duty.share, fleet.PUBLISH_EVERY)
 
 
 @dataclass(frozen=True)
@@ -115,17 +121,37 @@ class LoadOutcome:
 
 
 class ModelManager:
+    """The models of one endpoint (one Ollama server): its preloads, loads, unloads and memory."""
+
     def __init__(
-        self, settings: Settings, state: SharedState, provider: OllamaProvider, plugins: PluginManager, worker_id: str
+        self,
+        settings: Settings,
+        state: SharedState,
+        provider: OllamaProvider,
+        plugins: PluginManager,
+        worker_id: str,
+        *,
+        endpoint: int = 0,
+        endpoints: int = 1,
+        preloads: list[str] | None = None,
+        recording: threading.Lock | None = None,
     ) -> None:
+        """``endpoint``: the server's index in the endpoint table; ``endpoints``: how many Ollama servers
+        the host has; ``preloads``: this one's share of MODEL_PRELOAD_LIST (default: all of it)."""
         self.settings = settings
         self.state = state
         self.provider = provider
         self.plugins = plugins
         self.worker_id = worker_id
+        self.endpoint = endpoint
+        self.endpoints = endpoints
+        self.name = endpoint_of(provider) if provider is not None else "ollama"
+        self.recording = recording or threading.Lock()
         m = settings.models
         self.unload_after = m.unload_timeout / 1000
-        self.preloads = _unique(m.preload) if m.preload_enabled else []
+        if preloads is None:
+            preloads = m.preload if m.preload_enabled else []
+        self.preloads = _unique(preloads)
         self.first_seen: dict[str, float] = {}  # label -> when it was loaded, as near as we know
         self.surveyed = time.monotonic()  # the last look at /api/ps: what is new since was loaded after it
         self.surveyed_once = False  # what the first look finds was loaded before us (a respawn): not counted
@@ -137,14 +163,14 @@ class ModelManager:
         self.memory_warned = False  # "no idle model to unload", said once while the pressure lasts
         self.complaint = ""  # the trouble last logged, so that an outage is one line, not one a turn
         self.board = LoadBoard(state.loads)
+        self.block = state.loads.endpoints[endpoint]  # this endpoint's rows of the board
         self.asked_seen: dict[int, float] = {}  # model index -> the last request on the board we served
         self.loading: set[str] = set()  # labels the loader thread has in hand
         self.to_load: queue.Queue[tuple[int, str, int]] = queue.Queue()
         self.outcomes: queue.Queue[LoadOutcome] = queue.Queue()
         self.loader: threading.Thread | None = None
-        self.fleet: fleet.Fleet | None = None  # where this host publishes what it holds (set by run_manager)
-        self.parking: Parking | None = None
-        self.demand_retry: dict[str, float] = {}  # label -> when a failed load by demand may be tried again
+        self.demanded: queue.Queue[str] = queue.Queue()  # loads the fleet duty asks of this endpoint
+        self.demand_failed: dict[str, float] = {}  # label -> when a load by demand last failed here (monotonic)
 
     # ---- start ---------------------------------------------------------------------
 
@@ -152,7 +178,8 @@ class ModelManager:
         m = self.settings.models
         # From now on jobs wait for this manager's loads instead of loading through their own calls.
         self.board.serve(self.provider.name)
-        self.board.forget_unfinished()  # a load the previous manager began died with it; its waiters still wait
+        self.board.forget_unfinished(self.endpoint)  # a load the previous manager began died with it
+        self.block.cache_size = self.cache_size()  # routing reads it: room for more models here
         for model in self.preloads:
             self.state.model_index(model_label(model), add=True)
         if m.auto_pull:
@@ -164,7 +191,7 @@ class ModelManager:
             loaded = {model_label(m.name) for m in self.provider.running(Deadline(ASK_TIMEOUT))}
         except ProviderError as exc:
             if self.preloads:
-                log.error(f"cannot preload now, Ollama does not answer: {exc.message}; trying again later")
+                log.error(f"cannot preload now, Ollama{self.on} does not answer: {exc.message}; trying again later")
             for model in self.preloads:
                 self._retry_later(model)
         else:
@@ -175,11 +202,23 @@ class ModelManager:
             for model in self.preloads:
                 if model_label(model) in loaded:
                     self.preloaded[model_label(model)] = self.first_seen[model_label(model)] = time.monotonic()
-                    log.info(f"{model} is loaded already", extra={"model": model})
+                    log.info(f"{model} is loaded already{self.on}", extra={"model": model, **self.where})
                 else:
                     self.preload(model)
-        self.state.header.models_ready = 1
-        log.info("models ready", extra={"preloaded": sorted(self.preloaded), "failed": sorted(self.retry_at)})
+        log.info(
+            f"models ready{self.on}",
+            extra={"preloaded": sorted(self.preloaded), "failed": sorted(self.retry_at), **self.where},
+        )
+
+    @property
+    def on(self) -> str:
+        """Where, in log lines ("on ollama@2 (its URL)"), when the host has several Ollama servers; "" with one."""
+        return f" on {self.name} ({self.provider.url})" if self.endpoints > 1 else ""
+
+    @property
+    def where(self) -> dict[str, str]:
+        """The endpoint, for log lines and events, when the host has several Ollama servers."""
+        return {"endpoint": self.name} if self.endpoints > 1 else {}
 
     def missing(self, models: list[str]) -> list[str]:
         try:
@@ -189,14 +228,14 @@ class ModelManager:
         return [m for m in models if model_label(m) not in self.available]
 
     def pull(self, model: str) -> bool:
-        log.info(f"pulling {model}", extra={"model": model})
+        log.info(f"pulling {model}{self.on}", extra={"model": model, **self.where})
         progress = PullProgress(
-            lambda text, fields: log.info(f"pulling {model}: {text}", extra={"model": model, **fields})
+            lambda text, fields: log.info(f"pulling {model}{self.on}: {text}", extra={"model": model, **fields})
         )
         try:
             self.provider.pull(model, Deadline(PULL_TIMEOUT), progress)
         except ProviderError as exc:
-            log.error(f"pulling {model} failed: {exc.message}", extra={"model": model})
+            log.error(f"pulling {model}{self.on} failed: {exc.message}", extra={"model": model, **self.where})
             if exc.kind == ErrorKind.NETWORK:  # Ollama down: try again; a registry's "no such model" is final
                 self._retry_later(model)
                 self.pulls.append(model)
@@ -212,13 +251,18 @@ class ModelManager:
         except LoadOptionsRefused as exc:
             # Our settings check each option's type as Ollama v0.33 does; a server that
             # still refuses one is another version. Every load would fail the same way.
-            log.critical(f"Ollama refused {exc.setting} while preloading {model}: {exc.message}; fix {exc.setting}")
+            log.critical(
+                f"Ollama{self.on} refused {exc.setting} while preloading {model}: {exc.message}; fix {exc.setting}"
+            )
             self._load_failed(LoadOutcome(index, model, PRELOAD, None, exc))
             raise SystemExit(exitcodes.USAGE) from None
         except ProviderError as exc:
             self._load_failed(LoadOutcome(index, model, PRELOAD, None, exc))
             delay = self._retry_later(model)
-            log.error(f"preloading {model} failed: {exc.message}; trying again in {delay:.1f}s", extra={"model": model})
+            log.error(
+                f"preloading {model}{self.on} failed: {exc.message}; trying again in {delay:.1f}s",
+                extra={"model": model, **self.where},
+            )
             return False
         self.retry_at.pop(model, None)
         self.preloaded[model_label(model)] = time.monotonic()
@@ -241,11 +285,19 @@ class ModelManager:
                 self._load_failed(outcome)
         labels = self.state.model_labels()
         for index in range(1, len(labels)):
-            row = self.board.board.rows[index]
+            row = self.block.rows[index]
             if row.asked <= self.asked_seen.get(index, 0.0) or row.started or row.resident:
                 continue
             self.asked_seen[index] = row.asked
             self._start_load(index, labels[index], ASKED)
+        while True:  # loads the fleet asked for (models/fleet.py), from the process's main thread
+            try:
+                label = self.demanded.get_nowait()
+            except queue.Empty:
+                break
+            index = self._index(label)
+            if index > 0 and not self.board.row(self.endpoint, index).started and label not in self.loading:
+                self._start_load(index, label, DEMAND)
 
     def _start_load(self, index: int, label: str, why: int) -> None:
         """Make room, then hand the load to the loader thread."""
@@ -254,47 +306,12 @@ class ModelManager:
         self.loading.add(label)
         self.to_load.put((index, label, why))
         if self.loader is None:
-            self.loader = threading.Thread(target=self._load_forever, daemon=True, name="loader")
+            self.loader = threading.Thread(target=self._load_forever, daemon=True, name=f"loader-{self.name}")
             self.loader.start()
 
-    # ---- the fleet: what this host holds, and loads for jobs no host holds -------------------
-
-    def share(self) -> None:
-        """Publish what this host holds (models/fleet.py); with MODEL_AFFINITY, load by demand. Never raises."""
-        if self.fleet is None:
-            return
-        held = fleet.held_here(self.state, self.board, self._slots_of)
-        size = self.cache_size()
-        try:
-            self.fleet.publish(held, size)
-            if self.settings.models.affinity:
-                self._load_by_demand(held, size)
-        except redis.RedisError as exc:
-            self._complain(f"model manager: Redis unreachable: {exc}")
-
-    def _load_by_demand(self, held: dict[str, fleet.ModelHeld], size: int) -> None:
-        """Load one model that parked jobs wait for and no host holds, when it evicts no busy model here."""
-        if self.loading or not fleet.has_room(held, size):
-            return
-        memory = modelpolicy.memory_in_use(self.state.readings)
-        if memory is not None and memory.ratio > self.settings.models.memory_threshold:  # no room after all
-            return
-        assert self.fleet is not None and self.parking is not None
-        elsewhere = {label for host, h in self.fleet.read().items() if host != self.fleet.me for label in h.models}
-        now = time.monotonic()
-        for label in parked_models(self.fleet.redis, self.parking.keys, self.state.pool_names()):
-            if label in held or label in elsewhere or self.demand_retry.get(label, 0.0) > now:
-                continue
-            if self.available and label not in self.available:  # Ollama lacks it: loading would fail
-                continue
-            index = self._index(label)
-            if index == 0 or not self.parking.claim(label):
-                continue
-            self._start_load(index, label, DEMAND)
-            return
-
-    def _slots_of(self, label: str) -> int:
-        return self.provider.model_slots(label, False)
+    def demand(self, label: str) -> None:
+        """Load ``label`` here for parked jobs no host holds (any thread; the manager's own starts it)."""
+        self.demanded.put(label)
 
     def _load_forever(self) -> None:
         """The loader thread: one load at a time, as Ollama's scheduler loads one at a time."""
@@ -307,7 +324,7 @@ class ModelManager:
             except ProviderError as exc:
                 self.outcomes.put(LoadOutcome(index, model, why, None, exc))
             except Exception as exc:  # a bug must not leave the waiting jobs waiting for ever
-                log.exception(f"loading {model} failed")
+                log.exception(f"loading {model}{self.on} failed")
                 self.outcomes.put(LoadOutcome(index, model, why, None, ProviderError(repr(exc), ErrorKind.UNKNOWN)))
             else:
                 self.outcomes.put(LoadOutcome(index, model, why, seconds, None))
@@ -318,29 +335,33 @@ class ModelManager:
             models = self.survey()
             self.unload_all(modelpolicy.over_cache(models, self.cache_size() - 1), modelpolicy.CACHE_SIZE, models)
         except ProviderError as exc:  # the load itself will say what is wrong
-            log.warning(f"could not make room before a load: {exc.message}")
+            log.warning(f"could not make room{self.on} before a load: {exc.message}")
 
     def cache_size(self) -> int:
-        return modelpolicy.cache_size(self.settings.models.cache_size, self.state.readings)
+        """MODEL_CACHE_SIZE, or Ollama's own default, per endpoint (models/policy.py)."""
+        return modelpolicy.cache_size(self.settings.models.cache_size, self.state.readings, self.endpoints)
 
     def _began(self, index: int, model: str, why: int) -> None:
-        self.board.begin(index, why)
-        log.info(f"loading {model} ({WHY[why]})", extra={"model": model_label(model), "reason": WHY[why]})
+        self.board.begin(self.endpoint, index, why)
+        log.info(
+            f"loading {model}{self.on} ({WHY[why]})",
+            extra={"model": model_label(model), "reason": WHY[why], **self.where},
+        )
         self._record(records.MODEL_LOADING, model_label(model), reason=WHY[why])
 
     def _loaded(self, outcome: LoadOutcome) -> None:
-        self.board.succeeded(outcome.index, outcome.seconds or 0.0)
+        self.board.succeeded(self.endpoint, outcome.index, outcome.seconds or 0.0)
         self._count_load(outcome.model, outcome.seconds, WHY[outcome.why])
 
     def _load_failed(self, outcome: LoadOutcome) -> None:
         assert outcome.error is not None
-        self.board.failed(outcome.index, outcome.error)
+        self.board.failed(self.endpoint, outcome.index, outcome.error)
         label = model_label(outcome.model)
         if outcome.why == DEMAND:  # not again for a while: the jobs' own loads will say what is wrong
-            self.demand_retry[label] = time.monotonic() + DEMAND_RETRY
+            self.demand_failed[label] = time.monotonic()
         log.error(
-            f"loading {outcome.model} failed: {outcome.error.message}",
-            extra={"model": label, "reason": WHY[outcome.why], "errorType": outcome.error.kind.value},
+            f"loading {outcome.model}{self.on} failed: {outcome.error.message}",
+            extra={"model": label, "reason": WHY[outcome.why], "errorType": outcome.error.kind.value, **self.where},
         )
         self._record(
             records.MODEL_LOAD_FAILED,
@@ -361,6 +382,7 @@ class ModelManager:
     def turn(self) -> None:
         """Retry what failed, then unload what should go. Never raises: the next turn tries again."""
         try:
+            self.block.cache_size = self.cache_size()  # GPUs are counted by the sampler, maybe after our start
             self.refresh_available()
             self.retry_due()
             models = self.survey()
@@ -369,7 +391,7 @@ class ModelManager:
             models = self.unload_all(modelpolicy.over_cache(models, self.cache_size()), modelpolicy.CACHE_SIZE, models)
             self.relieve_memory(models)
         except ProviderError as exc:
-            self._complain(f"model manager: Ollama unreachable: {exc.message}")
+            self._complain(f"model manager: Ollama{self.on} unreachable: {exc.message}")
             return
         except Exception as exc:  # a bug must not end the manager; the next turn tries again
             if repr(exc) != self.complaint:
@@ -377,7 +399,7 @@ class ModelManager:
             self.complaint = repr(exc)
             return
         if self.complaint:
-            log.info("model manager back at work")
+            log.info(f"model manager back at work{self.on}")
             self.complaint = ""
 
     def refresh_available(self) -> None:
@@ -398,10 +420,11 @@ class ModelManager:
         """What Ollama has loaded now, with what shared memory says of its use."""
         running = self.provider.running(Deadline(ASK_TIMEOUT))
         now = time.monotonic()
-        header = self.state.header
-        # A worker's slot names the model of the provider call it is in (-1 between calls).
+        # A worker's slot names the model and endpoint of the call it is in or bound for (-1 between calls).
         busy = {
-            slot.model for slot in self.state.slots if slot.up() and slot.state == SlotState.BUSY and slot.model >= 0
+            slot.model
+            for slot in self.state.slots
+            if slot.up() and slot.state == SlotState.BUSY and slot.model >= 0 and slot.provider == self.endpoint
         }
         self._publish(running)
         out = []
@@ -410,31 +433,34 @@ class ModelManager:
             label = model_label(info.name)
             index = self._index(label)
             resident.add(index)
+            row = self.block.rows[index]
             if label not in self.first_seen and self.surveyed_once and label not in self.loading:
                 # Loaded by a job's request (Ollama loads on demand), not by us: counted all the same.
                 self._count_load(info.name, None, "on demand")
+            if label not in self.first_seen or not row.slots:  # how many calls it serves at once, for other hosts
+                row.slots = self.provider.slots_of(info)
             # A model new in /api/ps was loaded since the last look; its jobs may say it was used later.
-            last_used = max(self.first_seen.setdefault(label, self.surveyed), header.model_last_used[index])
+            last_used = max(self.first_seen.setdefault(label, self.surveyed), row.last_used)
             preloaded = self.preloaded.get(label)
             protected = preloaded is not None and now - preloaded < self.unload_after
             out.append(Loaded(info.name, label, info.vram or info.size, last_used, index in busy, protected))
         for label in set(self.first_seen) - {m.label for m in out}:  # Ollama let it go on its own
             del self.first_seen[label]
         for index in range(1, self.state.header.model_count):  # what the workers may call without waiting
-            self.board.set_resident(index, index in resident)
+            self.board.set_resident(self.endpoint, index, index in resident)
         self.surveyed = now
         self.surveyed_once = True
         return out
 
     def _publish(self, running: list[Any]) -> None:
-        """What Ollama has loaded, for /status and /metrics (the manager is the writer of these readings)."""
-        r = self.state.readings
+        """What Ollama has loaded, for /status, /metrics and routing (the manager writes these readings)."""
+        block = self.block
         shown = running[:MAX_LOADED]
         for i, info in enumerate(shown):
-            r.loaded_names[i].value = info.name.encode()[: NAME - 1]
-            r.loaded_vram[i] = float(info.vram)
-            r.loaded_bytes[i] = float(info.vram or info.size)
-        r.loaded_count = len(shown)
+            block.loaded_names[i].value = info.name.encode()[: NAME - 1]
+            block.loaded_vram[i] = float(info.vram)
+            block.loaded_bytes[i] = float(info.vram or info.size)
+        block.loaded_count = len(shown)
 
     def unload_all(self, chosen: list[Loaded], reason: str, models: list[Loaded]) -> list[Loaded]:
         """Unload each of ``chosen``; return ``models`` without those that went."""
@@ -445,6 +471,10 @@ class ModelManager:
         """Past the threshold, unload idle models, least recently used first, until under it or none is left."""
         threshold = self.settings.models.memory_threshold
         memory = modelpolicy.memory_in_use(self.state.readings)
+        if memory is not None:  # this endpoint's part of it, with several
+            everyone = sum(sum(b.loaded_bytes[: b.loaded_count]) for b in self.state.loads.endpoints)
+            own = float(sum(m.bytes for m in models))
+            memory = modelpolicy.endpoint_share(memory, own, max(everyone, own), self.endpoints)
         if memory is None or memory.ratio <= threshold:
             self.memory_warned = False
             return
@@ -461,9 +491,9 @@ class ModelManager:
             if not candidates:
                 if not self.memory_warned:
                     log.warning(
-                        f"{memory.source} memory at {memory.ratio:.0%}, past {threshold:.0%}, and no idle model "
-                        "to unload",
-                        extra={"loaded": [m.label for m in models]},
+                        f"{memory.source} memory{self.on} at {memory.ratio:.0%}, past {threshold:.0%}, and no idle "
+                        "model to unload",
+                        extra={"loaded": [m.label for m in models], **self.where},
                     )
                 self.memory_warned = True
                 return
@@ -484,15 +514,19 @@ class ModelManager:
         try:
             self.provider.unload(model.name, Deadline(ASK_TIMEOUT))
         except ProviderError as exc:
-            log.warning(f"unloading {model.name} failed: {exc.message}", extra={"model": model.label, "reason": reason})
+            log.warning(
+                f"unloading {model.name}{self.on} failed: {exc.message}",
+                extra={"model": model.label, "reason": reason, **self.where},
+            )
             return False
-        self.state.header.model_unloads[self._index(model.label)] += 1
-        self.board.set_resident(self._index(model.label), False)
+        index = self._index(model.label)
+        self.block.rows[index].unloads += 1
+        self.board.set_resident(self.endpoint, index, False)
         self.first_seen.pop(model.label, None)
         self.preloaded.pop(model.label, None)
         log.info(
-            f"model unloaded: {model.label} ({reason})",
-            extra={"model": model.label, "reason": reason, "idleSeconds": idle_seconds, **why},
+            f"model unloaded: {model.label}{self.on} ({reason})",
+            extra={"model": model.label, "reason": reason, "idleSeconds": idle_seconds, **why, **self.where},
         )
         self._record(records.MODEL_UNLOADED, model.label, reason=reason, idleSeconds=idle_seconds, **why)
         return True
@@ -501,22 +535,21 @@ class ModelManager:
         """Count a load; ``seconds`` is None for one we only saw done (a job's request loaded it)."""
         label = model_label(model)
         index = self._index(label)
-        header = self.state.header
-        if seconds is not None:  # our own load: it happened just now
-            header.model_load_seconds[index] = seconds
+        if seconds is not None:  # our own load: it happened just now (the board has its seconds)
             self.first_seen[label] = time.monotonic()
-        header.model_loads[index] += 1
+        self.block.rows[index].loads += 1
         took = round(seconds, 3) if seconds is not None else None
         log.info(
-            f"model loaded: {label}" + (f" in {seconds:.2f}s" if seconds is not None else "") + f" ({reason})",
-            extra={"model": label, "loadSeconds": took, "reason": reason},
+            f"model loaded: {label}{self.on}" + (f" in {seconds:.2f}s" if seconds is not None else "") + f" ({reason})",
+            extra={"model": label, "loadSeconds": took, "reason": reason, **self.where},
         )
         self._record(records.MODEL_LOADED, label, loadSeconds=took, reason=reason)
 
     def _record(self, kind: str, label: str, **data: Any) -> None:
         now = iso()
-        body = {"model": label, "workerId": self.worker_id, "timestamp": now, **data}
-        self.plugins.record(Record(kind, self.worker_id, now, body, model=label))
+        body = {"model": label, "workerId": self.worker_id, "timestamp": now, **data, **self.where}
+        with self.recording:  # each endpoint's thread records; a sink need not be thread-safe
+            self.plugins.record(Record(kind, self.worker_id, now, body, model=label))
 
     def _index(self, label: str) -> int:
         # As the stats sink does: with ALLOWED_MODELS set, models outside it count as "other".

@@ -54,11 +54,16 @@ def over_cache(models: list[Loaded], cache_size: int) -> list[Loaded]:
 MODELS_PER_GPU = 3  # Ollama's default OLLAMA_MAX_LOADED_MODELS per GPU (server/sched.go defaultModelsPerGPU, v0.33)
 
 
-def cache_size(setting: int, readings: Readings) -> int:
-    """MODEL_CACHE_SIZE, or Ollama's own default: 3 models per GPU as NVML counts them, 3 without one."""
+def cache_size(setting: int, readings: Readings, endpoints: int = 1) -> int:
+    """MODEL_CACHE_SIZE, or Ollama's own default: 3 models per GPU as NVML counts them, 3 without one.
+
+    Per endpoint: with several Ollama servers on the host, each is taken to
+    see its share of the GPUs (one per GPU: 3 each), never less than one GPU's.
+    """
     if setting:
         return setting
-    return MODELS_PER_GPU * max(1, readings.gpu_count if readings.gpu_collector_up else 1)
+    gpus = readings.gpu_count if readings.gpu_collector_up else 1
+    return MODELS_PER_GPU * max(1, gpus // max(1, endpoints))
 
 
 @dataclass(frozen=True)
@@ -75,6 +80,20 @@ class Memory:
 
     def without(self, freed: float) -> Memory:
         return Memory(max(0.0, self.used - freed), self.total, self.source)
+
+
+def endpoint_share(memory: Memory, own: float, everyone: float, endpoints: int) -> Memory:
+    """One endpoint's part of ``memory``, when the host runs ``endpoints`` Ollama servers (one per GPU).
+
+    Which GPU a server uses is not known here, so each is taken to have an
+    equal share of the memory, and of what is used there by other than the
+    models: its own models' bytes (``own``, of ``everyone``'s) plus that
+    share. With one endpoint it is ``memory`` itself.
+    """
+    if endpoints <= 1:
+        return memory
+    others = max(0.0, memory.used - everyone)
+    return Memory(own + others / endpoints, memory.total / endpoints, memory.source)
 
 
 def memory_in_use(readings: Readings, host: Callable[[], Any] = psutil.virtual_memory) -> Memory | None:

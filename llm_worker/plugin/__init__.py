@@ -59,6 +59,7 @@ from llm_worker.plugin.providers import (
     Provider,
     ProviderError,
     RateLimited,
+    endpoint_names,
 )
 from llm_worker.plugin.ratelimit import retry_after_seconds
 from llm_worker.plugin.spec import hookimpl
@@ -125,6 +126,7 @@ __all__ = [
     "openai_content",
     "ollama_tool_call",
     "ToolCalls",
+    "endpoint_names",
     # jobs, errors and fallbacks
     "Decoded",
     "ChatRequest",

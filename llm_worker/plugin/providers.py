@@ -149,7 +149,15 @@ class Health(Struct, kw_only=True):
 
 @runtime_checkable
 class Provider(Protocol):
-    """What workers call. Every method raises ProviderError on failure."""
+    """What workers call. Every method raises ProviderError on failure.
+
+    One provider object speaks to one server. A plugin whose setting names
+    several servers of the same models (OLLAMA_BASE_URL with one Ollama per
+    GPU) returns one object per server, all with the same ``name``, each
+    with its own ``endpoint`` (``endpoint_names``): the host keeps
+    reachability, breakers, slots and loads per endpoint, and sends each
+    call to the one best placed to serve it.
+    """
 
     name: str
 
@@ -175,6 +183,10 @@ class Provider(Protocol):
     def health(self, timeout: float) -> Health:
         """Probe the server once; never raises."""
 
+    # Optional: ``endpoint: str``, this server's name among the provider's
+    # servers, when it has several (``endpoint_names``; absent: ``name``), and
+    # ``url: str``, where it is, for /status and the metrics.
+    #
     # Optional: ``max_concurrent: int``, the most calls the host makes to this
     # provider at once (0 or absent: no limit of its own), for a server that
     # serves one request at a time, or N, and interrupts or queues the rest.
@@ -187,3 +199,24 @@ class Provider(Protocol):
 
     def close(self) -> None:
         """Release connections."""
+
+
+ENDPOINT_SEPARATOR = "@"  # between a provider's name and an endpoint's number: "ollama@2"
+
+
+def endpoint_names(provider: str, count: int) -> list[str]:
+    """The names of a provider's ``count`` servers: its own name for one, ``<name>@1`` ... ``<name>@N`` for several.
+
+    One server keeps the provider's name, so that a host with one looks as it
+    always did (breaker ``ollama:llama3.2``). The numbers are the servers'
+    places in the setting (OLLAMA_BASE_URL), from 1; a name never holds ':',
+    which separates it from the model in a breaker's key.
+    """
+    if count == 1:
+        return [provider]
+    return [f"{provider}{ENDPOINT_SEPARATOR}{n}" for n in range(1, count + 1)]
+
+
+def endpoint_of(provider: Provider) -> str:
+    """The endpoint a provider object speaks to: its ``endpoint``, or its ``name`` when it has one server."""
+    return getattr(provider, "endpoint", "") or provider.name

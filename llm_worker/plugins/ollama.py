@@ -51,12 +51,14 @@ from llm_worker.plugin.providers import (
     OnChunk,
     ProviderError,
     RateLimited,
+    endpoint_names,
 )
 from llm_worker.plugin.spec import hookimpl
 from llm_worker.plugin.transport import JsonHttp
 from llm_worker.plugins.ollama_errors import LoadOptionsRefused, OllamaError, classify, error_for
 from llm_worker.protocol.jobs import ChatRequest, ErrorKind, GenerateRequest
 from llm_worker.settings.config import LOAD_OPTIONS, Settings
+from llm_worker.settings.urls import split_urls
 
 __all__ = ["LoadOptionsRefused", "OllamaError", "OllamaProvider", "classify", "pinned", "residency"]
 
@@ -81,6 +83,7 @@ SAMPLING_OPTIONS = frozenset(
 )
 OLLAMA_OPTIONS = SAMPLING_OPTIONS | LOAD_OPTIONS
 SHOW_SECONDS = 10.0  # the most of a job's time that asking /api/show which kind its model is may take
+EMBEDDING_SIGNS = ("embed", "bert")  # in a model's name or family: an embedding model, when Ollama does not say
 
 
 class _Message(msgspec.Struct):
@@ -178,13 +181,15 @@ class _Answer:
 
 
 class OllamaProvider:
-    """Ollama at OLLAMA_BASE_URL; serves every model, so it is the catch-all."""
+    """One Ollama of OLLAMA_BASE_URL; serves every model, so it is the catch-all."""
 
     name = "ollama"
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, url: str | None = None, endpoint: str = "ollama") -> None:
+        """``url``: which of OLLAMA_BASE_URL's servers (default: the first); ``endpoint``: its name among them."""
         o = settings.ollama
-        self.url = o.base_url.rstrip("/")
+        self.url = url if url is not None else split_urls(o.base_url)[0]
+        self.endpoint = endpoint
         self.host = urlsplit(self.url).hostname or ""
         self.load_options = dict(settings.models.load_options)
         self.embedding_load_options = dict(settings.models.embedding_load_options)
@@ -203,6 +208,15 @@ class OllamaProvider:
 
     def serves(self, model: str) -> bool:
         return True
+
+    def slots_of(self, loaded: ModelInfo) -> int:
+        """``model_slots`` of a model /api/ps lists, asking nothing: its kind as known, else as its names say."""
+        embedding = self._embedding.get(loaded.name)
+        if embedding is None:
+            details = loaded.details or {}
+            names = [loaded.name, str(details.get("family", "")), *map(str, details.get("families") or ())]
+            embedding = any(sign in name.lower() for name in names for sign in EMBEDDING_SIGNS)
+        return self.model_slots(loaded.name, embedding)
 
     def model_slots(self, model: str, embedding: bool) -> int:
         """Requests Ollama serves at once for ``model``, for the host's call gate.
@@ -404,7 +418,7 @@ class OllamaProvider:
             else:
                 details = info.get("details") or {}
                 names = [model, str(details.get("family", "")), *map(str, details.get("families") or ())]
-                known = any(sign in name.lower() for name in names for sign in ("embed", "bert"))
+                known = any(sign in name.lower() for name in names for sign in EMBEDDING_SIGNS)
             self._embedding[model] = known
         return known
 
@@ -535,4 +549,6 @@ def _common(
 
 @hookimpl
 def llm_worker_providers(settings: Settings) -> list[OllamaProvider]:
-    return [OllamaProvider(settings)]
+    """One provider per server of OLLAMA_BASE_URL (one per GPU, say), each its own endpoint."""
+    urls = split_urls(settings.ollama.base_url)
+    return [OllamaProvider(settings, url, name) for url, name in zip(urls, endpoint_names("ollama", len(urls)))]

@@ -1,7 +1,8 @@
 """The OpenAI-compatible provider: chat, generate, embeddings and model listing over an OpenAI-style /v1.
 
 One API shape is spoken by OpenAI, vLLM, llama.cpp's server, llama-cpp-python,
-LiteLLM and Ollama's own /v1. The provider is on when OPENAI_BASE_URL is set,
+LiteLLM and Ollama's own /v1. The provider is on when OPENAI_BASE_URL is set
+(one provider object per server it names, each its own endpoint),
 and serves the job models named with OPENAI_MODEL_PREFIX
 (``openai:gpt-4o-mini`` asks for ``gpt-4o-mini``) and those OPENAI_MODEL_MAP
 renames; Ollama keeps the rest. OPENAI_MAX_CONCURRENT is offered to the host
@@ -58,11 +59,13 @@ from llm_worker.plugin.providers import (
     ModelInfo,
     OnChunk,
     ProviderError,
+    endpoint_names,
 )
 from llm_worker.plugin.spec import hookimpl
 from llm_worker.plugin.transport import JsonHttp, Response
 from llm_worker.protocol.jobs import ChatRequest, ErrorKind, GenerateRequest, Message, Options
 from llm_worker.settings.config import Settings
+from llm_worker.settings.urls import split_urls
 
 CHAT_PATH = "/chat/completions"
 CONNECT_TIMEOUT = 10.0  # seconds; OPENAI_TIMEOUT when shorter
@@ -169,13 +172,15 @@ _encode = msgspec.json.Encoder().encode
 
 
 class OpenAIProvider:
-    """An OpenAI-compatible API at OPENAI_BASE_URL, for prefixed and mapped models."""
+    """One OpenAI-compatible API of OPENAI_BASE_URL, for prefixed and mapped models."""
 
     name = "openai"
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, url: str | None = None, endpoint: str = "openai") -> None:
+        """``url``: which of OPENAI_BASE_URL's servers (default: the first); ``endpoint``: its name among them."""
         o = settings.openai
-        self.url = o.base_url.rstrip("/")
+        self.url = url if url is not None else split_urls(o.base_url)[0]
+        self.endpoint = endpoint
         self.prefix = o.model_prefix
         self.model_map = dict(o.model_map)
         self.max_concurrent = o.max_concurrent  # read by the host's gate: calls in flight to this server, 0 no limit
@@ -579,4 +584,6 @@ def _completion(
 
 @hookimpl
 def llm_worker_providers(settings: Settings) -> list[OpenAIProvider]:
-    return [OpenAIProvider(settings)] if settings.openai.base_url else []
+    """One provider per server of OPENAI_BASE_URL (none when it is empty), each its own endpoint."""
+    urls = split_urls(settings.openai.base_url)
+    return [OpenAIProvider(settings, url, name) for url, name in zip(urls, endpoint_names("openai", len(urls)))]

@@ -24,8 +24,15 @@ from urllib.parse import urlsplit
 import msgspec
 from msgspec import Meta, Struct, field
 
-from llm_worker.host.layout import MAX_POOLS, MAX_PROVIDERS
-from llm_worker.settings.urls import mask_host_list, mask_url, resolve_redis_url, sentinel_addresses, split_userinfo
+from llm_worker.host.layout import MAX_ENDPOINTS, MAX_POOLS, MAX_PROVIDERS
+from llm_worker.settings.urls import (
+    mask_host_list,
+    mask_url,
+    resolve_redis_url,
+    sentinel_addresses,
+    split_urls,
+    split_userinfo,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -41,7 +48,9 @@ def env(name: str, doc: str, *, secret: bool = False, **constraints: Any) -> Met
 QUEUE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._:{}-]{0,127}$"
 WORKER_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 MODEL_NAME = r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,254}$"  # a model's name, in settings and in jobs
-HTTP_URL = r"^https?://[^\s/]+(/\S*)?$"
+_URL = r"https?://[^\s/,]+(/[^\s,]*)?"
+HTTP_URL = rf"^{_URL}$"
+HTTP_URLS = rf"^{_URL}(\s*,\s*{_URL})*$"  # one server's URL, or several comma-separated (one per GPU)
 MS = "milliseconds"
 # Ollama's options that are fixed when a model loads (api.Runner in api/types.go, v0.33), with the
 # JSON type Ollama's Options.FromMap insists on: a request that differs reloads the model, and
@@ -275,7 +284,15 @@ class RedisSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
 
 
 class OllamaSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    base_url: Annotated[str, env("OLLAMA_BASE_URL", "Ollama's address.", pattern=HTTP_URL)] = "http://localhost:11434"
+    base_url: Annotated[
+        str,
+        env(
+            "OLLAMA_BASE_URL",
+            "Ollama's address; several, comma-separated, for several Ollama servers on this host (one per GPU, "
+            f"at most {MAX_ENDPOINTS}): jobs go where their model is loaded, and one that is down is passed over.",
+            pattern=HTTP_URLS,
+        ),
+    ] = "http://localhost:11434"
     timeout: Annotated[
         int,
         env(
@@ -319,8 +336,8 @@ class OllamaSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
         env(
             "OLLAMA_NUM_PARALLEL",
             "Requests Ollama serves at once per loaded model (its own OLLAMA_NUM_PARALLEL, default 1; always 1 "
-            "for embedding models): the host keeps each model's calls in flight at or under this, so none wait "
-            "inside Ollama. Set it to what the Ollama server is started with.",
+            "for embedding models): the host keeps each model's calls in flight at or under this, on each Ollama "
+            "server, so none wait inside Ollama. Set it to what the Ollama servers are started with.",
             ge=1,
             le=256,
         ),
@@ -333,9 +350,10 @@ class OpenAISettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
         env(
             "OPENAI_BASE_URL",
             "An OpenAI-compatible API, with its version path: `https://api.openai.com/v1`, vLLM's "
-            "`http://localhost:8000/v1`, Ollama's own `http://localhost:11434/v1`. Empty: the OpenAI provider "
-            "is off.",
-            pattern=r"^(https?://[^\s/]+(/\S*)?)?$",
+            "`http://localhost:8000/v1`, Ollama's own `http://localhost:11434/v1`; several, comma-separated, for "
+            f"several servers of the same models (one vLLM or llama.cpp server per GPU, at most {MAX_ENDPOINTS}). "
+            "Empty: the OpenAI provider is off.",
+            pattern=rf"^({HTTP_URLS[1:-1]})?$",
         ),
     ] = ""
     api_key: Annotated[
@@ -388,9 +406,9 @@ class OpenAISettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
         int,
         env(
             "OPENAI_MAX_CONCURRENT",
-            "Most calls in flight to the OpenAI-compatible server from this host, all workers together: 1 for a "
-            "server with one slot (llama.cpp's default; llama-cpp-python interrupts a running generation for a "
-            "new request), N for N slots. 0: no limit but MAX_CONCURRENT_REQUESTS.",
+            "Most calls in flight to the OpenAI-compatible server (to each, with several) from this host, all "
+            "workers together: 1 for a server with one slot (llama.cpp's default; llama-cpp-python interrupts a "
+            "running generation for a new request), N for N slots. 0: no limit but MAX_CONCURRENT_REQUESTS.",
             ge=0,
             le=10_000,
         ),
@@ -485,7 +503,8 @@ class ModelSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
         env(
             "MODEL_PRELOAD_LIST",
             "Models to load at start, comma-separated (the service this replaced named llama2,mistral; empty "
-            "here: name the models your host serves).",
+            "here: name the models your host serves). With several Ollama servers each model is loaded on one, "
+            "spread over them.",
         ),
     ] = []
     load_timeout: Annotated[
@@ -512,9 +531,10 @@ class ModelSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
         int,
         env(
             "MODEL_CACHE_SIZE",
-            "Most models kept loaded; past it, the least recently used idle one is unloaded. 0: what Ollama "
-            "keeps by default (its OLLAMA_MAX_LOADED_MODELS: 3 per GPU as NVML counts them, 3 without a GPU), "
-            "so the manager chooses before Ollama must.",
+            "Most models kept loaded on each Ollama server; past it, the least recently used idle one is "
+            "unloaded. 0: what Ollama keeps by default (its OLLAMA_MAX_LOADED_MODELS: 3 per GPU as NVML counts "
+            "them, the GPUs shared out among the servers; 3 without a GPU), so the manager chooses before Ollama "
+            "must.",
             ge=0,
             le=64,
         ),
@@ -524,7 +544,7 @@ class ModelSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
         env(
             "MODEL_MEMORY_THRESHOLD",
             "Share of GPU memory (or host memory, without a GPU) past which idle models are unloaded, least "
-            "recently used first.",
+            "recently used first; with several Ollama servers, of each one's equal share of it.",
             ge=0.05,
             le=1.0,
         ),
@@ -1194,15 +1214,33 @@ def _check_consistency(s: Settings, sources: Mapping[str, str]) -> None:
         raise SettingError(where("REDIS_URL"), mask_url(url), "a redis://, rediss:// or unix:// URL")
     _check_sentinels(s, sources)
     for name, base in (("OLLAMA_BASE_URL", s.ollama.base_url), ("OPENAI_BASE_URL", s.openai.base_url)):
+        _check_server_urls(where(name), base)
+
+
+def _check_server_urls(source: str, text: str) -> None:
+    """A provider's server URLs: no credentials, each once, few enough for the host's endpoint table."""
+    urls = split_urls(text)
+    for url in urls:
         # The HTTP client sends no user info, so credentials there would be dropped
         # in silence, and shown wherever the URL is (check-config, /status).
-        if "@" in urlsplit(base).netloc:
+        if "@" in urlsplit(url).netloc:
             raise SettingError(
-                where(name),
-                mask_url(base, hide_user=True),
+                source,
+                ",".join(mask_url(u, hide_user=True) for u in urls),
                 "a URL with no user:password@ in it (llm-worker sends none; "
                 "an OpenAI-compatible API's key goes in OPENAI_API_KEY)",
             )
+    seen: set[str] = set()
+    for url in urls:
+        parts = urlsplit(url)
+        same = parts._replace(scheme=parts.scheme.lower(), netloc=parts.netloc.lower()).geturl()
+        if same in seen:  # two endpoints of one server would each count its slots, and overload it
+            raise SettingError(source, text, f"different servers, each named once; {url} is named twice")
+        seen.add(same)
+    if len(urls) > MAX_ENDPOINTS:
+        raise SettingError(
+            source, text, f"at most {MAX_ENDPOINTS} comma-separated URLs (the host's shared endpoint table)"
+        )
 
 
 def _check_load_options(source: str, options: Mapping[str, Any]) -> None:

@@ -1,5 +1,6 @@
 """Addresses as text: Redis's URL built from the settings, the sentinels'
-host:port pairs, and any URL made fit to show, with its secrets masked.
+host:port pairs, a provider's list of server URLs, and any URL made fit to
+show, with its secrets masked.
 
 Apart from config.py so that loading settings reads as loading settings; the
 rules here are about URL syntax and what redis-py makes of it.
@@ -120,6 +121,14 @@ def split_userinfo(rest: str) -> tuple[str, str]:
 
 # The query options of redis-py's URLs that hold a secret.
 _QUERY_SECRETS = {"password", "ssl_password"}
+
+
+def split_urls(text: str) -> list[str]:
+    """A provider setting's URLs (OLLAMA_BASE_URL, OPENAI_BASE_URL): comma-separated, one per server, in order.
+
+    Each without its trailing '/', as the providers send to it; empty text is no URL at all.
+    """
+    return [item.strip().rstrip("/") for item in text.split(",") if item.strip()]
 
 
 def mask_host_list(items: Sequence[str]) -> str:

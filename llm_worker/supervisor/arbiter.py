@@ -17,17 +17,19 @@ import redis
 
 from llm_worker import exitcodes
 from llm_worker.host.backoff import compute_backoff
+from llm_worker.host.endpoints import EndpointTable
 from llm_worker.host.layout import MAX_POOLS, Phase, SlotState
 from llm_worker.host.loadboard import LoadBoard
 from llm_worker.host.procs import worker_id
 from llm_worker.host.shm import SharedState
 from llm_worker.host.stats import model_label
 from llm_worker.plugin.manager import Found
+from llm_worker.plugin.providers import endpoint_names
 from llm_worker.protocol.jobs import iso
 from llm_worker.queue.parking import unpark_all
 from llm_worker.queue.reliable import ReliableQueue, WorkerInfo, connect
 from llm_worker.settings.config import SettingError, Settings
-from llm_worker.settings.urls import redis_location
+from llm_worker.settings.urls import redis_location, split_urls
 from llm_worker.supervisor.children import RESPAWN_CAP, Child, Children, Exit, Handback
 from llm_worker.supervisor.housekeeping import Housekeeping, warn_if_jobs_can_be_lost
 from llm_worker.supervisor.recovery import Gone, Recovery
@@ -62,6 +64,11 @@ class Arbiter:
             # Before any worker runs: jobs wait for the model manager's loads, never load through their
             # own calls (loadboard.py); the manager clears this if it finds no Ollama provider after all.
             LoadBoard(self.state.loads).serve("ollama")
+            # And the Ollama servers are numbered in OLLAMA_BASE_URL's order, shown from the start.
+            urls = split_urls(settings.ollama.base_url)
+            table = EndpointTable(self.state.providers, self.state.lock)
+            for name, url in zip(endpoint_names("ollama", len(urls)), urls):
+                table.register(name, "ollama", url)
         self.signals = SignalQueue()
         self.children = Children()
         self.exit_code = exitcodes.OK

@@ -24,8 +24,7 @@ from llm_worker.host.loadboard import LoadBoard
 from llm_worker.host.shm import SharedState
 from llm_worker.host.stats import model_label
 from llm_worker.models import fleet
-from llm_worker.models.fleet import FleetView, ModelHeld
-from llm_worker.models.policy import cache_size
+from llm_worker.models.fleet import FleetView
 from llm_worker.protocol.jobs import Decoded
 from llm_worker.queue.parking import Parking, Picked
 from llm_worker.settings.config import Settings
@@ -46,7 +45,6 @@ class Affinity:
         view: FleetView,
         queue: str,
         managed: Callable[[str], bool],
-        slots_of: Callable[[str], int],
     ) -> None:
         self.settings = settings
         self.state = state
@@ -55,17 +53,10 @@ class Affinity:
         self.view = view
         self.queue = queue
         self.managed = managed  # model -> whether the manager loads its provider's models
-        self.slots_of = slots_of  # model label -> calls it serves at once
         self.max_wait_ms = settings.models.affinity_max_wait
         self.add_labels = not settings.models.allowed
         self.parked = True  # jobs were parked at the last look (first look: maybe)
         self.looked = -LOOK_EVERY
-
-    def held_here(self) -> dict[str, ModelHeld]:
-        return fleet.held_here(self.state, self.board, self.slots_of)
-
-    def room(self, held: dict[str, ModelHeld]) -> bool:
-        return fleet.has_room(held, cache_size(self.settings.models.cache_size, self.state.readings))
 
     # ---- what to take ----------------------------------------------------------------------
 
@@ -79,8 +70,8 @@ class Affinity:
 
     def pick(self, worker_id: str) -> Picked | None:
         """A parked job this worker should take now, moved into its processing list; None for none."""
-        held = self.held_here()
-        room = self.room(held)
+        held = fleet.held_here(self.state)
+        room = fleet.has_room(self.state)
         elsewhere = self.view.held_elsewhere() if room else set()
         picked, parked_models = self.parking.pick(
             worker_id, self.queue, fleet.hot(held), room, elsewhere, self.max_wait_ms
@@ -98,11 +89,10 @@ class Affinity:
         label = model_label(decoded.model)
         if self.state.model_index(label, add=self.add_labels) == 0:  # "other": no label of its own to follow
             return None
-        held = self.held_here()
-        if label in held:
+        if label in fleet.held_here(self.state):
             return None
         if label in self.view.held_elsewhere():
             return label
-        if self.room(held) and self.parking.claim(label):
+        if fleet.has_room(self.state) and self.parking.claim(label):
             return None
         return label

@@ -1,6 +1,8 @@
 """Run a validated job against the providers: breakers, fallbacks, filters; chat, generate, embeddings, batch.
 
-Each model call goes through its provider's circuit breaker. When a call
+Each model call goes to one endpoint of its provider (routing.py: where its
+model is loaded with a free slot, else the least busy that can load it) and
+through that endpoint's circuit breaker. When a call
 fails, the fallback strategies (plugins) are asked what to try next, within
 the job's one budget of attempts and its one deadline. What to do with a
 failure that stands (retry later, dead-letter) is the finisher's decision:
@@ -14,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +27,7 @@ from llm_worker.host.backpressure import CallGate, ProviderDown, Reachability
 from llm_worker.host.breaker import BreakerOpen, Breakers, breaker_record, counts
 from llm_worker.host.loadboard import LoadBoard
 from llm_worker.host.ratelimit import RateLimits, Ticket
+from llm_worker.host.routing import Router
 from llm_worker.host.stats import model_label
 from llm_worker.plugin.attempts import Attempt, Plan
 from llm_worker.plugin.manager import PluginManager
@@ -36,6 +40,7 @@ from llm_worker.plugin.providers import (
     Provider,
     ProviderError,
     RateLimited,
+    endpoint_of,
 )
 from llm_worker.protocol.jobs import (
     Answer,
@@ -60,7 +65,7 @@ LEASE_GRACE = 5.0  # seconds a half-open probe's lease outlives its deadline
 
 
 class Executor:
-    """Routes each model call to the first provider that serves its model."""
+    """Routes each model call to the first provider that serves its model, and to one of its endpoints."""
 
     def __init__(
         self,
@@ -85,12 +90,17 @@ class Executor:
         self.breakers = breakers
         self.settings = settings
         self.worker_id = worker_id
+        state = gate.state if gate is not None else None
+        add = gate.add_labels if gate is not None else True
+        self.router = Router(providers, breakers, reach, loads, state, add_labels=add)
 
-    def provider_for(self, model: str) -> Provider:
-        for provider in self.providers:
-            if provider.serves(model):
-                return provider
-        raise JobError(f"no provider serves model {model!r}", ErrorKind.MODEL)
+    def provider_for(self, model: str, *, embedding: bool = False, avoid: Iterable[str] = ()) -> Provider:
+        """The endpoint a call of ``model`` goes to now; ``avoid``: endpoints that failed this job (routing.py)."""
+        return self.router.route(model, embedding=embedding, avoid=avoid)
+
+    def endpoints_for(self, model: str) -> list[Provider]:
+        """Every endpoint that could serve ``model`` (of the first provider that serves it)."""
+        return self.router.endpoints_for(model)
 
     def run(self, decoded: Decoded, deadline: Deadline, sink: StreamSink | None) -> Outcome:
         """Run the job to its outcome: its answer, or the error that stands; a failure is never raised."""
@@ -116,17 +126,26 @@ class Executor:
     def _call(self, job: Decoded, task: Task, deadline: Deadline, sink: StreamSink | None, tally: _Tally) -> Answer:
         """The answer of one model call and its fallbacks, or raise the error that stands; ``tally`` keeps count."""
         requested, refused = task.model, []
-        reduced = unloaded = planned = False
+        reduced = unloaded = planned = switched = False
+        failed: set[str] = set()  # endpoints that failed this call: its retries and fallbacks go elsewhere first
+        key = None
         while True:
-            provider = self.provider_for(task.model)
-            tally.tried.append(task.model)
-            key = self.cache.key_of(provider.name, task) if self.cache is not None and not planned else None
-            if key is not None and (hit := self.cache.get(key)) is not None:  # type: ignore[union-attr]
-                self.plugins.filter_response(job, hit)
-                return hit
+            embedding = isinstance(task.request, EmbeddingsRequest)
+            provider = self.provider_for(task.model, embedding=embedding, avoid=failed)
+            if not switched:  # the same call moved to another endpoint is not another try
+                tally.tried.append(task.model)
+                key = self.cache.key_of(provider.name, task) if self.cache is not None and not planned else None
+                if key is not None and (hit := self.cache.get(key)) is not None:  # type: ignore[union-attr]
+                    self.plugins.filter_response(job, hit)
+                    return hit
+            switched = False
             try:
                 answer = self._attempt(provider, task, deadline, sink, unloaded=unloaded, reduced=reduced)
             except BreakerOpen as exc:  # refused before any call: no attempt spent
+                failed.add(endpoint_of(provider))
+                if self._elsewhere(task.model, failed):
+                    switched = True  # another endpoint can take the call now: no attempt, no fallback
+                    continue
                 error: JobError = exc
                 refused.append(exc)
             except RateLimited:
@@ -134,6 +153,7 @@ class Executor:
                 # attempt, and for its own model: a fallback model is most often the same provider's quota.
                 raise
             except JobError as exc:
+                failed.add(endpoint_of(provider))
                 error = exc
                 tally.calls += 1
             else:
@@ -219,7 +239,7 @@ class Executor:
 
     def _embed_together(self, jobs: list[Decoded], deadline: Deadline) -> list[Answer]:
         tasks = [d.tasks[0] for d in jobs]
-        provider = self.provider_for(tasks[0].model)
+        provider = self.provider_for(tasks[0].model, embedding=True)
         answers: list[Answer | None] = [None] * len(jobs)
         keys: list[str | None] = [None] * len(jobs)
         if self.cache is not None:
@@ -259,23 +279,26 @@ class Executor:
         unloaded: bool = False,
         reduced: bool = False,
     ) -> Answer:
-        """One provider call: its reachability, its breaker, its model's load, its rate limits, the host's call gate.
+        """One call to one endpoint: its reachability, its breaker, its model's load there, its rate limits, then the
+        host's call gate.
 
         ``unloaded``: the memory strategy already unloaded idle models for this
         job, so a crashed runner now is a broken model, counted by the breaker.
         ``reduced``: the timeout fallback already shortened the job; until it
         has, the call may use only part of the job's time (FALLBACK_TIMEOUT_RESERVE).
         """
-        if self.reach is not None and self.reach.is_down(provider.name):
-            raise ProviderDown(provider.name, self.reach.error(provider.name))
-        admission = self.breakers.admit(provider.name, task.model, deadline.left() + LEASE_GRACE)
+        endpoint = endpoint_of(provider)
+        if self.reach is not None and self.reach.is_down(endpoint):
+            raise ProviderDown(endpoint, self.reach.error(endpoint))
+        admission = self.breakers.admit(endpoint, task.model, deadline.left() + LEASE_GRACE)
         self._report_transitions()
         try:
-            self._await_model(provider, task.model, deadline)
-            with self._budget(provider, task, deadline) as ticket, self._gate(provider, task, deadline):
-                call_deadline = self._call_deadline(task, deadline, sink, reduced)
-                answer = self._run_task(provider, task, call_deadline, sink)
-                ticket.used = answer.tokens
+            with self._routed(provider, task):
+                self._await_model(provider, task.model, deadline)
+                with self._budget(provider, task, deadline) as ticket, self._gate(provider, task, deadline):
+                    call_deadline = self._call_deadline(task, deadline, sink, reduced)
+                    answer = self._run_task(provider, task, call_deadline, sink)
+                    ticket.used = answer.tokens
         except JobError as exc:
             if unloaded and getattr(exc, "crashed", False):
                 exc.counted = True  # type: ignore[attr-defined]
@@ -293,25 +316,43 @@ class Executor:
                     probe_failed=True,
                 ) from exc
             if isinstance(exc, ProviderError) and exc.unreachable and self.reach is not None:
-                # Nothing listens: the provider is down, not this job failing. The
-                # job waits without spending an attempt, and the workers pause.
-                if self.reach.mark_down(provider.name, exc.message):
+                # Nothing listens: the endpoint is down, not this job failing. The job
+                # goes to another endpoint, or waits without spending an attempt while
+                # the workers pause (when no endpoint of its provider answers).
+                if self.reach.mark_down(endpoint, exc.message):
+                    others = len(self.router.endpoints_for(task.model)) > 1
                     log.warning(
-                        f"provider {provider.name} is unreachable; workers pause until it answers",
+                        f"provider {endpoint} is unreachable; "
+                        + ("its calls go to the other endpoints" if others else "workers pause")
+                        + " until it answers",
                         extra={"error": exc.message},
                     )
-                raise ProviderDown(provider.name, exc.message) from exc
+                raise ProviderDown(endpoint, exc.message) from exc
             raise
         self.breakers.record(admission, None)
         self._report_transitions()
         return answer
 
+    def _routed(self, provider: Provider, task: Task) -> Any:
+        """The worker marked as bound for this endpoint and model until the call is over (routing counts it)."""
+        endpoint = self.router.index(provider)
+        if self.gate is None or endpoint < 0:
+            return nullcontext()
+        return self.gate.routed(task.model, endpoint)
+
+    def _elsewhere(self, model: str, failed: set[str]) -> bool:
+        """Whether an endpoint that has not failed this call could take it now."""
+        return any(
+            endpoint_of(p) not in failed and self.router.usable(p, model) for p in self.router.endpoints_for(model)
+        )
+
     def _await_model(self, provider: Provider, model: str, deadline: Deadline) -> None:
-        """Wait until the host has the model loaded, when the model manager loads this provider's models."""
-        if self.loads is None or self.gate is None or not self.loads.manages(provider.name):
+        """Wait until the endpoint has the model loaded, when the model manager loads this provider's models."""
+        endpoint = self.router.index(provider)
+        if self.loads is None or self.gate is None or endpoint < 0 or not self.loads.manages(provider.name):
             return
         index = self.gate.state.model_index(model_label(model), add=self.gate.add_labels)
-        waited = self.loads.wait_resident(index, model, deadline, self.gate.slot.beat)
+        waited = self.loads.wait_resident(endpoint, index, model, deadline, self.gate.slot.beat)
         if waited > 0.5:
             log.info(
                 f"waited {waited:.1f}s for {model} to load", extra={"model": model, "waitSeconds": round(waited, 2)}
@@ -325,7 +366,7 @@ class Executor:
         return self.limits.call(provider.name, task, deadline, beat)
 
     def _gate(self, provider: Provider, task: Task, deadline: Deadline) -> Any:
-        """The host's call gate for this call: its cap, the model's slots and the provider's cap."""
+        """The host's call gate for this call: its cap, the model's slots and the endpoint's cap."""
         if self.gate is None:
             return nullcontext()
         slots = getattr(provider, "model_slots", None)
@@ -334,7 +375,7 @@ class Executor:
             task.model,
             deadline,
             model_slots=model_slots,
-            provider=self.providers.index(provider),
+            provider=self.router.index(provider),
             provider_cap=getattr(provider, "max_concurrent", 0) or 0,
         )
 
@@ -367,13 +408,12 @@ class Executor:
         return dataclasses.replace(task, model=plan.model or task.model, request=request)
 
     def _refused(self, model: str) -> bool:
+        """Whether every endpoint that could serve ``model`` refuses it now (down, or its breaker open)."""
         try:
-            provider = self.provider_for(model)
+            endpoints = self.router.endpoints_for(model)
         except JobError:
             return True
-        return (self.reach is not None and self.reach.is_down(provider.name)) or self.breakers.refused(
-            model, provider.name
-        )
+        return not any(self.router.usable(p, model) for p in endpoints)
 
     def _report_transitions(self) -> None:
         """Log and record each breaker transition this process made: once, from here."""

@@ -35,7 +35,7 @@ from llm_worker.host.shm import SharedState
 from llm_worker.models.fleet import Fleet, FleetView
 from llm_worker.plugin.context import WorkerContext
 from llm_worker.plugin.manager import Found, PluginManager
-from llm_worker.plugin.providers import Deadline
+from llm_worker.plugin.providers import Deadline, endpoint_of
 from llm_worker.protocol import jobs
 from llm_worker.protocol.jobs import Decoded, EmbeddingsRequest, Invalid, JobError, Malformed, decode, iso
 from llm_worker.queue.cache import ResponseCache
@@ -192,7 +192,7 @@ class WorkerProcess:
         return verdict.pause != Pause.NONE
 
     def _probe(self, name: str) -> None:
-        provider = next(p for p in self.executor.providers if p.name == name)
+        provider = next(p for p in self.executor.providers if endpoint_of(p) == name)
         health = provider.health(timeout=2.0)
         self.slot.beat()
         if health.ok and self.reach.mark_up(name):
@@ -240,7 +240,7 @@ class WorkerProcess:
             and self.settings.worker.batch_size > 1
             and self.queue_name == self.settings.queue.embeddings
         )
-        self.watch = PoolWatch(state, self.slot.pool, providers, self.executor.provider_for, self.reach, breakers)
+        self.watch = PoolWatch(state, self.slot.pool, providers, self.executor.endpoints_for, self.reach, breakers)
         self.reliable_queue = ReliableQueue(self.client, self.settings)
         self.affinity = self._affinity(LoadBoard(state.loads)) if self.settings.models.affinity else None
         info = WorkerInfo(
@@ -280,17 +280,9 @@ class WorkerProcess:
             except JobError:  # no provider serves it: the job fails as it runs
                 return False
 
-        def slots_of(label: str) -> int:
-            try:
-                provider = self.executor.provider_for(label)
-            except JobError:
-                return 1
-            slots = getattr(provider, "model_slots", None)
-            return slots(label, False) if slots is not None else 1
-
         parking = Parking(self.client, keys, self.settings.worker.id)
         view = FleetView(Fleet(self.client, keys, self.settings.worker.id))
-        return Affinity(self.settings, self.spec.state, board, parking, view, self.queue_name, managed, slots_of)
+        return Affinity(self.settings, self.spec.state, board, parking, view, self.queue_name, managed)
 
     # ---- one job --------------------------------------------------------------
 
