@@ -38,10 +38,20 @@ ACL = ["on", "~llm:*", "~llm-*", "resetchannels", "+@all", "-@dangerous", "+info
 def _every_route(svc: Any, token: str) -> dict[str, str]:
     http = urllib3.PoolManager()
     out = {}
-    for path in ("/", "/health", "/health/live", "/health/ready", "/health/ollama", "/status", "/metrics"):
+    for path in (
+        "/",
+        "/health",
+        "/health/live",
+        "/health/ready",
+        "/health/ollama",
+        "/status",
+        "/metrics",
+        "/dashboard/data",
+    ):
         out[path] = http.request("GET", svc.url + path).data.decode(errors="replace")
-    for path in ("/admin/queue/stats", "/admin/breakers"):
-        out[path] = http.request("GET", svc.url + path, headers={"Authorization": f"Bearer {token}"}).data.decode()
+    for path in ("/admin/queue/stats", "/admin/breakers", "/dashboard/data"):
+        got = http.request("GET", svc.url + path, headers={"Authorization": f"Bearer {token}"}).data.decode()
+        out[f"{path} with the token"] = got
     return out
 
 

@@ -5,7 +5,8 @@ stays single-threaded. Health, readiness, status and metrics answer from
 shared memory, never from Redis or Ollama on the request path; the admin
 routes, which operators call by hand, read Redis; /health/ollama asks Ollama
 live, as the service this replaced did, through the sampler's LiveProbe (one
-probe in flight, at most one a second).
+probe in flight, at most one a second). /dashboard is a page over /status,
+/dashboard/data (Redis: dead letters, events) and the admin routes (see dashboard.py).
 """
 
 from __future__ import annotations
@@ -26,14 +27,17 @@ from prometheus_client import CollectorRegistry, make_wsgi_app
 
 from llm_worker import __version__, logs
 from llm_worker.host.breaker import Breakers, breaker_record
-from llm_worker.host.layout import Phase
+from llm_worker.host.layout import Phase, SlotState
 from llm_worker.host.procs import exit_with_parent, worker_id
 from llm_worker.host.shm import SharedState
+from llm_worker.host.stats import model_label
+from llm_worker.http.dashboard import DashboardData, load_assets, serve_asset
 from llm_worker.http.liveprobe import Answer, LiveProbe
 from llm_worker.http.metrics import ShmCollector
 from llm_worker.models.fleet import FleetSeen
 from llm_worker.plugin.context import WorkerContext
 from llm_worker.plugin.manager import Found, PluginManager
+from llm_worker.plugin.providers import Deadline, ProviderError
 from llm_worker.protocol.jobs import iso
 from llm_worker.queue.admin import QueueAdmin
 from llm_worker.queue.reliable import connect
@@ -42,6 +46,7 @@ from llm_worker.settings.config import Settings
 log = logging.getLogger("llm_worker.http.app")
 LIVE_STALE = 10.0  # seconds without a supervisor loop turn before liveness fails
 REDIS_STALE = 5.0  # seconds without a Redis check before readiness stops trusting it
+UNLOAD_TIMEOUT = 10.0  # seconds for Ollama to answer an unload by hand (as `llm-worker models unload`)
 THREADS = 8  # waitress's request threads
 # /health/ollama requests that may wait on a probe at once: a hanging Ollama holds each
 # for up to HEALTHCHECK_TIMEOUT, and the other threads must stay free for liveness.
@@ -113,6 +118,7 @@ class App:
         registry.register(ShmCollector(settings, state))
         self.metrics = make_wsgi_app(registry)
         self._admin: QueueAdmin | None = None
+        self._providers: list[Any] | None = None  # the Ollama providers, for unloads by hand (made on the first)
         self.routes: dict[str, Route] = {
             "/": self.basic,
             "/health": self.basic,
@@ -120,7 +126,10 @@ class App:
             "/health/ready": self.readiness,
             "/health/ollama": self.ollama,
             "/status": self.status,
+            "/dashboard/data": self.dashboard_data,
         }
+        self.assets = load_assets()  # /dashboard and its files
+        self.dashboard = DashboardData(settings, state, self._queue_admin)
         self.admin_routes: dict[str, Route] = {
             "/admin/queue/stats": self.queue_stats,
             "/admin/breakers": self.breakers_list,
@@ -129,6 +138,13 @@ class App:
             f"/admin/breakers/{action}": self._breaker_action(action)
             for action in ("force-open", "force-close", "reset")
         }
+        self.admin_actions.update(
+            {
+                "/admin/queue/requeue": self.requeue,
+                "/admin/queue/purge": self.purge,
+                "/admin/models/unload": self.unload_model,
+            }
+        )
         self.breakers = Breakers(state.breakers, state.lock, settings)
         self.plugins: PluginManager | None = None  # set by serve(): breaker events go to the sinks
 
@@ -147,6 +163,9 @@ class App:
             return _json(start_response, 405, {"error": "Method not allowed"})
         if path == "/metrics":
             return self.metrics(environ, start_response)
+        asset = self.assets.get(path)
+        if asset is not None:
+            return serve_asset(asset, environ, start_response)
         route = self.routes.get(path)
         if route is None:
             return _json(start_response, 404, {"error": "Not found"})
@@ -163,11 +182,19 @@ class App:
         token = self.settings.http.admin_token
         if not token:  # admin routes are off unless a token is set
             return 404, {"error": "Not found"}
-        given = environ.get("HTTP_AUTHORIZATION", "")
-        scheme, _, credential = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(credential.strip().encode(), token.encode()):
+        if not self._token_given(environ):
             return 401, {"error": "a bearer token is required (Authorization: Bearer <ADMIN_TOKEN>)"}
         return None
+
+    def _token_given(self, environ: dict[str, Any]) -> bool:
+        """Whether the request carries the admin token (False when none is set)."""
+        token = self.settings.http.admin_token
+        scheme, _, credential = environ.get("HTTP_AUTHORIZATION", "").partition(" ")
+        return (
+            bool(token)
+            and scheme.lower() == "bearer"
+            and hmac.compare_digest(credential.strip().encode(), token.encode())
+        )
 
     # ---- health ---------------------------------------------------------------
 
@@ -286,10 +313,79 @@ class App:
 
         return act
 
-    def queue_stats(self, environ: dict[str, Any]) -> tuple[int, Any]:
+    def _queue_admin(self) -> QueueAdmin:
         if self._admin is None:
             self._admin = QueueAdmin(connect(self.settings, timeout=2.0), self.settings)
-        return 200, self._admin.stats()
+        return self._admin
+
+    def queue_stats(self, environ: dict[str, Any]) -> tuple[int, Any]:
+        return 200, self._queue_admin().stats()
+
+    def dashboard_data(self, environ: dict[str, Any]) -> tuple[int, Any]:
+        # Prompt text only where the operator allowed it in the logs, and only to a holder of the admin token.
+        return 200, self.dashboard.document(self.settings.log.prompts and self._token_given(environ))
+
+    def requeue(self, environ: dict[str, Any]) -> tuple[int, Any]:
+        """Dead letters back to the end of their queues: one (``?id=JOB_ID``) or every one (``?all=1``)."""
+        query = parse_qs(environ.get("QUERY_STRING", ""))
+        job_id, every = query.get("id", [""])[0], query.get("all", [""])[0] in ("1", "true")
+        if bool(job_id) == every:
+            return 400, {"error": "say which: POST /admin/queue/requeue?id=<job id> or ?all=1"}
+        moved, skipped = self._queue_admin().requeue(job_id or None)
+        if job_id and not moved:
+            return 404, {"error": f"no dead letter of job {job_id!r}"}
+        log.warning(f"requeued {moved} dead letter(s) by an operator", extra={"jobId": job_id or None})
+        return 200, {"requeued": moved, "notRequeued": skipped}
+
+    def purge(self, environ: dict[str, Any]) -> tuple[int, Any]:
+        """Empty one of this host's queues, or the dead-letter list (``?queue=NAME``), parked jobs included."""
+        name = parse_qs(environ.get("QUERY_STRING", "")).get("queue", [""])[0]
+        admin = self._queue_admin()
+        # Only lists the settings name as queues: any other list in Redis (a worker's processing list,
+        # say) is not the page's to delete; `llm-worker queues purge` can, after asking.
+        known = [*admin.queues(), self.settings.queue.dead_letter]
+        if name not in known:
+            return 404, {"error": f"no queue {name!r}; this host's queues: {', '.join(known)}"}
+        purged = admin.purge(name) or 0
+        log.warning(f"purged {purged} job(s) from {name} by an operator", extra={"queue": name})
+        return 200, {"queue": name, "purged": purged}
+
+    def unload_model(self, environ: dict[str, Any]) -> tuple[int, Any]:
+        """Ask Ollama to unload a model now (``?model=NAME``, ``&endpoint=NAME`` with several Ollama servers),
+        as `llm-worker models unload` does.
+
+        Refused while a worker of this host is calling the model: the model manager never unloads one in
+        use, nor does this. The manager sees the model gone on its next look at Ollama.
+        """
+        query = parse_qs(environ.get("QUERY_STRING", ""))
+        model, endpoint = query.get("model", [""])[0], query.get("endpoint", [""])[0]
+        if not model:
+            return 400, {"error": "say which model: POST /admin/models/unload?model=<name>"}
+        labels = self.state.model_labels()
+        busy = {s.model for s in self.state.slots if s.up() and s.state == SlotState.BUSY and s.model >= 0}
+        label = model_label(model)
+        # Index 0 counts the models past the label table: while one of those is busy, any unlabelled one may be.
+        if (labels.index(label) if label in labels else 0) in busy:
+            return 409, {"error": f"{model} is in use by a worker of this host; try again when its jobs are done"}
+        provider = self._ollama(endpoint)
+        if provider is None:
+            return 404, {"error": f"no Ollama endpoint {endpoint!r} here" if endpoint else "no Ollama provider here"}
+        try:
+            provider.unload(model, Deadline(UNLOAD_TIMEOUT))
+        except ProviderError as exc:
+            return 502, {"error": exc.message}
+        log.warning(f"model unloaded by an operator: {model}", extra={"model": label})
+        return 200, {"unloaded": model}
+
+    def _ollama(self, endpoint: str) -> Any:
+        """The Ollama provider of an endpoint (the first without one), from the plugin's, made once; None when
+        there is no such endpoint or the plugin is disabled."""
+        from llm_worker.plugins.ollama import OllamaProvider
+
+        if self._providers is None and self.plugins is not None:
+            self._providers = [p for p in self.plugins.providers(self.settings) if isinstance(p, OllamaProvider)]
+        mine = [p for p in self._providers or [] if not endpoint or getattr(p, "endpoint", None) == endpoint]
+        return mine[0] if mine else None
 
 
 _REASONS = {
@@ -298,6 +394,8 @@ _REASONS = {
     401: "401 Unauthorized",
     404: "404 Not Found",
     405: "405 Method Not Allowed",
+    409: "409 Conflict",
+    502: "502 Bad Gateway",
     503: "503 Service Unavailable",
 }
 
