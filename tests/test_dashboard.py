@@ -220,10 +220,10 @@ def _ps(sim: Simulator) -> list[dict]:
     return urllib3.request("GET", sim.url + "/api/ps").json()["models"]
 
 
-def _rows(browser: Browser, section: str) -> list[list[str]]:
-    """The cells' text of a section's first table, row by row, as rendered."""
+def _rows(browser: Browser, section: str, nth: int = 0) -> list[list[str]]:
+    """The cells' text of a section's ``nth`` table, row by row, as rendered."""
     return browser.evaluate(
-        f"[...document.querySelector('#{section} table').tBodies[0].rows]"
+        f"[...document.querySelectorAll('#{section} table')[{nth}].tBodies[0].rows]"
         ".map((tr) => [...tr.cells].map((td) => td.innerText.trim()))"
     )
 
@@ -278,7 +278,9 @@ def test_a_real_browser_shows_workers_queues_dead_letters_and_breakers(
         assert all(reason in dead for reason in reasons) and "[hidden: " in dead
         breakers = {row[0]: row for row in _rows(browser, "breakers")}
         assert breakers["ollama:mistral"][1].startswith("open")
-        models = {row[0]: row for row in _rows(browser, "models")}
+        # The host's one Ollama in the table of endpoints, then the models loaded there.
+        assert [row[0] for row in _rows(browser, "models")] == ["ollama"]
+        models = {row[0]: row for row in _rows(browser, "models", 1)}
         assert set(models) == {"llama3.2:latest", "nomic-embed-text:latest"}
         assert models["llama3.2:latest"][2].endswith(" ago")  # last used
         gpus = browser.evaluate("document.querySelector('#gpus').innerText")

@@ -28,6 +28,7 @@ from typing import Any
 
 import msgspec
 
+from llm_worker.host.layout import MAX_MODELS
 from llm_worker.host.shm import SharedState
 from llm_worker.protocol.jobs import iso
 from llm_worker.queue.admin import QueueAdmin
@@ -211,13 +212,15 @@ class DashboardData:
         return hosts
 
     def _last_used(self) -> dict[str, float | None]:
-        """Seconds since a job of this host last used each model (the workers stamp it in shared memory)."""
-        header = self.state.header
+        """Seconds since a job of this host last used each model, on any of its endpoints (the call gate stamps
+        each endpoint's row in shared memory)."""
         now = time.monotonic()
-        return {
-            label: round(now - header.model_last_used[i], 1) if header.model_last_used[i] > 0 else None
-            for i, label in enumerate(self.state.model_labels())
-        }
+        endpoints = self.state.loads.endpoints[: max(1, self.state.providers.count)]
+        out: dict[str, float | None] = {}
+        for i, label in enumerate(self.state.model_labels()[:MAX_MODELS]):
+            last = max(block.rows[i].last_used for block in endpoints)
+            out[label] = round(now - last, 1) if last > 0 else None
+        return out
 
 
 def _event(entry_id: bytes, fields: dict[bytes, bytes]) -> dict[str, Any]:
