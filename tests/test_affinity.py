@@ -130,3 +130,34 @@ def test_parked_jobs_no_host_holds_are_loaded_for_by_demand(  # type: ignore[no-
         results = wait_all(client, ids, timeout=30)
         assert all(res["success"] for res in results.values())
         assert sim.stats().loads.get("m-c:latest", 0) + sim.stats().loads.get("m-c", 0) == 1
+
+
+def test_a_load_on_a_full_host_drains_a_busy_model_instead_of_waiting_for_it_to_idle_out(  # type: ignore[no-untyped-def]
+    service, redis_url: str, r
+) -> None:
+    # Given: a host whose Ollama keeps two models, both loaded and busy (every call takes 2 s). Ollama evicts a
+    # busy model only once its calls stop, and a call that uses it meanwhile renews its keep_alive: asked to
+    # load a third model now, it would wait until one of them idled out (MODEL_UNLOAD_TIMEOUT, 5 minutes).
+    config = SimulatorConfig(port=0, models=["m-a", "m-b", "m-c"], max_loaded=2, num_parallel=2, latency_ms=2000.0)
+    with Simulator(config) as sim:
+        svc = service(
+            WORKER_ID="host-a",
+            OLLAMA_BASE_URL=sim.url,
+            MODEL_PRELOAD_LIST="m-a,m-b",
+            WORKER_POOLS="llm-chat=4",
+            MODEL_CACHE_SIZE="2",
+            MODEL_AFFINITY_MAX_WAIT="500",
+        )
+        client = client_for(redis_url)
+        busy = [chat(client, model="m-a"), chat(client, model="m-b")]
+        eventually(lambda: sim.stats().in_slots == 2, timeout=10, what="both models busy")
+        # When: a job for a third model comes, then one more for each of the two.
+        third = chat(client, model="m-c")
+        eventually(lambda: "drains to make room for m-c" in svc.tail(200), timeout=15, what="a model drained")
+        after = [chat(client, model="m-a"), chat(client, model="m-b")]
+        # Then: the drained model takes no new job, goes once its call ends, and the third loads at once;
+        # every job is answered once, long before a model could idle out.
+        results = wait_all(client, [*busy, third, *after], timeout=60)
+        assert all(res["success"] for res in results.values())
+        assert_each_answered_once(r, [*busy, third, *after])
+        assert sim.stats().loads.get("m-c:latest", 0) + sim.stats().loads.get("m-c", 0) == 1

@@ -276,6 +276,7 @@ class LoadRow(ctypes.Structure):
         ("slots", ctypes.c_int32),  # calls it serves at once here (OLLAMA_NUM_PARALLEL; 1 for embedding models)
         ("loads", ctypes.c_uint64),  # loads the manager saw here (its own and on demand)
         ("unloads", ctypes.c_uint64),  # unloads the manager made here
+        ("draining", ctypes.c_int32),  # 1: to be unloaded for a load once idle; take no new jobs for it here
     ]
 
 

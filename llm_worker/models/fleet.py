@@ -32,7 +32,7 @@ from llm_worker.settings.config import Settings
 PUBLISH_EVERY = 0.5  # seconds between two publications of a host's holdings
 EXPIRES_MS = 5_000  # a host that stops publishing leaves every view this much later (10 publications missed)
 VIEW_TTL = 0.25  # seconds a worker's view of the fleet is reused before it is read again
-LOADED, LOADING = "loaded", "loading"
+LOADED, LOADING, DRAINING = "loaded", "loading", "draining"  # draining: to be unloaded once its calls end
 DEMAND_RETRY = 60.0  # seconds before a model whose load by demand failed on an endpoint is tried there again
 log = logging.getLogger("llm_worker.models.fleet")
 
@@ -40,7 +40,7 @@ log = logging.getLogger("llm_worker.models.fleet")
 class ModelHeld(msgspec.Struct, kw_only=True, rename="camel"):
     """One model a host holds."""
 
-    state: str  # loaded | loading
+    state: str  # loaded | loading | draining
     slots: int  # calls it serves at once (OLLAMA_NUM_PARALLEL; 1 for an embedding model)
     busy: int  # the host's workers calling it now
 
@@ -80,8 +80,9 @@ def held_here(state: SharedState) -> dict[str, ModelHeld]:
                 continue
             was = out.get(labels[index])
             loaded = bool(row.resident) or (was is not None and was.state == LOADED)
+            draining = bool(row.draining) or (was is not None and was.state == DRAINING)
             out[labels[index]] = ModelHeld(
-                state=LOADED if loaded else LOADING,
+                state=DRAINING if draining else LOADED if loaded else LOADING,
                 slots=(was.slots if was else 0) + (max(1, row.slots) if row.resident else 0),
                 busy=(was.busy if was else 0) + bound.get((endpoint, index), 0),
             )
@@ -176,8 +177,10 @@ class FleetView:
         return self._others
 
     def held_elsewhere(self) -> set[str]:
-        """Model labels another live host has loaded or is loading."""
-        return {label for held in self.others().values() for label in held.models}
+        """Model labels another live host has loaded or is loading (not those it is letting go)."""
+        return {
+            label for held in self.others().values() for label, model in held.models.items() if model.state != DRAINING
+        }
 
 
 class EndpointManager(Protocol):
@@ -223,7 +226,13 @@ class FleetDuty:
         memory = memory_in_use(self.state.readings)
         if memory is not None and memory.ratio > self.settings.models.memory_threshold:  # no room after all
             return
-        elsewhere = {label for host, h in self.fleet.read().items() if host != self.fleet.me for label in h.models}
+        elsewhere = {
+            label
+            for host, h in self.fleet.read().items()
+            if host != self.fleet.me
+            for label, model in h.models.items()
+            if model.state != DRAINING
+        }
         now = time.monotonic()
         for label in parked_models(self.fleet.redis, self.fleet.keys, self.state.pool_names()):
             if label in held or label in elsewhere:

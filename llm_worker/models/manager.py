@@ -67,6 +67,7 @@ log = logging.getLogger("llm_worker.models.manager")
 ASK_TIMEOUT = 10.0  # /api/tags, /api/ps and an unload: quick answers, or Ollama is in trouble
 PULL_TIMEOUT = 6 * 3600.0  # a whole pull; a stalled one fails sooner, after OLLAMA_TIMEOUT without a byte
 RETRY_CAP = 300.0  # longest wait between two tries of a failed preload or pull
+DRAIN_POLL = 0.05  # seconds between looks at a draining model's calls
 
 
 def run_manager(settings: Settings, state: SharedState, supervisor_pid: int, plugins: list[Found]) -> NoReturn:
@@ -318,6 +319,7 @@ class ModelManager:
         while True:
             index, model, why = self.to_load.get()
             try:
+                self._room_for(model, Deadline(self.settings.models.load_timeout / 1000))
                 seconds = self.provider.load(
                     model, Deadline(self.settings.models.load_timeout / 1000), keep_alive=self.provider.keep_alive
                 )
@@ -328,6 +330,45 @@ class ModelManager:
                 self.outcomes.put(LoadOutcome(index, model, why, None, ProviderError(repr(exc), ErrorKind.UNKNOWN)))
             else:
                 self.outcomes.put(LoadOutcome(index, model, why, seconds, None))
+
+    def _room_for(self, model: str, deadline: Deadline) -> None:
+        """In the loader thread, before a load on a full endpoint: wait until a loaded model is idle, and unload it.
+
+        Ollama evicts a busy model only once its requests stop, and every
+        request of ours sets its keep_alive again (server/sched.go
+        processPending, useLoadedRunner, v0.33): asked to load while each
+        loaded model is busy, it would wait until one went idle for
+        MODEL_UNLOAD_TIMEOUT. So the least recently used model is marked
+        draining (the host takes no new jobs for it here: workerproc/affinity.py)
+        until its calls end, and is unloaded then; the load goes ahead.
+        """
+        victim: Loaded | None = None
+        try:
+            while deadline.left() > 0:
+                models = self.survey()
+                if model_label(model) in {m.label for m in models} or len(models) < self.cache_size():
+                    return
+                idle = modelpolicy.evictable(models)
+                if idle:
+                    self.unload(idle[0], modelpolicy.CACHE_SIZE)
+                    return
+                now_victim = next((m for m in models if victim is not None and m.label == victim.label), None)
+                if now_victim is not None and not now_victim.busy:  # its last call ended: it goes, protected or not
+                    self.unload(now_victim, modelpolicy.CACHE_SIZE)
+                    return
+                if victim is None or now_victim is None:
+                    victim = min(models, key=lambda m: m.last_used)
+                    self.block.rows[self._index(victim.label)].draining = 1
+                    log.info(
+                        f"{victim.label}{self.on} drains to make room for {model_label(model)}",
+                        extra={"model": victim.label, "for": model_label(model), **self.where},
+                    )
+                time.sleep(DRAIN_POLL)
+        except ProviderError as exc:  # the load itself will say what is wrong
+            log.warning(f"could not make room{self.on} for {model}: {exc.message}")
+        finally:
+            if victim is not None:
+                self.block.rows[self._index(victim.label)].draining = 0
 
     def _make_room(self) -> None:
         """Before a load, unload the least recently used idle model past MODEL_CACHE_SIZE - 1."""

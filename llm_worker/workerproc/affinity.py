@@ -89,8 +89,9 @@ class Affinity:
         label = model_label(decoded.model)
         if self.state.model_index(label, add=self.add_labels) == 0:  # "other": no label of its own to follow
             return None
-        if label in fleet.held_here(self.state):
-            return None
+        here = fleet.held_here(self.state).get(label)
+        if here is not None:  # loaded or loading here: run it; draining (to be unloaded soon): leave it
+            return label if here.state == fleet.DRAINING else None
         if label in self.view.held_elsewhere():
             return label
         if fleet.has_room(self.state) and self.parking.claim(label):
