@@ -206,6 +206,9 @@ def report(figures: dict[str, Any]) -> str:
         "ending as their result"
         f"; drained in {figures['drainSeconds']} s",
         f"duplicates suppressed (outcomes dropped by the fence): {logs['duplicatesSuppressed']}",
+        "model affinity (from the events): "
+        + ", ".join(f"{n} {how}" for how, n in figures.get("affinity", {}).items())
+        + " (parked: left for the host holding their model; hot, cold, overdue: parked jobs taken, and why)",
         "answered per host: " + ", ".join(f"{h} {n}" for h, n in c["answeredPerHost"].items()),
         f"crashes: {figures['kills']['workersSigkilled']} workers SIGKILLed, "
         f"{figures['kills']['workersStopped']} stopped "
@@ -236,6 +239,22 @@ def report(figures: dict[str, Any]) -> str:
     lines.append("disruptions: " + ", ".join(f"{name} x{n}" for name, n in counts.items()))
     lines.append("CONSERVATION HOLDS" if c["holds"] else f"CONSERVATION BROKEN: {c['examples']}")
     return "\n".join(lines)
+
+
+def affinity_moves(r: redis.Redis) -> dict[str, int]:
+    """Model affinity's moves, from the events (telemetry: a Redis restart may have lost a few): jobs parked for
+    a host holding their model, and parked jobs taken, by why (hot, cold, overdue)."""
+    moves: Counter[str] = Counter()
+    try:
+        for _, fields in r.xrange("llm:events"):
+            kind = fields[b"type"]
+            if kind == b"llm.request.parked":
+                moves["parked"] += 1
+            elif kind == b"llm.request.started" and b'"affinity"' in fields[b"data"]:
+                moves[str(msgspec.json.decode(fields[b"data"]).get("affinity"))] += 1
+    except redis.RedisError:
+        pass
+    return {how: moves[how] for how in ("parked", "hot", "cold", "overdue")}
 
 
 def summarize(drill: Drill, fed: float, drained: float | None) -> dict[str, Any]:
@@ -273,6 +292,7 @@ def summarize(drill: Drill, fed: float, drained: float | None) -> dict[str, Any]
             "hostsFrozen": names["freeze a host past its heartbeat expiry"],
             "redisKilled": names["kill and restart Redis"],
         },
+        "affinity": affinity_moves(drill.r),
         "reclaims": drill.reclaims,
         "hostRecoveries": drill.host_recoveries,
         "disruptions": drill.disruptions,
