@@ -16,6 +16,7 @@ from support import chat, client_for, wait_all
 
 from llm_worker.devtools.simulator import Fault, Simulator, SimulatorConfig
 from llm_worker.plugin.manager import PluginManager
+from llm_worker.plugin.openai_shapes import openai_messages
 from llm_worker.plugin.providers import INCOMPLETE, Completion, Deadline, Incomplete, ProviderError, RateLimited
 from llm_worker.plugins import openai as plugin
 from llm_worker.plugins.openai import OpenAIProvider, classify
@@ -190,7 +191,7 @@ def test_messages_of_every_role_translate_with_images_and_tool_calls() -> None:
         },
         ChatRequest,
     )
-    assert plugin._messages(request.messages) == [
+    assert openai_messages(request.messages) == [
         {"role": "system", "content": "be brief"},
         {
             "role": "user",

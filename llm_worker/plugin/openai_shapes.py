@@ -101,6 +101,10 @@ class ToolCalls:
         elif arguments is not None:
             known["function"]["arguments"] = arguments
 
+    def joined(self) -> list[dict[str, Any]]:
+        """The calls so far, in index order, as OpenAI's shape (arguments as the text that came)."""
+        return [self._calls[i] for i in sorted(self._calls)]
+
     def ollama(self) -> list[dict[str, Any]]:
         """The calls so far, in index order, as Ollama writes them."""
-        return [ollama_tool_call(self._calls[i]) for i in sorted(self._calls)]
+        return [ollama_tool_call(call) for call in self.joined()]

@@ -49,6 +49,7 @@ from typing import Any
 
 import msgspec
 
+from llm_worker.plugin.openai_shapes import ToolCalls, ollama_tool_call, openai_content, openai_messages
 from llm_worker.plugin.providers import (
     INCOMPLETE,
     Completion,
@@ -63,7 +64,7 @@ from llm_worker.plugin.providers import (
 )
 from llm_worker.plugin.spec import hookimpl
 from llm_worker.plugin.transport import JsonHttp, Response
-from llm_worker.protocol.jobs import ChatRequest, ErrorKind, GenerateRequest, Message, Options
+from llm_worker.protocol.jobs import ChatRequest, ErrorKind, GenerateRequest, Options
 from llm_worker.settings.config import Settings
 from llm_worker.settings.urls import split_urls
 
@@ -88,7 +89,6 @@ _BY_STATUS = {
     429: ErrorKind.RATE_LIMIT,
 }
 _CONTEXT_SIGNS = ("maximum context length", "context_length_exceeded", "context length exceeded")
-_IMAGE_TYPES = {"iVBOR": "image/png", "/9j/": "image/jpeg", "R0lG": "image/gif", "UklG": "image/webp"}
 
 
 def classify(status: int, message: str) -> ErrorKind:
@@ -218,7 +218,7 @@ class OpenAIProvider:
 
     def chat(self, model: str, request: ChatRequest, deadline: Deadline, on_chunk: OnChunk | None) -> Completion:
         body = self._body(model, request, on_chunk)
-        body["messages"] = _messages(request.messages)
+        body["messages"] = openai_messages(request.messages)
         if request.tools is not None:
             body["tools"] = request.tools
         return self._complete(body, deadline, on_chunk, chat=True)
@@ -228,7 +228,7 @@ class OpenAIProvider:
     ) -> Completion:
         body = self._body(model, request, on_chunk)
         system = [{"role": "system", "content": request.system}] if request.system else []
-        body["messages"] = [*system, {"role": "user", "content": _content(request.prompt, request.images)}]
+        body["messages"] = [*system, {"role": "user", "content": openai_content(request.prompt, request.images)}]
         return self._complete(body, deadline, on_chunk, chat=False)
 
     def embed(
@@ -390,7 +390,7 @@ class _Streamed:
         self.model = model
         self.parts: list[str] = []
         self.thoughts: list[str] = []
-        self.calls: dict[int, dict[str, Any]] = {}
+        self.calls = ToolCalls()
         self.finish_reason: str | None = None
         self.usage: _Usage | None = None
         self.events = 0  # data events read, [DONE] aside
@@ -410,7 +410,7 @@ class _Streamed:
                 piece += choice.delta.content or ""
                 thought += choice.delta.thinking()
                 for call in choice.delta.tool_calls or ():
-                    self._add_call(call)
+                    self.calls.add(call)
                     calls = True
         if piece:
             self.parts.append(piece)
@@ -420,21 +420,8 @@ class _Streamed:
             self.generated += 1
         return piece, thought
 
-    def _add_call(self, call: dict[str, Any]) -> None:
-        """Join a tool call's pieces: its id and name come first, its arguments in fragments."""
-        known = self.calls.setdefault(call.get("index", len(self.calls)), {"function": {"name": "", "arguments": ""}})
-        if call.get("id"):
-            known["id"] = call["id"]
-        function = call.get("function") or {}
-        known["function"]["name"] += function.get("name") or ""
-        arguments = function.get("arguments")
-        if isinstance(arguments, str):
-            known["function"]["arguments"] += arguments
-        elif arguments is not None:
-            known["function"]["arguments"] = arguments
-
     def completion(self, chat: bool) -> Completion:
-        calls = [self.calls[i] for i in sorted(self.calls)]
+        calls = self.calls.joined()
         usage = self.usage
         if usage is None or usage.completion_tokens is None:
             # The server sent no usage (llama-cpp-python ignores stream_options): servers send about one token
@@ -461,67 +448,6 @@ def _sampling(options: Options) -> dict[str, Any]:
         value = getattr(options, name)
         if value is not None:
             out[name] = value
-    return out
-
-
-def _messages(messages: list[Message]) -> list[dict[str, Any]]:
-    """OpenAI's messages for Ollama's: image parts, tool calls with ids, tool answers naming their call."""
-    out: list[dict[str, Any]] = []
-    unanswered: list[tuple[str, str]] = []  # (id, function name) of the tool calls made so far
-    for number, m in enumerate(messages):
-        item: dict[str, Any] = {"role": m.role, "content": _content(m.content, m.images)}
-        if m.tool_calls:
-            calls = [_openai_call(call, f"call_{number}_{i}") for i, call in enumerate(m.tool_calls)]
-            item["tool_calls"] = calls
-            unanswered += [(call["id"], call["function"]["name"]) for call in calls]
-        if m.role == "tool" and unanswered:
-            # Ollama names the function a tool message answers; OpenAI wants the call's id.
-            index = next((i for i, (_, name) in enumerate(unanswered) if name == m.tool_name), 0)
-            item["tool_call_id"] = unanswered.pop(index)[0]
-        out.append(item)
-    return out
-
-
-def _content(text: str, images: list[str] | None) -> str | list[dict[str, Any]]:
-    if not images:
-        return text
-    parts: list[dict[str, Any]] = [{"type": "text", "text": text}] if text else []
-    return parts + [{"type": "image_url", "image_url": {"url": _image_url(image)}} for image in images]
-
-
-def _image_url(image: str) -> str:
-    """A data URL for Ollama's bare base64 image, its type read from the first bytes."""
-    if image.startswith(("data:", "http://", "https://")):
-        return image
-    kind = next((kind for start, kind in _IMAGE_TYPES.items() if image.startswith(start)), "image/png")
-    return f"data:{kind};base64,{image}"
-
-
-def _openai_call(call: dict[str, Any], default_id: str) -> dict[str, Any]:
-    function = call.get("function") or {}
-    arguments = function.get("arguments", {})
-    return {
-        "id": call.get("id") or default_id,
-        "type": "function",
-        "function": {
-            "name": function.get("name", ""),
-            "arguments": arguments if isinstance(arguments, str) else _encode(arguments).decode(),
-        },
-    }
-
-
-def _ollama_call(call: dict[str, Any]) -> dict[str, Any]:
-    """A tool call as Ollama writes it: arguments as an object (kept as text when they are not JSON)."""
-    function = call.get("function") or {}
-    arguments = function.get("arguments", {})
-    if isinstance(arguments, str):
-        try:
-            arguments = msgspec.json.decode(arguments) if arguments.strip() else {}
-        except msgspec.DecodeError:
-            pass
-    out: dict[str, Any] = {"function": {"name": function.get("name", ""), "arguments": arguments}}
-    if call.get("id"):
-        out["id"] = call["id"]
     return out
 
 
@@ -568,7 +494,7 @@ def _completion(
     if chat:
         message = {"role": "assistant", "content": text}
         if tool_calls:
-            message["tool_calls"] = [_ollama_call(call) for call in tool_calls]
+            message["tool_calls"] = [ollama_tool_call(call) for call in tool_calls]
         if thinking:
             message["thinking"] = thinking  # where Ollama's /api/chat puts it
     return Completion(
