@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import time
+from datetime import datetime
+
 import msgspec
+import pytest
 import redis
 from support import assert_each_answered_once, chat, client_for, events, eventually, nothing_held, wait_all
 
@@ -220,3 +224,19 @@ def test_a_streaming_job_cut_mid_stream_ends_its_stream_with_an_error(
     assert not result["success"] and result["retryCount"] == 0  # text already shown is not taken back
     kinds = [e[1][b"event"] for e in r.xrange(f"llm:stream:{job_id}")]
     assert kinds[:3] == [b"chunk"] * 3 and kinds[-1] == b"error" and b"done" not in kinds
+
+
+def test_a_job_submitted_with_a_delay_runs_once_it_is_due(service, redis_url: str, r) -> None:  # type: ignore[no-untyped-def]
+    # Given: a running host, and a job scheduled 1.5 s out (docs/protocol.md, "Queues").
+    service(WORKER_POOLS="llm-chat=1")
+    client = client_for(redis_url)
+    submitted = time.time()
+    job = client.submit("chat", {"messages": [{"role": "user", "content": "later"}]}, model="llama3.2", delay_ms=1500)
+    # Then: it waits in the delayed set, not in the queue, and runs once due.
+    assert r.zcard("llm:delayed") == 1 and r.llen("llm-chat") == 0
+    (result,) = wait_all(client, [job], timeout=30).values()
+    assert result["success"]
+    started = datetime.fromisoformat(result["startedAt"].replace("Z", "+00:00")).timestamp()
+    assert started - submitted >= 1.5
+    with pytest.raises(ValueError):
+        client.submit("chat", {"messages": []}, delay_ms=-1)

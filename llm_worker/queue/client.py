@@ -20,6 +20,7 @@ from llm_worker.queue.reliable import connect
 from llm_worker.settings.config import Settings
 
 _encode = msgspec.json.Encoder().encode
+MAX_DELAY_MS = 30 * 86_400_000  # a job scheduled further out than 30 days is more likely a unit mistake
 
 
 class JobFailed(Exception):
@@ -82,23 +83,31 @@ class Client:
         max_retries: int | None = None,
         priority: int = 0,
         urgent: bool = False,
+        delay_ms: int = 0,
         replicas: int = 0,
         replica_timeout_ms: int = 1000,
         **extra: Any,
     ) -> str:
         """Queue a job; return its id. ``urgent`` puts it at the serving end (RPUSH).
 
+        ``delay_ms`` holds it in the delayed set (``llm:delayed``) until due, then
+        any host's supervisor queues it at the serving end, as it does a retry;
+        its ``createdAt`` is when it is due, so its queueTime is the wait after.
+
         ``replicas``: wait (Redis WAIT) until that many replicas hold the push,
         so that a Sentinel failover cannot lose it; NotReplicated after
         ``replica_timeout_ms`` if fewer did.
         """
+        if not 0 <= delay_ms <= MAX_DELAY_MS:
+            raise ValueError(f"delay_ms must be 0 to {MAX_DELAY_MS}, not {delay_ms}")
+        due = time.time() + delay_ms / 1000
         job: dict[str, Any] = {
             "id": job_id or str(uuid.uuid4()),
             "type": type,
             "userId": user_id,
             "request": request,
             "priority": priority,
-            "createdAt": iso(),
+            "createdAt": iso(due),
             "retryCount": 0,
         }
         for key, value in (
@@ -112,7 +121,9 @@ class Client:
         job.update(extra)
         target = queue or self.queue_of[type]
         payload = _encode(job)
-        if urgent:
+        if delay_ms > 0:  # as a retry waits: "<queue>\n<job>", scored by the due time in ms (docs/protocol.md)
+            self.redis.zadd(self.keys.delayed, {target.encode() + b"\n" + payload: int(due * 1000)})
+        elif urgent:
             self.redis.rpush(target, payload)
         else:
             self.redis.lpush(target, payload)
