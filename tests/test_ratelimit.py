@@ -11,6 +11,8 @@ import email.utils
 import json
 import os
 import random
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -23,6 +25,7 @@ import redis
 import urllib3
 from support import chat, client_for, events, eventually, wait_all
 
+from llm_worker import exitcodes
 from llm_worker.host.layout import MAX_PROVIDERS, RATE_BUCKETS
 from llm_worker.host.ratelimit import (
     DEFAULT_COMPLETION,
@@ -501,3 +504,20 @@ def test_a_stream_already_shown_is_not_silently_delayed_it_fails_with_rate_limit
     assert [e["event"] for e in entries] == ["chunk", "error"] and entries[0]["content"] == "Hello"
     eventually(lambda: r.llen("llm-dead-letter") == 1, what="the dead letter")
     assert not r.zcard("llm:delayed")
+
+
+def test_a_budget_for_a_provider_the_host_lacks_stops_start_up_naming_those_it_has(tmp_path: Any) -> None:
+    # A typo would limit nothing while the operator believes the host is kept under its limit.
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "PYTHONPATH": os.environ.get("PYTHONPATH", ""),
+        "HOME": str(tmp_path),
+        "REDIS_URL": "redis://127.0.0.1:1/0",  # a run that wrongly starts fails fast
+        "RATE_LIMIT_RPM": "ollama=100,opnai=500",
+    }
+    run = subprocess.run(
+        [sys.executable, "-m", "llm_worker.cli", "run"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == exitcodes.USAGE, run.stderr
+    assert "RATE_LIMIT_RPM='ollama=100,opnai=500'" in run.stderr and "'opnai'" in run.stderr
+    assert "ollama" in run.stderr.split("expected", 1)[1]

@@ -48,6 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from llm_worker import logs, supervisor
+    from llm_worker.host.ratelimit import unknown_budgets
     from llm_worker.plugin.manager import PluginManager, discover
 
     try:
@@ -67,6 +68,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         return exitcodes.USAGE
     try:
         manager.check_settings()  # plugins' own settings, as strictly as ours, before any process reads them
+        providers = manager.providers(settings)
+        names = [p.name for p in providers]
+        for provider in providers:
+            provider.close()
+        unknown = unknown_budgets(settings, names)
+        if unknown is not None:
+            raise unknown
     except config.SettingError as exc:
         return flags.explain(exc)
     except Exception as exc:  # a plugin whose llm_worker_settings hook itself is broken

@@ -40,6 +40,7 @@ from llm_worker.host.layout import MAX_PROVIDERS, RATE_BUCKETS, RATE_WINDOW, Rat
 from llm_worker.host.stats import model_label
 from llm_worker.plugin.providers import Deadline, RateLimited
 from llm_worker.protocol.jobs import EmbeddingsRequest, Task
+from llm_worker.settings.config import SettingError
 
 if TYPE_CHECKING:
     from llm_worker.host.shm import SharedState
@@ -84,6 +85,21 @@ def estimate_tokens(task: Task) -> int:
     return prompt + (predict if predict is not None and predict > 0 else DEFAULT_COMPLETION)
 
 
+def unknown_budgets(settings: Settings, names: list[str]) -> SettingError | None:
+    """The error of a budget (RATE_LIMIT_RPM, RATE_LIMIT_TPM) for a provider this host does not have, or None.
+
+    A typo (``opnai=500``) would limit nothing while the operator believes the
+    host is under its limit: start-up refuses it, naming the providers there are.
+    """
+    known = ", ".join(sorted(set(names))) or "none"
+    for variable, budgets in (("RATE_LIMIT_RPM", settings.ratelimit.rpm), ("RATE_LIMIT_TPM", settings.ratelimit.tpm)):
+        strangers = sorted(set(budgets) - set(names))
+        if strangers:
+            shown = ",".join(f"{name}={value}" for name, value in budgets.items())
+            return SettingError(variable, shown, f"budgets of this host's providers ({known}), not of {strangers[0]!r}")
+    return None
+
+
 class RateLimits:
     """The host's rate limits as one process uses them: admit calls, settle their tokens, note the provider's 429s."""
 
@@ -108,14 +124,6 @@ class RateLimits:
         self.sleep = sleep
         self._rows: dict[str, RateRow | None] = {}
         self._seen: set[tuple[str, int]] = set()  # (provider, model label) whose bit this process has set
-
-    def check_providers(self, names: list[str]) -> None:
-        """Warn about budgets for providers this host does not have (a typo would limit nothing)."""
-        for provider in sorted({*self.rpm, *self.tpm} - set(names)):
-            log.warning(
-                f"RATE_LIMIT_RPM/RATE_LIMIT_TPM name provider {provider!r}, which no provider plugin of this host "
-                f"registers ({', '.join(names)}): its budget limits nothing"
-            )
 
     # ---- around a provider call ---------------------------------------------------------
 

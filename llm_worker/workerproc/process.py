@@ -221,7 +221,6 @@ class WorkerProcess:
             add_labels=not self.settings.models.allowed,
         )
         limits = RateLimits(state, self.settings, add_labels=not self.settings.models.allowed)
-        limits.check_providers([p.name for p in providers])
         self.executor = Executor(
             providers,
             self.plugins,
