@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from html.parser import HTMLParser
 from pathlib import Path
@@ -88,7 +89,6 @@ def test_the_page_and_its_files_are_served_with_their_types_a_strict_csp_and_rev
     svc = service(WORKER_POOLS="llm-chat=1")  # no ADMIN_TOKEN
     types = {
         "/dashboard": "text/html",
-        "/dashboard/": "text/html",
         "/dashboard/dashboard.css": "text/css",
         "/dashboard/dashboard.js": "text/javascript",
     }
@@ -106,8 +106,12 @@ def test_the_page_and_its_files_are_served_with_their_types_a_strict_csp_and_rev
     page = request(svc, "GET", "/dashboard").data.decode()
     markup = _Markup()
     markup.feed(page)
-    assert markup.inline == [] and markup.scripts == ["/dashboard/dashboard.js"]
+    # Relative to the page, so that it works under a proxy's prefix too; /dashboard/ would break that: redirected.
+    assert markup.inline == [] and markup.scripts == ["dashboard/dashboard.js"]
+    moved = request(svc, "GET", "/dashboard/")
+    assert moved.status == 301 and moved.headers["Location"] == "../dashboard"
     script = request(svc, "GET", "/dashboard/dashboard.js").data.decode()
+    assert not re.search(r"""["'`]/(status|admin|dashboard)""", script), "a path from the root breaks under a prefix"
     for sink in (".innerHTML", ".outerHTML", "insertAdjacentHTML", "document.write", "eval(", "new Function"):
         assert sink not in script, f"the page's script uses {sink}: build the DOM from text nodes"
     assert request(svc, "POST", "/dashboard").status == 405

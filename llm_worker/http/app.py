@@ -163,6 +163,11 @@ class App:
             return _json(start_response, 405, {"error": "Method not allowed"})
         if path == "/metrics":
             return self.metrics(environ, start_response)
+        if path == "/dashboard" and environ.get("PATH_INFO", "").endswith("/"):
+            # The page's paths are relative to /dashboard (it may sit under a proxy's prefix): at /dashboard/
+            # they would name /dashboard/dashboard/...; the browser goes to the page's one address instead.
+            start_response("301 Moved Permanently", [("Location", "../dashboard"), ("Content-Length", "0")])
+            return []
         asset = self.assets.get(path)
         if asset is not None:
             return serve_asset(asset, environ, start_response)

@@ -3,6 +3,8 @@
 // createElement and text nodes only, never innerHTML; the Content-Security-Policy would refuse an
 // injected script anyway. Actions call the /admin routes with the token the operator typed, kept in
 // sessionStorage (gone with the tab, never in a URL, where logs and history would keep it).
+// Every path is relative to the page's (/dashboard): behind a proxy that serves the host under a prefix
+// (/gpu-7/dashboard), "status" is /gpu-7/status.
 "use strict";
 
 const REFRESH_MS = 3000;
@@ -104,7 +106,7 @@ async function useToken(event) {
   $("token").value = "";
   if (!value) return;
   // Asked once with a harmless read, so that a mistyped token is said at once, not at the first action.
-  const response = await fetch("/admin/breakers", { headers: { Authorization: "Bearer " + value } }).catch(() => null);
+  const response = await fetch("admin/breakers", { headers: { Authorization: "Bearer " + value } }).catch(() => null);
   if (response && response.ok) sessionStorage.setItem(TOKEN_KEY, value);
   state.tokenNote = response && response.ok ? "Token accepted: actions are on."
     : "The token was refused" + (response ? " (" + response.status + ")." : ": no answer.");
@@ -187,7 +189,7 @@ function renderQueues(s, data) {
     const d = depths[name] || {}, q = stats[name] || {}, r = state.rates[name] || {};
     return [el("b", {}, name), String(d.waiting ?? q.waiting ?? "–"), String(d.processing ?? q.active ?? "–"),
       String(d.parked ?? q.parked ?? "–"), rate(r.completed), rate(r.failed), String(q.completed ?? "–"), String(q.failed ?? "–"),
-      action("Purge", "/admin/queue/purge?queue=" + encodeURIComponent(name), "Delete every job waiting in " + name + "?")];
+      action("Purge", "admin/queue/purge?queue=" + encodeURIComponent(name), "Delete every job waiting in " + name + "?")];
   });
   section("queues",
     table(["Queue", "Waiting", "Processing", "Parked", "Done/s", "Failed/s", "Done", "Failed", ""], rows, "No queue."),
@@ -200,14 +202,14 @@ function renderDead(data) {
   const d = data.deadLetters;
   const items = d.newest.map((x) => el("li", { class: "dead" },
     el("div", { class: "line" }, badge(x.errorType || "unknown", "down"), " ", el("b", {}, x.queue || "?"), " ",
-      el("span", { class: "muted" }, ago(x.failedAt)), " ", x.jobId ? action("Requeue", "/admin/queue/requeue?id=" + encodeURIComponent(x.jobId)) : null),
+      el("span", { class: "muted" }, ago(x.failedAt)), " ", x.jobId ? action("Requeue", "admin/queue/requeue?id=" + encodeURIComponent(x.jobId)) : null),
     el("p", { class: "reason" }, x.error || ""),
     el("p", { class: "muted" }, [x.jobId ? "job " + x.jobId : "no job id", x.type, x.model, x.attempts ? "attempts: " + x.attempts : null].filter(Boolean).join(" · ")),
     x.preview ? el("pre", {}, x.preview) : null));
   section("dead",
     el("div", { class: "line" }, el("b", {}, String(d.total)), d.total > d.newest.length ? " dead letters, the newest " + d.newest.length + " shown" : " dead letters", " ",
-      d.total ? action("Requeue all", "/admin/queue/requeue?all=1", "Put every dead letter back on its queue?") : null, " ",
-      d.total ? action("Delete all", "/admin/queue/purge?queue=" + encodeURIComponent(d.queue), "Delete all " + d.total + " dead letters? They cannot be requeued afterwards.") : null),
+      d.total ? action("Requeue all", "admin/queue/requeue?all=1", "Put every dead letter back on its queue?") : null, " ",
+      d.total ? action("Delete all", "admin/queue/purge?queue=" + encodeURIComponent(d.queue), "Delete all " + d.total + " dead letters? They cannot be requeued afterwards.") : null),
     el("ol", { class: "plain" }, items),
     muted(data.promptsShown ? "Payload text shown: LOG_PROMPTS is on and the admin token was given."
       : "Payload text hidden (each text replaced by its length): shown only with LOG_PROMPTS on and the admin token."));
@@ -218,8 +220,8 @@ function renderBreakers(s) {
     const key = encodeURIComponent(b.key);
     return [el("code", {}, b.key), [badge(b.state), b.forced ? " forced" : ""], String(b.consecutiveFailures),
       b.windowFailures + "/" + b.windowCalls, b.halfOpenInSeconds === null ? "–" : seconds(b.halfOpenInSeconds), String(b.openedTotal),
-      el("span", { class: "nowrap" }, action("Open", "/admin/breakers/force-open?key=" + key),
-        action("Close", "/admin/breakers/force-close?key=" + key), action("Reset", "/admin/breakers/reset?key=" + key))];
+      el("span", { class: "nowrap" }, action("Open", "admin/breakers/force-open?key=" + key),
+        action("Close", "admin/breakers/force-close?key=" + key), action("Reset", "admin/breakers/reset?key=" + key))];
   });
   const limits = (s.rateLimits || []).map((r) => [r.provider,
     r.callsLastMinute + (r.rpm ? "/" + r.rpm : ""), r.tokensLastMinute + (r.tpm ? "/" + r.tpm : ""),
@@ -251,7 +253,7 @@ function renderModels(s, data) {
     if (endpoint) out.push(el("h3", {}, endpoint));
     out.push(table(["Model", "Memory", "Last used", ""], models.map((m) => [el("b", {}, m.name), bytes(m.vramBytes),
       Object.hasOwn(used, label(m.name)) && used[label(m.name)] !== null ? seconds(used[label(m.name)]) + " ago" : "–",
-      action("Unload", "/admin/models/unload?model=" + encodeURIComponent(m.name) + (m.endpoint ? "&endpoint=" + encodeURIComponent(m.endpoint) : ""), "Unload " + m.name + " now?")]), ""));
+      action("Unload", "admin/models/unload?model=" + encodeURIComponent(m.name) + (m.endpoint ? "&endpoint=" + encodeURIComponent(m.endpoint) : ""), "Unload " + m.name + " now?")]), ""));
   }
   if (s.models.loading.length) {
     out.push(el("h3", {}, "Loading"), table(["Model", "For", "Why"], s.models.loading.map((m) =>
@@ -297,7 +299,7 @@ function renderEvents(data) {
 
 async function getJSON(path) {
   // The data route shows prompt text only to the token's holder (and only with LOG_PROMPTS on).
-  const headers = path.startsWith("/dashboard/") && token() ? { Authorization: "Bearer " + token() } : {};
+  const headers = path.startsWith("dashboard/") && token() ? { Authorization: "Bearer " + token() } : {};
   const response = await fetch(path, { headers, cache: "no-store" });
   if (!response.ok) throw new Error(path + " answered " + response.status);
   return response.json();
@@ -308,7 +310,7 @@ async function refresh() {
   state.running = true;
   clearTimeout(state.timer);
   try {
-    const [status, data] = await Promise.allSettled([getJSON("/status"), getJSON("/dashboard/data")]);
+    const [status, data] = await Promise.allSettled([getJSON("status"), getJSON("dashboard/data")]);
     const errors = [status, data].filter((r) => r.status === "rejected").map((r) => r.reason.message);
     $("error").textContent = errors.join("; ");
     $("error").hidden = !errors.length;
