@@ -16,7 +16,7 @@ from typing import Any
 
 import msgspec
 
-from llm_worker.settings.config import LogSettings
+from llm_worker.settings.sections import LogSettings
 
 _RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
 _context: dict[str, Any] = {}

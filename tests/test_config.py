@@ -16,7 +16,7 @@ import pytest
 from llm_worker import exitcodes
 from llm_worker.cli import flags
 from llm_worker.cli import main as cli
-from llm_worker.settings import config
+from llm_worker.settings import config, sections
 from llm_worker.settings.config import SettingError
 
 DECLARATIONS = list(config.declarations())
@@ -202,13 +202,13 @@ BAD_VALUES = [
     ("LOG_LEVEL", "verbose", "one of debug, error, info, warn, warning"),
     ("LOG_FORMAT", "xml", "one of json, simple, text"),
     ("QUEUE_BACKOFF_TYPE", "linear", "one of exponential, fixed"),
-    ("WORKER_ID", "-host", f"text matching `{config.WORKER_ID}`"),
-    ("WORKER_ID", "gpu host", f"text matching `{config.WORKER_ID}`"),
-    ("WORKER_ID", "h" * 65, f"text matching `{config.WORKER_ID}`"),
-    ("WORKER_ID", "", f"text matching `{config.WORKER_ID}`"),
-    ("QUEUE_CHAT_NAME", "my queue", f"text matching `{config.QUEUE_NAME}`"),
-    ("QUEUE_PRIORITY_NAME", "-urgent", f"text matching `{config.QUEUE_NAME}`"),
-    ("DEAD_LETTER_QUEUE_NAME", "q" * 129, f"text matching `{config.QUEUE_NAME}`"),
+    ("WORKER_ID", "-host", f"text matching `{sections.WORKER_ID}`"),
+    ("WORKER_ID", "gpu host", f"text matching `{sections.WORKER_ID}`"),
+    ("WORKER_ID", "h" * 65, f"text matching `{sections.WORKER_ID}`"),
+    ("WORKER_ID", "", f"text matching `{sections.WORKER_ID}`"),
+    ("QUEUE_CHAT_NAME", "my queue", f"text matching `{sections.QUEUE_NAME}`"),
+    ("QUEUE_PRIORITY_NAME", "-urgent", f"text matching `{sections.QUEUE_NAME}`"),
+    ("DEAD_LETTER_QUEUE_NAME", "q" * 129, f"text matching `{sections.QUEUE_NAME}`"),
     ("OLLAMA_BASE_URL", "localhost:11434", "text matching `^https?://"),
     ("OLLAMA_BASE_URL", "ftp://ollama:11434", "text matching `^https?://"),
     ("OLLAMA_BASE_URL", "http://", "text matching `^https?://"),
@@ -220,7 +220,7 @@ BAD_VALUES = [
     ("WORKER_POOLS", "=3", "comma-separated name=count pairs"),
     ("WORKER_POOLS", "llm-chat=-1", "each count from 0 to 256"),
     ("WORKER_POOLS", "llm-chat=257", "each count from 0 to 256"),
-    ("WORKER_POOLS", "my queue=2", "names matching " + config.QUEUE_NAME),
+    ("WORKER_POOLS", "my queue=2", "names matching " + sections.QUEUE_NAME),
 ]
 
 

@@ -22,7 +22,7 @@ from llm_worker.plugins import openai as plugin
 from llm_worker.plugins.openai import OpenAIProvider, classify
 from llm_worker.protocol import jobs
 from llm_worker.protocol.jobs import ChatRequest, ErrorKind, GenerateRequest
-from llm_worker.settings import config
+from llm_worker.settings import config, sections
 from llm_worker.settings.config import SettingError
 
 CHAT = "openai:llama3.2"
@@ -845,7 +845,7 @@ def test_defaults_leave_the_provider_off() -> None:
         ("OPENAI_MODEL_MAP", "=gpt-4o", "comma-separated model=remote pairs"),
         ("OPENAI_MODEL_MAP", "a=b,a=c", "comma-separated model=remote pairs"),
         ("OPENAI_MODEL_MAP", "fast=", "remotes matching ^\\S{1,256}$"),
-        ("OPENAI_MODEL_MAP", "my model=gpt-4o", "models matching " + config.MODEL_NAME),
+        ("OPENAI_MODEL_MAP", "my model=gpt-4o", "models matching " + sections.MODEL_NAME),
         ("OPENAI_MODEL_PREFIX", "-x:", "text matching"),
         ("OPENAI_MODEL_PREFIX", "open ai:", "text matching"),
         ("OPENAI_TIMEOUT", "50", "an integer from 100 to 86400000"),
@@ -896,7 +896,7 @@ def test_the_api_key_is_masked_and_the_map_shown_as_pairs() -> None:
 
 
 def test_model_names_in_settings_follow_the_job_rule() -> None:
-    assert config.MODEL_NAME == jobs.MODEL_NAME
+    assert sections.MODEL_NAME == jobs.MODEL_NAME
 
 
 # ---- end to end --------------------------------------------------------------------

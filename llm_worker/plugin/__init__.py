@@ -90,7 +90,8 @@ from llm_worker.protocol.records import (
     STARTED,
     Record,
 )
-from llm_worker.settings.config import SettingError, Settings, env, load_section
+from llm_worker.settings.config import SettingError, Settings, load_section
+from llm_worker.settings.sections import env
 
 __all__ = [
     "hookimpl",

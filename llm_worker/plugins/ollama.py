@@ -57,7 +57,8 @@ from llm_worker.plugin.spec import hookimpl
 from llm_worker.plugin.transport import JsonHttp
 from llm_worker.plugins.ollama_errors import LoadOptionsRefused, OllamaError, classify, error_for
 from llm_worker.protocol.jobs import ChatRequest, ErrorKind, GenerateRequest
-from llm_worker.settings.config import LOAD_OPTIONS, Settings
+from llm_worker.settings.config import Settings
+from llm_worker.settings.sections import LOAD_OPTIONS
 from llm_worker.settings.urls import split_urls
 
 __all__ = ["LoadOptionsRefused", "OllamaError", "OllamaProvider", "classify", "pinned", "residency"]

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 
 from llm_worker.plugin.providers import ProviderError
 from llm_worker.protocol.jobs import ErrorKind
-from llm_worker.settings.config import LOAD_OPTIONS
+from llm_worker.settings.sections import LOAD_OPTIONS
 
 EMBED = "/api/embed"
 

@@ -19,7 +19,8 @@ from typing import Annotated, Any, Literal, Union
 import msgspec
 from msgspec import Meta, Raw, Struct
 
-from llm_worker.settings.config import MODEL_NAME, Settings
+from llm_worker.settings.config import Settings
+from llm_worker.settings.sections import MODEL_NAME
 
 # --------------------------------------------------------------------------
 # Error kinds
