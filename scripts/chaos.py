@@ -1,7 +1,7 @@
 """Chaos drill: the real service under disruption, then proof that every job was answered exactly once.
 
-Starts a private Redis (AOF, ``appendfsync always``), the simulator and two
-supervisors with different WORKER_IDs (two hosts), and feeds jobs of every type
+Starts a private Redis (AOF, ``appendfsync always``), two supervisors with
+different WORKER_IDs (two hosts), each with its own simulator, and feeds jobs of every type
 (chat, generate, streaming chat, embeddings, batch) for ``--duration`` seconds
 while the disruptions of DISRUPTIONS run one at a time, in a shuffled order per
 cycle (the first cycle always runs whole, however long it takes). Then it
@@ -32,7 +32,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -155,16 +155,25 @@ def drill_once(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         store = LocalRedis(workdir / "redis", port=steady_port(), appendfsync="always").start()
     hosts: list[Host] = []
     try:
-        with simulator(args) as sim_url:
-            env = {**host_env(store.url, sim_url, args.duration), **(group.env if group else {})}
-            hosts = [Host(name, env, workdir / f"{name}.log") for name in HOSTS]
+        with ExitStack() as simulators:
+            # Each host has its own Ollama, as on a fleet: what one host loads the other does not hold, so
+            # model affinity parks jobs for the host holding their model, and takes them hot, cold or overdue.
+            sim_urls = [simulators.enter_context(simulator(args)) for _ in HOSTS]
+            hosts = [
+                Host(
+                    name,
+                    {**host_env(store.url, url, args.duration), **(group.env if group else {})},
+                    workdir / f"{name}.log",
+                )
+                for name, url in zip(HOSTS, sim_urls)
+            ]
             for host in hosts:
                 host.start()
             drill = Drill(
                 args,
                 workdir,
                 store,
-                sim_url,
+                sim_urls,
                 hosts,
                 random.Random(args.seed),
                 f"{random.getrandbits(24):06x}",

@@ -303,8 +303,8 @@ def streams_cut(drill: Drill) -> dict[str, Any]:
 
 def slow_loads(drill: Drill) -> dict[str, Any]:
     """Unload every model, as an evicting Ollama would: the next requests wait for a (slow) load."""
-    loaded = [m["name"] for m in drill.sim("GET", "/api/ps")["models"]]
-    for name in loaded:
+    loaded = sorted({m["name"] for ps in drill.sim("GET", "/api/ps") for m in ps["models"]})
+    for name in loaded:  # a host that does not have it loaded answers at once
         drill.sim("POST", "/api/generate", {"model": name, "keep_alive": 0})
     time.sleep(2.0)
     return {"unloaded": loaded, "loadSeconds": drill.args.load_ms / 1000}

@@ -95,7 +95,7 @@ class Drill:
     args: argparse.Namespace
     workdir: Path
     redis: LocalRedis
-    sim_url: str
+    sim_urls: list[str]  # each host's simulator, in the order of hosts
     hosts: list[Host]
     rng: random.Random
     run: str  # a tag shared by every key of this run
@@ -146,12 +146,17 @@ class Drill:
     def elapsed(self) -> float:
         return round(time.monotonic() - self.started, 1)
 
-    def sim(self, method: str, path: str, body: object = None) -> Any:
+    def sim(self, method: str, path: str, body: object = None) -> list[Any]:
+        """Send the same request to every host's simulator (a fault is the provider's, on every host); the
+        answers, in the order of hosts."""
         data = msgspec.json.encode(body) if body is not None else None
-        resp = urllib3.request(
-            method, self.sim_url + path, body=data, headers={"Content-Type": "application/json"}, timeout=10
-        )
-        return msgspec.json.decode(resp.data) if resp.data else None
+        answers = []
+        for url in self.sim_urls:
+            resp = urllib3.request(
+                method, url + path, body=data, headers={"Content-Type": "application/json"}, timeout=10
+            )
+            answers.append(msgspec.json.decode(resp.data) if resp.data else None)
+        return answers
 
     def busy_workers(self) -> list[tuple[Host, str]]:
         r = self.r
