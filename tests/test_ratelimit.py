@@ -38,11 +38,11 @@ from llm_worker.host.ratelimit import (
 )
 from llm_worker.host.shm import SharedState
 from llm_worker.plugin import RateLimited, retry_after_seconds
-from llm_worker.plugin.providers import Deadline
+from llm_worker.plugin.providers import Deadline, ProviderError
 from llm_worker.plugin.ratelimit import reset_seconds, wait_from_headers
-from llm_worker.protocol.jobs import ChatRequest, EmbeddingsRequest, Task
+from llm_worker.protocol.jobs import ChatRequest, EmbeddingsRequest, ErrorKind, Task
 from llm_worker.settings.config import SettingError, load
-from llm_worker.workerproc.ratewait import MIN_WAIT, gave_up, rate_wait
+from llm_worker.workerproc.ratewait import MIN_WAIT, RETRY_AFTER_JITTER, gave_up, rate_wait
 
 MODEL = "openai:gpt-test"
 
@@ -291,8 +291,11 @@ def test_budgets_for_more_providers_than_the_shared_table_holds_are_refused() ->
 def test_a_rate_limited_job_waits_as_asked_until_its_waits_would_pass_the_bound() -> None:
     settings = load({"RATE_LIMIT_MAX_WAIT": "10000", "QUEUE_DELAY": "2000"}).settings
     first = rate_wait({}, RateLimited("429", retry_after=3.0), settings)
+    # Counted as asked; waited up to a tenth more, at random, so that jobs refused together do not return so.
     assert first is not None and first.fields() == {"rateLimits": 1, "rateLimitedMs": 3000}
-    assert rate_wait({"rateLimits": 1}, RateLimited("429", retry_after=0.02), settings).seconds == MIN_WAIT  # type: ignore[union-attr]
+    assert 3.0 <= first.seconds <= 3.0 * (1 + RETRY_AFTER_JITTER)
+    short = rate_wait({"rateLimits": 1}, RateLimited("429", retry_after=0.02), settings)
+    assert short is not None and MIN_WAIT <= short.seconds <= MIN_WAIT * (1 + RETRY_AFTER_JITTER)
     # Unsaid: the retry backoff, QUEUE_DELAY doubled per rate limit, half of it random.
     unsaid = rate_wait({"rateLimits": 2, "rateLimitedMs": 1000}, RateLimited("429"), settings)
     assert unsaid is not None and 4.0 <= unsaid.seconds <= 8.0 and unsaid.count == 3
@@ -314,6 +317,7 @@ class FakeOpenAI:
         self.script: list[tuple[int, dict[str, str]]] = []  # (status, headers) of the next answers
         self.calls: list[tuple[float, str]] = []  # (monotonic time, model) of each chat call
         self.always: tuple[int, dict[str, str]] | None = None
+        self.error_type = "requests"  # the type of a 429's error (OpenAI's error object)
         self.lock = threading.Lock()
         fake = self
 
@@ -332,7 +336,7 @@ class FakeOpenAI:
                     fake.calls.append((time.monotonic(), body.get("model", "")))
                     status, headers = fake.always or (fake.script.pop(0) if fake.script else (200, {}))
                 if status == 429:
-                    error = {"message": "Rate limit reached for requests", "type": "requests"}
+                    error = {"message": "Rate limit reached for requests", "type": fake.error_type}
                     self._send(429, headers, {"error": error})
                     return
                 message = {"role": "assistant", "content": "hi"}
@@ -396,6 +400,25 @@ def test_the_built_in_providers_raise_a_429_as_rate_limited_with_the_wait_it_ask
         made.close()
     assert caught.value.retry_after == wait and caught.value.status == 429
     assert len(fake_openai.calls) == 1  # not retried within the call: the job waits, in the delayed set
+
+
+def test_a_429_that_says_the_account_is_out_of_quota_is_a_provider_error_never_retried(
+    fake_openai: FakeOpenAI,
+) -> None:
+    # Waiting does not lift a billing refusal: parked for each Retry-After, the job would call again and
+    # again until RATE_LIMIT_MAX_WAIT, every worker alike (OpenAI's error codes guide: insufficient_quota).
+    from llm_worker.plugins.openai import OpenAIProvider
+
+    made = OpenAIProvider(load({"OPENAI_BASE_URL": fake_openai.url}).settings)
+    fake_openai.always = (429, {"Retry-After": "1"})
+    fake_openai.error_type = "insufficient_quota"
+    try:
+        with pytest.raises(ProviderError) as caught:
+            made.chat("openai:gpt-test", _chat("hi").request, Deadline(10), None)  # type: ignore[arg-type]
+    finally:
+        made.close()
+    assert not isinstance(caught.value, RateLimited)
+    assert (caught.value.status, caught.value.retryable, caught.value.kind) == (429, False, ErrorKind.PROVIDER)
 
 
 def start(service: Any, fake: FakeOpenAI, **env: str) -> Any:

@@ -130,9 +130,11 @@ class LoadBoard:
         self.board.provider = provider.encode()[:31]
 
     def forget_unfinished(self, endpoint: int) -> None:
-        """Let go of loads a manager that died (or was replaced on HUP) had begun: asked again, they are made anew."""
+        """Let go of what a manager that died (or was replaced on HUP) had under way: loads it had begun (asked
+        again, they are made anew) and a model it was draining for one (it takes jobs again)."""
         for row in self.board.endpoints[endpoint].rows:
             row.started = 0.0
+            row.draining = 0
 
     def begin(self, endpoint: int, index: int, why: int) -> None:
         row = self.row(endpoint, index)

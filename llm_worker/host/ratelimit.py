@@ -207,7 +207,8 @@ class RateLimits:
         with self.state.lock.held():
             row.refusals += 1
             row.limited[index] += 1
-            if retry_after is not None and retry_after > 0:
+            # No hold on "other" (index 0): it lumps unrelated models together, and one's 429 would hold them all.
+            if retry_after is not None and retry_after > 0 and index > 0:
                 hold = self.clock() + min(retry_after, self.longest_hold)
                 row.hold_until[index] = max(row.hold_until[index], hold)
 

@@ -9,7 +9,9 @@ endpoint, from what shared memory says now:
 1. Only an endpoint that is up and whose breaker for the model admits a call.
    When none is, the first: its own refusal (down, breaker open) is the answer.
 2. Not one that already failed this job, while another will do: a retry or a
-   fallback after an endpoint's failure goes elsewhere.
+   fallback after an endpoint's failure goes elsewhere. Nor one where the
+   model drains (the manager unloads it there for another model once its
+   calls end: models/manager.py), while another will do.
 3. By tier: the model loaded with a free slot; then a load of it under way, or
    a worker already bound to load it there (the jobs right behind the first
    follow it instead of loading the model twice); then room in the endpoint's
@@ -60,6 +62,7 @@ class Candidate:
     busy: int  # workers bound for it, all models
     room: int  # models it could still load without unloading one
     idle: int  # loaded models no worker is bound for: the manager may unload them for room
+    draining: bool = False  # the model drains there (to be unloaded for another once its calls end): last resort
 
     @property
     def tier(self) -> int:
@@ -79,7 +82,7 @@ def choose(candidates: Iterable[Candidate]) -> Candidate | None:
     usable = [c for c in candidates if c.usable]
     if not usable:
         return None
-    return min(usable, key=lambda c: (c.avoided, c.tier, c.busy, -c.room, c.position))
+    return min(usable, key=lambda c: (c.avoided, c.draining, c.tier, c.busy, -c.room, c.position))
 
 
 class Router:
@@ -175,6 +178,7 @@ class Router:
                     free_slots=(slots - mine) if slots else UNCAPPED,
                     room=block.cache_size - max(len(held), block.loaded_count),
                     idle=idle,
+                    draining=bool(row.resident and row.draining),
                     **common,
                 )
             )

@@ -20,7 +20,7 @@ import msgspec
 import redis
 
 from llm_worker.host.backpressure import bound_for
-from llm_worker.host.layout import MAX_MODELS
+from llm_worker.host.layout import MAX_MODELS, Phase
 from llm_worker.host.loadboard import can_load_without_evicting_busy, endpoint_has_room, managed_up
 from llm_worker.host.shm import SharedState
 from llm_worker.models.policy import memory_in_use
@@ -72,20 +72,28 @@ def held_here(state: SharedState) -> dict[str, ModelHeld]:
     labels = state.model_labels()
     bound = bound_for(state)
     out: dict[str, ModelHeld] = {}
+    draining_only: set[str] = set()  # held only where it drains: it is leaving this host
     for endpoint in managed_up(state):
         rows = state.loads.endpoints[endpoint].rows
         for index in range(1, min(len(labels), MAX_MODELS)):  # 0 is "other": not one model
             row = rows[index]
             if not (row.resident or row.started):
                 continue
-            was = out.get(labels[index])
-            loaded = bool(row.resident) or (was is not None and was.state == LOADED)
-            draining = bool(row.draining) or (was is not None and was.state == DRAINING)
-            out[labels[index]] = ModelHeld(
-                state=DRAINING if draining else LOADED if loaded else LOADING,
-                slots=(was.slots if was else 0) + (max(1, row.slots) if row.resident else 0),
-                busy=(was.busy if was else 0) + bound.get((endpoint, index), 0),
+            label = labels[index]
+            was = out.get(label)
+            serving = bool(row.resident) and not row.draining  # takes jobs here
+            if was is None:
+                draining_only.add(label)
+            if not row.draining:
+                draining_only.discard(label)
+            loaded = serving or (was is not None and was.state == LOADED)
+            out[label] = ModelHeld(
+                state=LOADED if loaded else LOADING,
+                slots=(was.slots if was else 0) + (max(1, row.slots) if serving else 0),
+                busy=(was.busy if was else 0) + (bound.get((endpoint, index), 0) if serving else 0),
             )
+    for label in draining_only:  # a model draining on every endpoint that has it
+        out[label] = msgspec.structs.replace(out[label], state=DRAINING, slots=0)
     return out
 
 
@@ -210,6 +218,10 @@ class FleetDuty:
         """Never raises: Redis away is said once, and the next turn tries again."""
         held = held_here(self.state)
         try:
+            if self.state.header.phase in (Phase.DRAINING, Phase.STOPPING):
+                # This host takes no new jobs: other hosts must not park jobs for it (a drain may last minutes).
+                self.fleet.withdraw()
+                return
             self.fleet.publish(held, cache_size_here(self.state))
             if self.settings.models.affinity:
                 self._load_by_demand(held)

@@ -43,7 +43,7 @@ from llm_worker import exitcodes, logs
 from llm_worker.host.backoff import compute_backoff
 from llm_worker.host.endpoints import EndpointTable
 from llm_worker.host.layout import MAX_LOADED, NAME, SlotState
-from llm_worker.host.loadboard import ASKED, DEMAND, PRELOAD, WHY, LoadBoard
+from llm_worker.host.loadboard import ASKED, DEMAND, PRELOAD, UNSERVED, WHY, LoadBoard
 from llm_worker.host.procs import exit_with_parent, worker_id
 from llm_worker.host.shm import SharedState
 from llm_worker.host.stats import model_label
@@ -171,6 +171,9 @@ class ModelManager:
         self.outcomes: queue.Queue[LoadOutcome] = queue.Queue()
         self.loader: threading.Thread | None = None
         self.demanded: queue.Queue[str] = queue.Queue()  # loads the fleet duty asks of this endpoint
+        # The endpoint's thread and its loader thread both look at what is loaded and unload (the loader to
+        # make room): one at a time, so that a stale /api/ps cannot mark a model just unloaded resident again.
+        self.looking = threading.RLock()
         self.demand_failed: dict[str, float] = {}  # label -> when a load by demand last failed here (monotonic)
 
     # ---- start ---------------------------------------------------------------------
@@ -180,6 +183,12 @@ class ModelManager:
         # From now on jobs wait for this manager's loads instead of loading through their own calls.
         self.board.serve(self.provider.name)
         self.board.forget_unfinished(self.endpoint)  # a load the previous manager began died with it
+        # Asks older than a waiting job gives a manager (loadboard.UNSERVED) are not served: their jobs went
+        # on without us or are gone, and loading each would evict models for nobody. Newer ones still wait.
+        now = time.monotonic()
+        for index, row in enumerate(self.block.rows):
+            if now - row.asked > UNSERVED:
+                self.asked_seen[index] = row.asked
         self.block.cache_size = self.cache_size()  # routing reads it: room for more models here
         for model in self.preloads:
             self.state.model_index(model_label(model), add=True)
@@ -257,7 +266,10 @@ class ModelManager:
             )
             self._load_failed(LoadOutcome(index, model, PRELOAD, None, exc))
             raise SystemExit(exitcodes.USAGE) from None
-        except ProviderError as exc:
+        except Exception as exc:  # a ProviderError, or a bug: either way the row must not stay "loading"
+            if not isinstance(exc, ProviderError):
+                log.exception(f"preloading {model}{self.on} failed")
+                exc = ProviderError(repr(exc), ErrorKind.UNKNOWN)
             self._load_failed(LoadOutcome(index, model, PRELOAD, None, exc))
             delay = self._retry_later(model)
             log.error(
@@ -357,7 +369,10 @@ class ModelManager:
                     self.unload(now_victim, modelpolicy.CACHE_SIZE)
                     return
                 if victim is None or now_victim is None:
-                    victim = min(models, key=lambda m: m.last_used)
+                    if victim is not None:  # it went on its own: it drains no more
+                        self.block.rows[self._index(victim.label)].draining = 0
+                    # An idle model (one just preloaded, which evictable() spares) before a busy one.
+                    victim = min(models, key=lambda m: (m.busy, m.last_used))
                     self.block.rows[self._index(victim.label)].draining = 1
                     log.info(
                         f"{victim.label}{self.on} drains to make room for {model_label(model)}",
@@ -459,6 +474,10 @@ class ModelManager:
 
     def survey(self) -> list[Loaded]:
         """What Ollama has loaded now, with what shared memory says of its use."""
+        with self.looking:
+            return self._survey()
+
+    def _survey(self) -> list[Loaded]:
         running = self.provider.running(Deadline(ASK_TIMEOUT))
         now = time.monotonic()
         # A worker's slot names the model and endpoint of the call it is in or bound for (-1 between calls).
@@ -551,6 +570,10 @@ class ModelManager:
     # ---- loads and unloads, counted -------------------------------------------------------
 
     def unload(self, model: Loaded, reason: str, **why: Any) -> bool:
+        with self.looking:
+            return self._unload(model, reason, **why)
+
+    def _unload(self, model: Loaded, reason: str, **why: Any) -> bool:
         idle_seconds = round(max(0.0, time.monotonic() - model.last_used), 1)
         try:
             self.provider.unload(model.name, Deadline(ASK_TIMEOUT))

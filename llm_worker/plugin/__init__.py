@@ -61,7 +61,7 @@ from llm_worker.plugin.providers import (
     RateLimited,
     endpoint_names,
 )
-from llm_worker.plugin.ratelimit import retry_after_seconds
+from llm_worker.plugin.ratelimit import retry_after_seconds, wait_from_headers
 from llm_worker.plugin.spec import hookimpl
 from llm_worker.plugin.transport import JsonHttp, Response, ServerSentEvent, sse_events
 from llm_worker.protocol.jobs import (
@@ -115,6 +115,7 @@ __all__ = [
     "ProviderError",
     "RateLimited",
     "retry_after_seconds",
+    "wait_from_headers",
     "Incomplete",
     "INCOMPLETE",
     # speaking HTTP to a provider's API

@@ -4,8 +4,9 @@ The transport every provider plugin uses, built-in or not (``from
 llm_worker.plugin import JsonHttp``): ``JsonHttp`` sends a request within a
 job's ``Deadline`` and turns every failure into a ``ProviderError`` of the
 right kind; ``lines`` and ``events`` read a streamed answer (NDJSON lines,
-or Server-Sent Events) within it; ``retry_after`` reads a ``Retry-After``
-header for ``RateLimited``. A provider that reads its API's own error shape
+or Server-Sent Events) within it; a 429 becomes ``RateLimited`` with the wait
+its headers ask for (``plugin/ratelimit.wait_from_headers``), unless its body
+says the account is out of quota. A provider that reads its API's own error shape
 subclasses ``JsonHttp`` and overrides ``error_of``.
 
 A worker process runs one job at a time, so it needs one connection to its
@@ -197,6 +198,9 @@ class JsonHttp:
         except (OSError, http.client.HTTPException):
             data = b""
         message = _message(data) or f"HTTP {resp.status}"
+        if resp.status == 429 and _out_of_quota(data):
+            # Out of credit or over a spend limit: waiting does not lift it, and every retry is refused alike.
+            return ProviderError(f"{what}: {message}", ErrorKind.PROVIDER, status=429, retryable=False)
         if resp.status == 429:
             return RateLimited(f"{what}: {message}", retry_after=wait_from_headers(resp.getheader, time.time()))
         return ProviderError(f"{what}: {message}", self.classify(resp.status, message), status=resp.status)
@@ -331,6 +335,30 @@ def _idle_and_open(sock: socket.socket) -> bool:
     except (OSError, ValueError):
         return False
     return not readable
+
+
+# The codes of a 429 that is a billing refusal, not a rate limit (OpenAI's error codes guide,
+# https://platform.openai.com/docs/guides/error-codes: "You exceeded your current quota, please check your
+# plan and billing details"; the spend and credit limits answer alike).
+QUOTA_CODES = frozenset(
+    {
+        "insufficient_quota",
+        "credit_balance_exhausted",
+        "organization_spend_limit_exceeded",
+        "project_spend_limit_exceeded",
+        "organization_usage_limit_exceeded",
+    }
+)
+
+
+def _out_of_quota(data: bytes) -> bool:
+    """Whether an OpenAI-shaped error body says the account is out of quota (its type or code)."""
+    try:
+        body = _decode_error(data)
+    except msgspec.MsgspecError:
+        return False
+    error = body.get("error") if isinstance(body, dict) else None
+    return isinstance(error, dict) and bool({error.get("type"), error.get("code")} & QUOTA_CODES)
 
 
 def _message(data: bytes) -> str:

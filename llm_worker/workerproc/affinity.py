@@ -72,7 +72,10 @@ class Affinity:
         """A parked job this worker should take now, moved into its processing list; None for none."""
         held = fleet.held_here(self.state)
         room = fleet.has_room(self.state)
-        elsewhere = self.view.held_elsewhere() if room else set()
+        # A cold pick skips models other hosts hold, and those draining here (leaving this host).
+        elsewhere = (
+            self.view.held_elsewhere() | {m for m, h in held.items() if h.state == fleet.DRAINING} if room else set()
+        )
         picked, parked_models = self.parking.pick(
             worker_id, self.queue, fleet.hot(held), room, elsewhere, self.max_wait_ms
         )

@@ -295,7 +295,9 @@ class Executor:
         try:
             with self._routed(provider, task):
                 self._await_model(provider, task.model, deadline)
-                with self._budget(provider, task, deadline) as ticket, self._gate(provider, task, deadline):
+                # The gate first: a call is counted against the budget when it can go, not while it waits for
+                # a slot (it could then be sent in a later minute, beside that minute's own calls).
+                with self._gate(provider, task, deadline), self._budget(provider, task, deadline) as ticket:
                     call_deadline = self._call_deadline(task, deadline, sink, reduced)
                     answer = self._run_task(provider, task, call_deadline, sink)
                     ticket.used = answer.tokens

@@ -15,6 +15,7 @@ waiting for an answer it would not get in time.
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,7 @@ from llm_worker.settings.config import Settings
 RATE_LIMITS = "rateLimits"  # payload field: times the job was rate limited
 RATE_LIMITED_MS = "rateLimitedMs"  # payload field: milliseconds it was given to wait for rate limits, in all
 MIN_WAIT = 1.0  # seconds: a shorter Retry-After (OpenAI's resets say "20ms") still parks the job this long
+RETRY_AFTER_JITTER = 0.1  # a provider-given wait is lengthened by up to this share, at random
 
 
 @dataclass(frozen=True)
@@ -45,11 +47,15 @@ def rate_wait(job: dict[str, Any], error: RateLimited, settings: Settings) -> Ra
     ``job`` is the payload as ``jobs.loose`` reads it.
     """
     count = counted(job.get(RATE_LIMITS)) + 1
-    seconds = error.retry_after if error.retry_after is not None else retry_delay(settings, count - 1)
-    seconds = max(MIN_WAIT, seconds)
-    waited_ms = counted(job.get(RATE_LIMITED_MS)) + math.ceil(seconds * 1000)
+    asked = error.retry_after is not None
+    seconds = max(MIN_WAIT, error.retry_after if asked else retry_delay(settings, count - 1))  # type: ignore[arg-type]
+    waited_ms = counted(job.get(RATE_LIMITED_MS)) + math.ceil(seconds * 1000)  # what it was asked to wait
     if waited_ms > settings.ratelimit.max_wait:
         return None
+    if asked:
+        # Up to a tenth more, at random: jobs refused by one 429 must not all come back in the same instant
+        # and meet the next. (Without the provider's word, the retry backoff has its own jitter.)
+        seconds *= random.uniform(1.0, 1.0 + RETRY_AFTER_JITTER)
     return RateWait(seconds, count, waited_ms)
 
 
