@@ -544,3 +544,17 @@ def test_a_budget_for_a_provider_the_host_lacks_stops_start_up_naming_those_it_h
     assert run.returncode == exitcodes.USAGE, run.stderr
     assert "RATE_LIMIT_RPM='ollama=100,opnai=500'" in run.stderr and "'opnai'" in run.stderr
     assert "ollama" in run.stderr.split("expected", 1)[1]
+
+
+def test_a_call_is_counted_at_the_answer_cap_its_provider_will_send() -> None:
+    # Anthropic requires max_tokens: without num_predict it sends ANTHROPIC_MAX_TOKENS (4096), and thinking's
+    # budget on top; counting such a call at 256 would let a minute's calls overshoot the TPM budget.
+    from llm_worker.plugins.anthropic import AnthropicProvider, AnthropicSettings
+
+    provider = AnthropicProvider(AnthropicSettings(api_key="k"))
+    plain = _chat("hi")
+    thinking = Task("chat", MODEL, msgspec.structs.replace(plain.request, think="high"))
+    prompt = estimate_tokens(plain) - DEFAULT_COMPLETION
+    assert estimate_tokens(plain, provider.answer_cap) == prompt + 4096
+    assert estimate_tokens(thinking, provider.answer_cap) > prompt + 4096
+    provider.close()

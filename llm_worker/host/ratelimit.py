@@ -70,10 +70,12 @@ class Ticket:
     used: int | None = None  # prompt and completion tokens, as the provider reports them: set by the caller
 
 
-def estimate_tokens(task: Task) -> int:
+def estimate_tokens(task: Task, answer_cap: Callable[[Any], int] | None = None) -> int:
     """The tokens a call is counted at before it goes: its prompt's characters / 4, plus its answer's cap.
 
-    The answer's cap is ``num_predict`` when the job set one (positive), else
+    The answer's cap is what the provider will ask for when it says
+    (``answer_cap(request)``: Anthropic's ``max_tokens``, thinking's budget
+    included), else ``num_predict`` when the job set one (positive), else
     DEFAULT_COMPLETION; embeddings have none. OpenAI counts a request against
     its TPM in the same way, from characters and max_tokens, before it runs.
     """
@@ -81,6 +83,8 @@ def estimate_tokens(task: Task) -> int:
     if isinstance(request, EmbeddingsRequest):
         return math.ceil(sum(map(len, request.inputs())) / CHARS_PER_TOKEN)
     prompt = math.ceil(request.prompt_chars() / CHARS_PER_TOKEN)
+    if answer_cap is not None:
+        return prompt + answer_cap(request)
     predict = request.options.num_predict if request.options is not None else None
     return prompt + (predict if predict is not None and predict > 0 else DEFAULT_COMPLETION)
 
@@ -129,7 +133,12 @@ class RateLimits:
 
     @contextmanager
     def call(
-        self, provider: str, task: Task, deadline: Deadline, beat: Callable[[], None] | None = None
+        self,
+        provider: str,
+        task: Task,
+        deadline: Deadline,
+        beat: Callable[[], None] | None = None,
+        answer_cap: Callable[[Any], int] | None = None,
     ) -> Iterator[Ticket]:
         """Admit one call of ``task`` to ``provider`` (waiting, or raising OverBudget), then settle it.
 
@@ -137,7 +146,7 @@ class RateLimits:
         comes out of the call holds the model's calls back (``refused``); its
         tokens are given back, since the provider ran nothing.
         """
-        ticket = self.admit(provider, task.model, estimate_tokens(task), deadline, beat)
+        ticket = self.admit(provider, task.model, estimate_tokens(task, answer_cap), deadline, beat)
         try:
             yield ticket
         except RateLimited as exc:

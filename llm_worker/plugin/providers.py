@@ -187,6 +187,11 @@ class Provider(Protocol):
     # servers, when it has several (``endpoint_names``; absent: ``name``), and
     # ``url: str``, where it is, for /status and the metrics.
     #
+    # Optional: ``answer_cap(request) -> int``, the most tokens a chat or generate
+    # call may answer with as this provider will send it (its ``max_tokens``):
+    # the host's token budget (RATE_LIMIT_TPM) counts a call at that before it
+    # goes, rather than at ``num_predict`` or a default of 256.
+    #
     # Optional: ``max_concurrent: int``, the most calls the host makes to this
     # provider at once (0 or absent: no limit of its own), for a server that
     # serves one request at a time, or N, and interrupts or queues the rest.

@@ -267,6 +267,10 @@ class AnthropicProvider:
         )
         return self._complete(body, deadline, on_chunk, chat=False)
 
+    def answer_cap(self, request: ChatRequest | GenerateRequest) -> int:
+        """The tokens a call may answer with (its ``max_tokens``), for the host's token budget (RATE_LIMIT_TPM)."""
+        return shapes.max_tokens(request, self.max_tokens)
+
     def embed(
         self, model: str, inputs: list[str], deadline: Deadline, options: dict[str, Any] | None = None
     ) -> Embeddings:

@@ -107,6 +107,16 @@ def _wait(headers: Any) -> float | None:
 # ---- requests, from Ollama's shapes -------------------------------------------------
 
 
+def max_tokens(request: ChatRequest | GenerateRequest, default_max_tokens: int) -> int:
+    """The ``max_tokens`` a request is sent with: ``num_predict``, else the default; thinking's budget on top
+    (thinking counts within ``max_tokens``: the answer keeps its own)."""
+    options = request.options
+    asked = options.num_predict if options is not None else None
+    answer_tokens = asked if asked is not None and asked > 0 else default_max_tokens  # -1, -2: "no limit"
+    budget = THINKING_BUDGET.get(request.think) if request.think is not None else None
+    return answer_tokens + (budget or 0)
+
+
 def request_body(
     remote: str,
     request: ChatRequest | GenerateRequest,
@@ -117,17 +127,18 @@ def request_body(
 ) -> dict[str, Any]:
     """The body of ``POST /v1/messages``: the options Anthropic has, thinking on top of ``max_tokens``."""
     options = request.options
-    asked = options.num_predict if options is not None else None
-    answer_tokens = asked if asked is not None and asked > 0 else default_max_tokens  # -1, -2: "no limit"
-    body: dict[str, Any] = {"model": remote, "max_tokens": answer_tokens, "messages": messages}
+    budget = THINKING_BUDGET.get(request.think) if request.think is not None else None
+    body: dict[str, Any] = {
+        "model": remote,
+        "max_tokens": max_tokens(request, default_max_tokens),
+        "messages": messages,
+    }
     if system:
         body["system"] = system
     if stream:
         body["stream"] = True
-    budget = THINKING_BUDGET.get(request.think) if request.think is not None else None
     if budget:
         body["thinking"] = {"type": "enabled", "budget_tokens": budget}
-        body["max_tokens"] = answer_tokens + budget  # thinking counts within max_tokens: the answer keeps its own
     if options is not None:
         if options.temperature is not None and not budget:
             body["temperature"] = options.temperature

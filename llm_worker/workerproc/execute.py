@@ -365,7 +365,7 @@ class Executor:
         if self.limits is None:
             return nullcontext(Ticket(None))
         beat = self.gate.slot.beat if self.gate is not None else None
-        return self.limits.call(provider.name, task, deadline, beat)
+        return self.limits.call(provider.name, task, deadline, beat, getattr(provider, "answer_cap", None))
 
     def _gate(self, provider: Provider, task: Task, deadline: Deadline) -> Any:
         """The host's call gate for this call: its cap, the model's slots and the endpoint's cap."""
