@@ -252,7 +252,8 @@ class RateTable(ctypes.Structure):
 
 ERROR_BYTES = 200
 MAX_LOADED = 16
-NAME = 96
+NAME = 96  # a GPU's name and uuid
+MODEL_NAME_BYTES = 256  # a model's name: settings and jobs allow 255 characters (MODEL_NAME), and its NUL
 
 
 class LoadRow(ctypes.Structure):
@@ -286,7 +287,7 @@ class EndpointLoads(ctypes.Structure):
     _fields_ = [
         ("cache_size", ctypes.c_int32),  # models the manager keeps loaded here; 0: it does not manage this endpoint
         ("loaded_count", ctypes.c_int32),  # what /api/ps listed at the last look
-        ("loaded_names", (ctypes.c_char * NAME) * MAX_LOADED),
+        ("loaded_names", (ctypes.c_char * MODEL_NAME_BYTES) * MAX_LOADED),
         ("loaded_vram", ctypes.c_double * MAX_LOADED),
         ("loaded_bytes", ctypes.c_double * MAX_LOADED),  # the memory each holds: its VRAM, else its size (CPU)
         ("rows", LoadRow * MAX_MODELS),  # by model label index
@@ -415,7 +416,7 @@ class Header(ctypes.Structure):
         ("pools", (ctypes.c_char * POOL_NAME) * MAX_POOLS),  # a row whose pool went and no worker serves is reused
         ("pool_wanted", ctypes.c_int32 * MAX_POOLS),
         ("model_count", ctypes.c_int32),
-        ("models", (ctypes.c_char * NAME) * MAX_MODELS),  # label of index i; index 0 is "other"
+        ("models", (ctypes.c_char * MODEL_NAME_BYTES) * MAX_MODELS),  # label of index i; index 0 is "other"
         ("pool_models", ctypes.c_uint32 * MAX_POOLS),  # bit i: the pool has called model label i (backpressure)
         ("models_ready", ctypes.c_int32),  # the model manager has preloaded what it should (readiness waits)
     ]

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from llm_worker.host.layout import (
     MAX_MODELS,
     MAX_POOLS,
-    NAME,
+    MODEL_NAME_BYTES,
     POOL_NAME,
     Board,
     Counters,
@@ -174,7 +174,7 @@ class SharedState:
                 index = labels.index(label)
             elif add and len(labels) < MAX_MODELS:
                 index = len(labels)
-                self.header.models[index].value = label.encode()[: NAME - 1]
+                self.header.models[index].value = label.encode()[: MODEL_NAME_BYTES - 1]
                 self.header.model_count = index + 1
             else:
                 index = 0

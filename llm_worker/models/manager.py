@@ -42,7 +42,7 @@ from typing import Any, NoReturn
 from llm_worker import exitcodes, logs
 from llm_worker.host.backoff import compute_backoff
 from llm_worker.host.endpoints import EndpointTable
-from llm_worker.host.layout import MAX_LOADED, NAME, SlotState
+from llm_worker.host.layout import MAX_LOADED, MODEL_NAME_BYTES, SlotState
 from llm_worker.host.loadboard import ASKED, DEMAND, PRELOAD, UNSERVED, WHY, LoadBoard
 from llm_worker.host.procs import exit_with_parent, worker_id
 from llm_worker.host.shm import SharedState
@@ -517,7 +517,7 @@ class ModelManager:
         block = self.block
         shown = running[:MAX_LOADED]
         for i, info in enumerate(shown):
-            block.loaded_names[i].value = info.name.encode()[: NAME - 1]
+            block.loaded_names[i].value = info.name.encode()[: MODEL_NAME_BYTES - 1]
             block.loaded_vram[i] = float(info.vram)
             block.loaded_bytes[i] = float(info.vram or info.size)
         block.loaded_count = len(shown)
