@@ -7,7 +7,7 @@ from datetime import datetime
 
 import msgspec
 import redis
-from support import assert_each_answered_once, chat, client_for, eventually, wait_all
+from support import assert_each_answered_once, chat, client_for, events, eventually, wait_all
 
 from llm_worker.devtools.simulator import Simulator, SimulatorConfig
 from llm_worker.queue.client import Client
@@ -75,7 +75,7 @@ def test_a_parked_job_waits_no_longer_than_the_bound_then_any_host_takes_it(  # 
 ) -> None:
     # Given: a host holding m-a, and another host that says it holds m-b but takes no jobs.
     r.sadd(KEYS.fleet, "ghost")
-    ghost = {"host": "ghost", "hostname": "x", "at": "now", "cacheSize": 1, "models": {}}
+    ghost = {"host": "ghost", "hostname": "x", "at": "now", "cacheSize": 1, "models": {}, "queues": ["llm-chat"]}
     ghost["models"] = {"m-b": {"state": "loaded", "slots": 2, "busy": 0}}
     r.set(KEYS.holdings("ghost"), msgspec.json.encode(ghost), px=120_000)
     with simulator("m-a", "m-b") as sim:
@@ -161,3 +161,21 @@ def test_a_load_on_a_full_host_drains_a_busy_model_instead_of_waiting_for_it_to_
         assert all(res["success"] for res in results.values())
         assert_each_answered_once(r, [*busy, third, *after])
         assert sim.stats().loads.get("m-c:latest", 0) + sim.stats().loads.get("m-c", 0) == 1
+
+
+def test_no_job_is_parked_for_a_host_that_does_not_serve_its_queue(service, redis_url: str, r) -> None:  # type: ignore[no-untyped-def]
+    # Given: another host holding m-b, whose workers take only llm-batch jobs.
+    r.sadd(KEYS.fleet, "batcher")
+    other = {"host": "batcher", "hostname": "x", "at": "now", "cacheSize": 1, "queues": ["llm-batch"]}
+    other["models"] = {"m-b": {"state": "loaded", "slots": 2, "busy": 0}}
+    r.set(KEYS.holdings("batcher"), msgspec.json.encode(other), px=120_000)
+    with simulator("m-a", "m-b") as sim:
+        service(WORKER_ID="host-a", OLLAMA_BASE_URL=sim.url, **{**HOST, "MODEL_AFFINITY_MAX_WAIT": "60000"})
+        client = client_for(redis_url)
+        # When: a chat job for m-b comes.
+        job = chat(client, model="m-b")
+        # Then: this host runs it at once (well inside the bound), instead of parking it for a host that
+        # would never take it.
+        (result,) = wait_all(client, [job], timeout=30).values()
+        assert result["success"]
+        assert not events(r, "llm.request.parked")

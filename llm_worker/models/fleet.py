@@ -52,6 +52,7 @@ class Holdings(msgspec.Struct, kw_only=True, rename="camel"):
     hostname: str
     at: str  # when published (ISO 8601, the host's clock: for people; expiry decides liveness)
     cache_size: int  # most models it keeps loaded
+    queues: list[str] = []  # the queues its workers take from: a job of another queue is not parked for it
     models: dict[str, ModelHeld]  # by model label
 
     def holds(self, label: str) -> bool:
@@ -121,8 +122,10 @@ class Fleet:
         self.keys = keys
         self.me = me
 
-    def publish(self, models: dict[str, ModelHeld], cache_size: int) -> None:
-        held = Holdings(host=self.me, hostname=os.uname().nodename, at=iso(), cache_size=cache_size, models=models)
+    def publish(self, models: dict[str, ModelHeld], cache_size: int, queues: list[str]) -> None:
+        held = Holdings(
+            host=self.me, hostname=os.uname().nodename, at=iso(), cache_size=cache_size, models=models, queues=queues
+        )
         pipe = self.redis.pipeline(transaction=False)
         pipe.sadd(self.keys.fleet, self.me)
         pipe.set(self.keys.holdings(self.me), _encode(held), px=EXPIRES_MS)
@@ -184,10 +187,15 @@ class FleetView:
             self._read = now
         return self._others
 
-    def held_elsewhere(self) -> set[str]:
-        """Model labels another live host has loaded or is loading (not those it is letting go)."""
+    def held_elsewhere(self, queue: str) -> set[str]:
+        """Model labels another live host that takes jobs of ``queue`` has loaded or is loading (not those it is
+        letting go): a job parked for a host that does not serve its queue would only wait out the bound."""
         return {
-            label for held in self.others().values() for label, model in held.models.items() if model.state != DRAINING
+            label
+            for held in self.others().values()
+            if queue in held.queues
+            for label, model in held.models.items()
+            if model.state != DRAINING
         }
 
 
@@ -222,7 +230,7 @@ class FleetDuty:
                 # This host takes no new jobs: other hosts must not park jobs for it (a drain may last minutes).
                 self.fleet.withdraw()
                 return
-            self.fleet.publish(held, cache_size_here(self.state))
+            self.fleet.publish(held, cache_size_here(self.state), self.state.pool_names())
             if self.settings.models.affinity:
                 self._load_by_demand(held)
         except redis.RedisError as exc:

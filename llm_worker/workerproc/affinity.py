@@ -74,7 +74,9 @@ class Affinity:
         room = fleet.has_room(self.state)
         # A cold pick skips models other hosts hold, and those draining here (leaving this host).
         elsewhere = (
-            self.view.held_elsewhere() | {m for m, h in held.items() if h.state == fleet.DRAINING} if room else set()
+            self.view.held_elsewhere(self.queue) | {m for m, h in held.items() if h.state == fleet.DRAINING}
+            if room
+            else set()
         )
         picked, parked_models = self.parking.pick(
             worker_id, self.queue, fleet.hot(held), room, elsewhere, self.max_wait_ms
@@ -95,7 +97,7 @@ class Affinity:
         here = fleet.held_here(self.state).get(label)
         if here is not None:  # loaded or loading here: run it; draining (to be unloaded soon): leave it
             return label if here.state == fleet.DRAINING else None
-        if label in self.view.held_elsewhere():
+        if label in self.view.held_elsewhere(self.queue):
             return label
         if fleet.has_room(self.state) and self.parking.claim(label):
             return None
