@@ -453,7 +453,8 @@ def test_a_429_with_retry_after_parks_the_job_that_long_without_spending_an_atte
     # and the event says so, the breaker did not count it, and the counters did
     (retried,) = events(r, "llm.request.retried")
     assert (retried["errorType"], retried["retryCount"], retried["rateLimits"]) == ("rate_limit", 0, 1)
-    assert 1900 <= retried["delayMs"] <= 2100 and retried["rateLimitedMs"] == 2000
+    # delayMs: as asked, and up to a tenth more at random (jobs refused together do not return together).
+    assert 1900 <= retried["delayMs"] <= 2300 and retried["rateLimitedMs"] == 2000
     status, body = svc.get("/status")
     assert status == 200
     assert all(row["state"] == "closed" and row["consecutiveFailures"] == 0 for row in body["breakers"])

@@ -204,3 +204,23 @@ def test_the_log_names_each_worker_booting_and_a_drained_one_as_stopped_not_dead
     assert re.search(r"INFO .* booting http process with pid \d+", log), log
     assert re.search(r"INFO .* booting models process with pid \d+", log), log
     assert "deadWorker" not in log and "died" not in log, log
+
+
+def test_term_to_the_whole_group_during_a_model_load_still_drains_the_job_waiting_for_it(
+    service, sim: Simulator, redis_url: str, r: redis.Redis
+) -> None:
+    # Given: a job waiting for its model, which the model manager is loading (3 s).
+    sim.config.load_ms = 3000
+    svc = service(WORKER_POOLS="llm-chat=1")
+    client = client_for(redis_url)
+    job = chat(client, "wait for me")
+    eventually(lambda: svc.get("/status")[1]["models"]["loading"], timeout=10, what="the load under way")
+    # When: the whole process group gets TERM: the model manager dies with its load, and a drain starts no
+    # new one.
+    os.killpg(svc.pid, signal.SIGTERM)
+    # Then: the waiting worker sees its manager gone and lets Ollama load the model for its call, so the job
+    # is answered and the drain ends well within WORKER_GRACEFUL_TIMEOUT (30 s), not killed at its end.
+    assert svc.wait(25) == 0
+    result = client.result(job)
+    assert result is not None and result["success"], result
+    assert "SIGKILL" not in svc.tail(300)

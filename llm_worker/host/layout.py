@@ -297,6 +297,7 @@ class EndpointLoads(ctypes.Structure):
 class Board(ctypes.Structure):
     _fields_ = [
         ("provider", ctypes.c_char * 32),  # the provider whose models the manager loads ("": none)
+        ("manager_pid", ctypes.c_int32),  # the model manager that serves the board (0: none yet)
         ("endpoints", EndpointLoads * MAX_PROVIDERS),  # by endpoint index (ProviderTable)
     ]
 

@@ -23,6 +23,7 @@ it holds to other hosts: ``resident_labels`` and ``can_load_without_evicting_bus
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from typing import TYPE_CHECKING
 
 from llm_worker.host.backpressure import bound_for
 from llm_worker.host.layout import ERROR_BYTES, MAX_MODELS, Board, LoadRow
+from llm_worker.host.procs import alive
 from llm_worker.plugin.providers import Deadline, ProviderError
 from llm_worker.protocol.jobs import ErrorKind, JobError
 
@@ -38,6 +40,7 @@ if TYPE_CHECKING:
 
 POLL = 0.02  # seconds between a waiting worker's looks at its row
 UNSERVED = 5.0  # seconds after which a request no manager took up is given up: the call loads on demand
+MANAGER_CHECK = 0.5  # seconds between looks, while a load is under way, at whether its manager still lives
 _KINDS = list(ErrorKind)
 
 
@@ -105,6 +108,7 @@ class LoadBoard:
         if row.failed and row.started == 0 and began - row.failed_at < 1.0:
             raise waiting_error(row, model)  # it failed just now: asking again would fail the same way
         row.asked = began
+        looked = began
         while not row.resident:
             if row.done != seen and row.failed:
                 raise waiting_error(row, model)
@@ -117,6 +121,10 @@ class LoadBoard:
                 )
             if not row.started and row.done == seen and time.monotonic() - began > UNSERVED:
                 return time.monotonic() - began  # no manager at work (restarting?): Ollama loads it for the call
+            if row.started and time.monotonic() - looked > MANAGER_CHECK:
+                looked = time.monotonic()
+                if self.manager_gone():  # its load died with it; during a drain no manager comes back
+                    return time.monotonic() - began  # Ollama loads it for the call
             beat()
             if row.done != seen and not row.failed and not row.resident:
                 seen = row.done  # loaded, then let go before we looked (evicted): ask again
@@ -128,6 +136,12 @@ class LoadBoard:
 
     def serve(self, provider: str) -> None:
         self.board.provider = provider.encode()[:31]
+        self.board.manager_pid = os.getpid()
+
+    def manager_gone(self) -> bool:
+        """Whether the model manager that serves the board has died (killed with its process group, say)."""
+        pid = self.board.manager_pid
+        return pid > 0 and not alive(pid)
 
     def forget_unfinished(self, endpoint: int) -> None:
         """Let go of what a manager that died (or was replaced on HUP) had under way: loads it had begun (asked
