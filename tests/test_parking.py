@@ -170,3 +170,29 @@ def test_admin_counts_parked_jobs_as_waiting_and_purges_them_with_their_queue(
     assert admin.stats()[Q] == {"waiting": 3, "parked": 2, "active": 0, "completed": 0, "failed": 0}
     assert admin.purge(Q) == 3
     assert not r.exists(Q) and not list(r.scan_iter(match="llm:parked:*"))
+
+
+def test_a_host_whose_workers_all_pause_or_that_drains_withdraws_what_it_holds(r: redis.Redis) -> None:
+    # Other hosts would park jobs for it until MODEL_AFFINITY_MAX_WAIT: it takes none.
+    from llm_worker.host.layout import Phase, SlotState
+    from llm_worker.host.shm import SharedState
+    from llm_worker.models.fleet import Fleet, FleetDuty
+
+    state = SharedState(4)
+    for slot in state.slots[:2]:
+        slot.pid, slot.state = 4242, SlotState.IDLE
+    fleet = Fleet(r, KEYS, "host-a")
+    duty = FleetDuty(settings_for({"MODEL_AFFINITY": "false"}), state, fleet, [])
+    duty.share()
+    assert "host-a" in fleet.read()
+    for slot in state.slots[:2]:
+        slot.paused = 1  # Pause.PROVIDER: its provider down
+    duty.share()
+    assert "host-a" not in fleet.read()
+    for slot in state.slots[:2]:
+        slot.paused = 0
+    duty.share()
+    assert "host-a" in fleet.read()
+    state.header.phase = Phase.DRAINING
+    duty.share()
+    assert "host-a" not in fleet.read() and not r.exists(KEYS.holdings("host-a"))

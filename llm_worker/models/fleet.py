@@ -98,6 +98,12 @@ def held_here(state: SharedState) -> dict[str, ModelHeld]:
     return out
 
 
+def taking_no_jobs(state: SharedState) -> bool:
+    """Whether every worker of the host that is up is paused (backpressure); False while none is up yet."""
+    up = [slot for slot in state.slots if slot.up()]
+    return bool(up) and all(slot.paused for slot in up)
+
+
 def cache_size_here(state: SharedState) -> int:
     """Models this host keeps loaded, all its managed endpoints together."""
     return sum(state.loads.endpoints[endpoint].cache_size for endpoint in managed_up(state))
@@ -226,8 +232,9 @@ class FleetDuty:
         """Never raises: Redis away is said once, and the next turn tries again."""
         held = held_here(self.state)
         try:
-            if self.state.header.phase in (Phase.DRAINING, Phase.STOPPING):
-                # This host takes no new jobs: other hosts must not park jobs for it (a drain may last minutes).
+            if self.state.header.phase in (Phase.DRAINING, Phase.STOPPING) or taking_no_jobs(self.state):
+                # This host takes no new jobs (it drains, which may last minutes, or every worker is paused:
+                # its provider down, its breakers open): other hosts must not park jobs for it.
                 self.fleet.withdraw()
                 return
             self.fleet.publish(held, cache_size_here(self.state), self.state.pool_names())
