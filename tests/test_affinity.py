@@ -10,6 +10,7 @@ import redis
 from support import assert_each_answered_once, chat, client_for, events, eventually, wait_all
 
 from llm_worker.devtools.simulator import Simulator, SimulatorConfig
+from llm_worker.models.fleet import VIEW_TTL
 from llm_worker.queue.client import Client
 from llm_worker.queue.keys import Keys
 from llm_worker.queue.parking import Parking
@@ -52,6 +53,9 @@ def test_jobs_go_to_the_host_that_holds_their_model(service, redis_url: str, r) 
         eventually(
             lambda: holdings(r) == {"host-a": {"m-a"}, "host-b": {"m-b"}}, timeout=15, what="both hosts published"
         )
+        # A worker reuses its view of the other hosts for VIEW_TTL: one read just before the other host's first
+        # publication would not know it yet (it would load m-b itself, for that moment).
+        time.sleep(2 * VIEW_TTL)
         # When: 40 jobs alternate between the two models.
         client = client_for(redis_url)
         ids = [chat(client, model=("m-a", "m-b")[i % 2]) for i in range(40)]
