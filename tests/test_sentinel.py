@@ -15,7 +15,7 @@ from support import assert_each_answered_once, chat, client_for, eventually, not
 from llm_worker.devtools.localredis import LocalRedis, LocalSentinelGroup, free_port
 from llm_worker.devtools.simulator import Simulator
 from llm_worker.queue.client import NotReplicated
-from llm_worker.queue.reliable import ClusterRefused, connect, refuse_cluster
+from llm_worker.queue.connection import ClusterRefused, connect, refuse_cluster
 from llm_worker.settings.config import load
 
 

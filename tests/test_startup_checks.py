@@ -15,7 +15,8 @@ from support import eventually
 from llm_worker import exitcodes
 from llm_worker.devtools.harness import Service
 from llm_worker.devtools.simulator import Simulator
-from llm_worker.queue.reliable import RedisTooOld, ReliableQueue, WorkerInfo, redis_too_old, refuse_old_redis
+from llm_worker.queue.connection import RedisTooOld, redis_too_old, refuse_old_redis
+from llm_worker.queue.reliable import ReliableQueue, WorkerInfo
 
 # ---- Redis's version -----------------------------------------------------------------------
 

@@ -89,7 +89,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _redis_refusal(settings: config.Settings) -> str | None:
     """Why this Redis cannot serve (a Cluster), if it answers now; workers ask again as they boot."""
-    from llm_worker.queue.reliable import ClusterRefused, connect, refuse_cluster
+    from llm_worker.queue.connection import ClusterRefused, connect, refuse_cluster
 
     client = connect(settings, timeout=2.0)
     try:
@@ -202,7 +202,7 @@ def _request_of(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_queues(args: argparse.Namespace) -> int:
     from llm_worker.queue.admin import QueueAdmin
-    from llm_worker.queue.reliable import connect
+    from llm_worker.queue.connection import connect
 
     settings = flags.settings_or_exit(args)
     admin = QueueAdmin(connect(settings), settings)

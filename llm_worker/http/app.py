@@ -40,7 +40,7 @@ from llm_worker.plugin.manager import Found, PluginManager
 from llm_worker.plugin.providers import Deadline, ProviderError
 from llm_worker.protocol.jobs import iso
 from llm_worker.queue.admin import QueueAdmin
-from llm_worker.queue.reliable import connect
+from llm_worker.queue.connection import connect
 from llm_worker.settings.config import Settings
 
 log = logging.getLogger("llm_worker.http.app")

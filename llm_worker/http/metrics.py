@@ -116,7 +116,7 @@ class RedisCounter:
             self._read_at = now
             try:
                 if self._client is None:
-                    from llm_worker.queue.reliable import connect  # redis-py only where it is used
+                    from llm_worker.queue.connection import connect  # redis-py only where it is used
 
                     self._client = connect(self.settings, timeout=1.0)
                 self.value = float(self._client.get(self.key) or 0)

@@ -28,9 +28,9 @@ from llm_worker.http.liveprobe import Answer, LiveProbe
 from llm_worker.models.fleet import Fleet, FleetSeen
 from llm_worker.plugin.manager import Found, PluginManager
 from llm_worker.plugin.providers import Provider, endpoint_of
+from llm_worker.queue.connection import connect
 from llm_worker.queue.keys import Keys
 from llm_worker.queue.parking import parked_counts
-from llm_worker.queue.reliable import connect
 from llm_worker.settings.config import Settings
 
 log = logging.getLogger("llm_worker.http.sampler")

@@ -59,8 +59,8 @@ from llm_worker.plugins.ollama import LoadOptionsRefused, OllamaProvider
 from llm_worker.protocol import records
 from llm_worker.protocol.jobs import ErrorKind, iso
 from llm_worker.protocol.records import Record
+from llm_worker.queue.connection import connect
 from llm_worker.queue.keys import Keys
-from llm_worker.queue.reliable import connect
 from llm_worker.settings.config import Settings
 
 log = logging.getLogger("llm_worker.models.manager")

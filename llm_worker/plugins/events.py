@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING
 from llm_worker.plugin.context import StashKey
 from llm_worker.plugin.spec import hookimpl
 from llm_worker.protocol.records import Record
+from llm_worker.queue.connection import connect
 from llm_worker.queue.keys import Keys
-from llm_worker.queue.reliable import DeferredEvents, Event, connect
+from llm_worker.queue.reliable import DeferredEvents, Event
 
 if TYPE_CHECKING:
     from llm_worker.plugin.context import WorkerContext

@@ -15,8 +15,8 @@ import msgspec
 import redis
 
 from llm_worker.protocol.jobs import iso
+from llm_worker.queue.connection import connect
 from llm_worker.queue.keys import Keys
-from llm_worker.queue.reliable import connect
 from llm_worker.settings.config import Settings
 
 _encode = msgspec.json.Encoder().encode

@@ -26,8 +26,9 @@ from llm_worker.host.stats import model_label
 from llm_worker.plugin.manager import Found
 from llm_worker.plugin.providers import endpoint_names
 from llm_worker.protocol.jobs import iso
+from llm_worker.queue.connection import connect
 from llm_worker.queue.parking import unpark_all
-from llm_worker.queue.reliable import ReliableQueue, WorkerInfo, connect
+from llm_worker.queue.reliable import ReliableQueue, WorkerInfo
 from llm_worker.settings.config import SettingError, Settings
 from llm_worker.settings.urls import redis_location, split_urls
 from llm_worker.supervisor.children import RESPAWN_CAP, Child, Children, Exit, Handback

@@ -11,7 +11,8 @@ from __future__ import annotations
 import psutil
 
 from llm_worker.host.procs import alive
-from llm_worker.queue.reliable import RedisTooOld, ReliableQueue, WorkerInfo, refuse_old_redis
+from llm_worker.queue.connection import RedisTooOld, refuse_old_redis
+from llm_worker.queue.reliable import ReliableQueue, WorkerInfo
 
 
 def refusal(rq: ReliableQueue, host_id: str, own_hostname: str, heartbeat_ms: int) -> str | None:

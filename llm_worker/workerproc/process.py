@@ -39,8 +39,9 @@ from llm_worker.plugin.providers import Deadline, endpoint_of
 from llm_worker.protocol import jobs
 from llm_worker.protocol.jobs import Decoded, EmbeddingsRequest, Invalid, JobError, Malformed, decode, iso
 from llm_worker.queue.cache import ResponseCache
+from llm_worker.queue.connection import ClusterRefused, connect, refuse_cluster, waiting_helps
 from llm_worker.queue.parking import Parking, Picked
-from llm_worker.queue.reliable import ClusterRefused, ReliableQueue, WorkerInfo, connect, refuse_cluster, waiting_helps
+from llm_worker.queue.reliable import ReliableQueue, WorkerInfo
 from llm_worker.settings.config import Settings
 from llm_worker.workerproc.affinity import Affinity
 from llm_worker.workerproc.execute import Executor

@@ -19,7 +19,7 @@ import urllib3
 from llm_worker.devtools.harness import Service
 from llm_worker.devtools.localredis import LocalRedis, LocalSentinelGroup
 from llm_worker.protocol.jobs import iso
-from llm_worker.queue.reliable import connect
+from llm_worker.queue.connection import connect
 from llm_worker.settings.config import load
 from llm_worker.supervisor.housekeeping import SWEEP_PERIOD
 
